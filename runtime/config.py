@@ -1,0 +1,316 @@
+"""Model configuration: one frozen dataclass drives one code path per model family.
+
+`ModelConfig.from_hf(config_dict)` reads a Hugging Face config.json (transformers 4.x
+`rope_theta`/`rope_scaling` keys and 5.x `rope_parameters` both work). GGUF metadata is
+translated to the same HF-style dict by `checkpoints.gguf`, so there is one parser.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any, Literal
+
+# model_type (HF) -> family. One forward pass per family; the rest is config.
+SUPPORTED_MODEL_TYPES = {
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "llama",
+    "qwen3": "llama",
+    "gemma3_text": "gemma3",
+    "gemma3": "gemma3",
+}
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
+
+
+class ConfigError(ValueError):
+    """A model or engine config that xlserve cannot run; the message says what to change."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding frequencies (rotate-half convention, as in HF transformers)."""
+
+    theta: float = 10000.0
+    kind: Literal["default", "linear", "llama3"] = "default"
+    factor: float = 1.0
+    # llama3 only: frequency band edges and the context the base model was trained on.
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: int = 8192
+
+    def __post_init__(self):
+        if self.kind not in SUPPORTED_ROPE_TYPES:
+            raise ConfigError(
+                f"rope type {self.kind!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+            )
+        if self.theta <= 0 or self.factor <= 0:
+            raise ConfigError(f"rope theta and factor must be positive, got theta={self.theta} factor={self.factor}")
+
+    def inv_freq(self, head_dim: int):
+        """Inverse frequencies, float64 numpy [head_dim // 2]; scaled per `kind`."""
+        import numpy as np
+
+        inv = 1.0 / (self.theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+        if self.kind == "linear":
+            inv = inv / self.factor
+        elif self.kind == "llama3":
+            low_wavelen = self.original_max_position / self.low_freq_factor
+            high_wavelen = self.original_max_position / self.high_freq_factor
+            wavelen = 2 * math.pi / inv
+            scaled = np.where(wavelen > low_wavelen, inv / self.factor, inv)
+            smooth = (self.original_max_position / wavelen - self.low_freq_factor) / (
+                self.high_freq_factor - self.low_freq_factor
+            )
+            smoothed = (1 - smooth) * scaled / self.factor + smooth * scaled
+            is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+            inv = np.where(is_medium, smoothed, scaled)
+        return inv
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Everything the forward pass needs to know about a checkpoint.
+
+    `layer_windows[i]` is the sliding-window size of layer i (None: global attention);
+    a layer with a window uses `local_rope`, a global one `rope`.
+    """
+
+    family: Literal["llama", "gemma3"]
+    model_type: str
+    vocab_size: int
+    embed_dim: int
+    ffw_dim: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    activation: Literal["silu", "gelu_tanh"] = "silu"
+    tie_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    # Gemma: RMSNorm multiplies by (1 + w), norms after attention and MLP too, the
+    # embedding is scaled by sqrt(embed_dim).
+    norm_plus_one: bool = False
+    post_norms: bool = False
+    scale_embeddings: bool = False
+    query_scale: float | None = None  # None: head_dim ** -0.5
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    rope: RopeConfig = RopeConfig()
+    local_rope: RopeConfig | None = None
+    layer_windows: tuple[int | None, ...] = ()
+    max_position: int = 8192
+    bos_id: int | None = None
+    eos_ids: tuple[int, ...] = ()
+    pad_id: int | None = None
+
+    def __post_init__(self):
+        if self.family not in ("llama", "gemma3"):
+            raise ConfigError(f"family {self.family!r} is not supported; supported: llama, gemma3")
+        for name in ("vocab_size", "embed_dim", "ffw_dim", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be positive")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.activation not in ("silu", "gelu_tanh"):
+            raise ConfigError(f"activation {self.activation!r} is not supported; supported: silu, gelu_tanh")
+        if len(self.layer_windows) != self.num_layers:
+            raise ConfigError(
+                f"layer_windows has {len(self.layer_windows)} entries for num_layers={self.num_layers}"
+            )
+        if any(w is not None and w <= 0 for w in self.layer_windows):
+            raise ConfigError(f"sliding windows must be positive, got {self.layer_windows}")
+
+    @property
+    def queries_per_kv(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def attn_scale(self) -> float:
+        return self.query_scale if self.query_scale is not None else self.head_dim**-0.5
+
+    def layer_rope(self, layer: int) -> RopeConfig:
+        if self.layer_windows[layer] is not None and self.local_rope is not None:
+            return self.local_rope
+        return self.rope
+
+    def num_params(self) -> int:
+        d, f, n, k, h = self.embed_dim, self.ffw_dim, self.num_heads, self.num_kv_heads, self.head_dim
+        per_layer = d * (n + 2 * k) * h + n * h * d + 3 * d * f
+        embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        return self.num_layers * per_layer + embed
+
+    # --- serialisation -------------------------------------------------------------
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelConfig":
+        raw = json.loads(text)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - fields)
+        if unknown:
+            raise ConfigError(f"unknown ModelConfig fields {unknown}; was this written by a newer xlserve?")
+        raw["rope"] = RopeConfig(**raw["rope"])
+        if raw.get("local_rope") is not None:
+            raw["local_rope"] = RopeConfig(**raw["local_rope"])
+        raw["layer_windows"] = tuple(raw["layer_windows"])
+        raw["eos_ids"] = tuple(raw["eos_ids"])
+        return cls(**raw)
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
+        return _from_hf(hf)
+
+
+# --- Hugging Face config.json ---------------------------------------------------------
+
+def _rope_from_hf(params: dict[str, Any] | None, default_theta: float) -> RopeConfig:
+    params = dict(params or {})
+    kind = params.get("rope_type", params.get("type", "default"))
+    theta = float(params.get("rope_theta", default_theta))
+    if kind == "default":
+        return RopeConfig(theta=theta)
+    if kind == "linear":
+        return RopeConfig(theta=theta, kind="linear", factor=float(params["factor"]))
+    if kind == "llama3":
+        return RopeConfig(
+            theta=theta,
+            kind="llama3",
+            factor=float(params["factor"]),
+            low_freq_factor=float(params["low_freq_factor"]),
+            high_freq_factor=float(params["high_freq_factor"]),
+            original_max_position=int(params["original_max_position_embeddings"]),
+        )
+    raise ConfigError(f"rope type {kind!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+
+
+def _as_ids(value) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, int):
+        return (value,)
+    return tuple(int(v) for v in value)
+
+
+def _llama_windows(hf: dict[str, Any], model_type: str, num_layers: int) -> tuple[int | None, ...]:
+    window = hf.get("sliding_window")
+    layer_types = hf.get("layer_types")
+    if model_type in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
+        window = None
+    if window is None:
+        return (None,) * num_layers
+    if layer_types is None:
+        # Qwen applies the window from layer max_window_layers on; Mistral everywhere.
+        start = int(hf.get("max_window_layers", 0)) if model_type != "mistral" else 0
+        layer_types = ["sliding_attention" if i >= start else "full_attention" for i in range(num_layers)]
+    return tuple(int(window) if t == "sliding_attention" else None for t in layer_types)
+
+
+def _from_hf(hf: dict[str, Any]) -> ModelConfig:
+    if "text_config" in hf:  # multimodal wrappers (Gemma3ForConditionalGeneration): text tower only
+        hf = {**hf["text_config"], "model_type": hf["text_config"].get("model_type", "gemma3_text")}
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(
+            f"model_type {model_type!r} is not supported; supported: {', '.join(sorted(SUPPORTED_MODEL_TYPES))}"
+        )
+    family = SUPPORTED_MODEL_TYPES[model_type]
+    try:
+        num_layers = int(hf["num_hidden_layers"])
+        num_heads = int(hf["num_attention_heads"])
+        embed_dim = int(hf["hidden_size"])
+        common = dict(
+            model_type=model_type,
+            vocab_size=int(hf["vocab_size"]),
+            embed_dim=embed_dim,
+            ffw_dim=int(hf["intermediate_size"]),
+            num_layers=num_layers,
+            num_heads=num_heads,
+            num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
+            head_dim=int(hf.get("head_dim") or embed_dim // num_heads),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            max_position=int(hf.get("max_position_embeddings", 8192)),
+            bos_id=hf.get("bos_token_id"),
+            eos_ids=_as_ids(hf.get("eos_token_id")),
+            pad_id=hf.get("pad_token_id"),
+        )
+    except KeyError as e:
+        raise ConfigError(f"config.json lacks required field {e.args[0]!r}") from None
+
+    act_name = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
+    if act_name not in SUPPORTED_ACTIVATIONS:
+        raise ConfigError(
+            f"activation {act_name!r} is not supported; supported: {', '.join(SUPPORTED_ACTIVATIONS)}"
+        )
+    activation = SUPPORTED_ACTIVATIONS[act_name]
+    rope_params = hf.get("rope_parameters")
+
+    if family == "llama":
+        if hf.get("rope_scaling") is not None and rope_params is None:
+            rope_params = {**hf["rope_scaling"], "rope_theta": hf.get("rope_theta", 10000.0)}
+        if isinstance(rope_params, dict) and "full_attention" in rope_params:
+            rope_params = rope_params["full_attention"]
+        rope = _rope_from_hf(rope_params, float(hf.get("rope_theta", 10000.0)))
+        windows = _llama_windows(hf, model_type, num_layers)
+        return ModelConfig(
+            family="llama",
+            activation=activation,
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            qkv_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
+            o_bias=model_type != "qwen2" and bool(hf.get("attention_bias", False)),
+            mlp_bias=bool(hf.get("mlp_bias", False)),
+            qk_norm=model_type == "qwen3",
+            rope=rope,
+            layer_windows=windows,
+            **common,
+        )
+
+    # Gemma 3
+    if rope_params is not None and "full_attention" in rope_params:
+        rope = _rope_from_hf(rope_params["full_attention"], 1_000_000.0)
+        local_rope = _rope_from_hf(rope_params.get("sliding_attention"), 10_000.0)
+    else:
+        rope = _rope_from_hf(
+            {**(hf.get("rope_scaling") or {}), "rope_theta": hf.get("rope_theta", 1_000_000.0)}, 1_000_000.0
+        )
+        local_rope = RopeConfig(theta=float(hf.get("rope_local_base_freq", 10_000.0)))
+    layer_types = hf.get("layer_types")
+    if layer_types is None:
+        pattern = int(hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern", 6)))
+        layer_types = [
+            "full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(num_layers)
+        ]
+    unknown = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
+    if unknown:
+        raise ConfigError(f"layer types {unknown} are not supported; supported: full_attention, sliding_attention")
+    window = int(hf.get("sliding_window", 4096))
+    return ModelConfig(
+        family="gemma3",
+        activation=activation,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        qkv_bias=bool(hf.get("attention_bias", False)),
+        o_bias=bool(hf.get("attention_bias", False)),
+        qk_norm=True,
+        norm_plus_one=True,
+        post_norms=True,
+        scale_embeddings=True,
+        query_scale=float(hf.get("query_pre_attn_scalar", common["head_dim"])) ** -0.5,
+        attn_softcap=hf.get("attn_logit_softcapping"),
+        final_softcap=hf.get("final_logit_softcapping"),
+        rope=rope,
+        local_rope=local_rope,
+        layer_windows=tuple(window if t == "sliding_attention" else None for t in layer_types),
+        **common,
+    )

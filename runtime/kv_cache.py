@@ -1,0 +1,72 @@
+"""The paged KV cache: device pages per layer (an immutable pytree).
+
+Per layer, K and V are `[num_pages, page_size, kv_heads, head_dim]` ("pages", "page",
+"kv_heads", "head_dim"). A sequence owns a list of pages (its row of the page table);
+token t of it lives at page `page_table[t // page_size]`, slot `t % page_size`.
+Functions that take a `KVCache` and return a new one are meant to run under jit with
+the cache donated, so the update happens in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from runtime.config import ModelConfig
+
+KV_AXES = ("pages", "page", "kv_heads", "head_dim")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    k: tuple[jax.Array, ...]  # per layer [P, S, K, H]
+    v: tuple[jax.Array, ...]  # per layer [P, S, K, H]
+
+    @property
+    def num_pages(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
+    def page_size(self) -> int:
+        return self.k[0].shape[1]
+
+    @classmethod
+    def create(
+        cls, cfg: ModelConfig, *, num_pages: int, page_size: int, dtype=jnp.bfloat16, sharding=None
+    ) -> "KVCache":
+        shape = (num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
+        make = lambda: jnp.zeros(shape, dtype, device=sharding)  # noqa: E731
+        return cls(k=tuple(make() for _ in range(cfg.num_layers)), v=tuple(make() for _ in range(cfg.num_layers)))
+
+    @staticmethod
+    def bytes_per_token(cfg: ModelConfig, dtype) -> int:
+        return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
+
+
+def write_kv(
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    k_new: jax.Array,
+    v_new: jax.Array,
+    page_table: jax.Array,
+    positions: jax.Array,
+    kv_lens: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """Scatters new K/V [B, T, K, H] of tokens at `positions` [B, T] into the pages.
+
+    Tokens at positions >= kv_lens are padding: their writes are dropped, so padding
+    never lands in a page (not even page 0, which may belong to someone else).
+    """
+    P, S, K, H = k_pages.shape
+    MP = page_table.shape[1]
+    valid = positions < kv_lens[:, None]
+    page_idx = jnp.clip(positions // S, 0, MP - 1)
+    page = jnp.take_along_axis(page_table, page_idx, axis=1)  # [B, T]
+    slot = jnp.where(valid, page * S + positions % S, P * S)  # P*S is out of range: dropped
+    slot = slot.reshape(-1)
+    k_flat = k_pages.reshape(P * S, K, H).at[slot].set(k_new.reshape(-1, K, H).astype(k_pages.dtype), mode="drop")
+    v_flat = v_pages.reshape(P * S, K, H).at[slot].set(v_new.reshape(-1, K, H).astype(v_pages.dtype), mode="drop")
+    return k_flat.reshape(P, S, K, H), v_flat.reshape(P, S, K, H)

@@ -1,0 +1,178 @@
+"""Building blocks shared by every family: RMSNorm, rotary embeddings, attention, MLP.
+
+Einsum letters (used across runtime/models): B batch, T query positions, S key
+positions, N query heads, K kv heads, G queries per kv head, H head_dim, D embed,
+F ffw, V vocab.
+
+Every weight is an `nnx.Param` with `logical_axes` metadata; sharding/rules.py maps
+those names onto mesh axes, so this code never names a mesh axis.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pallas_kernels.paged_attention import reference as paged_reference
+from runtime.config import ModelConfig, RopeConfig
+from runtime.kv_cache import write_kv
+
+ATTENTION_IMPLS = ("reference",)
+
+
+def param(rngs: nnx.Rngs | None, shape, axes: tuple[str, ...], dtype, init: str = "normal") -> nnx.Param:
+    """Declares one weight: its shape, dtype, logical axes and initializer."""
+    assert len(shape) == len(axes), (shape, axes)
+    if init == "zeros":
+        value = jnp.zeros(shape, dtype)
+    elif init == "ones":
+        value = jnp.ones(shape, dtype)
+    else:
+        # Scaled so random-weight activations stay O(1) through many layers.
+        value = (jax.random.normal(rngs.params(), shape, jnp.float32) * 0.02).astype(dtype)
+    return nnx.Param(value, logical_axes=axes)
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm over the last axis, statistics in float32.
+
+    Llama-style multiplies by w after casting back to the input dtype; Gemma-style
+    (`plus_one`) multiplies by (1 + w) in float32, as each family's reference does.
+    """
+
+    def __init__(self, dim: int, axis: str, *, eps: float, plus_one: bool, dtype, rngs=None):
+        self.eps = eps
+        self.plus_one = plus_one
+        self.scale = param(rngs, (dim,), (axis,), dtype, init="zeros" if plus_one else "ones")
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        w = self.scale[...]
+        if self.plus_one:
+            return (x32 * (1.0 + w.astype(jnp.float32))).astype(x.dtype)
+        return w * x32.astype(x.dtype)
+
+
+def rope_tables(rope: RopeConfig, head_dim: int, positions: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [B, T, H] for rotate-half rotary embeddings at integer positions [B, T]."""
+    inv_freq = jnp.asarray(rope.inv_freq(head_dim), jnp.float32)  # [H/2]
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)  # [B, T, H]
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [B, T, heads, H]; cos/sin [B, T, H]."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+def attention(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    page_table: jax.Array,
+    positions: jax.Array,
+    kv_lens: jax.Array,
+    *,
+    scale: float,
+    window: int | None,
+    softcap: float | None,
+    impl: str,
+) -> jax.Array:
+    """The one attention call of every model: q [B, T, N, H] over the paged cache."""
+    if impl == "reference":
+        return paged_reference.paged_attention(
+            q, k_pages, v_pages, page_table, positions, kv_lens, scale=scale, window=window, softcap=softcap
+        )
+    raise ValueError(f"attention impl {impl!r} is not available; choose from {', '.join(ATTENTION_IMPLS)}")
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, *, dtype, rngs: nnx.Rngs | None):
+        D, N, K, H = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.scale = cfg.attn_scale
+        self.window = cfg.layer_windows[layer]
+        self.softcap = cfg.attn_softcap
+        self.rope = cfg.layer_rope(layer)
+        self.head_dim = H
+        self.wq = param(rngs, (D, N, H), ("embed", "q_heads", "head_dim"), dtype)
+        self.wk = param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), dtype)
+        self.wv = param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), dtype)
+        self.wo = param(rngs, (N, H, D), ("q_heads", "head_dim", "embed"), dtype)
+        if cfg.qkv_bias:
+            self.bq = param(rngs, (N, H), ("q_heads", "head_dim"), dtype, init="zeros")
+            self.bk = param(rngs, (K, H), ("kv_heads", "head_dim"), dtype, init="zeros")
+            self.bv = param(rngs, (K, H), ("kv_heads", "head_dim"), dtype, init="zeros")
+        else:
+            self.bq = self.bk = self.bv = None
+        self.bo = param(rngs, (D,), ("embed",), dtype, init="zeros") if cfg.o_bias else None
+        if cfg.qk_norm:
+            norm = dict(eps=cfg.rms_norm_eps, plus_one=cfg.norm_plus_one, dtype=dtype, rngs=rngs)
+            self.q_norm = RMSNorm(H, "head_dim", **norm)
+            self.k_norm = RMSNorm(H, "head_dim", **norm)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def __call__(self, x, positions, k_pages, v_pages, page_table, kv_lens, *, impl: str):
+        with jax.named_scope("qkv"):
+            q = jnp.einsum("BTD,DNH->BTNH", x, self.wq[...])
+            k = jnp.einsum("BTD,DKH->BTKH", x, self.wk[...])
+            v = jnp.einsum("BTD,DKH->BTKH", x, self.wv[...])
+            if self.bq is not None:
+                q, k, v = q + self.bq[...], k + self.bk[...], v + self.bv[...]
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            cos, sin = rope_tables(self.rope, self.head_dim, positions, x.dtype)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        with jax.named_scope("attn"):
+            k_pages, v_pages = write_kv(k_pages, v_pages, k, v, page_table, positions, kv_lens)
+            o = attention(
+                q, k_pages, v_pages, page_table, positions, kv_lens,
+                scale=self.scale, window=self.window, softcap=self.softcap, impl=impl,
+            )
+            out = jnp.einsum("BTNH,NHD->BTD", o, self.wo[...])
+            if self.bo is not None:
+                out = out + self.bo[...]
+        return out, k_pages, v_pages
+
+
+class MLP(nnx.Module):
+    """Gated MLP: down(act(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs | None):
+        D, F = cfg.embed_dim, cfg.ffw_dim
+        self.activation = cfg.activation
+        self.w_gate = param(rngs, (D, F), ("embed", "ffw"), dtype)
+        self.w_up = param(rngs, (D, F), ("embed", "ffw"), dtype)
+        self.w_down = param(rngs, (F, D), ("ffw", "embed"), dtype)
+        if cfg.mlp_bias:
+            self.b_gate = param(rngs, (F,), ("ffw",), dtype, init="zeros")
+            self.b_up = param(rngs, (F,), ("ffw",), dtype, init="zeros")
+            self.b_down = param(rngs, (D,), ("embed",), dtype, init="zeros")
+        else:
+            self.b_gate = self.b_up = self.b_down = None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        with jax.named_scope("mlp"):
+            gate = jnp.einsum("BTD,DF->BTF", x, self.w_gate[...])
+            up = jnp.einsum("BTD,DF->BTF", x, self.w_up[...])
+            if self.b_gate is not None:
+                gate, up = gate + self.b_gate[...], up + self.b_up[...]
+            if self.activation == "silu":
+                act = jax.nn.silu(gate)
+            else:
+                act = jax.nn.gelu(gate, approximate=True)
+            out = jnp.einsum("BTF,FD->BTD", act * up, self.w_down[...])
+            if self.b_down is not None:
+                out = out + self.b_down[...]
+        return out
+
+
+def embed_scale(cfg: ModelConfig, dtype) -> jax.Array | None:
+    """Gemma multiplies embeddings by sqrt(D), rounded to the activation dtype as HF does."""
+    return jnp.asarray(np.sqrt(cfg.embed_dim), dtype) if cfg.scale_embeddings else None

@@ -1,0 +1,95 @@
+"""The decoder-only transformer for every supported family, driven by `ModelConfig`.
+
+Llama family (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2): pre-norm blocks, SiLU gated
+MLP, optional qkv bias / q-k norm / sliding window.
+Gemma 3: the same block with (1 + w) norms, post-attention and post-MLP norms, q-k
+norm, GELU-tanh MLP, sqrt(D)-scaled embeddings and per-layer local/global attention.
+
+The forward pass takes the paged KV cache explicitly and returns the updated one; it
+serves prefill (T > 1, with or without earlier context) and decode (T = 1) alike.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from runtime.config import ModelConfig
+from runtime.kv_cache import KVCache
+from runtime.models.layers import MLP, Attention, RMSNorm, embed_scale, param
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, *, dtype, rngs: nnx.Rngs | None):
+        norm = dict(eps=cfg.rms_norm_eps, plus_one=cfg.norm_plus_one, dtype=dtype, rngs=rngs)
+        self.attn_norm = RMSNorm(cfg.embed_dim, "embed", **norm)
+        self.attn = Attention(cfg, layer, dtype=dtype, rngs=rngs)
+        self.mlp_norm = RMSNorm(cfg.embed_dim, "embed", **norm)
+        self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
+        if cfg.post_norms:
+            self.post_attn_norm = RMSNorm(cfg.embed_dim, "embed", **norm)
+            self.post_mlp_norm = RMSNorm(cfg.embed_dim, "embed", **norm)
+        else:
+            self.post_attn_norm = self.post_mlp_norm = None
+
+    def __call__(self, x, positions, k_pages, v_pages, page_table, kv_lens, *, impl: str):
+        h, k_pages, v_pages = self.attn(self.attn_norm(x), positions, k_pages, v_pages, page_table, kv_lens, impl=impl)
+        if self.post_attn_norm is not None:
+            h = self.post_attn_norm(h)
+        x = x + h
+        h = self.mlp(self.mlp_norm(x))
+        if self.post_mlp_norm is not None:
+            h = self.post_mlp_norm(h)
+        return x + h, k_pages, v_pages
+
+
+class Transformer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype=jnp.bfloat16, rngs: nnx.Rngs | None = None):
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        self.cfg = cfg
+        self.embedding = param(rngs, (cfg.vocab_size, cfg.embed_dim), ("vocab", "embed"), dtype)
+        self.layers = nnx.List([Block(cfg, i, dtype=dtype, rngs=rngs) for i in range(cfg.num_layers)])
+        self.final_norm = RMSNorm(
+            cfg.embed_dim, "embed", eps=cfg.rms_norm_eps, plus_one=cfg.norm_plus_one, dtype=dtype, rngs=rngs
+        )
+        self.lm_head = None if cfg.tie_embeddings else param(rngs, (cfg.embed_dim, cfg.vocab_size), ("embed", "vocab"), dtype)
+
+    def __call__(
+        self,
+        tokens: jax.Array,  # [B, T] int32
+        positions: jax.Array,  # [B, T] int32, absolute
+        cache: KVCache,
+        page_table: jax.Array,  # [B, MP] int32
+        kv_lens: jax.Array,  # [B] int32: tokens in the cache after this step
+        *,
+        attn_impl: str = "reference",
+        logits_at: jax.Array | None = None,  # [B] index into T: logits of one position only
+    ) -> tuple[jax.Array, KVCache]:
+        """Returns float32 logits [B, T, V] (or [B, V] with `logits_at`) and the new cache."""
+        emb = self.embedding[...]
+        x = jnp.take(emb, tokens, axis=0)  # [B, T, D]
+        scale = embed_scale(self.cfg, x.dtype)
+        if scale is not None:
+            x = x * scale
+        new_k, new_v = [], []
+        for layer, k_pages, v_pages in zip(self.layers, cache.k, cache.v):
+            x, k_pages, v_pages = layer(x, positions, k_pages, v_pages, page_table, kv_lens, impl=attn_impl)
+            new_k.append(k_pages)
+            new_v.append(v_pages)
+        x = self.final_norm(x)
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)[:, 0]  # [B, T, D] -> [B, D]
+        with jax.named_scope("logits"):
+            if self.lm_head is None:
+                logits = jnp.einsum("...D,VD->...V", x, emb, preferred_element_type=jnp.float32)
+            else:
+                logits = jnp.einsum("...D,DV->...V", x, self.lm_head[...], preferred_element_type=jnp.float32)
+        if self.cfg.final_softcap is not None:
+            logits = jnp.tanh(logits / self.cfg.final_softcap) * self.cfg.final_softcap
+        return logits, KVCache(k=tuple(new_k), v=tuple(new_v))
+
+
+def abstract_model(cfg: ModelConfig, dtype=jnp.bfloat16) -> Transformer:
+    """The model with ShapeDtypeStruct leaves: shapes, dtypes and logical axes, no memory."""
+    return nnx.eval_shape(lambda: Transformer(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
