@@ -45,6 +45,7 @@ def _reshape(shape: tuple[int, ...]) -> Transform:
 
 
 _identity: Transform = lambda w: w  # noqa: E731
+_transpose: Transform = lambda w: np.ascontiguousarray(w.T)  # noqa: E731  HF [out, in] -> ours [in, out]
 
 
 def _layer_table(cfg: ModelConfig) -> dict[str, tuple[tuple, Transform]]:
@@ -54,9 +55,9 @@ def _layer_table(cfg: ModelConfig) -> dict[str, tuple[tuple, Transform]]:
         "self_attn.k_proj.weight": (("attn", "wk"), _linear_in((K, H))),
         "self_attn.v_proj.weight": (("attn", "wv"), _linear_in((K, H))),
         "self_attn.o_proj.weight": (("attn", "wo"), _linear_out((N, H))),
-        "mlp.gate_proj.weight": (("mlp", "w_gate"), _linear_in(())),
-        "mlp.up_proj.weight": (("mlp", "w_up"), _linear_in(())),
-        "mlp.down_proj.weight": (("mlp", "w_down"), _linear_in(())),
+        "mlp.gate_proj.weight": (("mlp", "w_gate"), _transpose),
+        "mlp.up_proj.weight": (("mlp", "w_up"), _transpose),
+        "mlp.down_proj.weight": (("mlp", "w_down"), _transpose),
         "input_layernorm.weight": (("attn_norm", "scale"), _identity),
     }
     if cfg.qkv_bias:
@@ -84,7 +85,7 @@ def _layer_table(cfg: ModelConfig) -> dict[str, tuple[tuple, Transform]]:
 def hf_name_to_path(cfg: ModelConfig, name: str) -> tuple[Path, Transform] | None:
     """Our path and layout transform for a HF tensor name; None for tensors we ignore."""
     if name == "lm_head.weight":
-        return (None if cfg.tie_embeddings else (("lm_head",), _linear_in(())))
+        return (None if cfg.tie_embeddings else (("lm_head",), _transpose))
     for prefix in _PREFIXES:
         if name.startswith(prefix):
             name = name[len(prefix):]

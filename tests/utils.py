@@ -1,0 +1,57 @@
+"""Shared test helpers: run our model the way the engine will (paged, ragged, cached)."""
+
+from __future__ import annotations
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+
+from runtime.kv_cache import KVCache
+
+
+def scattered_page_tables(lengths, page_size: int, seed: int = 0) -> tuple[np.ndarray, int]:
+    """Non-contiguous page tables (pages shuffled across sequences) and the page count."""
+    pages_per_seq = [max(1, -(-n // page_size)) for n in lengths]
+    num_pages = sum(pages_per_seq) + 3  # spare pages that nobody owns
+    perm = np.random.default_rng(seed).permutation(num_pages)
+    width = max(pages_per_seq)
+    table = np.zeros((len(lengths), width), np.int32)
+    start = 0
+    for b, n in enumerate(pages_per_seq):
+        table[b, :n] = perm[start : start + n]
+        start += n
+    return table, num_pages
+
+
+def prefill_then_decode(model, prompts, continuations, *, page_size: int, cache_dtype, seed: int = 0):
+    """Prefills a ragged batch of prompts, then feeds `continuations` one token per step.
+
+    Returns per sequence the logits of every position: prefill positions from the
+    prefill call, later positions from cached decode steps. [len(prompt) + steps, V]
+    """
+    cfg = model.cfg
+    B = len(prompts)
+    steps = len(continuations[0])
+    total = [len(p) + steps for p in prompts]
+    table, num_pages = scattered_page_tables(total, page_size, seed)
+    cache = KVCache.create(cfg, num_pages=num_pages, page_size=page_size, dtype=cache_dtype)
+    # Stale data in every slot (as a freed page would hold): if a masked slot leaked
+    # into attention, these large values would dominate the result.
+    cache = jax.tree.map(lambda x: jnp.full_like(x, 1e3), cache)
+    T = max(len(p) for p in prompts)
+    tokens = np.zeros((B, T), np.int32)
+    for b, p in enumerate(prompts):
+        tokens[b, : len(p)] = p
+    positions = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T))
+    lens = np.array([len(p) for p in prompts], np.int32)
+    step = jax.jit(lambda m, *a: m(*a))
+    logits, cache = step(model, jnp.asarray(tokens), jnp.asarray(positions), cache, jnp.asarray(table), jnp.asarray(lens))
+    out = [[np.asarray(logits[b, : len(p)])] for b, p in enumerate(prompts)]
+    for s in range(steps):
+        tok = np.array([[c[s]] for c in continuations], np.int32)
+        pos = lens[:, None].copy()
+        lens = lens + 1
+        logits, cache = step(model, jnp.asarray(tok), jnp.asarray(pos), cache, jnp.asarray(table), jnp.asarray(lens))
+        for b in range(B):
+            out[b].append(np.asarray(logits[b]))
+    return [np.concatenate(o, axis=0) for o in out]
