@@ -314,3 +314,69 @@ def _from_hf(hf: dict[str, Any]) -> ModelConfig:
         layer_windows=tuple(window if t == "sliding_attention" else None for t in layer_types),
         **common,
     )
+
+
+ATTENTION_CHOICES = ("reference", "pallas")
+CACHE_DTYPES = ("bfloat16", "float32")
+
+
+def _default_prefill_lengths(max_len: int) -> tuple[int, ...]:
+    lengths, n = [], 32
+    while n < max_len:
+        lengths.append(n)
+        n *= 2
+    lengths.append(max_len)
+    return tuple(sorted(set(min(x, 2048) for x in lengths)))
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """How the engine lays out work: slots, pages, buckets. Built from flags in entry points.
+
+    The compiled shapes are exactly: prefill (batch in `prefill_batch_sizes`) x (length in
+    `prefill_lengths`), and decode at `max_num_seqs` slots. Prompts longer than the
+    largest prefill length are prefilled in chunks of it.
+    """
+
+    max_num_seqs: int = 8
+    max_model_len: int = 2048
+    page_size: int = 16
+    num_pages: int | None = None  # None: from kv_cache_memory_fraction (or enough for every slot on CPU)
+    kv_cache_memory_fraction: float = 0.85
+    prefill_lengths: tuple[int, ...] = ()  # () -> powers of two from 32 up to min(max_model_len, 2048)
+    prefill_batch_sizes: tuple[int, ...] = (1,)
+    decode_steps_per_call: int = 1
+    attention: str = "reference"
+    cache_dtype: str = "bfloat16"
+    num_top_logprobs: int = 0  # top-N logprobs computed per step (0: only the chosen token's)
+    seed: int = 0  # base of per-request seeds when a request gives none
+
+    def __post_init__(self):
+        if self.max_num_seqs <= 0:
+            raise ConfigError(f"max_num_seqs={self.max_num_seqs} must be positive")
+        if self.max_model_len <= 1:
+            raise ConfigError(f"max_model_len={self.max_model_len} must be at least 2")
+        if self.page_size <= 0 or self.page_size & (self.page_size - 1):
+            raise ConfigError(f"page_size={self.page_size} must be a power of two, e.g. 16")
+        if self.num_pages is not None and self.num_pages <= 0:
+            raise ConfigError(f"num_pages={self.num_pages} must be positive")
+        if not (0.0 < self.kv_cache_memory_fraction <= 1.0):
+            raise ConfigError(f"kv_cache_memory_fraction={self.kv_cache_memory_fraction} must be in (0, 1]")
+        if not self.prefill_lengths:
+            object.__setattr__(self, "prefill_lengths", _default_prefill_lengths(self.max_model_len))
+        if sorted(set(self.prefill_lengths)) != list(self.prefill_lengths) or self.prefill_lengths[0] <= 0:
+            raise ConfigError(f"prefill_lengths={self.prefill_lengths} must be positive and increasing")
+        if not self.prefill_batch_sizes or min(self.prefill_batch_sizes) <= 0:
+            raise ConfigError(f"prefill_batch_sizes={self.prefill_batch_sizes} must be positive")
+        if self.decode_steps_per_call <= 0:
+            raise ConfigError(f"decode_steps_per_call={self.decode_steps_per_call} must be positive")
+        if self.attention not in ATTENTION_CHOICES:
+            raise ConfigError(f"attention={self.attention!r}; choose from {', '.join(ATTENTION_CHOICES)}")
+        if self.cache_dtype not in CACHE_DTYPES:
+            raise ConfigError(f"cache_dtype={self.cache_dtype!r}; choose from {', '.join(CACHE_DTYPES)}")
+        if not (0 <= self.num_top_logprobs <= 20):
+            raise ConfigError(f"num_top_logprobs={self.num_top_logprobs} must be in [0, 20]")
+
+    @property
+    def max_pages_per_seq(self) -> int:
+        return -(-self.max_model_len // self.page_size)

@@ -55,3 +55,32 @@ def prefill_then_decode(model, prompts, continuations, *, page_size: int, cache_
         for b in range(B):
             out[b].append(np.asarray(logits[b]))
     return [np.concatenate(o, axis=0) for o in out]
+
+
+def greedy_batch(model, prompts, steps: int, *, page_size: int = 16, cache_dtype=None):
+    """Greedy-decodes `steps` tokens for a ragged batch of prompts together (no EOS stop)."""
+    cfg = model.cfg
+    cache_dtype = cache_dtype or model.embedding.get_value().dtype
+    B = len(prompts)
+    table, num_pages = scattered_page_tables([len(p) + steps for p in prompts], page_size)
+    cache = KVCache.create(cfg, num_pages=num_pages, page_size=page_size, dtype=cache_dtype)
+    T = max(len(p) for p in prompts)
+    tokens = np.zeros((B, T), np.int32)
+    for b, p in enumerate(prompts):
+        tokens[b, : len(p)] = p
+    lens = np.array([len(p) for p in prompts], np.int32)
+    positions = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T))
+    step = jax.jit(lambda m, *a, logits_at: m(*a, logits_at=logits_at))
+    table = jnp.asarray(table)
+    logits, cache = step(model, jnp.asarray(tokens), jnp.asarray(positions), cache, table, jnp.asarray(lens),
+                         logits_at=jnp.asarray(lens - 1))
+    nxt = np.asarray(jnp.argmax(logits, axis=-1)).astype(np.int32)
+    out = [nxt]
+    for _ in range(steps - 1):
+        pos = lens[:, None].copy()
+        lens = lens + 1
+        logits, cache = step(model, jnp.asarray(nxt[:, None]), jnp.asarray(pos), cache, table, jnp.asarray(lens),
+                             logits_at=jnp.zeros((B,), jnp.int32))
+        nxt = np.asarray(jnp.argmax(logits, axis=-1)).astype(np.int32)
+        out.append(nxt)
+    return np.stack(out, axis=1).tolist()

@@ -1,0 +1,222 @@
+"""Compiled prefill and decode steps over the paged KV cache.
+
+Device state is two pytrees, both donated to every step so they are updated in place:
+  cache   KVCache, per layer [P, S, K, H]
+  slots   DecodeSlots: per decode slot the last token, its length, sampling arrays and
+          penalty bookkeeping; a slot is idle when its length is 0.
+Params are split from the NNX module once; steps are pure functions of
+(params, cache, slots, batch). Nothing here decides *what* runs: the scheduler's plan
+says which prompts prefill into which slots and the orchestrator calls these steps.
+
+Compiled shapes come from an explicit manifest (`Engine.manifest()`); `warmup()`
+compiles exactly it, and every compilation afterwards is counted in
+`compile_counter` (the orchestrator logs it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from runtime.config import EngineConfig, ModelConfig
+from runtime.kv_cache import KVCache
+from runtime.models.transformer import Transformer
+from runtime.sampling import SlotSampling, sample
+
+log = logging.getLogger(__name__)
+
+
+class _CompileCounter:
+    """Counts backend compilations process-wide (jax.monitoring events)."""
+
+    def __init__(self):
+        self.count = 0
+        self._lock = threading.Lock()
+        jax.monitoring.register_event_duration_secs_listener(self._on_event)
+
+    def _on_event(self, event: str, duration: float, **kwargs) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            with self._lock:
+                self.count += 1
+
+
+compile_counter = _CompileCounter()
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecodeSlots:
+    tokens: jax.Array  # [B] i32: the token each slot feeds next
+    lengths: jax.Array  # [B] i32: tokens in the cache before that token; 0 = idle slot
+    sampling: SlotSampling
+    prompt_mask: jax.Array  # [B, V] bool: token occurs in the prompt (repetition penalty)
+    output_counts: jax.Array  # [B, V] i32: occurrences in the generated text
+
+    @classmethod
+    def create(cls, num_slots: int, vocab: int) -> "DecodeSlots":
+        host = SlotSampling.pack([None] * num_slots, [0] * num_slots)
+        return cls(
+            tokens=jnp.zeros((num_slots,), jnp.int32),
+            lengths=jnp.zeros((num_slots,), jnp.int32),
+            sampling=SlotSampling(**{k: jnp.asarray(v) for k, v in host.items()}),
+            prompt_mask=jnp.zeros((num_slots, vocab), bool),
+            output_counts=jnp.zeros((num_slots, vocab), jnp.int32),
+        )
+
+
+def _model_step(graphdef, params, tokens, positions, cache, page_table, kv_lens, logits_at, attn_impl):
+    model: Transformer = nnx.merge(graphdef, params)
+    return model(tokens, positions, cache, page_table, kv_lens, attn_impl=attn_impl, logits_at=logits_at)
+
+
+def _prefill(
+    graphdef, params, cache: KVCache, slots: DecodeSlots,
+    tokens,  # [Bp, T] prompt chunk, right-padded
+    starts,  # [Bp] tokens of the prompt already in the cache (chunked prefill)
+    lens,  # [Bp] valid tokens in this chunk; 0 for padding rows
+    page_table,  # [Bp, MP]
+    slot_ids,  # [Bp] decode slot of each prompt; out of range for padding rows
+    is_last,  # [Bp] bool: the prompt's last chunk (the slot becomes active)
+    sampling: SlotSampling,  # rows [Bp]
+    *, attn_impl: str, num_top_logprobs: int,
+):
+    Bp, T = tokens.shape
+    positions = starts[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+    kv_lens = jnp.where(lens > 0, starts + lens, 0)
+    logits, cache = _model_step(
+        graphdef, params, tokens, positions, cache, page_table, kv_lens, jnp.maximum(lens - 1, 0), attn_impl
+    )
+    V = logits.shape[-1]
+    # Which tokens the prompt holds (repetition penalty): this chunk's, merged with the
+    # earlier chunks' that their calls left in the slot's row.
+    valid_tok = jnp.arange(T)[None, :] < lens[:, None]
+    mask_rows = jnp.zeros((Bp, V), bool).at[jnp.arange(Bp)[:, None], tokens].max(valid_tok)
+    earlier = slots.prompt_mask.at[slot_ids].get(mode="fill", fill_value=False)
+    mask_rows = mask_rows | (earlier & (starts > 0)[:, None])
+    out = sample(
+        logits, sampling, kv_lens, mask_rows, jnp.zeros((Bp, V), jnp.int32), num_top_logprobs=num_top_logprobs
+    )
+    tok = out["tokens"]
+    slots = DecodeSlots(
+        tokens=slots.tokens.at[slot_ids].set(tok, mode="drop"),
+        # The slot stays idle (length 0) until the prompt's last chunk is in.
+        lengths=slots.lengths.at[slot_ids].set(jnp.where(is_last, kv_lens, 0), mode="drop"),
+        sampling=jax.tree.map(lambda a, r: a.at[slot_ids].set(r, mode="drop"), slots.sampling, sampling),
+        prompt_mask=slots.prompt_mask.at[slot_ids].set(mask_rows, mode="drop"),
+        output_counts=slots.output_counts.at[slot_ids].set(
+            jax.nn.one_hot(tok, V, dtype=jnp.int32), mode="drop"
+        ),
+    )
+    return cache, slots, out
+
+
+def _decode(
+    graphdef, params, cache: KVCache, slots: DecodeSlots,
+    page_table,  # [B, MP]
+    *, attn_impl: str, num_top_logprobs: int,
+):
+    B = slots.tokens.shape[0]
+    active = slots.lengths > 0
+    kv_lens = jnp.where(active, slots.lengths + 1, 0)
+    logits, cache = _model_step(
+        graphdef, params, slots.tokens[:, None], slots.lengths[:, None], cache, page_table, kv_lens,
+        jnp.zeros((B,), jnp.int32), attn_impl,
+    )
+    out = sample(
+        logits, slots.sampling, kv_lens, slots.prompt_mask, slots.output_counts, num_top_logprobs=num_top_logprobs
+    )
+    tok = jnp.where(active, out["tokens"], 0)
+    slots = dataclasses.replace(
+        slots,
+        tokens=tok,
+        lengths=kv_lens,
+        output_counts=slots.output_counts.at[jnp.arange(B), tok].add(active.astype(jnp.int32)),
+    )
+    return cache, slots, out
+
+
+class Engine:
+    """Owns params, cache and slots on device; runs compiled prefill and decode.
+
+    Not thread-safe: one owner (the orchestrator loop) calls it.
+    """
+
+    def __init__(self, model: Transformer, ecfg: EngineConfig, *, num_pages: int, cache_sharding=None):
+        self.cfg: ModelConfig = model.cfg
+        self.ecfg = ecfg
+        self.graphdef, self.params = nnx.split(model)
+        self.num_pages = num_pages
+        self.cache = KVCache.create(
+            self.cfg, num_pages=num_pages, page_size=ecfg.page_size, dtype=jnp.dtype(ecfg.cache_dtype),
+            sharding=cache_sharding,
+        )
+        self.slots = DecodeSlots.create(ecfg.max_num_seqs, self.cfg.vocab_size)
+        static = dict(attn_impl=ecfg.attention, num_top_logprobs=ecfg.num_top_logprobs)
+        self._prefill = jax.jit(
+            lambda *a: _prefill(self.graphdef, *a, **static), donate_argnums=(1, 2)
+        )
+        self._decode = jax.jit(lambda *a: _decode(self.graphdef, *a, **static), donate_argnums=(1, 2))
+        self._release = jax.jit(
+            lambda slots, i: dataclasses.replace(slots, lengths=slots.lengths.at[i].set(0, mode="drop")), donate_argnums=(0,)
+        )
+
+    # --- the bucket manifest ---------------------------------------------------------
+
+    def manifest(self) -> dict[str, list[tuple[int, ...]]]:
+        """Every shape this engine compiles: prefill (batch, length) and decode (slots,)."""
+        return {
+            "prefill": [(b, t) for b in self.ecfg.prefill_batch_sizes for t in self.ecfg.prefill_lengths],
+            "decode": [(self.ecfg.max_num_seqs,)],
+        }
+
+    def prefill_shape(self, num_prompts: int, chunk_len: int) -> tuple[int, int]:
+        """The smallest manifest shape that holds `num_prompts` chunks of `chunk_len` tokens."""
+        t = next((t for t in self.ecfg.prefill_lengths if t >= chunk_len), None)
+        b = next((b for b in self.ecfg.prefill_batch_sizes if b >= num_prompts), None)
+        if t is None or b is None:
+            raise ValueError(
+                f"no prefill bucket for {num_prompts} prompts of {chunk_len} tokens; "
+                f"lengths {self.ecfg.prefill_lengths}, batch sizes {self.ecfg.prefill_batch_sizes}"
+            )
+        return b, t
+
+    def warmup(self) -> int:
+        """Compiles the whole manifest (on scratch rows: slots stay idle). Returns compilations."""
+        before = compile_counter.count
+        for b, t in self.manifest()["prefill"]:
+            self.prefill(
+                tokens=np.zeros((b, t), np.int32), starts=np.zeros(b, np.int32), lens=np.zeros(b, np.int32),
+                page_table=np.zeros((b, self.ecfg.max_pages_per_seq), np.int32),
+                slot_ids=np.full(b, self.ecfg.max_num_seqs, np.int32), is_last=np.zeros(b, bool),
+                sampling=SlotSampling.pack([None] * b, [0] * b),
+            )
+        self.decode(np.zeros((self.ecfg.max_num_seqs, self.ecfg.max_pages_per_seq), np.int32))
+        self.release(self.ecfg.max_num_seqs)  # out of range: changes nothing
+        jax.block_until_ready(self.slots)
+        return compile_counter.count - before
+
+    # --- steps -----------------------------------------------------------------------
+
+    def prefill(self, *, tokens, starts, lens, page_table, slot_ids, is_last, sampling: dict) -> dict[str, jax.Array]:
+        """Runs one prefill call; rows whose slot id is in range fill that decode slot."""
+        self.cache, self.slots, out = self._prefill(
+            self.params, self.cache, self.slots, jnp.asarray(tokens), jnp.asarray(starts), jnp.asarray(lens),
+            jnp.asarray(page_table), jnp.asarray(slot_ids), jnp.asarray(is_last),
+            SlotSampling(**{k: jnp.asarray(v) for k, v in sampling.items()}),
+        )
+        return out
+
+    def decode(self, page_table) -> dict[str, jax.Array]:
+        """One decode step for every slot (idle slots compute but change nothing)."""
+        self.cache, self.slots, out = self._decode(self.params, self.cache, self.slots, jnp.asarray(page_table))
+        return out
+
+    def release(self, slot: int) -> None:
+        """Marks a slot idle (its pages are freed by the scheduler)."""
+        self.slots = self._release(self.slots, jnp.asarray(slot, jnp.int32))

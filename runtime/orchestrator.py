@@ -1,0 +1,268 @@
+"""The loop that owns the engine and the scheduler; used by generate and serve.
+
+`Orchestrator.step()` runs one iteration: ask the scheduler for a plan, release the
+slots of preempted sequences, run one prefill call (if the plan has chunks) and one
+decode call (if any slot is decoding), then turn the sampled ids (one device-to-host
+copy per call) into per-request outputs: token ids, text deltas, logprobs and, at the
+end, a finish reason. Only this loop touches the engine; front ends talk to it through
+`add_request` / `abort` and the outputs `step()` returns (the server wraps this in a
+thread with queues).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import numpy as np
+
+from runtime.detokenize import IncrementalDetokenizer
+from runtime.engine import Engine, compile_counter
+from runtime.page_allocator import PageAllocator
+from runtime.sampling import SamplingParams, SlotSampling
+from runtime.scheduler import PrefillChunk, Scheduler, Sequence, Status
+from runtime.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class RequestError(ValueError):
+    """A request that cannot run as asked; the message says what to change."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    request_id: str
+    prompt_ids: list[int]
+    sampling: SamplingParams = SamplingParams()
+    max_tokens: int = 16
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    """What one step produced for one request."""
+
+    request_id: str
+    token_ids: list[int]  # new this step
+    text: str  # new text this step
+    logprobs: list[float]  # the chosen tokens' logprobs, one per new token
+    top_logprobs: list[list[tuple[int, float]]]  # per new token, when the request asked
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    num_prompt_tokens: int = 0
+
+
+@dataclasses.dataclass(eq=False)
+class _Track:
+    """Per-request host state beside the scheduler's Sequence."""
+
+    request: Request
+    seq: Sequence
+    detok: IncrementalDetokenizer
+    stop_ids: frozenset[int]
+    text: str = ""  # all text so far
+    emitted: int = 0  # characters of `text` already returned
+    pending: RequestOutput | None = None
+
+
+class Orchestrator:
+    def __init__(self, engine: Engine, tokenizer: Tokenizer):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        ecfg = engine.ecfg
+        self.allocator = PageAllocator(engine.num_pages, ecfg.page_size)
+        self.scheduler = Scheduler(
+            self.allocator,
+            num_slots=ecfg.max_num_seqs,
+            max_prefill_batch=max(ecfg.prefill_batch_sizes),
+            max_chunk=max(ecfg.prefill_lengths),
+        )
+        self._tracks: dict[str, _Track] = {}
+        self.eos_ids = frozenset(engine.cfg.eos_ids) | frozenset(tokenizer.eos_ids)
+        self.compiles_at_ready = compile_counter.count
+
+    # --- requests ------------------------------------------------------------------
+
+    def validate(self, request: Request) -> None:
+        ecfg = self.engine.ecfg
+        if request.request_id in self._tracks:
+            raise RequestError(f"request id {request.request_id!r} is already in use")
+        if not request.prompt_ids:
+            raise RequestError("the prompt is empty")
+        vocab = self.engine.cfg.vocab_size
+        bad = [t for t in request.prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"prompt token ids {bad[:5]} are out of range [0, {vocab})")
+        if request.max_tokens < 1:
+            raise RequestError(f"max_tokens={request.max_tokens} must be at least 1")
+        if len(request.prompt_ids) + 1 > ecfg.max_model_len:
+            raise RequestError(
+                f"the prompt has {len(request.prompt_ids)} tokens; the context holds {ecfg.max_model_len} "
+                f"(prompt + at least 1 generated token)"
+            )
+        if self.allocator.pages_for(len(request.prompt_ids) + 1) > self.allocator.num_pages:
+            raise RequestError(
+                f"the prompt needs {self.allocator.pages_for(len(request.prompt_ids) + 1)} KV pages; "
+                f"the cache has {self.allocator.num_pages}"
+            )
+        if request.sampling.logprobs and request.sampling.logprobs > ecfg.num_top_logprobs:
+            raise RequestError(
+                f"logprobs={request.sampling.logprobs} exceeds the engine's num_top_logprobs="
+                f"{ecfg.num_top_logprobs}; start it with a larger --num_top_logprobs"
+            )
+
+    def add_request(self, request: Request) -> None:
+        self.validate(request)
+        seed = request.sampling.seed
+        if seed is None:
+            seed = int(np.random.default_rng().integers(0, 2**63))
+        max_tokens = min(request.max_tokens, self.engine.ecfg.max_model_len - len(request.prompt_ids))
+        seq = Sequence(
+            seq_id=request.request_id, prompt_ids=list(request.prompt_ids), sampling=request.sampling,
+            max_tokens=max_tokens, seed=seed, stop_token_ids=frozenset(request.stop_token_ids),
+        )
+        stop_ids = frozenset(request.stop_token_ids) | (frozenset() if request.ignore_eos else self.eos_ids)
+        detok = IncrementalDetokenizer(self.tokenizer, request.prompt_ids)
+        self._tracks[request.request_id] = _Track(request, seq, detok, stop_ids)
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> bool:
+        """Ends a request at once; its slot and pages are free before the next step."""
+        track = self._tracks.get(request_id)
+        if track is None:
+            return False
+        self._finish(track, "abort")
+        return True
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    @property
+    def num_compiles_since_ready(self) -> int:
+        return compile_counter.count - self.compiles_at_ready
+
+    # --- the loop ------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        for slot in plan.released_slots:
+            self.engine.release(slot)  # preempted: its tokens are kept and recomputed later
+        if plan.prefill:
+            self._run_prefill(plan.prefill)
+        decoding = [s for s in self.scheduler.running.values() if s.status == Status.RUNNING]
+        if decoding:
+            self._run_decode(decoding)
+        outputs = []
+        for track in list(self._tracks.values()):
+            if track.pending is not None:
+                outputs.append(track.pending)
+                track.pending = None
+                if outputs[-1].finished:
+                    del self._tracks[track.request.request_id]
+        return outputs
+
+    def _run_prefill(self, chunks: list[PrefillChunk]) -> None:
+        ecfg = self.engine.ecfg
+        b, t = self.engine.prefill_shape(len(chunks), max(c.length for c in chunks))
+        tokens = np.zeros((b, t), np.int32)
+        starts = np.zeros(b, np.int32)
+        lens = np.zeros(b, np.int32)
+        table = np.zeros((b, ecfg.max_pages_per_seq), np.int32)
+        slot_ids = np.full(b, ecfg.max_num_seqs, np.int32)
+        is_last = np.zeros(b, bool)
+        params, seeds = [None] * b, [0] * b
+        for i, c in enumerate(chunks):
+            seq = c.seq
+            tokens[i, : c.length] = seq.tokens_to_prefill[c.start : c.start + c.length]
+            starts[i], lens[i], slot_ids[i], is_last[i] = c.start, c.length, seq.slot, c.is_last
+            pages = self.allocator.pages(seq.seq_id)
+            table[i, : len(pages)] = pages
+            params[i], seeds[i] = seq.sampling, seq.seed
+        out = self.engine.prefill(
+            tokens=tokens, starts=starts, lens=lens, page_table=table, slot_ids=slot_ids, is_last=is_last,
+            sampling=SlotSampling.pack(params, seeds),
+        )
+        host = {k: np.asarray(v) for k, v in out.items()}  # one device-to-host copy
+        for i, c in enumerate(chunks):
+            self.scheduler.prefill_done(c)
+            if c.is_last:
+                self._accept(self._tracks[c.seq.seq_id], host, i)
+
+    def _run_decode(self, decoding: list[Sequence]) -> None:
+        ecfg = self.engine.ecfg
+        table = np.zeros((ecfg.max_num_seqs, ecfg.max_pages_per_seq), np.int32)
+        for seq in self.scheduler.running.values():
+            pages = self.allocator.pages(seq.seq_id)
+            table[seq.slot, : len(pages)] = pages
+        out = self.engine.decode(table)
+        host = {k: np.asarray(v) for k, v in out.items()}  # one device-to-host copy
+        for seq in decoding:
+            self._accept(self._tracks[seq.seq_id], host, seq.slot)
+
+    # --- per-token bookkeeping -----------------------------------------------------
+
+    def _accept(self, track: _Track, host: dict[str, np.ndarray], row: int) -> None:
+        seq = track.seq
+        token = int(host["tokens"][row])
+        seq.output_ids.append(token)
+        out = track.pending or RequestOutput(
+            track.request.request_id, [], "", [], [], num_prompt_tokens=len(seq.prompt_ids)
+        )
+        track.pending = out
+        out.token_ids.append(token)
+        out.logprobs.append(float(host["logprob"][row]))
+        n = track.request.sampling.logprobs
+        if n:
+            out.top_logprobs.append(
+                [(int(i), float(lp)) for i, lp in zip(host["top_ids"][row][:n], host["top_logprobs"][row][:n])]
+            )
+        track.text += track.detok.push(token)
+        if token in track.stop_ids:
+            self._finish(track, "stop")
+        elif self._truncate_at_stop_string(track):
+            self._finish(track, "stop", flush=False)  # held-back text lies past the stop string
+        elif len(seq.output_ids) >= seq.max_tokens:
+            self._finish(track, "length")
+        else:
+            self._emit_text(track, final=False)
+
+    def _truncate_at_stop_string(self, track: _Track) -> bool:
+        stops = track.request.stop
+        if not stops:
+            return False
+        # Only the new text (plus an overlap for a stop that straddles deltas) is searched.
+        window_start = max(0, track.emitted - max(len(s) for s in stops))
+        hits = [i for s in stops if (i := track.text.find(s, window_start)) >= 0]
+        if not hits:
+            return False
+        track.text = track.text[: min(hits)]  # the stop string is not part of the output
+        return True
+
+    def _emit_text(self, track: _Track, *, final: bool) -> None:
+        # Hold back a possible stop-string prefix until it is decided.
+        hold = 0 if final or not track.request.stop else max(len(s) for s in track.request.stop) - 1
+        upto = max(track.emitted, len(track.text) - hold)
+        if track.pending is not None:
+            track.pending.text += track.text[track.emitted : upto]
+        track.emitted = upto
+
+    def _finish(self, track: _Track, reason: str, *, flush: bool = True) -> None:
+        seq = track.seq
+        if seq.status != Status.FINISHED:
+            slot = seq.slot
+            if flush:
+                track.text += track.detok.flush()
+            self.scheduler.finish(seq)
+            if slot is not None:
+                self.engine.release(slot)
+        if track.pending is None:
+            track.pending = RequestOutput(
+                track.request.request_id, [], "", [], [], num_prompt_tokens=len(seq.prompt_ids)
+            )
+        self._emit_text(track, final=True)
+        track.pending.finished = True
+        track.pending.finish_reason = reason

