@@ -152,11 +152,16 @@ class Engine:
         self.ecfg = ecfg
         self.graphdef, self.params = nnx.split(model)
         self.num_pages = num_pages
+        # Committed placements from the start: the step outputs are committed, and inputs
+        # that differ only in commitment would compile the steps a second time.
+        device = jax.tree.leaves(self.params)[0].sharding
+        replicated = jax.sharding.NamedSharding(device.mesh, jax.sharding.PartitionSpec()) if isinstance(
+            device, jax.sharding.NamedSharding) else jax.sharding.SingleDeviceSharding(list(device.device_set)[0])
         self.cache = KVCache.create(
             self.cfg, num_pages=num_pages, page_size=ecfg.page_size, dtype=jnp.dtype(ecfg.cache_dtype),
-            sharding=cache_sharding,
+            sharding=cache_sharding or replicated,
         )
-        self.slots = DecodeSlots.create(ecfg.max_num_seqs, self.cfg.vocab_size)
+        self.slots = jax.device_put(DecodeSlots.create(ecfg.max_num_seqs, self.cfg.vocab_size), replicated)
         static = dict(attn_impl=ecfg.attention, num_top_logprobs=ecfg.num_top_logprobs)
         self._prefill = jax.jit(
             lambda *a: _prefill(self.graphdef, *a, **static), donate_argnums=(1, 2)

@@ -19,6 +19,7 @@ transformers = pytest.importorskip("transformers")
 import jax.numpy as jnp  # noqa: E402
 
 import checkpoints  # noqa: E402
+import checkpoints.converter  # noqa: E402
 from runtime.tokenizer import load_tokenizer  # noqa: E402
 from tests.utils import greedy_batch  # noqa: E402
 
@@ -47,7 +48,7 @@ def _gguf_path(name: str) -> Path:
 def converted(request, tmp_path_factory):
     gguf = _gguf_path(request.param)
     out = tmp_path_factory.mktemp(request.param) / "ckpt"
-    checkpoints.convert(gguf, out, dtype="float32")
+    checkpoints.converter.convert(gguf, out, "float32")
     cfg, model = checkpoints.load(out)
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)

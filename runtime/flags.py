@@ -1,0 +1,68 @@
+"""absl flags shared by the entry points (generate, serve, bench, warmup), and the
+parser that turns a flag error into one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import sys
+
+from absl import flags
+
+from runtime.config import ATTENTION_CHOICES, CACHE_DTYPES, ConfigError, EngineConfig
+
+FLAGS = flags.FLAGS
+
+
+def define_engine_flags() -> None:
+    flags.DEFINE_string("checkpoint", None, "Converted checkpoint dir, HF model dir, .gguf file, or alias "
+                        "(gemma3-270m, smollm2-135m).")
+    flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Parameter dtype.")
+    flags.DEFINE_enum("cache_dtype", None, list(CACHE_DTYPES), "KV cache dtype (default: --dtype).")
+    flags.DEFINE_integer("max_num_seqs", 8, "Decode slots: sequences decoded together.")
+    flags.DEFINE_integer("max_model_len", 2048, "Context length (prompt + generated) per sequence.")
+    flags.DEFINE_integer("page_size", 16, "Tokens per KV page.")
+    flags.DEFINE_integer("num_pages", None, "KV pages (default: from --kv_cache_memory_fraction).")
+    flags.DEFINE_float("kv_cache_memory_fraction", 0.85, "Fraction of device memory for weights + KV cache.")
+    flags.DEFINE_list("prefill_lengths", [], "Prefill length buckets (default: powers of two up to 2048).")
+    flags.DEFINE_list("prefill_batch_sizes", ["1"], "Prompts per prefill call buckets.")
+    flags.DEFINE_integer("decode_steps_per_call", 1, "Decode steps per dispatch.")
+    flags.DEFINE_enum("attention", "reference", list(ATTENTION_CHOICES), "Attention implementation.")
+    flags.DEFINE_integer("num_top_logprobs", 0, "Top-N logprobs computed per step (max a request may ask).")
+
+
+def _ints(name: str, values) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in values)
+    except ValueError:
+        raise ConfigError(f"--{name} takes comma-separated integers, got {','.join(values)}") from None
+
+
+def engine_config_from_flags(**overrides) -> EngineConfig:
+    kwargs = dict(
+        max_num_seqs=FLAGS.max_num_seqs,
+        max_model_len=FLAGS.max_model_len,
+        page_size=FLAGS.page_size,
+        num_pages=FLAGS.num_pages,
+        kv_cache_memory_fraction=FLAGS.kv_cache_memory_fraction,
+        prefill_lengths=_ints("prefill_lengths", FLAGS.prefill_lengths),
+        prefill_batch_sizes=_ints("prefill_batch_sizes", FLAGS.prefill_batch_sizes),
+        decode_steps_per_call=FLAGS.decode_steps_per_call,
+        attention=FLAGS.attention,
+        cache_dtype=FLAGS.cache_dtype or FLAGS.dtype,
+        num_top_logprobs=FLAGS.num_top_logprobs,
+    )
+    kwargs.update(overrides)
+    return EngineConfig(**kwargs)
+
+
+def usage_error(message: str) -> "NoReturn":  # noqa: F821
+    """One line on stderr, exit code 2: for bad flags and bad input."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flags parser for app.run that reports errors in one line with exit code 2."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        usage_error(str(e))

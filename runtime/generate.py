@@ -1,0 +1,145 @@
+"""python -m runtime.generate --checkpoint=DIR|ALIAS --prompt=TEXT [--prompt=...] [flags]
+
+Generates for every prompt through the same orchestrator loop the server uses.
+--format=text streams the text of a single prompt as it is generated (several prompts
+print in turn as they finish); --format=jsonl prints one JSON object per prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from absl import app, flags
+from absl import logging as absl_logging
+
+from runtime import flags as xflags
+from runtime.config import ConfigError
+from runtime.orchestrator import Orchestrator, Request, RequestError
+from runtime.sampling import SamplingError, SamplingParams
+
+flags.DEFINE_multi_string("prompt", [], "A prompt (repeatable).")
+flags.DEFINE_string("prompts_file", None, "A file with one prompt per line (JSON string lines allowed).")
+flags.DEFINE_bool("chat", False, "Wrap each prompt as a user message in the model's chat template.")
+flags.DEFINE_integer("max_tokens", 128, "Tokens to generate per prompt at most.")
+flags.DEFINE_float("temperature", 0.0, "0 is greedy.")
+flags.DEFINE_integer("top_k", 0, "0 disables.")
+flags.DEFINE_float("top_p", 1.0, "1 disables.")
+flags.DEFINE_float("min_p", 0.0, "0 disables.")
+flags.DEFINE_float("repetition_penalty", 1.0, "1 disables.")
+flags.DEFINE_float("presence_penalty", 0.0, "0 disables.")
+flags.DEFINE_float("frequency_penalty", 0.0, "0 disables.")
+flags.DEFINE_integer("seed", None, "Sampling seed (prompt i uses seed + i).")
+flags.DEFINE_integer("logprobs", None, "Report the top-N logprobs per step (jsonl).")
+flags.DEFINE_multi_string("stop", [], "Stop string (repeatable).")
+flags.DEFINE_bool("ignore_eos", False, "Keep generating past end-of-sequence tokens.")
+flags.DEFINE_enum("format", "text", ["text", "jsonl"], "Output format.")
+xflags.define_engine_flags()
+FLAGS = flags.FLAGS
+
+
+def _read_prompts() -> list[str]:
+    prompts = list(FLAGS.prompt)
+    if FLAGS.prompts_file:
+        try:
+            with open(FLAGS.prompts_file, encoding="utf-8") as f:
+                for line in f:
+                    line = line.rstrip("\n")
+                    if line.strip():
+                        prompts.append(json.loads(line) if line.startswith('"') else line)
+        except OSError as e:
+            xflags.usage_error(f"--prompts_file: {e.strerror}: {FLAGS.prompts_file}")
+    if not prompts:
+        xflags.usage_error("give at least one --prompt or a --prompts_file")
+    return prompts
+
+
+def main(argv: list[str]) -> None:
+    absl_logging.set_verbosity(absl_logging.WARNING)  # checkpoint restore logs at INFO
+    if len(argv) > 1:
+        xflags.usage_error(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not FLAGS.checkpoint:
+        xflags.usage_error("--checkpoint is required (a directory or an alias such as gemma3-270m)")
+    prompts = _read_prompts()
+    try:
+        ecfg = xflags.engine_config_from_flags(
+            num_top_logprobs=max(FLAGS.num_top_logprobs, FLAGS.logprobs or 0)
+        )
+        sampling = [
+            SamplingParams(
+                temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p, min_p=FLAGS.min_p,
+                repetition_penalty=FLAGS.repetition_penalty, presence_penalty=FLAGS.presence_penalty,
+                frequency_penalty=FLAGS.frequency_penalty, logprobs=FLAGS.logprobs,
+                seed=None if FLAGS.seed is None else FLAGS.seed + i,
+            )
+            for i in range(len(prompts))
+        ]
+    except (ConfigError, SamplingError) as e:
+        xflags.usage_error(str(e))
+
+    from checkpoints.errors import CheckpointError
+    from runtime.startup import CapacityError, load_engine
+
+    try:
+        engine, tokenizer = load_engine(FLAGS.checkpoint, ecfg, dtype=FLAGS.dtype)
+    except (CheckpointError, CapacityError, ConfigError) as e:
+        xflags.usage_error(str(e))
+    orc = Orchestrator(engine, tokenizer)
+    requests = []
+    for i, (text, sp) in enumerate(zip(prompts, sampling)):
+        if FLAGS.chat:
+            try:
+                text = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+            except ValueError as e:
+                xflags.usage_error(str(e))
+            ids = tokenizer.encode(text, add_special_tokens=False)
+        else:
+            ids = tokenizer.encode(text)
+        req = Request(
+            request_id=str(i), prompt_ids=ids, sampling=sp, max_tokens=FLAGS.max_tokens,
+            stop=tuple(FLAGS.stop), ignore_eos=FLAGS.ignore_eos,
+        )
+        try:
+            orc.validate(req)
+        except RequestError as e:
+            xflags.usage_error(f"prompt {i}: {e}")
+        requests.append(req)
+    engine.warmup()
+    orc.compiles_at_ready = orc.num_compiles_since_ready + orc.compiles_at_ready
+    for req in requests:
+        orc.add_request(req)
+
+    results = {r.request_id: dict(token_ids=[], text="", logprobs=[], top_logprobs=[]) for r in requests}
+    stream_id = requests[0].request_id if FLAGS.format == "text" else None
+    while orc.has_work():
+        for out in orc.step():
+            res = results[out.request_id]
+            res["token_ids"] += out.token_ids
+            res["text"] += out.text
+            res["logprobs"] += out.logprobs
+            res["top_logprobs"] += out.top_logprobs
+            if out.request_id == stream_id:
+                sys.stdout.write(out.text)
+                sys.stdout.flush()
+            if out.finished:
+                res["finish_reason"] = out.finish_reason
+    if orc.num_compiles_since_ready:
+        print(f"warning: {orc.num_compiles_since_ready} compilations after warm-up", file=sys.stderr)
+    for i, req in enumerate(requests):
+        res = results[req.request_id]
+        if FLAGS.format == "text":
+            if req.request_id != stream_id:
+                sys.stdout.write(f"\n--- prompt {i} ---\n{prompts[i]}{res['text']}")
+            continue
+        obj = dict(prompt=prompts[i], token_ids=res["token_ids"], text=res["text"], finish_reason=res["finish_reason"])
+        if FLAGS.logprobs is not None:
+            obj["logprobs"] = res["logprobs"]
+            if FLAGS.logprobs:
+                obj["top_logprobs"] = [[{"id": t, "logprob": lp} for t, lp in step] for step in res["top_logprobs"]]
+        print(json.dumps(obj, ensure_ascii=False))
+    if FLAGS.format == "text":
+        sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=xflags.parse_flags)

@@ -1,0 +1,112 @@
+"""Start-up shared by the entry points: checkpoint -> model -> sized KV cache -> engine.
+
+The KV cache gets what is left of `kv_cache_memory_fraction` of device memory after the
+weights and an activation reserve (or `num_pages` when given). If the weights plus one
+full-length sequence cannot fit, start-up fails at once with the numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+
+import jax
+import jax.numpy as jnp
+
+import checkpoints
+from checkpoints.aliases import resolve_checkpoint
+from runtime.config import EngineConfig, ModelConfig
+from runtime.engine import Engine
+from runtime.kv_cache import KVCache
+from runtime.tokenizer import Tokenizer, load_tokenizer
+
+log = logging.getLogger(__name__)
+GiB = 1 << 30
+
+
+class CapacityError(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Capacity:
+    num_pages: int
+    page_size: int
+    page_bytes: int
+    max_pages_per_seq: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_pages * self.page_size
+
+    @property
+    def max_full_length_seqs(self) -> int:
+        return self.num_pages // self.max_pages_per_seq
+
+    def describe(self, max_model_len: int) -> str:
+        return (
+            f"KV cache: {self.num_pages} pages x {self.page_size} tokens = {self.num_tokens} tokens "
+            f"({self.num_pages * self.page_bytes / GiB:.2f} GiB); "
+            f"{self.max_full_length_seqs} concurrent sequences at max_model_len={max_model_len}"
+        )
+
+
+def activation_reserve(cfg: ModelConfig, ecfg: EngineConfig) -> int:
+    """Rough upper bound of live activations in one step (bytes), float32."""
+    prefill_tokens = max(ecfg.prefill_batch_sizes) * max(ecfg.prefill_lengths)
+    per_token = 4 * (3 * cfg.embed_dim + 2 * cfg.ffw_dim + (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim)
+    slots = ecfg.max_num_seqs * cfg.vocab_size * (4 + 4 + 1)  # logits, output counts, prompt mask
+    return 2 * prefill_tokens * per_token + 2 * slots + 256 * (1 << 20)
+
+
+def plan_capacity(cfg: ModelConfig, ecfg: EngineConfig, param_bytes: int, device=None) -> Capacity:
+    device = device or jax.devices()[0]
+    page_bytes = KVCache.bytes_per_token(cfg, jnp.dtype(ecfg.cache_dtype)) * ecfg.page_size
+    need = ecfg.max_pages_per_seq
+    stats = device.memory_stats() or {}
+    limit = stats.get("bytes_limit")
+    reserve = activation_reserve(cfg, ecfg)
+    if ecfg.num_pages is not None:
+        pages = ecfg.num_pages
+        if limit is not None and param_bytes + reserve + pages * page_bytes > limit:
+            raise CapacityError(
+                f"weights {param_bytes / GiB:.2f} GiB + activations {reserve / GiB:.2f} GiB + "
+                f"{pages} pages x {page_bytes / (1 << 20):.2f} MiB = "
+                f"{(param_bytes + reserve + pages * page_bytes) / GiB:.2f} GiB exceed the device's "
+                f"{limit / GiB:.2f} GiB; lower --num_pages"
+            )
+    elif limit is not None:
+        budget = int(ecfg.kv_cache_memory_fraction * limit) - param_bytes - reserve
+        pages = max(0, budget // page_bytes)
+    else:  # CPU: no memory limit to read; enough for every slot at full length
+        pages = ecfg.max_num_seqs * need
+    if pages < need:
+        raise CapacityError(
+            f"the KV cache holds {pages} pages of {ecfg.page_size} tokens, but one sequence of "
+            f"max_model_len={ecfg.max_model_len} needs {need}; weights take {param_bytes / GiB:.2f} GiB"
+            + (f" of {limit / GiB:.2f} GiB" if limit else "")
+            + "; lower --max_model_len, raise --kv_cache_memory_fraction, or use more devices"
+        )
+    return Capacity(pages, ecfg.page_size, page_bytes, need)
+
+
+def enable_compilation_cache(directory: str | None = None) -> None:
+    """JAX's persistent compilation cache: a warm start compiles nothing from scratch."""
+    import os
+
+    directory = directory or os.environ.get("XLSERVE_COMPILE_CACHE") or os.path.expanduser("~/.cache/xlserve/jax")
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def load_engine(checkpoint: str, ecfg: EngineConfig, *, dtype: str = "bfloat16", mesh=None) -> tuple[Engine, Tokenizer]:
+    enable_compilation_cache()
+    directory = resolve_checkpoint(checkpoint, dtype=dtype)
+    cfg, model = checkpoints.load(directory, dtype=dtype, mesh=mesh)
+    if ecfg.max_model_len > cfg.max_position:
+        log.warning("max_model_len=%d exceeds the model's max_position=%d", ecfg.max_model_len, cfg.max_position)
+    param_bytes = sum(x.nbytes for x in jax.tree.leaves(model))
+    cap = plan_capacity(cfg, ecfg, param_bytes)
+    print(cap.describe(ecfg.max_model_len), file=sys.stderr, flush=True)  # stdout is the output
+    return Engine(model, ecfg, num_pages=cap.num_pages), load_tokenizer(directory)
