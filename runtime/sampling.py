@@ -131,7 +131,9 @@ def _filter(logits: jax.Array, s: SlotSampling) -> jax.Array:
     probs_sorted = jax.nn.softmax(jnp.where(in_top_k, sorted_desc, -jnp.inf), axis=-1)
     mass_before = jnp.cumsum(probs_sorted, axis=-1) - probs_sorted
     last_kept = jnp.sum(mass_before < s.top_p[:, None], axis=-1) - 1  # >= 0: mass_before[0] = 0
-    keep &= logits >= jnp.take_along_axis(sorted_desc, last_kept[:, None], axis=-1)
+    # top_p = 1 keeps everything: a float32 cumsum reaches 1.0 before the far tail.
+    top_p_off = s.top_p[:, None] >= 1.0
+    keep &= top_p_off | (logits >= jnp.take_along_axis(sorted_desc, last_kept[:, None], axis=-1))
     # min-p: p(token) >= min_p * p(top token)  <=>  exp(logit - top logit) >= min_p.
     keep &= jnp.exp(logits - sorted_desc[:, :1]) >= s.min_p[:, None]
     return jnp.where(keep, logits, -jnp.inf)

@@ -52,13 +52,20 @@ ECFG = dict(
 )
 
 
+_ENGINES: dict = {}
+
+
 def make_orchestrator(model, tokenizer, **overrides):
-    ecfg = EngineConfig(**{**ECFG, **overrides})
-    engine = Engine(model, ecfg, num_pages=overrides.pop("num_pages", 48))
-    engine.warmup()
-    orc = Orchestrator(engine, tokenizer)
-    orc.compiles_at_ready = orc.compiles_at_ready + orc.num_compiles_since_ready
-    return orc
+    """A fresh orchestrator (all pages free) over a warmed engine shared per config."""
+    num_pages = overrides.pop("num_pages", 48)
+    key = (id(model), num_pages, tuple(sorted(overrides.items())))
+    if key not in _ENGINES:
+        engine = Engine(model, EngineConfig(**{**ECFG, **overrides}), num_pages=num_pages)
+        engine.warmup()
+        _ENGINES[key] = engine
+    engine = _ENGINES[key]
+    assert not bool(jnp.any(engine.slots.lengths)), "a previous test left a slot active"
+    return Orchestrator(engine, tokenizer)
 
 
 def run(orc, requests):
