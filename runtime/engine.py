@@ -48,6 +48,9 @@ class _CompileCounter:
 
 compile_counter = _CompileCounter()
 
+# Stop token ids checked on device per slot (EOS ids + a request's stop_token_ids).
+MAX_STOP_IDS = 16
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +60,8 @@ class DecodeSlots:
     sampling: SlotSampling
     prompt_mask: jax.Array  # [B, V] bool: token occurs in the prompt (repetition penalty)
     output_counts: jax.Array  # [B, V] i32: occurrences in the generated text
+    stop_ids: jax.Array  # [B, MAX_STOP_IDS] i32: tokens that end the sequence; -1 = none
+    remaining: jax.Array  # [B] i32: tokens the slot may still generate (max_tokens budget)
 
     @classmethod
     def create(cls, num_slots: int, vocab: int) -> "DecodeSlots":
@@ -67,6 +72,8 @@ class DecodeSlots:
             sampling=SlotSampling(**{k: jnp.asarray(v) for k, v in host.items()}),
             prompt_mask=jnp.zeros((num_slots, vocab), bool),
             output_counts=jnp.zeros((num_slots, vocab), jnp.int32),
+            stop_ids=jnp.full((num_slots, MAX_STOP_IDS), -1, jnp.int32),
+            remaining=jnp.zeros((num_slots,), jnp.int32),
         )
 
 
@@ -84,6 +91,8 @@ def _prefill(
     slot_ids,  # [Bp] decode slot of each prompt; out of range for padding rows
     is_last,  # [Bp] bool: the prompt's last chunk (the slot becomes active)
     sampling: SlotSampling,  # rows [Bp]
+    stop_ids,  # [Bp, MAX_STOP_IDS]
+    remaining,  # [Bp] tokens the sequence may generate after the one this call samples
     *, attn_impl: str, num_top_logprobs: int,
 ):
     Bp, T = tokens.shape
@@ -103,24 +112,24 @@ def _prefill(
         logits, sampling, kv_lens, mask_rows, jnp.zeros((Bp, V), jnp.int32), num_top_logprobs=num_top_logprobs
     )
     tok = out["tokens"]
+    # The slot decodes after the prompt's last chunk unless the sampled token already ends it.
+    starts_decoding = is_last & (remaining > 0) & ~jnp.any(tok[:, None] == stop_ids, axis=-1)
     slots = DecodeSlots(
         tokens=slots.tokens.at[slot_ids].set(tok, mode="drop"),
         # The slot stays idle (length 0) until the prompt's last chunk is in.
-        lengths=slots.lengths.at[slot_ids].set(jnp.where(is_last, kv_lens, 0), mode="drop"),
+        lengths=slots.lengths.at[slot_ids].set(jnp.where(starts_decoding, kv_lens, 0), mode="drop"),
         sampling=jax.tree.map(lambda a, r: a.at[slot_ids].set(r, mode="drop"), slots.sampling, sampling),
         prompt_mask=slots.prompt_mask.at[slot_ids].set(mask_rows, mode="drop"),
         output_counts=slots.output_counts.at[slot_ids].set(
             jax.nn.one_hot(tok, V, dtype=jnp.int32), mode="drop"
         ),
+        stop_ids=slots.stop_ids.at[slot_ids].set(stop_ids, mode="drop"),
+        remaining=slots.remaining.at[slot_ids].set(remaining, mode="drop"),
     )
     return cache, slots, out
 
 
-def _decode(
-    graphdef, params, cache: KVCache, slots: DecodeSlots,
-    page_table,  # [B, MP]
-    *, attn_impl: str, num_top_logprobs: int,
-):
+def _decode_one(graphdef, params, cache: KVCache, slots: DecodeSlots, page_table, *, attn_impl, num_top_logprobs):
     B = slots.tokens.shape[0]
     active = slots.lengths > 0
     kv_lens = jnp.where(active, slots.lengths + 1, 0)
@@ -132,13 +141,29 @@ def _decode(
         logits, slots.sampling, kv_lens, slots.prompt_mask, slots.output_counts, num_top_logprobs=num_top_logprobs
     )
     tok = jnp.where(active, out["tokens"], 0)
+    # A slot that emits a stop id or spends its budget goes idle here, so later steps of
+    # the same call neither write its pages nor count its tokens.
+    ends = jnp.any(tok[:, None] == slots.stop_ids, axis=-1) | (slots.remaining <= 1)
     slots = dataclasses.replace(
         slots,
         tokens=tok,
-        lengths=kv_lens,
+        lengths=jnp.where(active & ~ends, kv_lens, 0),
         output_counts=slots.output_counts.at[jnp.arange(B), tok].add(active.astype(jnp.int32)),
+        remaining=slots.remaining - active.astype(jnp.int32),
     )
-    return cache, slots, out
+    return cache, slots, dict(out, tokens=tok, valid=active)
+
+
+def _decode(graphdef, params, cache: KVCache, slots: DecodeSlots, page_table, *, steps: int, **static):
+    """`steps` decode steps in one dispatch; outputs are stacked [steps, B, ...]."""
+
+    def body(carry, _):
+        cache, slots = carry
+        cache, slots, out = _decode_one(graphdef, params, cache, slots, page_table, **static)
+        return (cache, slots), out
+
+    (cache, slots), outs = jax.lax.scan(body, (cache, slots), None, length=steps)
+    return cache, slots, outs
 
 
 class Engine:
@@ -166,7 +191,9 @@ class Engine:
         self._prefill = jax.jit(
             lambda *a: _prefill(self.graphdef, *a, **static), donate_argnums=(1, 2)
         )
-        self._decode = jax.jit(lambda *a: _decode(self.graphdef, *a, **static), donate_argnums=(1, 2))
+        self._decode = jax.jit(
+            lambda *a: _decode(self.graphdef, *a, steps=ecfg.decode_steps_per_call, **static), donate_argnums=(1, 2)
+        )
         self._release = jax.jit(
             lambda slots, i: dataclasses.replace(slots, lengths=slots.lengths.at[i].set(0, mode="drop")), donate_argnums=(0,)
         )
@@ -200,6 +227,7 @@ class Engine:
                 page_table=np.zeros((b, self.ecfg.max_pages_per_seq), np.int32),
                 slot_ids=np.full(b, self.ecfg.max_num_seqs, np.int32), is_last=np.zeros(b, bool),
                 sampling=SlotSampling.pack([None] * b, [0] * b),
+                stop_ids=np.full((b, MAX_STOP_IDS), -1, np.int32), remaining=np.zeros(b, np.int32),
             )
         self.decode(np.zeros((self.ecfg.max_num_seqs, self.ecfg.max_pages_per_seq), np.int32))
         self.release(self.ecfg.max_num_seqs)  # out of range: changes nothing
@@ -208,17 +236,21 @@ class Engine:
 
     # --- steps -----------------------------------------------------------------------
 
-    def prefill(self, *, tokens, starts, lens, page_table, slot_ids, is_last, sampling: dict) -> dict[str, jax.Array]:
+    def prefill(
+        self, *, tokens, starts, lens, page_table, slot_ids, is_last, sampling: dict, stop_ids, remaining
+    ) -> dict[str, jax.Array]:
         """Runs one prefill call; rows whose slot id is in range fill that decode slot."""
         self.cache, self.slots, out = self._prefill(
             self.params, self.cache, self.slots, jnp.asarray(tokens), jnp.asarray(starts), jnp.asarray(lens),
             jnp.asarray(page_table), jnp.asarray(slot_ids), jnp.asarray(is_last),
             SlotSampling(**{k: jnp.asarray(v) for k, v in sampling.items()}),
+            jnp.asarray(stop_ids), jnp.asarray(remaining),
         )
         return out
 
     def decode(self, page_table) -> dict[str, jax.Array]:
-        """One decode step for every slot (idle slots compute but change nothing)."""
+        """`decode_steps_per_call` steps for every slot (idle slots compute but change
+        nothing). Outputs are [steps, B, ...]; `valid` marks the tokens that count."""
         self.cache, self.slots, out = self._decode(self.params, self.cache, self.slots, jnp.asarray(page_table))
         return out
 

@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from runtime.detokenize import IncrementalDetokenizer
-from runtime.engine import Engine, compile_counter
+from runtime.engine import MAX_STOP_IDS, Engine, compile_counter
 from runtime.page_allocator import PageAllocator
 from runtime.sampling import SamplingParams, SlotSampling
 from runtime.scheduler import PrefillChunk, Scheduler, Sequence, Status
@@ -80,6 +80,7 @@ class Orchestrator:
             num_slots=ecfg.max_num_seqs,
             max_prefill_batch=max(ecfg.prefill_batch_sizes),
             max_chunk=max(ecfg.prefill_lengths),
+            decode_steps=ecfg.decode_steps_per_call,
         )
         self._tracks: dict[str, _Track] = {}
         self.eos_ids = frozenset(engine.cfg.eos_ids) | frozenset(tokenizer.eos_ids)
@@ -109,6 +110,9 @@ class Orchestrator:
                 f"the prompt needs {self.allocator.pages_for(len(request.prompt_ids) + 1)} KV pages; "
                 f"the cache has {self.allocator.num_pages}"
             )
+        num_stop_ids = len(set(request.stop_token_ids) | (set() if request.ignore_eos else self.eos_ids))
+        if num_stop_ids > MAX_STOP_IDS:
+            raise RequestError(f"{num_stop_ids} stop token ids (EOS included); at most {MAX_STOP_IDS}")
         if request.sampling.logprobs and request.sampling.logprobs > ecfg.num_top_logprobs:
             raise RequestError(
                 f"logprobs={request.sampling.logprobs} exceeds the engine's num_top_logprobs="
@@ -175,6 +179,8 @@ class Orchestrator:
         slot_ids = np.full(b, ecfg.max_num_seqs, np.int32)
         is_last = np.zeros(b, bool)
         params, seeds = [None] * b, [0] * b
+        stop_ids = np.full((b, MAX_STOP_IDS), -1, np.int32)
+        remaining = np.zeros(b, np.int32)
         for i, c in enumerate(chunks):
             seq = c.seq
             tokens[i, : c.length] = seq.tokens_to_prefill[c.start : c.start + c.length]
@@ -182,9 +188,12 @@ class Orchestrator:
             pages = self.allocator.pages(seq.seq_id)
             table[i, : len(pages)] = pages
             params[i], seeds[i] = seq.sampling, seq.seed
+            ids = sorted(self._tracks[seq.seq_id].stop_ids)
+            stop_ids[i, : len(ids)] = ids
+            remaining[i] = seq.max_tokens - len(seq.output_ids) - 1
         out = self.engine.prefill(
             tokens=tokens, starts=starts, lens=lens, page_table=table, slot_ids=slot_ids, is_last=is_last,
-            sampling=SlotSampling.pack(params, seeds),
+            sampling=SlotSampling.pack(params, seeds), stop_ids=stop_ids, remaining=remaining,
         )
         host = {k: np.asarray(v) for k, v in out.items()}  # one device-to-host copy
         for i, c in enumerate(chunks):
@@ -199,9 +208,14 @@ class Orchestrator:
             pages = self.allocator.pages(seq.seq_id)
             table[seq.slot, : len(pages)] = pages
         out = self.engine.decode(table)
-        host = {k: np.asarray(v) for k, v in out.items()}  # one device-to-host copy
-        for seq in decoding:
-            self._accept(self._tracks[seq.seq_id], host, seq.slot)
+        host = {k: np.asarray(v) for k, v in out.items()}  # one device-to-host copy, [steps, B, ...]
+        for step in range(host["tokens"].shape[0]):
+            rows = {k: v[step] for k, v in host.items()}
+            for seq in decoding:
+                # After a host-side stop (a stop string) the device may have produced more
+                # tokens for the slot within this call: they are dropped here.
+                if seq.status == Status.RUNNING and rows["valid"][seq.slot]:
+                    self._accept(self._tracks[seq.seq_id], rows, seq.slot)
 
     # --- per-token bookkeeping -----------------------------------------------------
 

@@ -138,6 +138,17 @@ def test_preemption_recomputes_identically(model, tokenizer, alone_results):
         assert got[r.request_id]["ids"] == alone_results[r.request_id]["ids"], r.request_id
 
 
+def test_multi_step_decode_equals_single_step(model, tokenizer, alone_results):
+    """3 tokens per dispatch, stops and budgets masked on device: the same tokens."""
+    reqs = mixed_requests()
+    orc = make_orchestrator(model, tokenizer, decode_steps_per_call=3)
+    got = run(orc, reqs)
+    for r in reqs:
+        assert got[r.request_id]["ids"] == alone_results[r.request_id]["ids"], r.request_id
+        assert got[r.request_id]["finals"] == 1
+    assert orc.num_compiles_since_ready == 0
+
+
 def test_greedy_matches_model_level_decode(model, tokenizer):
     from tests.utils import greedy_batch
 
@@ -149,8 +160,9 @@ def test_greedy_matches_model_level_decode(model, tokenizer):
     assert [got["g0"]["ids"], got["g1"]["ids"]] == want
 
 
-def test_stop_conditions(model, tokenizer):
-    orc = make_orchestrator(model, tokenizer)
+@pytest.mark.parametrize("steps", [1, 3])
+def test_stop_conditions(model, tokenizer, steps):
+    orc = make_orchestrator(model, tokenizer, decode_steps_per_call=steps)
     greedy = SamplingParams(temperature=0.0)
     base = run(orc, [Request("a", [5, 6, 7], greedy, max_tokens=12, ignore_eos=True)])["a"]
     ids, text = base["ids"], base["text"]
