@@ -62,7 +62,7 @@ class _Track:
 
     request: Request
     seq: Sequence
-    detok: IncrementalDetokenizer
+    detok: IncrementalDetokenizer | None  # None without a tokenizer: token ids only
     stop_ids: frozenset[int]
     text: str = ""  # all text so far
     emitted: int = 0  # characters of `text` already returned
@@ -70,7 +70,7 @@ class _Track:
 
 
 class Orchestrator:
-    def __init__(self, engine: Engine, tokenizer: Tokenizer):
+    def __init__(self, engine: Engine, tokenizer: Tokenizer | None):
         self.engine = engine
         self.tokenizer = tokenizer
         ecfg = engine.ecfg
@@ -83,7 +83,7 @@ class Orchestrator:
             decode_steps=ecfg.decode_steps_per_call,
         )
         self._tracks: dict[str, _Track] = {}
-        self.eos_ids = frozenset(engine.cfg.eos_ids) | frozenset(tokenizer.eos_ids)
+        self.eos_ids = frozenset(engine.cfg.eos_ids) | frozenset(tokenizer.eos_ids if tokenizer else ())
         self.compiles_at_ready = compile_counter.count
 
     # --- requests ------------------------------------------------------------------
@@ -130,7 +130,7 @@ class Orchestrator:
             max_tokens=max_tokens, seed=seed, stop_token_ids=frozenset(request.stop_token_ids),
         )
         stop_ids = frozenset(request.stop_token_ids) | (frozenset() if request.ignore_eos else self.eos_ids)
-        detok = IncrementalDetokenizer(self.tokenizer, request.prompt_ids)
+        detok = IncrementalDetokenizer(self.tokenizer, request.prompt_ids) if self.tokenizer else None
         self._tracks[request.request_id] = _Track(request, seq, detok, stop_ids)
         self.scheduler.add(seq)
 
@@ -234,7 +234,8 @@ class Orchestrator:
             out.top_logprobs.append(
                 [(int(i), float(lp)) for i, lp in zip(host["top_ids"][row][:n], host["top_logprobs"][row][:n])]
             )
-        track.text += track.detok.push(token)
+        if track.detok is not None:
+            track.text += track.detok.push(token)
         if token in track.stop_ids:
             self._finish(track, "stop")
         elif self._truncate_at_stop_string(track):
@@ -268,7 +269,7 @@ class Orchestrator:
         seq = track.seq
         if seq.status != Status.FINISHED:
             slot = seq.slot
-            if flush:
+            if flush and track.detok is not None:
                 track.text += track.detok.flush()
             self.scheduler.finish(seq)
             if slot is not None:

@@ -1,0 +1,201 @@
+"""python -m runtime.bench --model=llama3.1-8b --random_weights --batch_sizes=1,8,64 [--peer=hf]
+
+Decode and prefill speed of the engine through the orchestrator loop (what generate and
+serve run), against a bandwidth roofline: the bytes a decode step must read (weights,
+minus the embedding table when the output projection is separate, plus each
+sequence's KV) over the device copy bandwidth measured in this same run. Prints a table;
+--json_out writes the numbers. Speed does not depend on weight values, so weights are
+random (made on the device).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+from absl import logging as absl_logging
+
+from runtime import flags as xflags
+
+flags.DEFINE_string("model", "llama3.1-8b", "Preset name (runtime/presets.py) or a config.json path.")
+flags.DEFINE_bool("random_weights", True, "Random weights of the model's shapes (the only mode for now).")
+flags.DEFINE_list("batch_sizes", ["1", "8", "64"], "Concurrent sequences to measure.")
+flags.DEFINE_integer("prompt_len", 512, "Prompt tokens per sequence.")
+flags.DEFINE_integer("gen_len", 128, "Generated tokens per sequence.")
+flags.DEFINE_enum("peer", "none", ["none", "hf"], "Also run transformers generate (static cache) on the same shapes.")
+flags.DEFINE_list("peer_batch_sizes", ["1"], "Batch sizes the peer runs (each costs it a compile).")
+flags.DEFINE_string("json_out", None, "Write the results here as JSON.")
+flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Parameter and KV cache dtype.")
+flags.DEFINE_integer("page_size", 16, "Tokens per KV page.")
+flags.DEFINE_integer("decode_steps_per_call", 4, "Decode steps per dispatch.")
+flags.DEFINE_enum("attention", "reference", ["reference", "pallas"], "Attention implementation.")
+FLAGS = flags.FLAGS
+
+
+def measure_copy_bandwidth(nbytes: int = 1 << 30) -> float:
+    """Bytes/s of a device elementwise pass (read + write counted), median of 20."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((nbytes // 4,), jnp.float32)
+    f = jax.jit(lambda x: x * 1.0001)
+    jax.block_until_ready(f(x))
+    times = []
+    for _ in range(20):
+        t = time.perf_counter()
+        jax.block_until_ready(f(x))
+        times.append(time.perf_counter() - t)
+    return 2 * nbytes / statistics.median(times)
+
+
+def random_model(cfg, dtype):
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from runtime.models.transformer import Transformer
+
+    @jax.jit
+    def make():
+        return nnx.split(Transformer(cfg, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(0)))[1]
+
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(cfg, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(0))))
+    return nnx.merge(graphdef, make())
+
+
+def bench_batch(model, batch: int, bandwidth: float) -> dict:
+    import jax
+    import numpy as np
+
+    from runtime.config import EngineConfig
+    from runtime.engine import Engine
+    from runtime.kv_cache import KVCache
+    from runtime.orchestrator import Orchestrator, Request
+    from runtime.sampling import SamplingParams, SlotSampling
+
+    cfg = model.cfg
+    steps = FLAGS.decode_steps_per_call
+    page = FLAGS.page_size
+    max_len = -(-(FLAGS.prompt_len + FLAGS.gen_len + steps) // page) * page
+    ecfg = EngineConfig(
+        max_num_seqs=batch, max_model_len=max_len, page_size=page, prefill_lengths=(FLAGS.prompt_len,),
+        prefill_batch_sizes=tuple(sorted({1, min(8, batch)})), decode_steps_per_call=steps, attention=FLAGS.attention, cache_dtype=FLAGS.dtype,
+    )
+    engine = Engine(model, ecfg, num_pages=batch * ecfg.max_pages_per_seq)
+    t = time.perf_counter()
+    engine.warmup()
+    compile_s = time.perf_counter() - t
+
+    # Prefill alone: one prompt per call, on scratch rows (no slot is filled).
+    rng = np.random.default_rng(0)
+    args = dict(
+        tokens=rng.integers(1, min(1000, cfg.vocab_size), (1, FLAGS.prompt_len)).astype(np.int32), starts=np.zeros(1, np.int32),
+        lens=np.full(1, FLAGS.prompt_len, np.int32),
+        page_table=np.arange(ecfg.max_pages_per_seq, dtype=np.int32)[None],
+        slot_ids=np.full(1, batch, np.int32), is_last=np.ones(1, bool),
+        sampling=SlotSampling.pack([None], [0]), stop_ids=np.full((1, 16), -1, np.int32),
+        remaining=np.zeros(1, np.int32),
+    )
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        jax.block_until_ready(engine.prefill(**args))
+        times.append(time.perf_counter() - t)
+    prefill_s = statistics.median(times)
+
+    orc = Orchestrator(engine, None)
+    submit = time.perf_counter()
+    for i in range(batch):
+        prompt = rng.integers(1, min(1000, cfg.vocab_size), FLAGS.prompt_len).tolist()
+        orc.add_request(Request(str(i), prompt, SamplingParams(temperature=0.0), max_tokens=FLAGS.gen_len,
+                                ignore_eos=True))
+    first_token, steady = {}, []
+    while orc.has_work():
+        decoding_before = sum(1 for s in orc.scheduler.running.values() if s.status.value == "running")
+        t = time.perf_counter()
+        outs = orc.step()
+        dt = time.perf_counter() - t
+        now = time.perf_counter()
+        produced = 0
+        for o in outs:
+            first_token.setdefault(o.request_id, now - submit)
+            produced += len(o.token_ids)
+        if decoding_before == batch and not any(o.finished for o in outs):
+            steady.append((dt, produced))
+    assert orc.num_compiles_since_ready == 0, "the benchmark compiled after warm-up"
+    step_s = sum(d for d, _ in steady)
+    tokens = sum(n for _, n in steady)
+    agg = tokens / step_s if step_s else float("nan")
+
+    # Roofline for one decode step of `batch` sequences at the window's mean context.
+    param_bytes = sum(x.nbytes for x in jax.tree.leaves(model))
+    if not cfg.tie_embeddings:
+        param_bytes -= model.embedding.get_value().nbytes  # only B rows of it are read
+    ctx = FLAGS.prompt_len + FLAGS.gen_len / 2
+    kv_bytes = batch * ctx * KVCache.bytes_per_token(cfg, np.dtype(FLAGS.dtype) if FLAGS.dtype != "bfloat16" else jax.numpy.bfloat16)
+    floor_s = (param_bytes + kv_bytes) / bandwidth
+    per_step_s = batch / agg if agg == agg else float("nan")
+    ttft = sorted(first_token.values())
+    return dict(
+        batch=batch, compile_s=compile_s, prefill_tok_s=FLAGS.prompt_len / prefill_s,
+        ttft_mean_s=statistics.mean(ttft), ttft_p50_s=statistics.median(ttft),
+        decode_tok_s=agg, decode_tok_s_per_seq=agg / batch, step_ms=per_step_s * 1e3,
+        roofline_step_ms=floor_s * 1e3, roofline_frac=floor_s / per_step_s,
+        hbm_tb_s=(param_bytes + kv_bytes) / per_step_s / 1e12,
+    )
+
+
+def main(argv):
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    from runtime.presets import preset_config, preset_hf_config
+
+    try:
+        hf_config = preset_hf_config(FLAGS.model)
+        cfg = preset_config(FLAGS.model)
+        batches = [int(b) for b in FLAGS.batch_sizes]
+    except ValueError as e:
+        xflags.usage_error(str(e))
+    peer = {}
+    if FLAGS.peer == "hf":  # before JAX claims the device memory
+        args = dict(hf_config=hf_config, batch_sizes=[int(b) for b in FLAGS.peer_batch_sizes], prompt_len=FLAGS.prompt_len, gen_len=FLAGS.gen_len,
+                    dtype=FLAGS.dtype)
+        proc = subprocess.run([sys.executable, "-m", "runtime.bench_peer", json.dumps(args)], capture_output=True,
+                              text=True, env={**os.environ, "CUDA_MODULE_LOADING": "LAZY"})
+        if proc.returncode:
+            print(f"peer failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+        else:
+            peer = {r["batch"]: r for r in json.loads(proc.stdout.strip().splitlines()[-1])}
+    import jax
+
+    bandwidth = measure_copy_bandwidth()
+    model = random_model(cfg, FLAGS.dtype)
+    device = jax.devices()[0].device_kind
+    rows = [bench_batch(model, b, bandwidth) for b in batches]
+    print(f"\n{FLAGS.model} ({cfg.num_params() / 1e9:.2f}B params, {FLAGS.dtype}) on {device}, "
+          f"jax {jax.__version__}, prompt {FLAGS.prompt_len}, gen {FLAGS.gen_len}, "
+          f"{FLAGS.decode_steps_per_call} steps/call, attention={FLAGS.attention}, "
+          f"copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+    head = ("batch", "decode tok/s", "per seq", "step ms", "roofline ms", "% roofline", "HBM TB/s",
+            "prefill tok/s", "TTFT mean s", "HF tok/s", "vs HF")
+    print(" | ".join(head))
+    print(" | ".join("---" for _ in head))
+    for r in rows:
+        p = peer.get(r["batch"])
+        print(" | ".join([
+            str(r["batch"]), f"{r['decode_tok_s']:.1f}", f"{r['decode_tok_s_per_seq']:.1f}", f"{r['step_ms']:.2f}",
+            f"{r['roofline_step_ms']:.2f}", f"{100 * r['roofline_frac']:.1f}%", f"{r['hbm_tb_s']:.2f}",
+            f"{r['prefill_tok_s']:.0f}", f"{r['ttft_mean_s']:.3f}",
+            f"{p['decode_tok_s']:.1f}" if p else "-", f"{r['decode_tok_s'] / p['decode_tok_s']:.2f}x" if p else "-",
+        ]))
+    if FLAGS.json_out:
+        with open(FLAGS.json_out, "w") as f:
+            json.dump(dict(model=FLAGS.model, device=device, bandwidth=bandwidth, rows=rows, peer=peer), f, indent=1)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=xflags.parse_flags)
