@@ -1,0 +1,49 @@
+"""KV cache sizing at start-up: from the memory fraction, from --num_pages, and failing fast."""
+
+from __future__ import annotations
+
+import pytest
+
+from runtime.config import EngineConfig, ModelConfig
+from runtime.kv_cache import KVCache
+from runtime.startup import CapacityError, activation_reserve, plan_capacity
+
+GiB = 1 << 30
+CFG = ModelConfig.from_hf(dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                               num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8))
+
+
+class FakeDevice:
+    def __init__(self, limit):
+        self.limit = limit
+
+    def memory_stats(self):
+        return None if self.limit is None else {"bytes_limit": self.limit, "bytes_in_use": 0}
+
+
+def test_pages_from_memory_fraction():
+    ecfg = EngineConfig(max_num_seqs=8, max_model_len=4096, kv_cache_memory_fraction=0.9, page_size=16)
+    cap = plan_capacity(CFG, ecfg, param_bytes=16 * GiB, device=FakeDevice(80 * GiB))
+    page_bytes = KVCache.bytes_per_token(CFG, "bfloat16") * 16
+    assert cap.page_bytes == page_bytes == 2 * 32 * 8 * 128 * 2 * 16
+    expect = (int(0.9 * 80 * GiB) - 16 * GiB - activation_reserve(CFG, ecfg)) // page_bytes
+    assert cap.num_pages == expect
+    assert cap.max_full_length_seqs == expect // 256
+    assert "pages x 16 tokens" in cap.describe(4096)
+
+
+def test_explicit_pages_that_do_not_fit_fail_with_the_numbers():
+    ecfg = EngineConfig(max_model_len=4096, num_pages=100_000)
+    with pytest.raises(CapacityError, match=r"exceed the device's 80.00 GiB; lower --num_pages"):
+        plan_capacity(CFG, ecfg, param_bytes=16 * GiB, device=FakeDevice(80 * GiB))
+
+
+def test_weights_that_leave_no_room_for_one_sequence_fail_fast():
+    ecfg = EngineConfig(max_model_len=32768)
+    with pytest.raises(CapacityError, match=r"one sequence of max_model_len=32768 needs 2048"):
+        plan_capacity(CFG, ecfg, param_bytes=70 * GiB, device=FakeDevice(80 * GiB))
+
+
+def test_cpu_without_memory_stats_gets_every_slot_at_full_length():
+    ecfg = EngineConfig(max_num_seqs=4, max_model_len=256, page_size=16)
+    assert plan_capacity(CFG, ecfg, param_bytes=GiB, device=FakeDevice(None)).num_pages == 4 * 16
