@@ -55,8 +55,18 @@ def converted(request, tmp_path_factory):
     return dict(name=request.param, model=model, tokenizer=load_tokenizer(out), hf=hf.eval(), hf_tok=hf_tok)
 
 
+_HF_GREEDY: dict = {}
+
+
 def _hf_greedy(hf, ids, steps):
     """transformers' greedy decode without EOS stopping (we compare raw argmax streams)."""
+    key = (id(hf), tuple(ids), steps)
+    if key not in _HF_GREEDY:
+        _HF_GREEDY[key] = _hf_generate(hf, ids, steps)
+    return _HF_GREEDY[key]
+
+
+def _hf_generate(hf, ids, steps):
     with torch.no_grad():
         out = hf.generate(
             torch.tensor([ids]), max_new_tokens=steps, do_sample=False, eos_token_id=None,
