@@ -10,6 +10,7 @@ random (made on the device).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
@@ -29,6 +30,7 @@ flags.DEFINE_integer("prompt_len", 512, "Prompt tokens per sequence.")
 flags.DEFINE_integer("gen_len", 128, "Generated tokens per sequence.")
 flags.DEFINE_enum("peer", "none", ["none", "hf"], "Also run transformers generate (static cache) on the same shapes.")
 flags.DEFINE_list("peer_batch_sizes", ["1"], "Batch sizes the peer runs (each costs it a compile).")
+flags.DEFINE_integer("peer_timeout_s", 300, "Give up on the peer after this long.")
 flags.DEFINE_string("json_out", None, "Write the results here as JSON.")
 flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Parameter and KV cache dtype.")
 flags.DEFINE_integer("page_size", 16, "Tokens per KV page.")
@@ -54,18 +56,28 @@ def measure_copy_bandwidth(nbytes: int = 1 << 30) -> float:
 
 
 def random_model(cfg, dtype):
+    """The model with random weights made on the device, one small program per shape
+    (one jitted init of the whole model compiles for minutes at 8B)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
-    from runtime.models.transformer import Transformer
+    from runtime.models.transformer import abstract_model
 
-    @jax.jit
-    def make():
-        return nnx.split(Transformer(cfg, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(0)))[1]
+    graphdef, state = nnx.split(abstract_model(cfg, jnp.dtype(dtype)))
+    @functools.lru_cache(maxsize=None)
+    def maker(shape, dtype):
+        return jax.jit(lambda key: (jax.random.normal(key, shape, jnp.float32) * 0.02).astype(dtype))
 
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(cfg, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(0))))
-    return nnx.merge(graphdef, make())
+    flat = nnx.to_flat_state(state)
+    for i, (path, var) in enumerate(flat):
+        like = var.get_value()
+        if path[-1] == "scale":  # norms: 1 (0 in the 1 + w form) keeps activations sane
+            value = jnp.full(like.shape, 0.0 if cfg.norm_plus_one else 1.0, like.dtype)
+        else:
+            value = maker(like.shape, like.dtype)(jax.random.key(i))
+        var.set_value(value)
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
 def bench_batch(model, batch: int, bandwidth: float) -> dict:
@@ -164,18 +176,30 @@ def main(argv):
     if FLAGS.peer == "hf":  # before JAX claims the device memory
         args = dict(hf_config=hf_config, batch_sizes=[int(b) for b in FLAGS.peer_batch_sizes], prompt_len=FLAGS.prompt_len, gen_len=FLAGS.gen_len,
                     dtype=FLAGS.dtype)
-        proc = subprocess.run([sys.executable, "-m", "runtime.bench_peer", json.dumps(args)], capture_output=True,
-                              text=True, env={**os.environ, "CUDA_MODULE_LOADING": "LAZY"})
+        t = time.perf_counter()
+        try:
+            proc = subprocess.run([sys.executable, "-m", "runtime.bench_peer", json.dumps(args)], capture_output=True,
+                                  text=True, env={**os.environ, "CUDA_MODULE_LOADING": "LAZY"},
+                                  timeout=FLAGS.peer_timeout_s)
+        except subprocess.TimeoutExpired:
+            proc = subprocess.CompletedProcess([], 1, "", f"timed out after {FLAGS.peer_timeout_s} s")
+        print(f"peer: {time.perf_counter() - t:.0f} s", flush=True)
         if proc.returncode:
             print(f"peer failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
         else:
             peer = {r["batch"]: r for r in json.loads(proc.stdout.strip().splitlines()[-1])}
     import jax
 
+    t = time.perf_counter()
     bandwidth = measure_copy_bandwidth()
     model = random_model(cfg, FLAGS.dtype)
+    jax.block_until_ready(model)
+    print(f"bandwidth {bandwidth / 1e12:.2f} TB/s; random weights in {time.perf_counter() - t:.0f} s", flush=True)
     device = jax.devices()[0].device_kind
-    rows = [bench_batch(model, b, bandwidth) for b in batches]
+    rows = []
+    for b in batches:
+        rows.append(bench_batch(model, b, bandwidth))
+        print(json.dumps(rows[-1]), flush=True)
     print(f"\n{FLAGS.model} ({cfg.num_params() / 1e9:.2f}B params, {FLAGS.dtype}) on {device}, "
           f"jax {jax.__version__}, prompt {FLAGS.prompt_len}, gen {FLAGS.gen_len}, "
           f"{FLAGS.decode_steps_per_call} steps/call, attention={FLAGS.attention}, "
