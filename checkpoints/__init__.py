@@ -1,0 +1,57 @@
+"""Checkpoints: convert HF / GGUF sources to xlserve checkpoints, and load them.
+
+    cfg, model = checkpoints.load("/ckpt/gemma3-270m", dtype="bfloat16", mesh=mesh)
+    checkpoints.convert("model.gguf", "/ckpt/gemma3-270m", "bfloat16")
+
+Note: `import checkpoints.convert` (the CLI module) rebinds the package attribute
+`convert` to that module; library code should call `checkpoints.converter.convert`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from jax.sharding import Mesh
+
+from checkpoints import orbax_io
+from checkpoints.converter import CONFIG_FILE, PARAMS_DIR, convert, read_manifest
+from checkpoints.errors import CheckpointError
+from checkpoints.mapping import expected_params
+from runtime.config import ModelConfig
+from runtime.models.transformer import Transformer
+
+__all__ = ["CheckpointError", "convert", "load"]
+
+
+def load(
+    directory: str | os.PathLike,
+    *,
+    dtype=None,
+    mesh: Mesh | None = None,
+    rules: Mapping[str, str | None] | None = None,
+) -> tuple[ModelConfig, Transformer]:
+    """Restores a converted checkpoint: its config and the model with its parameters.
+
+    dtype: parameter dtype (None: as stored). mesh/rules: shard each parameter by its
+    logical axes (sharding.rules); without a mesh parameters land on the first device.
+    """
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    try:
+        cfg = ModelConfig.from_json((directory / CONFIG_FILE).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{directory / CONFIG_FILE} is missing; convert the source again") from None
+    except (ValueError, TypeError, KeyError) as e:  # JSON, ConfigError, unknown/missing fields
+        raise CheckpointError(f"{directory / CONFIG_FILE} is not a readable model config: {e}") from None
+    stored = manifest.get("params", {})
+    for path, want in expected_params(cfg).items():
+        got = stored.get(orbax_io.path_key(path))
+        if got is None or tuple(got) != want.shape:
+            raise CheckpointError(
+                f"{directory}: parameter {orbax_io.path_key(path)} is stored with shape {got}, "
+                f"but {CONFIG_FILE} needs {list(want.shape)}; convert the source again"
+            )
+    model = orbax_io.restore_model(directory / PARAMS_DIR, cfg, dtype or manifest["dtype"], mesh=mesh, rules=rules)
+    return cfg, model

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from checkpoints.errors import CheckpointError
 from runtime.config import ModelConfig
 from runtime.models.transformer import Transformer, abstract_model
 
@@ -26,8 +27,8 @@ _PREFIXES = ("model.language_model.", "language_model.model.", "model.")
 _LAYER = re.compile(r"layers\.(\d+)\.(.+)")
 
 
-class MappingError(ValueError):
-    pass
+class MappingError(CheckpointError):
+    """A checkpoint tensor that does not fit the config (name, shape or a missing tensor)."""
 
 
 def _linear_in(out_shape: tuple[int, ...]) -> Transform:

@@ -1,0 +1,231 @@
+"""HF directory or GGUF file -> xlserve checkpoint directory, streaming tensor by tensor.
+
+A converted checkpoint directory holds:
+
+    params/              Orbax PyTree checkpoint of the parameters (checkpoints.orbax_io)
+    model_config.json    ModelConfig.to_json()
+    manifest.json        format version, source, dtype, xlserve version, parameter shapes
+    tokenizer files      whatever runtime.tokenizer's `save` writes (absent if the source has none)
+
+Everything is written into a temporary sibling directory that is renamed into place at
+the end, so a failed conversion leaves nothing at the output path and never clobbers
+an existing checkpoint (unless `overwrite`).
+
+Peak host memory is about one copy of the parameters in the output dtype: each tensor
+is cast as it arrives (GGUF tensors are dequantized in row chunks straight into the
+output dtype), and Orbax writes the arrays without copying them (orbax_io).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import logging
+import os
+import shutil
+import time
+import tomllib
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from checkpoints import gguf as gguf_io
+from checkpoints import hf as hf_io
+from checkpoints import orbax_io
+from checkpoints.errors import CheckpointError
+from checkpoints.mapping import convert_tensors, hf_name_to_path
+from runtime.config import ConfigError, ModelConfig
+
+log = logging.getLogger(__name__)
+
+FORMAT = "xlserve-checkpoint"
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+CONFIG_FILE = "model_config.json"
+PARAMS_DIR = "params"
+OUTPUT_DTYPES = ("bfloat16", "float32", "float16")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """A checkpoint to convert, opened and checked, nothing read beyond its metadata."""
+
+    kind: str  # "hf" or "gguf"
+    path: Path
+    config: ModelConfig
+    # (HF name, array in HF layout and the given dtype), one tensor at a time.
+    tensors: Callable[[np.dtype], Iterator[tuple[str, np.ndarray]]]
+    # The tokenizer, or None when the source has none (e.g. a directory of bare weights).
+    tokenizer: Callable[[], Any]
+
+
+def _config_from_hf(hf: dict[str, Any], path: Path) -> ModelConfig:
+    try:
+        return ModelConfig.from_hf(hf)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def open_source(path: str | os.PathLike) -> Source:
+    """Opens a Hugging Face model directory or a .gguf file; fails early on anything broken."""
+    path = Path(path)
+    if path.is_dir():
+        hf = hf_io.read_config(path)
+        cfg = _config_from_hf(hf, path)
+        # Every header is checked here, before any tensor is read or anything is written.
+        stream = hf_io.read_tensors(path, wanted=lambda name: hf_name_to_path(cfg, name) is not None)
+
+        def tensors(dtype):
+            for name, array in stream:
+                yield name, np.array(array, dtype)  # a copy: the file's pages are not kept
+
+        def tokenizer():
+            if not any((path / f).is_file() for f in _TOKENIZER_FILES):
+                return None
+            from runtime.tokenizer import Tokenizer
+
+            return Tokenizer.from_dir(path)
+
+        return Source("hf", path, cfg, tensors, tokenizer)
+
+    if path.is_file():
+        gf = gguf_io.open_gguf(path)
+        hf = gguf_io.hf_config(gf)
+        gguf_io.check_tensors(gf)
+        cfg = _config_from_hf(hf, path)
+
+        def tokenizer():
+            if "tokenizer.ggml.model" not in gf.fields:
+                return None
+            from runtime.tokenizer import Tokenizer
+
+            return Tokenizer.from_gguf(path)
+
+        return Source("gguf", path, cfg, lambda dtype: gguf_io.read_tensors(gf, hf, dtype), tokenizer)
+
+    raise CheckpointError(
+        f"{path} does not exist: expected a Hugging Face model directory (config.json + safetensors) or a .gguf file"
+    )
+
+
+def output_dtype(dtype) -> np.dtype:
+    """numpy dtype for 'bfloat16' / 'float32' / 'float16' (or the dtype objects)."""
+    try:
+        dt = np.dtype(jnp.dtype(dtype))
+    except TypeError:
+        dt = None
+    if dt is None or dt.name not in OUTPUT_DTYPES:
+        raise CheckpointError(f"dtype {dtype!r} is not supported; choose from {', '.join(OUTPUT_DTYPES)}")
+    return dt
+
+
+def xlserve_version() -> str:
+    try:
+        return importlib.metadata.version("xlserve")
+    except importlib.metadata.PackageNotFoundError:  # running from a source checkout
+        pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+        try:
+            return tomllib.loads(pyproject.read_text())["project"]["version"] + "+source"
+        except (OSError, KeyError, tomllib.TOMLDecodeError):
+            return "unknown"
+
+
+def _check_output(output: Path, overwrite: bool) -> None:
+    if output.exists() and not output.is_dir():
+        raise CheckpointError(f"output {output} exists and is not a directory")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise CheckpointError(f"output {output} exists and is not empty; remove it or pass overwrite (--overwrite)")
+
+
+def _move_into_place(tmp: Path, output: Path, overwrite: bool) -> None:
+    _check_output(output, overwrite)  # again: something may have appeared meanwhile
+    if not output.exists():
+        os.rename(tmp, output)
+        return
+    old = output.with_name(f".{output.name}.old-{os.getpid()}")
+    os.rename(output, old)
+    try:
+        os.rename(tmp, output)
+    except OSError:
+        os.rename(old, output)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_manifest(directory: Path, source: Source, dtype: np.dtype, params: dict) -> None:
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "xlserve_version": xlserve_version(),
+        "source": str(source.path.absolute()),
+        "source_kind": source.kind,
+        "dtype": dtype.name,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "num_params": int(sum(a.size for a in params.values())),
+        "tokenizer": (directory / "tokenizer_config.json").is_file(),
+        "params": {orbax_io.path_key(p): list(a.shape) for p, a in params.items()},
+    }
+    (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
+
+
+def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
+    path = Path(directory) / MANIFEST_FILE
+    if not path.is_file():
+        raise CheckpointError(
+            f"{directory} is not an xlserve checkpoint (no {MANIFEST_FILE}); "
+            "convert it with: python -m checkpoints.convert --source=PATH --output=DIR"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is corrupt: {e}") from None
+    if manifest.get("format") != FORMAT or manifest.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: format {manifest.get('format')!r} version {manifest.get('format_version')} is not "
+            f"readable by this xlserve ({FORMAT} up to version {FORMAT_VERSION}); convert the source again"
+        )
+    return manifest
+
+
+def convert(source: str | os.PathLike, output: str | os.PathLike, dtype="bfloat16", *, overwrite: bool = False) -> Path:
+    """Converts a HF model directory or .gguf file into an xlserve checkpoint at `output`.
+
+    Raises CheckpointError (or ConfigError for a model xlserve cannot run); on any error
+    nothing is left at `output` and an existing checkpoint there is untouched.
+    """
+    dt = output_dtype(dtype)
+    output = Path(output).absolute()
+    _check_output(output, overwrite)
+    src = open_source(source)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()  # honours the umask, unlike tempfile.mkdtemp's 0700
+    try:
+        try:
+            tokenizer = src.tokenizer()
+        except (ValueError, FileNotFoundError) as e:
+            raise CheckpointError(f"{src.path}: cannot read the tokenizer: {e}") from None
+        has_tokenizer = tokenizer is not None
+        if has_tokenizer:
+            tokenizer.save(tmp)
+        del tokenizer  # its memory (a 262k-entry vocabulary) is not needed for the weights
+        params = {}
+        for path, array in convert_tensors(src.config, src.tensors(dt)):
+            params[path] = array.astype(dt, copy=False)
+        orbax_io.save_params(tmp / PARAMS_DIR, params)
+        (tmp / CONFIG_FILE).write_text(src.config.to_json() + "\n")
+        write_manifest(tmp, src, dt, params)
+        del params
+        _move_into_place(tmp, output, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if not has_tokenizer:  # warned only now: a failed conversion prints its error alone
+        log.warning("%s has no tokenizer; the checkpoint at %s has none either", src.path, output)
+    return output
