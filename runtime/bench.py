@@ -101,7 +101,7 @@ def bench_batch(model, batch: int, bandwidth: float) -> dict:
     max_len = -(-(FLAGS.prompt_len + FLAGS.gen_len + steps) // page) * page
     ecfg = EngineConfig(
         max_num_seqs=batch, max_model_len=max_len, page_size=page, prefill_lengths=(FLAGS.prompt_len,),
-        prefill_batch_sizes=tuple(sorted({1, min(8, batch)})), decode_steps_per_call=steps, attention=FLAGS.attention, cache_dtype=FLAGS.dtype,
+        prefill_batch_sizes=tuple(sorted({1, min(8, batch), batch})), decode_steps_per_call=steps, attention=FLAGS.attention, cache_dtype=FLAGS.dtype,
     )
     engine = Engine(model, ecfg, num_pages=batch * ecfg.max_pages_per_seq)
     t = time.perf_counter()
@@ -145,6 +145,22 @@ def bench_batch(model, batch: int, bandwidth: float) -> dict:
         if decoding_before == batch and not any(o.finished for o in outs):
             steady.append((dt, produced))
     assert orc.num_compiles_since_ready == 0, "the benchmark compiled after warm-up"
+
+    # Where a decode call's time goes: device throughput (calls queued back to back),
+    # a call synced on its tokens (adds dispatch and transfer), and the orchestrator's
+    # whole step (adds scheduling and per-token bookkeeping). Slots are idle now, which
+    # computes the same as active ones.
+    table = np.zeros((batch, ecfg.max_pages_per_seq), np.int32)
+    jax.block_until_ready(engine.decode(table))
+    t = time.perf_counter()
+    for _ in range(10):
+        out = engine.decode(table)
+    jax.block_until_ready(out)
+    call_async_s = (time.perf_counter() - t) / 10
+    t = time.perf_counter()
+    for _ in range(10):
+        np.asarray(engine.decode(table)["tokens"])
+    call_sync_s = (time.perf_counter() - t) / 10
     step_s = sum(d for d, _ in steady)
     tokens = sum(n for _, n in steady)
     agg = tokens / step_s if step_s else float("nan")
@@ -164,6 +180,8 @@ def bench_batch(model, batch: int, bandwidth: float) -> dict:
         decode_tok_s=agg, decode_tok_s_per_seq=agg / batch, step_ms=per_step_s * 1e3,
         roofline_step_ms=floor_s * 1e3, roofline_frac=floor_s / per_step_s,
         hbm_tb_s=(param_bytes + kv_bytes) / per_step_s / 1e12,
+        call_device_ms=call_async_s * 1e3, call_synced_ms=call_sync_s * 1e3,
+        call_orchestrated_ms=per_step_s * steps * 1e3,
     )
 
 
@@ -210,7 +228,7 @@ def main(argv):
           f"{FLAGS.decode_steps_per_call} steps/call, attention={FLAGS.attention}, "
           f"copy bandwidth {bandwidth / 1e12:.2f} TB/s")
     head = ("batch", "decode tok/s", "per seq", "step ms", "roofline ms", "% roofline", "HBM TB/s",
-            "prefill tok/s", "TTFT mean s", "HF tok/s", "vs HF")
+            "prefill tok/s", "TTFT mean s", "HF tok/s", "vs HF", "call ms: device/synced/loop")
     print(" | ".join(head))
     print(" | ".join("---" for _ in head))
     for r in rows:
@@ -220,6 +238,7 @@ def main(argv):
             f"{r['roofline_step_ms']:.2f}", f"{100 * r['roofline_frac']:.1f}%", f"{r['hbm_tb_s']:.2f}",
             f"{r['prefill_tok_s']:.0f}", f"{r['ttft_mean_s']:.3f}",
             f"{p['decode_tok_s']:.1f}" if p else "-", f"{r['decode_tok_s'] / p['decode_tok_s']:.2f}x" if p else "-",
+            f"{r['call_device_ms']:.2f}/{r['call_synced_ms']:.2f}/{r['call_orchestrated_ms']:.2f}",
         ]))
     if FLAGS.json_out:
         with open(FLAGS.json_out, "w") as f:

@@ -69,8 +69,24 @@ class _Track:
     pending: RequestOutput | None = None
 
 
+@dataclasses.dataclass
+class _InFlight:
+    """Calls dispatched in one step whose results the host has not read yet."""
+
+    prefill: list[PrefillChunk] = dataclasses.field(default_factory=list)
+    prefill_out: dict | None = None
+    decoding: list[Sequence] = dataclasses.field(default_factory=list)
+    decode_out: dict | None = None
+
+
+def _start_copy(out: dict) -> None:
+    """Starts the device-to-host copies now, so reading them later does not wait twice."""
+    for v in out.values():
+        v.copy_to_host_async()
+
+
 class Orchestrator:
-    def __init__(self, engine: Engine, tokenizer: Tokenizer | None):
+    def __init__(self, engine: Engine, tokenizer: Tokenizer | None, *, pipeline: bool = True):
         self.engine = engine
         self.tokenizer = tokenizer
         ecfg = engine.ecfg
@@ -83,6 +99,8 @@ class Orchestrator:
             decode_steps=ecfg.decode_steps_per_call,
         )
         self._tracks: dict[str, _Track] = {}
+        self.pipeline = pipeline
+        self._inflight: _InFlight | None = None  # the last dispatched calls, results not yet read
         self.eos_ids = frozenset(engine.cfg.eos_ids) | frozenset(tokenizer.eos_ids if tokenizer else ())
         self.compiles_at_ready = compile_counter.count
 
@@ -143,7 +161,7 @@ class Orchestrator:
         return True
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._inflight is not None
 
     @property
     def num_compiles_since_ready(self) -> int:
@@ -152,14 +170,27 @@ class Orchestrator:
     # --- the loop ------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        plan = self.scheduler.schedule()
+        """Dispatches this step's prefill and decode calls, then turns the previous
+        step's results into outputs while the device works on this one (with
+        `pipeline=False`, this step's own results, at the cost of idling the device
+        during host work). A request's outputs therefore arrive one step late."""
+        plan = self.scheduler.schedule(can_preempt=self._inflight is None)
+        if plan is None:  # pages are short: preempting needs every token known, so drain first
+            self._collect()
+            plan = self.scheduler.schedule(can_preempt=True)
         for slot in plan.released_slots:
             self.engine.release(slot)  # preempted: its tokens are kept and recomputed later
+        record = _InFlight()
         if plan.prefill:
-            self._run_prefill(plan.prefill)
+            record.prefill, record.prefill_out = plan.prefill, self._dispatch_prefill(plan.prefill)
         decoding = [s for s in self.scheduler.running.values() if s.status == Status.RUNNING]
         if decoding:
-            self._run_decode(decoding)
+            record.decoding, record.decode_out = decoding, self._dispatch_decode(decoding)
+        previous, self._inflight = self._inflight, (record if record.prefill or record.decoding else None)
+        if previous is not None:
+            self._process(previous)
+        if not self.pipeline:
+            self._collect()
         outputs = []
         for track in list(self._tracks.values()):
             if track.pending is not None:
@@ -169,7 +200,13 @@ class Orchestrator:
                     del self._tracks[track.request.request_id]
         return outputs
 
-    def _run_prefill(self, chunks: list[PrefillChunk]) -> None:
+    def _collect(self) -> None:
+        """Waits for the call in flight and processes its results."""
+        previous, self._inflight = self._inflight, None
+        if previous is not None:
+            self._process(previous)
+
+    def _dispatch_prefill(self, chunks: list[PrefillChunk]) -> dict:
         ecfg = self.engine.ecfg
         b, t = self.engine.prefill_shape(len(chunks), max(c.length for c in chunks))
         tokens = np.zeros((b, t), np.int32)
@@ -195,27 +232,45 @@ class Orchestrator:
             tokens=tokens, starts=starts, lens=lens, page_table=table, slot_ids=slot_ids, is_last=is_last,
             sampling=SlotSampling.pack(params, seeds), stop_ids=stop_ids, remaining=remaining,
         )
-        host = {k: np.asarray(v) for k, v in out.items()}  # one device-to-host copy
-        for i, c in enumerate(chunks):
-            self.scheduler.prefill_done(c)
+        for c in chunks:
+            self.scheduler.prefill_done(c)  # in the cache once dispatched: the device runs calls in order
             if c.is_last:
-                self._accept(self._tracks[c.seq.seq_id], host, i)
+                c.seq.num_inflight += 1
+        _start_copy(out)
+        return out
 
-    def _run_decode(self, decoding: list[Sequence]) -> None:
+    def _dispatch_decode(self, decoding: list[Sequence]) -> dict:
         ecfg = self.engine.ecfg
         table = np.zeros((ecfg.max_num_seqs, ecfg.max_pages_per_seq), np.int32)
         for seq in self.scheduler.running.values():
             pages = self.allocator.pages(seq.seq_id)
             table[seq.slot, : len(pages)] = pages
         out = self.engine.decode(table)
-        host = {k: np.asarray(v) for k, v in out.items()}  # one device-to-host copy, [steps, B, ...]
-        for step in range(host["tokens"].shape[0]):
-            rows = {k: v[step] for k, v in host.items()}
-            for seq in decoding:
-                # After a host-side stop (a stop string) the device may have produced more
-                # tokens for the slot within this call: they are dropped here.
-                if seq.status == Status.RUNNING and rows["valid"][seq.slot]:
-                    self._accept(self._tracks[seq.seq_id], rows, seq.slot)
+        for seq in decoding:
+            seq.num_inflight += ecfg.decode_steps_per_call
+        _start_copy(out)
+        return out
+
+    def _process(self, record: "_InFlight") -> None:
+        """Host side of a finished call: accept tokens of sequences still running."""
+        if record.prefill:
+            host = {k: np.asarray(v) for k, v in record.prefill_out.items()}
+            for i, c in enumerate(record.prefill):
+                if c.is_last:
+                    c.seq.num_inflight -= 1
+                    if c.seq.status == Status.RUNNING:
+                        self._accept(self._tracks[c.seq.seq_id], host, i)
+        if record.decoding:
+            host = {k: np.asarray(v) for k, v in record.decode_out.items()}  # [steps, B, ...]
+            for seq in record.decoding:
+                seq.num_inflight -= host["tokens"].shape[0]
+            for step in range(host["tokens"].shape[0]):
+                rows = {k: v[step] for k, v in host.items()}
+                for seq in record.decoding:
+                    # A sequence that ended meanwhile (host-side stop string, abort) may
+                    # have more tokens from the device: they are dropped here.
+                    if seq.status == Status.RUNNING and rows["valid"][seq.slot]:
+                        self._accept(self._tracks[seq.seq_id], rows, seq.slot)
 
     # --- per-token bookkeeping -----------------------------------------------------
 

@@ -44,12 +44,17 @@ class Sequence:
     status: Status = Status.WAITING
     slot: int | None = None
     num_cached: int = 0  # tokens of `tokens_to_prefill` already in the cache
+    num_inflight: int = 0  # tokens dispatched to the device that the host has not read yet
     num_preemptions: int = 0
     arrival_order: int = 0
 
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
+
+    def token_cap(self, n: int) -> int:
+        """A sequence never holds more than prompt + max_tokens tokens: pages beyond are waste."""
+        return min(n, len(self.prompt_ids) + self.max_tokens)
 
     @property
     def tokens_to_prefill(self) -> list[int]:
@@ -123,6 +128,7 @@ class Scheduler:
     # --- the plan ------------------------------------------------------------------
 
     def _preempt(self, seq: Sequence) -> None:
+        assert seq.num_inflight == 0, "preempting a sequence whose tokens are still in flight"
         del self.running[seq.slot]
         self.allocator.free(seq.seq_id)
         seq.slot = None
@@ -132,7 +138,9 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
-    def schedule(self) -> Plan:
+    def schedule(self, *, can_preempt: bool = True) -> Plan | None:
+        """The next step's plan; None when pages are short and `can_preempt` is False
+        (the caller first reads every token in flight, then asks again)."""
         preempted: list[Sequence] = []
         released: list[int] = []
         # 1. Pages for decoding sequences; preempt the newest while they do not fit.
@@ -140,7 +148,7 @@ class Scheduler:
             (s for s in self.running.values() if s.status == Status.RUNNING), key=lambda s: s.arrival_order
         )
         while decoding:
-            need = {s: s.num_tokens - 1 + self.decode_steps for s in decoding}
+            need = {s: s.token_cap(s.num_tokens + s.num_inflight - 1 + self.decode_steps) for s in decoding}
             short = sum(
                 max(0, self.allocator.pages_for(n) - len(self.allocator.pages(s.seq_id))) for s, n in need.items()
             )
@@ -148,6 +156,8 @@ class Scheduler:
                 for s, n in need.items():
                     self.allocator.grow(s.seq_id, n)
                 break
+            if not can_preempt:
+                return None
             victim = decoding.pop()
             released.append(victim.slot)
             self._preempt(victim)
@@ -165,10 +175,11 @@ class Scheduler:
             seq = self.waiting[0]
             # Pages for the whole prompt and the first decode token, reserved up front so
             # a prompt never stalls half-prefilled for lack of pages.
-            if not self.allocator.can_grow(seq.seq_id, len(seq.tokens_to_prefill) + self.decode_steps):
+            reserve = seq.token_cap(len(seq.tokens_to_prefill) + self.decode_steps)
+            if not self.allocator.can_grow(seq.seq_id, reserve):
                 break
             self.waiting.popleft()
-            self.allocator.grow(seq.seq_id, len(seq.tokens_to_prefill) + self.decode_steps)
+            self.allocator.grow(seq.seq_id, reserve)
             seq.slot = free_slots.pop(0)
             seq.status = Status.PREFILLING
             self.running[seq.slot] = seq

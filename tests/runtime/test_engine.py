@@ -55,7 +55,7 @@ ECFG = dict(
 _ENGINES: dict = {}
 
 
-def make_orchestrator(model, tokenizer, **overrides):
+def make_orchestrator(model, tokenizer, pipeline=True, **overrides):
     """A fresh orchestrator (all pages free) over a warmed engine shared per config."""
     num_pages = overrides.pop("num_pages", 48)
     key = (id(model), num_pages, tuple(sorted(overrides.items())))
@@ -65,7 +65,7 @@ def make_orchestrator(model, tokenizer, **overrides):
         _ENGINES[key] = engine
     engine = _ENGINES[key]
     assert not bool(jnp.any(engine.slots.lengths)), "a previous test left a slot active"
-    return Orchestrator(engine, tokenizer)
+    return Orchestrator(engine, tokenizer, pipeline=pipeline)
 
 
 def run(orc, requests):
@@ -105,7 +105,7 @@ def mixed_requests(n=16, seed=0):
 
 @pytest.fixture(scope="module")
 def alone_results(model, tokenizer):
-    orc = make_orchestrator(model, tokenizer)
+    orc = make_orchestrator(model, tokenizer, pipeline=False)
     out = {}
     for r in mixed_requests():
         out.update(run(orc, [r]))
@@ -113,11 +113,11 @@ def alone_results(model, tokenizer):
     return out
 
 
-@pytest.mark.parametrize("order_seed", [0, 1])
-def test_batched_equals_alone_any_order(model, tokenizer, alone_results, order_seed):
+@pytest.mark.parametrize("order_seed, pipeline", [(0, True), (1, True), (2, False)])
+def test_batched_equals_alone_any_order(model, tokenizer, alone_results, order_seed, pipeline):
     reqs = mixed_requests()
     np.random.default_rng(order_seed).shuffle(reqs)
-    orc = make_orchestrator(model, tokenizer)
+    orc = make_orchestrator(model, tokenizer, pipeline=pipeline)
     got = run(orc, reqs)
     for r in reqs:
         assert got[r.request_id]["ids"] == alone_results[r.request_id]["ids"], r.request_id
@@ -160,9 +160,9 @@ def test_greedy_matches_model_level_decode(model, tokenizer):
     assert [got["g0"]["ids"], got["g1"]["ids"]] == want
 
 
-@pytest.mark.parametrize("steps", [1, 3])
-def test_stop_conditions(model, tokenizer, steps):
-    orc = make_orchestrator(model, tokenizer, decode_steps_per_call=steps)
+@pytest.mark.parametrize("steps, pipeline", [(1, False), (1, True), (3, True)])
+def test_stop_conditions(model, tokenizer, steps, pipeline):
+    orc = make_orchestrator(model, tokenizer, pipeline=pipeline, decode_steps_per_call=steps)
     greedy = SamplingParams(temperature=0.0)
     base = run(orc, [Request("a", [5, 6, 7], greedy, max_tokens=12, ignore_eos=True)])["a"]
     ids, text = base["ids"], base["text"]
