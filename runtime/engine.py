@@ -162,6 +162,8 @@ def _decode(graphdef, params, cache: KVCache, slots: DecodeSlots, page_table, *,
         cache, slots, out = _decode_one(graphdef, params, cache, slots, page_table, **static)
         return (cache, slots), out
 
+    # A while loop, not unrolled: on an H100 (8B, batch 1) the unrolled form cost ~9.8 ms
+    # per step; the loop ~6.0 ms per step plus ~7 ms per call (see the issue notes).
     (cache, slots), outs = jax.lax.scan(body, (cache, slots), None, length=steps)
     return cache, slots, outs
 
