@@ -33,17 +33,34 @@ log = logging.getLogger(__name__)
 
 
 class _CompileCounter:
-    """Counts backend compilations process-wide (jax.monitoring events)."""
+    """Counts XLA compilations process-wide (jax.monitoring events).
+
+    JAX reports every executable it builds under the backend-compile event, including
+    those loaded from the persistent compilation cache; those hits are not
+    compilations, so they are subtracted.
+    """
 
     def __init__(self):
-        self.count = 0
+        self._built = 0
+        self._cache_hits = 0
         self._lock = threading.Lock()
-        jax.monitoring.register_event_duration_secs_listener(self._on_event)
+        jax.monitoring.register_event_duration_secs_listener(self._on_duration)
+        jax.monitoring.register_event_listener(self._on_event)
 
-    def _on_event(self, event: str, duration: float, **kwargs) -> None:
+    def _on_duration(self, event: str, duration: float, **kwargs) -> None:
         if event == "/jax/core/compile/backend_compile_duration":
             with self._lock:
-                self.count += 1
+                self._built += 1
+
+    def _on_event(self, event: str, **kwargs) -> None:
+        if event == "/jax/compilation_cache/cache_hits":
+            with self._lock:
+                self._cache_hits += 1
+
+    @property
+    def count(self) -> int:
+        with self._lock:
+            return self._built - self._cache_hits
 
 
 compile_counter = _CompileCounter()

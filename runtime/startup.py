@@ -97,7 +97,7 @@ def enable_compilation_cache(directory: str | None = None) -> None:
 
     directory = directory or os.environ.get("XLSERVE_COMPILE_CACHE") or os.path.expanduser("~/.cache/xlserve/jax")
     jax.config.update("jax_compilation_cache_dir", directory)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # warm start compiles nothing
 
 
 def load_engine(checkpoint: str, ecfg: EngineConfig, *, dtype: str = "bfloat16", mesh=None) -> tuple[Engine, Tokenizer]:

@@ -97,3 +97,17 @@ def test_chat_and_prompts_file(checkpoint, tmp_path):
     assert p.returncode == 0, p.stderr
     rows = [json.loads(line) for line in p.stdout.splitlines()]
     assert [r["prompt"] for r in rows] == ["first line", "a JSON string\nwith a newline"]
+
+
+def test_warmup_fills_the_compile_cache(checkpoint, tmp_path):
+    """A second start with the same flags compiles nothing (persistent compile cache)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "XLSERVE_COMPILE_CACHE": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-m", "runtime.warmup", f"--checkpoint={checkpoint}", *COMMON]
+    runs = [subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600) for _ in range(2)]
+    for p in runs:
+        assert p.returncode == 0, p.stderr[-2000:]
+    first, second = (json.loads(p.stdout.strip().splitlines()[-1]) for p in runs)
+    assert first["manifest"] == {"prefill": [[1, 16], [1, 32]], "decode": [[2]]}
+    assert first["backend_compilations"] >= 3 and second["backend_compilations"] == 0
+    listed = subprocess.run(cmd + ["--list"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert json.loads(listed.stdout)["manifest"]["prefill"] == [[1, 16], [1, 32]]
