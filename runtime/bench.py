@@ -170,7 +170,7 @@ def bench_batch(model, batch: int, bandwidth: float) -> dict:
     if not cfg.tie_embeddings:
         param_bytes -= model.embedding.get_value().nbytes  # only B rows of it are read
     ctx = FLAGS.prompt_len + FLAGS.gen_len / 2
-    kv_bytes = batch * ctx * KVCache.bytes_per_token(cfg, np.dtype(FLAGS.dtype) if FLAGS.dtype != "bfloat16" else jax.numpy.bfloat16)
+    kv_bytes = batch * ctx * KVCache.bytes_per_token(cfg, jax.numpy.dtype(FLAGS.dtype))
     floor_s = (param_bytes + kv_bytes) / bandwidth
     per_step_s = batch / agg if agg == agg else float("nan")
     ttft = sorted(first_token.values())

@@ -105,7 +105,7 @@ def main(argv: list[str]) -> None:
             xflags.usage_error(f"prompt {i}: {e}")
         requests.append(req)
     engine.warmup()
-    orc.compiles_at_ready = orc.num_compiles_since_ready + orc.compiles_at_ready
+    orc.mark_ready()
     for req in requests:
         orc.add_request(req)
 

@@ -167,6 +167,10 @@ class Orchestrator:
     def num_compiles_since_ready(self) -> int:
         return compile_counter.count - self.compiles_at_ready
 
+    def mark_ready(self) -> None:
+        """Call after warm-up: compilations from here on are counted as unexpected."""
+        self.compiles_at_ready = compile_counter.count
+
     # --- the loop ------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
