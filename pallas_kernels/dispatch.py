@@ -1,9 +1,14 @@
-"""Choosing an attention implementation: "reference" (pure jnp, runs everywhere),
-"gpu" / "tpu" (Pallas kernels), or "auto" (the kernel of the default backend, the
-reference on CPU). A kernel module exposes the same function as its reference.py."""
+"""Choosing an attention implementation.
+
+"reference" is pure jnp and runs everywhere; "gpu" / "tpu" are the Pallas kernels;
+"auto" is the kernel of the default backend and, on CPU, the reference. Asking for
+"gpu" off a GPU runs the kernel in Pallas' interpreter (how CPU tests exercise it).
+A kernel module exposes the same function as its reference.py.
+"""
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 import jax
@@ -20,7 +25,16 @@ def resolve(impl: str) -> str:
     return platform if platform in ("gpu", "tpu") else "reference"
 
 
+def engine_kernel_impl() -> str:
+    """What the engine's --attention=pallas runs: the backend's kernel; on CPU the GPU
+    kernel in interpret mode, so the same code path is tested without an accelerator."""
+    return "tpu" if jax.default_backend() == "tpu" else "gpu"
+
+
 def load(kernel: str, impl: str):
-    """The `kernel` function ("paged_attention" or "flash_attention") of an implementation."""
-    module = importlib.import_module(f"pallas_kernels.{kernel}.{resolve(impl) if impl != 'reference' else 'reference'}")
-    return getattr(module, kernel)
+    """The `kernel` function ("paged_attention" / "flash_attention") of an implementation."""
+    impl = resolve(impl)
+    fn = getattr(importlib.import_module(f"pallas_kernels.{kernel}.{impl}"), kernel)
+    if impl == "gpu" and jax.default_backend() != "gpu":
+        return functools.partial(fn, interpret=True)
+    return fn

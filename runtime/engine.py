@@ -16,6 +16,7 @@ compiles exactly it, and every compilation afterwards is counted in
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import threading
 
@@ -94,9 +95,11 @@ class DecodeSlots:
         )
 
 
-def _model_step(graphdef, params, tokens, positions, cache, page_table, kv_lens, logits_at, attn_impl):
+def _model_step(graphdef, params, tokens, positions, cache, page_table, kv_lens, logits_at, attn_impl, fresh=False):
     model: Transformer = nnx.merge(graphdef, params)
-    return model(tokens, positions, cache, page_table, kv_lens, attn_impl=attn_impl, logits_at=logits_at)
+    return model(
+        tokens, positions, cache, page_table, kv_lens, attn_impl=attn_impl, logits_at=logits_at, fresh_prefill=fresh
+    )
 
 
 def _prefill(
@@ -110,13 +113,13 @@ def _prefill(
     sampling: SlotSampling,  # rows [Bp]
     stop_ids,  # [Bp, MAX_STOP_IDS]
     remaining,  # [Bp] tokens the sequence may generate after the one this call samples
-    *, attn_impl: str, num_top_logprobs: int,
+    *, attn_impl: str, num_top_logprobs: int, fresh: bool,
 ):
     Bp, T = tokens.shape
     positions = starts[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
     kv_lens = jnp.where(lens > 0, starts + lens, 0)
     logits, cache = _model_step(
-        graphdef, params, tokens, positions, cache, page_table, kv_lens, jnp.maximum(lens - 1, 0), attn_impl
+        graphdef, params, tokens, positions, cache, page_table, kv_lens, jnp.maximum(lens - 1, 0), attn_impl, fresh
     )
     V = logits.shape[-1]
     # Which tokens the prompt holds (repetition penalty): this chunk's, merged with the
@@ -185,6 +188,28 @@ def _decode(graphdef, params, cache: KVCache, slots: DecodeSlots, page_table, *,
     return cache, slots, outs
 
 
+def prefill_variants(ecfg: EngineConfig) -> tuple[bool, ...]:
+    """Prefill programs by "fresh" (every row starts at 0): the Pallas path compiles a
+    fresh variant (flash attention over the chunk) and, when prompts can be longer than
+    the largest prefill length, a continuation variant; the reference needs one."""
+    if ecfg.attention == "reference":
+        return (False,)
+    chunked = ecfg.max_model_len - 1 > max(ecfg.prefill_lengths)
+    return (True, False) if chunked else (True,)
+
+
+def bucket_manifest(ecfg: EngineConfig) -> dict[str, list[tuple]]:
+    """Every program an engine with this config compiles: prefill (batch, length[, "fresh"])
+    and decode (slots,). Warm-up compiles exactly these."""
+    tag = {True: ("fresh",), False: ()}
+    return {
+        "prefill": [
+            (b, t, *tag[f]) for f in prefill_variants(ecfg) for b in ecfg.prefill_batch_sizes for t in ecfg.prefill_lengths
+        ],
+        "decode": [(ecfg.max_num_seqs,)],
+    }
+
+
 class Engine:
     """Owns params, cache and slots on device; runs compiled prefill and decode.
 
@@ -207,9 +232,16 @@ class Engine:
         )
         self.slots = jax.device_put(DecodeSlots.create(ecfg.max_num_seqs, self.cfg.vocab_size), replicated)
         static = dict(attn_impl=ecfg.attention, num_top_logprobs=ecfg.num_top_logprobs)
-        self._prefill = jax.jit(
-            lambda *a: _prefill(self.graphdef, *a, **static), donate_argnums=(1, 2)
-        )
+        # Prefill variants: with the Pallas kernels a call whose rows all start at 0
+        # ("fresh") runs flash attention over the chunk; chunks continuing a long prompt
+        # need the paged path. The reference serves both in one variant.
+        self.prefill_variants = prefill_variants(ecfg)
+        self._prefill = {
+            fresh: jax.jit(
+                functools.partial(_prefill, self.graphdef, **static, fresh=fresh), donate_argnums=(1, 2)
+            )
+            for fresh in self.prefill_variants
+        }
         self._decode = jax.jit(
             lambda *a: _decode(self.graphdef, *a, steps=ecfg.decode_steps_per_call, **static), donate_argnums=(1, 2)
         )
@@ -219,12 +251,8 @@ class Engine:
 
     # --- the bucket manifest ---------------------------------------------------------
 
-    def manifest(self) -> dict[str, list[tuple[int, ...]]]:
-        """Every shape this engine compiles: prefill (batch, length) and decode (slots,)."""
-        return {
-            "prefill": [(b, t) for b in self.ecfg.prefill_batch_sizes for t in self.ecfg.prefill_lengths],
-            "decode": [(self.ecfg.max_num_seqs,)],
-        }
+    def manifest(self) -> dict[str, list[tuple]]:
+        return bucket_manifest(self.ecfg)
 
     def prefill_shape(self, num_prompts: int, chunk_len: int) -> tuple[int, int]:
         """The smallest manifest shape that holds `num_prompts` chunks of `chunk_len` tokens."""
@@ -240,8 +268,9 @@ class Engine:
     def warmup(self) -> int:
         """Compiles the whole manifest (on scratch rows: slots stay idle). Returns compilations."""
         before = compile_counter.count
-        for b, t in self.manifest()["prefill"]:
-            self.prefill(
+        for b, t, *fresh in self.manifest()["prefill"]:
+            self._prefill_call(
+                bool(fresh),
                 tokens=np.zeros((b, t), np.int32), starts=np.zeros(b, np.int32), lens=np.zeros(b, np.int32),
                 page_table=np.zeros((b, self.ecfg.max_pages_per_seq), np.int32),
                 slot_ids=np.full(b, self.ecfg.max_num_seqs, np.int32), is_last=np.zeros(b, bool),
@@ -255,11 +284,15 @@ class Engine:
 
     # --- steps -----------------------------------------------------------------------
 
-    def prefill(
-        self, *, tokens, starts, lens, page_table, slot_ids, is_last, sampling: dict, stop_ids, remaining
-    ) -> dict[str, jax.Array]:
+    def prefill(self, *, starts, **kwargs) -> dict[str, jax.Array]:
         """Runs one prefill call; rows whose slot id is in range fill that decode slot."""
-        self.cache, self.slots, out = self._prefill(
+        fresh = True in self._prefill and not np.any(np.asarray(starts))
+        return self._prefill_call(fresh, starts=starts, **kwargs)
+
+    def _prefill_call(
+        self, fresh: bool, *, tokens, starts, lens, page_table, slot_ids, is_last, sampling: dict, stop_ids, remaining
+    ) -> dict[str, jax.Array]:
+        self.cache, self.slots, out = self._prefill[fresh](
             self.params, self.cache, self.slots, jnp.asarray(tokens), jnp.asarray(starts), jnp.asarray(lens),
             jnp.asarray(page_table), jnp.asarray(slot_ids), jnp.asarray(is_last),
             SlotSampling(**{k: jnp.asarray(v) for k, v in sampling.items()}),

@@ -34,11 +34,9 @@ def main(argv: list[str]) -> None:
     except ConfigError as e:
         xflags.usage_error(str(e))
     if FLAGS.list:
-        manifest = {
-            "prefill": [[b, t] for b in ecfg.prefill_batch_sizes for t in ecfg.prefill_lengths],
-            "decode": [[ecfg.max_num_seqs, ecfg.decode_steps_per_call]],
-        }
-        print(json.dumps({"manifest": manifest}))
+        from runtime.engine import bucket_manifest
+
+        print(json.dumps({"manifest": bucket_manifest(ecfg)}))
         return
 
     from checkpoints.errors import CheckpointError

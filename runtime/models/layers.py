@@ -15,11 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pallas_kernels import dispatch
 from pallas_kernels.paged_attention import reference as paged_reference
 from runtime.config import ModelConfig, RopeConfig
 from runtime.kv_cache import write_kv
 
-ATTENTION_IMPLS = ("reference",)
+ATTENTION_IMPLS = ("reference", "pallas")
 
 
 def param(rngs: nnx.Rngs | None, shape, axes: tuple[str, ...], dtype, init: str = "normal") -> nnx.Param:
@@ -73,6 +74,8 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 def attention(
     q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
     k_pages: jax.Array,
     v_pages: jax.Array,
     page_table: jax.Array,
@@ -83,13 +86,27 @@ def attention(
     window: int | None,
     softcap: float | None,
     impl: str,
+    fresh: bool,
 ) -> jax.Array:
-    """The one attention call of every model: q [B, T, N, H] over the paged cache."""
+    """The one attention call of every model: q [B, T, N, H] against the sequence's
+    keys. `fresh` (static) says every row starts at position 0, so the chunk's own k/v
+    [B, T, K, H] are all there is to see (the pages already hold them too).
+
+    impl "reference": the paged reference for everything. impl "pallas": the flash
+    kernel for fresh prefill, the paged kernel for decode (T == 1), the paged reference
+    for prefill chunks that continue earlier context.
+    """
+    kw = dict(scale=scale, window=window, softcap=softcap)
     if impl == "reference":
-        return paged_reference.paged_attention(
-            q, k_pages, v_pages, page_table, positions, kv_lens, scale=scale, window=window, softcap=softcap
-        )
-    raise ValueError(f"attention impl {impl!r} is not available; choose from {', '.join(ATTENTION_IMPLS)}")
+        return paged_reference.paged_attention(q, k_pages, v_pages, page_table, positions, kv_lens, **kw)
+    if impl != "pallas":
+        raise ValueError(f"attention impl {impl!r} is not available; choose from {', '.join(ATTENTION_IMPLS)}")
+    kernel = dispatch.engine_kernel_impl()
+    if fresh:
+        return dispatch.load("flash_attention", kernel)(q, k, v, kv_lens, **kw)
+    if q.shape[1] == 1:
+        return dispatch.load("paged_attention", kernel)(q, k_pages, v_pages, page_table, positions, kv_lens, **kw)
+    return paged_reference.paged_attention(q, k_pages, v_pages, page_table, positions, kv_lens, **kw)
 
 
 class Attention(nnx.Module):
@@ -118,7 +135,7 @@ class Attention(nnx.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def __call__(self, x, positions, k_pages, v_pages, page_table, kv_lens, *, impl: str):
+    def __call__(self, x, positions, k_pages, v_pages, page_table, kv_lens, *, impl: str, fresh: bool = False):
         with jax.named_scope("qkv"):
             q = jnp.einsum("BTD,DNH->BTNH", x, self.wq[...])
             k = jnp.einsum("BTD,DKH->BTKH", x, self.wk[...])
@@ -132,8 +149,8 @@ class Attention(nnx.Module):
         with jax.named_scope("attn"):
             k_pages, v_pages = write_kv(k_pages, v_pages, k, v, page_table, positions, kv_lens)
             o = attention(
-                q, k_pages, v_pages, page_table, positions, kv_lens,
-                scale=self.scale, window=self.window, softcap=self.softcap, impl=impl,
+                q, k, v, k_pages, v_pages, page_table, positions, kv_lens,
+                scale=self.scale, window=self.window, softcap=self.softcap, impl=impl, fresh=fresh,
             )
             out = jnp.einsum("BTNH,NHD->BTD", o, self.wo[...])
             if self.bo is not None:

@@ -33,8 +33,10 @@ class Block(nnx.Module):
         else:
             self.post_attn_norm = self.post_mlp_norm = None
 
-    def __call__(self, x, positions, k_pages, v_pages, page_table, kv_lens, *, impl: str):
-        h, k_pages, v_pages = self.attn(self.attn_norm(x), positions, k_pages, v_pages, page_table, kv_lens, impl=impl)
+    def __call__(self, x, positions, k_pages, v_pages, page_table, kv_lens, *, impl: str, fresh: bool):
+        h, k_pages, v_pages = self.attn(
+            self.attn_norm(x), positions, k_pages, v_pages, page_table, kv_lens, impl=impl, fresh=fresh
+        )
         if self.post_attn_norm is not None:
             h = self.post_attn_norm(h)
         x = x + h
@@ -65,6 +67,7 @@ class Transformer(nnx.Module):
         *,
         attn_impl: str = "reference",
         logits_at: jax.Array | None = None,  # [B] index into T: logits of one position only
+        fresh_prefill: bool = False,  # static: every row starts at position 0 (no earlier context)
     ) -> tuple[jax.Array, KVCache]:
         """Returns float32 logits [B, T, V] (or [B, V] with `logits_at`) and the new cache."""
         emb = self.embedding[...]
@@ -74,7 +77,9 @@ class Transformer(nnx.Module):
             x = x * scale
         new_k, new_v = [], []
         for layer, k_pages, v_pages in zip(self.layers, cache.k, cache.v):
-            x, k_pages, v_pages = layer(x, positions, k_pages, v_pages, page_table, kv_lens, impl=attn_impl)
+            x, k_pages, v_pages = layer(
+                x, positions, k_pages, v_pages, page_table, kv_lens, impl=attn_impl, fresh=fresh_prefill
+            )
             new_k.append(k_pages)
             new_v.append(v_pages)
         x = self.final_norm(x)
