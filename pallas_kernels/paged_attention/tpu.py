@@ -1,0 +1,183 @@
+"""Paged attention for decode (T == 1) as a Pallas Mosaic TPU kernel.
+
+Layout (the same as reference.py; every reshape below is free, no HBM copy):
+  q            [B, 1, N, H]  -> [B, K, G, H]    query heads grouped by kv head
+  k/v_pages    [P, S, K, H]  -> [P, S, K*H]     one page row holds every kv head
+  page_table   [B, MP], q_positions [B, 1] -> [B], kv_lens [B]: scalar prefetch (SMEM)
+  out          [B, K, G, H]  -> [B, 1, N, H]
+
+Grid (B, cdiv(MP, pages_per_step)). Each step receives `pages_per_step` pages of one
+sequence, every one a (S, K*H) VMEM block picked through the prefetched page table:
+the page's last two dims are whole, so the block is legal for any S, K, H and the
+kv head kh is the lane slice [kh*H, (kh+1)*H) (128-aligned for H = 128/256). All G query
+heads of one kv head form one (G, H) x (H, S) matmul; G is never padded in HBM.
+
+Only pages a query can see are read: for query position p and length L the visible
+pages are [max(0, p - W + 1) // S, min(p, L - 1) // S]. The index maps clamp the page
+slot into that range, so steps outside it repeat the previous block index (the
+pipeline then skips the DMA) and the kernel skips their compute. Pages past a
+sequence's length are never fetched, so a freed page holding another request's data
+is unreadable. Online softmax (float32 m, l, acc in VMEM scratch) runs across pages;
+the output is written once, on the last step. Queries with p >= L are padding and
+return zero.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+# Finite "minus infinity": exp(NEG - m) underflows to 0 without producing NaN when a
+# whole row is masked (-inf - -inf would).
+_NEG = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def _visible_pages(pos, kv_len, page_size, window):
+    """First and last page slot a query at `pos` may see (last >= first >= 0). Operands
+    are non-negative, so lax.div (truncating) is floor division without `//`'s sign op."""
+    last = jax.lax.div(jnp.maximum(jnp.minimum(pos, kv_len - 1), 0), page_size)
+    if window is None:
+        first = jnp.int32(0)
+    else:
+        first = jax.lax.div(jnp.maximum(pos - window + 1, 0), page_size)
+    return jnp.minimum(first, last), last
+
+
+def _kernel(
+    # scalar prefetch:
+    page_table_ref,  # [B, MP] int32, SMEM
+    q_pos_ref,       # [B] int32, SMEM
+    kv_lens_ref,     # [B] int32, SMEM
+    # inputs:
+    q_ref,           # (K, G, H) block of [B, K, G, H]
+    *refs,           # pages_per_step k blocks (S, K*H), then pages_per_step v blocks (S, K*H)
+    # outputs: o_ref (K, G, H) block of [B, K, G, H]
+    # scratch: m_ref, l_ref (K, G, 1) f32; acc_ref (K, G, H) f32
+    scale, window, softcap, page_size, pages_per_step, num_kv_heads, head_dim,
+):
+    del page_table_ref
+    k_refs = refs[:pages_per_step]
+    v_refs = refs[pages_per_step:2 * pages_per_step]
+    o_ref, m_ref, l_ref, acc_ref = refs[2 * pages_per_step:]
+    b, j = pl.program_id(0), pl.program_id(1)
+    pos, kv_len = q_pos_ref[b], kv_lens_ref[b]
+    first, last = _visible_pages(pos, kv_len, page_size, window)
+    q_valid = pos < kv_len
+
+    @pl.when(j == 0)
+    def _init():
+        m_ref[...] = jnp.full(m_ref.shape, _NEG, jnp.float32)
+        l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+    G = q_ref.shape[1]
+    for i in range(pages_per_step):
+        slot = j * pages_per_step + i
+
+        @pl.when(q_valid & (slot >= first) & (slot <= last))
+        def _page(i=i, slot=slot):
+            kv_pos = slot * page_size + jax.lax.broadcasted_iota(jnp.int32, (G, page_size), 1)
+            mask = (kv_pos <= pos) & (kv_pos < kv_len)
+            if window is not None:
+                mask &= kv_pos > pos - window
+            for kh in range(num_kv_heads):
+                lanes = slice(kh * head_dim, (kh + 1) * head_dim)
+                q = q_ref[kh]                      # (G, H)
+                k = k_refs[i][:, lanes]            # (S, H)
+                v = v_refs[i][:, lanes]            # (S, H)
+                s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
+                                        preferred_element_type=jnp.float32) * scale  # (G, S)
+                if softcap is not None:
+                    s = jnp.tanh(s / softcap) * softcap
+                s = jnp.where(mask, s, _NEG)
+                m_prev = m_ref[kh]                 # (G, 1)
+                m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+                alpha = jnp.exp(m_prev - m_new)
+                p = jnp.where(mask, jnp.exp(s - m_new), 0.0)
+                l_ref[kh] = alpha * l_ref[kh] + jnp.sum(p, axis=1, keepdims=True)
+                pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)  # (G, H)
+                acc_ref[kh] = alpha * acc_ref[kh] + pv
+                m_ref[kh] = m_new
+
+    @pl.when(j == pl.num_programs(1) - 1)
+    def _finish():
+        l = l_ref[...]
+        o = acc_ref[...] / jnp.where(l == 0.0, 1.0, l)
+        o_ref[...] = jnp.where(q_valid, o, 0.0).astype(o_ref.dtype)
+
+
+def _paged_attention(q, k_pages, v_pages, page_table, q_positions, kv_lens, *, scale, window, softcap,
+                     pages_per_step=None):
+    B, T, N, H = q.shape
+    P, S, K, _ = k_pages.shape
+    MP = page_table.shape[1]
+    assert T == 1, f"the TPU paged-attention kernel serves decode (T == 1), got T={T}; use impl='reference' for prefill"
+    assert N % K == 0, f"num_heads={N} is not a multiple of num_kv_heads={K}"
+    G = N // K
+    if pages_per_step is None:
+        # ~256 tokens per step: big enough to amortise per-step overhead, small in VMEM.
+        pages_per_step = max(1, min(MP, 256 // S))
+    steps = pl.cdiv(MP, pages_per_step)
+
+    def page_map(i):
+        def index_map(b, j, pt, pos, lens):
+            first, last = _visible_pages(pos[b], lens[b], S, window)
+            slot = jnp.clip(j * pages_per_step + i, first, jnp.minimum(last, MP - 1))
+            return pt[b, slot], 0, 0
+        return index_map
+
+    kv_specs = [pl.BlockSpec((None, S, K * H), page_map(i)) for i in range(pages_per_step)]
+    qo_spec = pl.BlockSpec((None, K, G, H), lambda b, j, pt, pos, lens: (b, 0, 0, 0))
+    kernel = functools.partial(
+        _kernel, scale=scale, window=window, softcap=softcap, page_size=S,
+        pages_per_step=pages_per_step, num_kv_heads=K, head_dim=H)
+    k_flat = k_pages.reshape(P, S, K * H)  # [P, S, K, H] -> [P, S, K*H]
+    v_flat = v_pages.reshape(P, S, K * H)  # [P, S, K, H] -> [P, S, K*H]
+    out = pl.pallas_call(
+        kernel,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=3,
+            grid=(B, steps),
+            in_specs=[qo_spec] + kv_specs + kv_specs,
+            out_specs=qo_spec,
+            scratch_shapes=[
+                pltpu.VMEM((K, G, 1), jnp.float32),  # m: running max
+                pltpu.VMEM((K, G, 1), jnp.float32),  # l: running denominator
+                pltpu.VMEM((K, G, H), jnp.float32),  # acc: unnormalised output
+            ],
+        ),
+        out_shape=jax.ShapeDtypeStruct((B, K, G, H), q.dtype),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
+        name="paged_attention_decode",
+    )(
+        page_table.astype(jnp.int32),
+        q_positions[:, 0].astype(jnp.int32),
+        kv_lens.astype(jnp.int32),
+        q.reshape(B, K, G, H),  # [B, 1, K*G, H] -> [B, K, G, H]
+        *([k_flat] * pages_per_step),
+        *([v_flat] * pages_per_step),
+    )
+    return out.reshape(B, T, N, H)  # [B, K, G, H] -> [B, 1, K*G, H]
+
+
+def paged_attention(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    page_table: jax.Array,
+    q_positions: jax.Array,
+    kv_lens: jax.Array,
+    *,
+    scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
+) -> jax.Array:
+    """Decode attention over pages; q [B, 1, N, H], k/v_pages [P, S, K, H],
+    page_table [B, MP], q_positions [B, 1], kv_lens [B] -> [B, 1, N, H] in q.dtype.
+    Semantics as reference.paged_attention; scores, softmax and accumulation float32."""
+    return _paged_attention(q, k_pages, v_pages, page_table, q_positions, kv_lens,
+                            scale=scale, window=window, softcap=softcap)
