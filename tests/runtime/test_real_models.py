@@ -120,3 +120,30 @@ def test_engine_greedy_matches_transformers(converted):
     assert orc.allocator.num_free == orc.allocator.num_pages
     for i, ids in enumerate(prompts):
         assert got[str(i)] == _hf_greedy(converted["hf"], ids, STEPS), (converted["name"], i)
+
+
+def test_engine_pallas_attention_matches_reference(converted):
+    """--attention=pallas (GPU kernels in Pallas' interpreter on CPU) gives the greedy
+    tokens of --attention=reference on the bundled models."""
+    pytest.importorskip("pallas_kernels.paged_attention.gpu")
+    from runtime.config import EngineConfig
+    from runtime.engine import Engine
+    from runtime.orchestrator import Orchestrator, Request
+    from runtime.sampling import SamplingParams
+
+    tok = converted["tokenizer"]
+    prompts = [tok.encode(p) for p in PROMPTS]
+    got = {}
+    for attention in ("reference", "pallas"):
+        ecfg = EngineConfig(max_num_seqs=3, max_model_len=64, page_size=16, prefill_lengths=(16,),
+                            prefill_batch_sizes=(1, 2, 3), decode_steps_per_call=4, cache_dtype="float32",
+                            attention=attention)
+        orc = Orchestrator(Engine(converted["model"], ecfg, num_pages=12), tok)
+        for i, ids in enumerate(prompts):
+            orc.add_request(Request(str(i), ids, SamplingParams(temperature=0.0), max_tokens=16, ignore_eos=True))
+        out = {str(i): [] for i in range(len(prompts))}
+        while orc.has_work():
+            for o in orc.step():
+                out[o.request_id] += o.token_ids
+        got[attention] = out
+    assert got["pallas"] == got["reference"]
