@@ -145,7 +145,7 @@ class Orchestrator:
         max_tokens = min(request.max_tokens, self.engine.ecfg.max_model_len - len(request.prompt_ids))
         seq = Sequence(
             seq_id=request.request_id, prompt_ids=list(request.prompt_ids), sampling=request.sampling,
-            max_tokens=max_tokens, seed=seed, stop_token_ids=frozenset(request.stop_token_ids),
+            max_tokens=max_tokens, seed=seed,
         )
         stop_ids = frozenset(request.stop_token_ids) | (frozenset() if request.ignore_eos else self.eos_ids)
         detok = IncrementalDetokenizer(self.tokenizer, request.prompt_ids) if self.tokenizer else None

@@ -153,16 +153,21 @@ def sample(
     raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
     x = apply_penalties(logits, s, prompt_mask, output_counts)
     greedy_tok = jnp.argmax(x, axis=-1).astype(jnp.int32)
-    temp = jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None]
-    x = x / temp
-    needs_filter = jnp.any((s.top_k > 0) | (s.top_p < 1.0) | (s.min_p > 0.0))
-    x = jax.lax.cond(needs_filter, _filter, lambda l, _: l, x, s)
-    keys = jax.vmap(lambda k, p: jax.random.fold_in(jax.random.wrap_key_data(k, impl="threefry2x32"), p))(
-        s.key, positions
-    )
-    gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (x.shape[-1],), jnp.float32))(keys)
-    drawn = jnp.argmax(x + gumbel, axis=-1).astype(jnp.int32)
-    tokens = jnp.where(s.temperature > 0, drawn, greedy_tok)
+
+    def draw(x):
+        temp = jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None]
+        x = x / temp
+        needs_filter = jnp.any((s.top_k > 0) | (s.top_p < 1.0) | (s.min_p > 0.0))
+        x = jax.lax.cond(needs_filter, _filter, lambda l, _: l, x, s)
+        keys = jax.vmap(lambda k, p: jax.random.fold_in(jax.random.wrap_key_data(k, impl="threefry2x32"), p))(
+            s.key, positions
+        )
+        gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (x.shape[-1],), jnp.float32))(keys)
+        drawn = jnp.argmax(x + gumbel, axis=-1).astype(jnp.int32)
+        return jnp.where(s.temperature > 0, drawn, greedy_tok)
+
+    # An all-greedy batch skips the noise over the whole vocabulary.
+    tokens = jax.lax.cond(jnp.any(s.temperature > 0), draw, lambda _: greedy_tok, x)
     out = dict(tokens=tokens, logprob=jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0])
     if num_top_logprobs:
         top_lp, top_ids = jax.lax.top_k(raw_logprobs, num_top_logprobs)

@@ -39,7 +39,6 @@ class Sequence:
     sampling: SamplingParams
     max_tokens: int
     seed: int  # the request's seed (given, or drawn at arrival): its tokens depend on nothing else
-    stop_token_ids: frozenset[int] = frozenset()
     output_ids: list[int] = dataclasses.field(default_factory=list)
     status: Status = Status.WAITING
     slot: int | None = None
