@@ -36,6 +36,9 @@ flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Parameter and K
 flags.DEFINE_integer("page_size", 16, "Tokens per KV page.")
 flags.DEFINE_integer("decode_steps_per_call", 4, "Decode steps per dispatch.")
 flags.DEFINE_enum("attention", "reference", ["reference", "pallas"], "Attention implementation.")
+flags.DEFINE_integer("max_prefill_tokens", 16384, "Prompt tokens per prefill call at most (activation memory).")
+flags.DEFINE_string("profile_dir", None, "Trace 3 decode calls per batch size here (jax.profiler) and print "
+                    "where their device time goes (runtime/profile.py).")
 FLAGS = flags.FLAGS
 
 
@@ -99,9 +102,13 @@ def bench_batch(model, batch: int, bandwidth: float) -> dict:
     steps = FLAGS.decode_steps_per_call
     page = FLAGS.page_size
     max_len = -(-(FLAGS.prompt_len + FLAGS.gen_len + steps) // page) * page
+    # Prompts per prefill call: all of them where they fit the token budget (so the
+    # decode batch fills at once), else as many as fit.
+    rows = max(1, min(batch, FLAGS.max_prefill_tokens // FLAGS.prompt_len))
     ecfg = EngineConfig(
         max_num_seqs=batch, max_model_len=max_len, page_size=page, prefill_lengths=(FLAGS.prompt_len,),
-        prefill_batch_sizes=tuple(sorted({1, min(8, batch), batch})), decode_steps_per_call=steps, attention=FLAGS.attention, cache_dtype=FLAGS.dtype,
+        prefill_batch_sizes=tuple(sorted({1, min(8, batch), rows})), decode_steps_per_call=steps,
+        attention=FLAGS.attention, cache_dtype=FLAGS.dtype,
     )
     engine = Engine(model, ecfg, num_pages=batch * ecfg.max_pages_per_seq)
     t = time.perf_counter()
@@ -161,6 +168,16 @@ def bench_batch(model, batch: int, bandwidth: float) -> dict:
     for _ in range(10):
         np.asarray(engine.decode(table)["tokens"])
     call_sync_s = (time.perf_counter() - t) / 10
+    if FLAGS.profile_dir:
+        from runtime import profile
+
+        log_dir = os.path.join(FLAGS.profile_dir, f"batch{batch}")
+        with profile.trace(log_dir):
+            for _ in range(3):
+                out = engine.decode(table)
+            jax.block_until_ready(out)
+        print(f"profile, batch {batch}, 3 decode calls of {steps} steps:\n{profile.summarize(log_dir)}", flush=True)
+        profile.keep_flat(log_dir, f"{log_dir}.perfetto.json.gz")
     step_s = sum(d for d, _ in steady)
     tokens = sum(n for _, n in steady)
     agg = tokens / step_s if step_s else float("nan")
@@ -214,7 +231,7 @@ def main(argv):
     import jax
 
     t = time.perf_counter()
-    bandwidth = measure_copy_bandwidth()
+    bandwidth = measure_copy_bandwidth(4 << 30 if jax.default_backend() != "cpu" else 256 << 20)
     model = random_model(cfg, FLAGS.dtype)
     jax.block_until_ready(model)
     print(f"bandwidth {bandwidth / 1e12:.2f} TB/s; random weights in {time.perf_counter() - t:.0f} s", flush=True)

@@ -1,0 +1,122 @@
+"""Where device time goes: a summary of a jax.profiler trace.
+
+`trace(log_dir)` wraps `jax.profiler.trace(..., create_perfetto_trace=True)`;
+`summarize(log_dir)` reads the newest perfetto_trace.json.gz under it and returns a
+text table of the device's kernels (grouped by XLA op, or by kernel name where the
+trace has no op), their share of busy time, and how much of the traced span the
+device sat idle (launch gaps, host syncs, loop-condition round trips).
+
+    python -m runtime.profile LOG_DIR [--top=30]
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import glob
+import gzip
+import json
+import os
+import shutil
+import sys
+
+
+@contextlib.contextmanager
+def trace(log_dir: str):
+    import jax
+
+    with jax.profiler.trace(log_dir, create_perfetto_trace=True):
+        yield
+
+
+def _newest_trace(log_dir: str) -> str:
+    found = glob.glob(os.path.join(log_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+    if not found:
+        raise FileNotFoundError(f"no perfetto_trace.json.gz under {log_dir}")
+    return max(found, key=os.path.getmtime)
+
+
+def keep_flat(log_dir: str, dest: str) -> None:
+    """Copies the newest perfetto trace to `dest` (the profiler nests it deeply)."""
+    shutil.copyfile(_newest_trace(log_dir), dest)
+
+
+def device_events(path: str) -> list[dict]:
+    """Complete ('X') events on accelerator timelines, sorted by start."""
+    with gzip.open(path, "rt") as f:
+        data = json.load(f)
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    devices = {
+        e["pid"] for e in events
+        if e.get("ph") == "M" and e.get("name") == "process_name"
+        and e["args"]["name"].startswith(("/device:GPU", "/device:TPU"))
+    }
+    return sorted((e for e in events if e.get("ph") == "X" and e.get("pid") in devices), key=lambda e: e["ts"])
+
+
+def _op(e: dict) -> str:
+    args = e.get("args") or {}
+    return args.get("hlo_op") or args.get("long_name") or e["name"]
+
+
+def summarize(log_dir: str, top: int = 30) -> str:
+    events = device_events(_newest_trace(log_dir))
+    if not events:
+        return "no device events in the trace (CPU backend?)"
+    # Busy time: the union of kernel intervals (streams may overlap).
+    busy, end = 0.0, None
+    for e in events:
+        s, t = e["ts"], e["ts"] + e["dur"]
+        if end is None or s >= end:
+            busy += e["dur"]
+            end = t
+        elif t > end:
+            busy += t - end
+            end = t
+    span = events[-1]["ts"] + events[-1]["dur"] - events[0]["ts"]
+    by_module: dict[str, float] = collections.Counter()
+    for e in events:
+        by_module[(e.get("args") or {}).get("hlo_module", "?")] += e["dur"]
+    total = sum(e["dur"] for e in events)
+    lines = [
+        f"device span {span / 1e3:.2f} ms, busy {busy / 1e3:.2f} ms ({100 * busy / span:.1f}%), "
+        f"{len(events)} kernels, kernel time {total / 1e3:.2f} ms",
+        "modules: " + ", ".join(f"{m} {t / 1e3:.2f} ms" for m, t in sorted(by_module.items(), key=lambda x: -x[1])),
+    ]
+    # By XLA op (a command buffer groups many kernels) and by kernel name.
+    for title, key in (("op", _op), ("kernel", lambda e: e["name"])):
+        groups: dict[str, list[float]] = collections.defaultdict(list)
+        for e in events:
+            groups[key(e)].append(e["dur"])
+        lines.append(f"{'total ms':>9} {'%':>6} {'count':>6} {'mean us':>9}  {title}")
+        for name, durs in sorted(groups.items(), key=lambda x: -sum(x[1]))[:top]:
+            s = sum(durs)
+            lines.append(f"{s / 1e3:9.3f} {100 * s / total:6.2f} {len(durs):6d} {s / len(durs):9.1f}  {name[:110]}")
+    # Kernels by duration: how much time goes to launches that do almost nothing.
+    small = collections.Counter()
+    for e in events:
+        small[next(b for b in (2, 5, 20, 100, float("inf")) if e["dur"] < b)] += 1
+    lines.append("kernels by duration (us): " + ", ".join(f"<{b}: {n}" for b, n in sorted(small.items())))
+    # The largest idle gaps between consecutive kernels, where the device waited.
+    gaps = []
+    end = events[0]["ts"] + events[0]["dur"]
+    for prev, e in zip(events, events[1:]):
+        if e["ts"] > end:
+            gaps.append((e["ts"] - end, _op(prev), _op(e)))
+        end = max(end, e["ts"] + e["dur"])
+    gaps.sort(reverse=True)
+    idle = sum(g for g, *_ in gaps)
+    buckets = collections.Counter()
+    for g, *_ in gaps:
+        buckets[next(b for b in (5, 20, 100, 1000, float("inf")) if g < b)] += g
+    lines.append(
+        f"idle {idle / 1e3:.2f} ms in {len(gaps)} gaps; by gap length (us): "
+        + ", ".join(f"<{b}: {t / 1e3:.2f} ms" for b, t in sorted(buckets.items())) + "; largest:"
+    )
+    lines += [f"  {g:9.1f} us  after {a[:50]}  before {b[:50]}" for g, a, b in gaps[:8]]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    top = next((int(a.split("=")[1]) for a in sys.argv[2:] if a.startswith("--top=")), 30)
+    print(summarize(sys.argv[1], top))

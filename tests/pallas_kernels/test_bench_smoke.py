@@ -1,0 +1,90 @@
+"""pallas_kernels.bench runs end to end (tiny shapes, kernels interpreted on CPU) and its
+table holds numbers; its correctness guard marks a wrong kernel and a failing kernel
+costs only its cell. Speed is not checked: interpreted kernels say nothing about it."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import jax.numpy as jnp
+import pytest
+
+from pallas_kernels import bench
+from pallas_kernels.flash_attention import gpu as flash_gpu
+from pallas_kernels.paged_attention import gpu as paged_gpu
+
+COL = {name: i for i, name in enumerate(bench.COLUMNS)}
+
+
+def _table_rows(report: str) -> dict[str, list[str]]:
+    """config -> cells of its table row."""
+    rows = {}
+    for line in report.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells[0] in ("decode", "prefill"):
+            rows[cells[COL["config"]]] = cells
+    return rows
+
+
+def _number(cell: str) -> float:
+    return float(cell.split()[0])
+
+
+def test_smoke_table_has_numbers():
+    report, results = bench.run(bench.Options(interpret=True, reps=2))
+    rows = _table_rows(report)
+    suite = bench.SMOKE
+    assert len(rows) == len(suite.decode_batches) * len(suite.decode_contexts) * len(suite.page_sizes) + len(
+        suite.prefill
+    )
+    for config, cells in rows.items():
+        columns = ("ours ms", "bundled ms", "xla ms") if cells[0] == "decode" else ("ours ms", "xla ms")
+        for column in columns:
+            assert _number(cells[COL[column]]) > 0, (config, column, cells)
+            assert "!" not in cells[COL[column]], f"{config} {column} failed its check: {cells}"
+        assert _number(cells[COL["ours rate"]]) > 0
+    for row in results["rows"]:
+        for variant in row["variants"]:
+            assert variant["error"] is None, variant
+            assert variant["rel_err"] is not None and variant["rel_err"] <= bench.REL_ERR_BOUND, variant
+    assert report.splitlines()[-1].startswith("| prefill"), "the table must come last"
+
+
+def test_guard_marks_wrong_kernel_and_survives_failing_one(monkeypatch):
+    def wrong(q, *args, **kwargs):  # attention that ignores the keys: plausible, finite, wrong
+        return q * 0.5
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr(paged_gpu, "paged_attention", wrong)
+    monkeypatch.setattr(flash_gpu, "flash_attention", broken)
+    report, _ = bench.run(bench.Options(interpret=True, reps=1))
+    for cells in _table_rows(report).values():
+        if cells[0] == "decode":
+            assert cells[COL["ours ms"]].endswith("!"), cells
+            assert cells[COL["speedup"]] == "-", "a failed check must not count as our time"
+            assert _number(cells[COL["bundled ms"]]) > 0
+        else:
+            assert "kernel exploded" in cells[COL["ours ms"]], cells
+            assert _number(cells[COL["xla ms"]]) > 0
+
+
+@pytest.mark.parametrize("S", bench.FULL.page_sizes)
+def test_bundled_knobs_are_accepted(S):
+    """The bundled kernel asserts these; a bad choice would lose the whole column."""
+    for ctx, k_splits in itertools.product(bench.FULL.decode_contexts, (16, 4, 1)):
+        mp = ctx // S
+        knobs = bench._bundled_knobs(mp, S, k_splits)
+        ks, ppcb = knobs["k_splits"], knobs["pages_per_compute_block"]
+        assert mp % ks == 0 and (mp // ks) % ppcb == 0, (ctx, S, knobs)
+
+
+def test_rotation_fits_budget():
+    budget = bench.POOL_FRACTION * (80 << 30)
+    for B, ctx in itertools.product(bench.FULL.decode_batches, bench.FULL.decode_contexts):
+        nbytes = 2 * B * ctx * 8 * 128 * jnp.dtype(jnp.bfloat16).itemsize  # K and V, 8 kv heads of 128
+        sets = bench._rotation(nbytes, bench.FULL, budget)
+        assert sets * nbytes <= budget
+        assert sets >= min(2, math.floor(budget / nbytes)), (B, ctx, sets)
