@@ -49,27 +49,6 @@ flags.DEFINE_string("profile_dir", None, "Trace 3 decode calls per batch size he
 FLAGS = flags.FLAGS
 
 
-def measure_copy_bandwidth(nbytes: int = 4 << 30, passes: int = 10) -> float:
-    """Bytes/s of an elementwise pass over `nbytes` (read + write counted). `passes`
-    back-to-back dispatches are timed together so launch and sync overheads vanish;
-    best of 5 repetitions."""
-    import jax
-    import jax.numpy as jnp
-
-    x = jnp.ones((nbytes // 4,), jnp.float32)
-    f = jax.jit(lambda x: x * 1.0001)
-    x = jax.block_until_ready(f(x))
-    best = float("inf")
-    for _ in range(5):
-        t = time.perf_counter()
-        for _ in range(passes):
-            x = f(x)
-        jax.block_until_ready(x)
-        best = min(best, (time.perf_counter() - t) / passes)
-    del x
-    return 2 * nbytes / best
-
-
 def random_model(cfg, dtype):
     """The model with random weights made on the device, one small program per shape
     (one jitted init of the whole model compiles for minutes at 8B)."""
@@ -249,7 +228,9 @@ def main(argv):
     import jax
 
     t = time.perf_counter()
-    bandwidth = measure_copy_bandwidth(4 << 30 if jax.default_backend() != "cpu" else 256 << 20)
+    from pallas_kernels.bench import copy_bandwidth
+
+    bandwidth = copy_bandwidth(4 << 30 if jax.default_backend() != "cpu" else 256 << 20)
     model = random_model(cfg, FLAGS.dtype)
     jax.block_until_ready(model)
     print(f"bandwidth {bandwidth / 1e12:.2f} TB/s; random weights in {time.perf_counter() - t:.0f} s", flush=True)
