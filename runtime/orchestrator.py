@@ -161,7 +161,9 @@ class Orchestrator:
         return True
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work() or self._inflight is not None
+        """True while a request has not yet had its last output (an aborted one
+        still owes it) or a call is in flight."""
+        return bool(self._tracks) or self._inflight is not None
 
     @property
     def num_compiles_since_ready(self) -> int:
