@@ -42,7 +42,7 @@ flags.DEFINE_string("json_out", None, "Write the results here as JSON.")
 flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Parameter and KV cache dtype.")
 flags.DEFINE_integer("page_size", 16, "Tokens per KV page.")
 flags.DEFINE_integer("decode_steps_per_call", 4, "Decode steps per dispatch.")
-flags.DEFINE_enum("attention", "reference", ["reference", "pallas"], "Attention implementation.")
+flags.DEFINE_enum("attention", "auto", ["auto", "reference", "pallas"], "Attention (auto: Pallas on GPU).")
 flags.DEFINE_integer("max_prefill_tokens", 16384, "Prompt tokens per prefill call at most (activation memory).")
 flags.DEFINE_string("profile_dir", None, "Trace 3 decode calls per batch size here (jax.profiler) and print "
                     "where their device time goes (runtime/profile.py).")
@@ -80,7 +80,7 @@ def bench_batch(model, batch: int, bandwidth: float) -> dict:
     import numpy as np
 
     from runtime.config import EngineConfig
-    from runtime.engine import Engine
+    from runtime.engine import Engine, attention_impl
     from runtime.kv_cache import KVCache
     from runtime.orchestrator import Orchestrator, Request
     from runtime.sampling import SamplingParams, SlotSampling
@@ -189,7 +189,7 @@ def bench_batch(model, batch: int, bandwidth: float) -> dict:
     per_step_s = batch / agg if agg == agg else float("nan")
     ttft = sorted(first_token.values())
     return dict(
-        batch=batch, compile_s=compile_s, prefill_tok_s=FLAGS.prompt_len / prefill_s,
+        batch=batch, attention=attention_impl(ecfg), compile_s=compile_s, prefill_tok_s=FLAGS.prompt_len / prefill_s,
         ttft_mean_s=statistics.mean(ttft), ttft_p50_s=statistics.median(ttft),
         decode_tok_s=agg, decode_tok_s_per_seq=agg / batch, step_ms=per_step_s * 1e3,
         roofline_step_ms=floor_s * 1e3, roofline_frac=floor_s / per_step_s,
@@ -241,7 +241,7 @@ def main(argv):
         print(json.dumps(rows[-1]), flush=True)
     print(f"\n{FLAGS.model} ({cfg.num_params() / 1e9:.2f}B params, {FLAGS.dtype}) on {device}, "
           f"jax {jax.__version__}, prompt {FLAGS.prompt_len}, gen {FLAGS.gen_len}, "
-          f"{FLAGS.decode_steps_per_call} steps/call, attention={FLAGS.attention}, "
+          f"{FLAGS.decode_steps_per_call} steps/call, attention={rows[0]['attention'] if rows else FLAGS.attention}, "
           f"copy bandwidth {bandwidth / 1e12:.2f} TB/s")
     head = ("batch", "decode tok/s", "per seq", "step ms", "roofline ms", "% roofline", "HBM TB/s",
             "prefill tok/s", "TTFT mean s", "HF tok/s", "vs HF", "call ms: device/synced/loop",

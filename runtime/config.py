@@ -316,7 +316,7 @@ def _from_hf(hf: dict[str, Any]) -> ModelConfig:
     )
 
 
-ATTENTION_CHOICES = ("reference", "pallas")
+ATTENTION_CHOICES = ("auto", "reference", "pallas")  # auto: pallas on GPU, else reference
 CACHE_DTYPES = ("bfloat16", "float32")
 
 
@@ -346,7 +346,7 @@ class EngineConfig:
     prefill_lengths: tuple[int, ...] = ()  # () -> powers of two from 32 up to min(max_model_len, 2048)
     prefill_batch_sizes: tuple[int, ...] = (1,)
     decode_steps_per_call: int = 1
-    attention: str = "reference"
+    attention: str = "auto"
     cache_dtype: str = "bfloat16"
     num_top_logprobs: int = 0  # top-N logprobs computed per step (0: only the chosen token's)
     seed: int = 0  # base of per-request seeds when a request gives none

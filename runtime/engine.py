@@ -188,11 +188,21 @@ def _decode(graphdef, params, cache: KVCache, slots: DecodeSlots, page_table, *,
     return cache, slots, outs
 
 
+def attention_impl(ecfg: EngineConfig) -> str:
+    """The attention path the engine compiles. "auto" takes the Pallas kernels on GPUs,
+    where they are measured (pallas_kernels/BENCHMARKS.md), and the reference elsewhere:
+    on CPU the kernels only run interpreted, and the TPU kernels are verified in the
+    interpreter and compiled by libtpu but not yet run on a TPU."""
+    if ecfg.attention != "auto":
+        return ecfg.attention
+    return "pallas" if jax.default_backend() == "gpu" else "reference"
+
+
 def prefill_variants(ecfg: EngineConfig) -> tuple[bool, ...]:
     """Prefill programs by "fresh" (every row starts at 0): the Pallas path compiles a
     fresh variant (flash attention over the chunk) and, when prompts can be longer than
     the largest prefill length, a continuation variant; the reference needs one."""
-    if ecfg.attention == "reference":
+    if attention_impl(ecfg) == "reference":
         return (False,)
     chunked = ecfg.max_model_len - 1 > max(ecfg.prefill_lengths)
     return (True, False) if chunked else (True,)
@@ -231,7 +241,7 @@ class Engine:
             sharding=cache_sharding or replicated,
         )
         self.slots = jax.device_put(DecodeSlots.create(ecfg.max_num_seqs, self.cfg.vocab_size), replicated)
-        static = dict(attn_impl=ecfg.attention, num_top_logprobs=ecfg.num_top_logprobs)
+        static = dict(attn_impl=attention_impl(ecfg), num_top_logprobs=ecfg.num_top_logprobs)
         # Prefill variants: with the Pallas kernels a call whose rows all start at 0
         # ("fresh") runs flash attention over the chunk; chunks continuing a long prompt
         # need the paged path. The reference serves both in one variant.

@@ -25,7 +25,8 @@ def define_engine_flags() -> None:
     flags.DEFINE_list("prefill_lengths", [], "Prefill length buckets (default: powers of two up to 2048).")
     flags.DEFINE_list("prefill_batch_sizes", ["1"], "Prompts per prefill call buckets.")
     flags.DEFINE_integer("decode_steps_per_call", 1, "Decode steps per dispatch.")
-    flags.DEFINE_enum("attention", "reference", list(ATTENTION_CHOICES), "Attention implementation.")
+    flags.DEFINE_enum("attention", "auto", list(ATTENTION_CHOICES),
+                      "Attention: the Pallas kernels, the jnp reference, or auto (Pallas on GPU).")
     flags.DEFINE_integer("num_top_logprobs", 0, "Top-N logprobs computed per step (max a request may ask).")
 
 

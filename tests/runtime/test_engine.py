@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import importlib.metadata
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from runtime.config import EngineConfig, ModelConfig
+from runtime.config import ConfigError, EngineConfig, ModelConfig
 from runtime.engine import Engine
 from runtime.orchestrator import Orchestrator, Request, RequestError
 from runtime.sampling import SamplingParams
@@ -218,3 +219,14 @@ def test_bad_requests_are_rejected(model, tokenizer, request_kwargs, match):
     with pytest.raises(RequestError, match=match):
         orc.add_request(Request("bad", **request_kwargs))
     assert not orc.has_work()
+
+
+def test_attention_auto_resolves_by_backend():
+    from runtime.engine import attention_impl
+
+    expected = "pallas" if jax.default_backend() == "gpu" else "reference"
+    assert attention_impl(EngineConfig()) == expected
+    assert attention_impl(EngineConfig(attention="pallas")) == "pallas"
+    assert attention_impl(EngineConfig(attention="reference")) == "reference"
+    with pytest.raises(ConfigError, match="attention='flash'"):
+        EngineConfig(attention="flash")
