@@ -17,7 +17,6 @@ attention implementations at any shape. --profile_dir adds a kernel-level breakd
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import statistics
@@ -47,31 +46,6 @@ flags.DEFINE_integer("max_prefill_tokens", 16384, "Prompt tokens per prefill cal
 flags.DEFINE_string("profile_dir", None, "Trace 3 decode calls per batch size here (jax.profiler) and print "
                     "where their device time goes (runtime/profile.py).")
 FLAGS = flags.FLAGS
-
-
-def random_model(cfg, dtype):
-    """The model with random weights made on the device, one small program per shape
-    (one jitted init of the whole model compiles for minutes at 8B)."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from runtime.models.transformer import abstract_model
-
-    graphdef, state = nnx.split(abstract_model(cfg, jnp.dtype(dtype)))
-    @functools.lru_cache(maxsize=None)
-    def maker(shape, dtype):
-        return jax.jit(lambda key: (jax.random.normal(key, shape, jnp.float32) * 0.02).astype(dtype))
-
-    flat = nnx.to_flat_state(state)
-    for i, (path, var) in enumerate(flat):
-        like = var.get_value()
-        if path[-1] == "scale":  # norms: 1 (0 in the 1 + w form) keeps activations sane
-            value = jnp.full(like.shape, 0.0 if cfg.norm_plus_one else 1.0, like.dtype)
-        else:
-            value = maker(like.shape, like.dtype)(jax.random.key(i))
-        var.set_value(value)
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
 def bench_batch(model, batch: int, bandwidth: float) -> dict:
@@ -231,6 +205,8 @@ def main(argv):
     from pallas_kernels.bench import copy_bandwidth
 
     bandwidth = copy_bandwidth(4 << 30 if jax.default_backend() != "cpu" else 256 << 20)
+    from runtime.random_weights import random_model
+
     model = random_model(cfg, FLAGS.dtype)
     jax.block_until_ready(model)
     print(f"bandwidth {bandwidth / 1e12:.2f} TB/s; random weights in {time.perf_counter() - t:.0f} s", flush=True)

@@ -1,0 +1,269 @@
+"""python -m runtime.bench_serving --target=HOST:PORT [--num_prompts=200] [--request_rate=inf]
+
+Serving benchmark against a running runtime.serve, with the definitions of vLLM's
+benchmark_serving:
+  TTFT   time to first token: request sent -> first response carrying a token
+  TPOT   time per output token excluding the first: (E2EL - TTFT) / (output tokens - 1),
+         per request with more than one output token
+  ITL    inter-token latency: the gaps between a request's consecutive responses (a
+         response carrying several tokens, from a multi-step decode call, is one gap)
+  E2EL   end-to-end latency: request sent -> last response
+  request throughput = completed requests / duration; output token throughput =
+  generated tokens / duration; total token throughput = (prompt + generated) / duration,
+  where duration runs from the first request sent to the last response received.
+  goodput = completed requests meeting every --slo (ttft, tpot, e2el in ms) / duration.
+Each latency reports mean, median (p50) and p99 in ms.
+
+Arrivals: Poisson at --request_rate requests/s (gamma with --burstiness != 1), or all at
+once (inf); --max_concurrency caps requests in flight. Prompts are random token ids,
+sent as token ids (exact lengths, and the only input a `--checkpoint=preset:NAME`
+server without a tokenizer takes); --dataset=fixed draws input/output lengths uniformly
+in len * [1 - range_ratio, 1 + range_ratio], --dataset=sharegpt draws them from
+lognormal fits of ShareGPT conversation lengths, clipped to the server's context.
+Requests ignore EOS by default, so every request generates its output length.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import math
+import sys
+import time
+
+import numpy as np
+from absl import app, flags
+
+from runtime import flags as xflags
+
+flags.DEFINE_string("target", "localhost:50051", "Server address HOST:PORT.")
+flags.DEFINE_integer("num_prompts", 200, "Requests to send.")
+flags.DEFINE_float("request_rate", float("inf"), "Requests per second (Poisson); inf sends them all at once.")
+flags.DEFINE_float("burstiness", 1.0, "Gamma shape of the inter-arrival times; 1 is Poisson, lower is burstier.")
+flags.DEFINE_integer("max_concurrency", None, "At most this many requests in flight.")
+flags.DEFINE_enum("dataset", "fixed", ["fixed", "sharegpt"], "Input/output length distribution.")
+flags.DEFINE_integer("input_len", 512, "--dataset=fixed: prompt tokens.")
+flags.DEFINE_integer("output_len", 128, "--dataset=fixed: output tokens.")
+flags.DEFINE_float("range_ratio", 0.0, "--dataset=fixed: lengths uniform in len * [1 - r, 1 + r].")
+flags.DEFINE_float("temperature", 0.0, "Sampling temperature of every request.")
+flags.DEFINE_bool("ignore_eos", True, "Generate every request's full output length.")
+flags.DEFINE_multi_string("slo", [], "Goodput SLO KEY:MS, KEY in ttft, tpot, e2el (repeatable, or comma-separated).")
+flags.DEFINE_integer("seed", 0, "Seed of lengths, prompts and arrivals.")
+flags.DEFINE_float("ready_timeout_s", 600.0, "Wait this long for the server to be SERVING.")
+flags.DEFINE_string("json_out", None, "Write the results here as JSON.")
+FLAGS = flags.FLAGS
+
+# Lognormal fits (of token counts) to the ShareGPT V3 conversations that vLLM's benchmark
+# samples: median prompt ~ 100 and output ~ 170 tokens, long tails.
+_SHAREGPT = dict(input=(4.6, 1.1), output=(5.1, 0.9))
+SLO_KEYS = ("ttft", "tpot", "e2el")
+
+
+@dataclasses.dataclass
+class Result:
+    prompt_len: int
+    success: bool = False
+    error: str = ""
+    output_len: int = 0
+    ttft: float = 0.0
+    e2el: float = 0.0
+    itl: list[float] = dataclasses.field(default_factory=list)
+
+    @property
+    def tpot(self) -> float | None:
+        return (self.e2el - self.ttft) / (self.output_len - 1) if self.output_len > 1 else None
+
+
+def parse_slos(values: list[str]) -> dict[str, float]:
+    """["ttft:500", "tpot:50,e2el:2000"] -> {"ttft": 0.5, ...} in seconds."""
+    slos = {}
+    for item in ",".join(values).split(","):
+        if not item.strip():
+            continue
+        key, _, ms = item.partition(":")
+        if key not in SLO_KEYS:
+            raise ValueError(f"--slo {item!r}: the key must be one of {', '.join(SLO_KEYS)}")
+        try:
+            slos[key] = float(ms) / 1e3
+        except ValueError:
+            raise ValueError(f"--slo {item!r}: give KEY:MILLISECONDS, e.g. ttft:500") from None
+    return slos
+
+
+def sample_lengths(n: int, rng: np.random.Generator, *, dataset: str, input_len: int, output_len: int,
+                   range_ratio: float, max_model_len: int) -> list[tuple[int, int]]:
+    """(prompt tokens, output tokens) per request, each pair within the context."""
+    if dataset == "fixed":
+        lo_i, hi_i = max(1, int(input_len * (1 - range_ratio))), max(1, int(input_len * (1 + range_ratio)))
+        lo_o, hi_o = max(1, int(output_len * (1 - range_ratio))), max(1, int(output_len * (1 + range_ratio)))
+        ins = rng.integers(lo_i, hi_i + 1, n)
+        outs = rng.integers(lo_o, hi_o + 1, n)
+    else:
+        ins = np.clip(rng.lognormal(*_SHAREGPT["input"], n).astype(int), 4, 1024)
+        outs = np.clip(rng.lognormal(*_SHAREGPT["output"], n).astype(int), 4, 1024)
+    pairs = []
+    for i, o in zip(ins.tolist(), outs.tolist()):
+        i = min(i, max_model_len - 1)
+        pairs.append((i, max(1, min(o, max_model_len - i))))
+    return pairs
+
+
+def arrival_gaps(n: int, rate: float, burstiness: float, rng: np.random.Generator) -> list[float]:
+    """Seconds to wait before each request (vLLM: gamma with mean 1/rate)."""
+    if math.isinf(rate):
+        return [0.0] * n
+    return rng.gamma(burstiness, 1.0 / (rate * burstiness), n).tolist()
+
+
+def summarize(results: list[Result], duration: float, slos: dict[str, float]) -> dict:
+    ok = [r for r in results if r.success]
+    ms = lambda xs: dict(  # noqa: E731
+        mean=float(np.mean(xs)) * 1e3 if xs else 0.0, median=float(np.median(xs)) * 1e3 if xs else 0.0,
+        p99=float(np.percentile(xs, 99)) * 1e3 if xs else 0.0,
+    )
+    tpots = [r.tpot for r in ok if r.tpot is not None]
+    good = 0
+    for r in ok:
+        values = dict(ttft=r.ttft, tpot=r.tpot or 0.0, e2el=r.e2el)
+        good += all(values[k] <= v for k, v in slos.items())
+    inp, out = sum(r.prompt_len for r in ok), sum(r.output_len for r in ok)
+    errors: dict[str, int] = {}
+    for r in results:
+        if not r.success:
+            errors[r.error] = errors.get(r.error, 0) + 1
+    return dict(
+        completed=len(ok), failed=len(results) - len(ok), errors=errors, duration_s=duration,
+        total_input_tokens=inp, total_output_tokens=out,
+        request_throughput=len(ok) / duration, output_throughput=out / duration,
+        total_token_throughput=(inp + out) / duration,
+        request_goodput=good / duration if slos else None, slo_ms={k: v * 1e3 for k, v in slos.items()},
+        ttft_ms=ms([r.ttft for r in ok]), tpot_ms=ms(tpots), itl_ms=ms([x for r in ok for x in r.itl]),
+        e2el_ms=ms([r.e2el for r in ok]),
+    )
+
+
+def format_report(s: dict) -> str:
+    lines = ["{s:{c}^50}".format(s=" Serving Benchmark Result ", c="=")]
+    row = lambda k, v: lines.append(f"{k:<40}{v:<10}")  # noqa: E731
+    row("Successful requests:", s["completed"])
+    row("Failed requests:", s["failed"])
+    for err, n in s["errors"].items():
+        row(f"  {err[:36]}:", n)
+    row("Benchmark duration (s):", f"{s['duration_s']:.2f}")
+    row("Total input tokens:", s["total_input_tokens"])
+    row("Total generated tokens:", s["total_output_tokens"])
+    row("Request throughput (req/s):", f"{s['request_throughput']:.2f}")
+    if s["request_goodput"] is not None:
+        row("Request goodput (req/s):", f"{s['request_goodput']:.2f}")
+    row("Output token throughput (tok/s):", f"{s['output_throughput']:.2f}")
+    row("Total Token throughput (tok/s):", f"{s['total_token_throughput']:.2f}")
+    for key, title, short in (("ttft_ms", "Time to First Token", "TTFT"),
+                              ("tpot_ms", "Time per Output Token (excl. 1st token)", "TPOT"),
+                              ("itl_ms", "Inter-token Latency", "ITL"), ("e2el_ms", "End-to-end Latency", "E2EL")):
+        lines.append("{s:{c}^50}".format(s=title, c="-"))
+        for stat in ("mean", "median", "p99"):
+            row(f"{stat.capitalize() if stat != 'p99' else 'P99'} {short} (ms):", f"{s[key][stat]:.2f}")
+    lines.append("=" * 50)
+    return "\n".join(lines)
+
+
+async def _one(client, prompt: list[int], output_len: int, temperature: float, ignore_eos: bool) -> Result:
+    import grpc
+
+    res = Result(prompt_len=len(prompt))
+    start = last = time.perf_counter()
+    try:
+        call = client.generate(token_ids=prompt, max_tokens=output_len, temperature=temperature, ignore_eos=ignore_eos)
+        async for r in call:
+            now = time.perf_counter()
+            if r.token_ids:
+                if res.output_len == 0:
+                    res.ttft = now - start
+                else:
+                    res.itl.append(now - last)
+                last = now
+                res.output_len += len(r.token_ids)
+        res.e2el = time.perf_counter() - start
+        res.success = res.output_len > 0
+        if not res.success:
+            res.error = "no tokens"
+    except grpc.aio.AioRpcError as e:
+        res.error = e.code().name
+    return res
+
+
+async def run_benchmark(target: str, *, num_prompts: int, request_rate: float, burstiness: float,
+                        max_concurrency: int | None, dataset: str, input_len: int, output_len: int,
+                        range_ratio: float, temperature: float, ignore_eos: bool, slos: dict[str, float],
+                        seed: int, ready_timeout_s: float = 600.0) -> dict:
+    from runtime.client import AsyncClient
+
+    rng = np.random.default_rng(seed)
+    async with AsyncClient(target) as client:
+        await client.wait_until_serving(ready_timeout_s)
+        info = await client.model_info()
+        vocab = info.config.vocab_size
+        lengths = sample_lengths(num_prompts, rng, dataset=dataset, input_len=input_len, output_len=output_len,
+                                 range_ratio=range_ratio, max_model_len=info.max_model_len)
+        # Ids from the lower vocabulary, away from id 0..9 (often special tokens).
+        low, high = min(10, vocab - 1), min(vocab, 32000)
+        prompts = [rng.integers(low, high, n).tolist() for n, _ in lengths]
+        gaps = arrival_gaps(num_prompts, request_rate, burstiness, rng)
+        # A warm-up request, as vLLM's benchmark sends: it must succeed.
+        probe = await _one(client, prompts[0][:16], 4, temperature, True)
+        if not probe.success:
+            raise RuntimeError(f"the warm-up request failed: {probe.error}")
+        limit = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+
+        async def limited(prompt, n):
+            if limit is None:
+                return await _one(client, prompt, n, temperature, ignore_eos)
+            async with limit:
+                return await _one(client, prompt, n, temperature, ignore_eos)
+
+        start = time.perf_counter()
+        tasks = []
+        for (_, n), prompt, gap in zip(lengths, prompts, gaps):
+            if gap:
+                await asyncio.sleep(gap)
+            tasks.append(asyncio.ensure_future(limited(prompt, n)))
+        results = await asyncio.gather(*tasks)
+        duration = time.perf_counter() - start
+    summary = summarize(results, duration, slos)
+    summary.update(target=target, model=info.model, num_prompts=num_prompts, request_rate=request_rate,
+                   burstiness=burstiness, max_concurrency=max_concurrency, dataset=dataset)
+    return summary
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        xflags.usage_error(f"unexpected arguments: {' '.join(argv[1:])}")
+    try:
+        slos = parse_slos(FLAGS.slo)
+    except ValueError as e:
+        xflags.usage_error(str(e))
+    if FLAGS.num_prompts < 1 or not FLAGS.request_rate > 0 or FLAGS.burstiness <= 0:
+        xflags.usage_error("--num_prompts must be >= 1, --request_rate and --burstiness > 0")
+    import grpc
+
+    try:
+        summary = asyncio.run(run_benchmark(
+            FLAGS.target, num_prompts=FLAGS.num_prompts, request_rate=FLAGS.request_rate,
+            burstiness=FLAGS.burstiness, max_concurrency=FLAGS.max_concurrency, dataset=FLAGS.dataset,
+            input_len=FLAGS.input_len, output_len=FLAGS.output_len, range_ratio=FLAGS.range_ratio,
+            temperature=FLAGS.temperature, ignore_eos=FLAGS.ignore_eos, slos=slos, seed=FLAGS.seed,
+            ready_timeout_s=FLAGS.ready_timeout_s,
+        ))
+    except (grpc.aio.AioRpcError, RuntimeError, TimeoutError) as e:
+        msg = f"{e.code().name}: {e.details()}" if isinstance(e, grpc.aio.AioRpcError) else str(e)
+        print(f"error: {msg}", file=sys.stderr)
+        sys.exit(1)
+    print(format_report(summary))
+    if FLAGS.json_out:
+        with open(FLAGS.json_out, "w") as f:
+            json.dump(summary, f, indent=1)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=xflags.parse_flags)

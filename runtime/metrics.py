@@ -1,0 +1,78 @@
+"""Prometheus metrics of the gRPC server (prometheus_client), served over HTTP.
+
+Every server owns its own `CollectorRegistry`, so several servers (tests) can live in
+one process. The engine thread observes latencies and counts tokens as it produces
+them; gauges are set once per engine step. Latencies are measured in the server
+from a request's admission:
+  time to first token   admission -> the first generated token leaves the engine
+  inter-token latency   between a request's consecutive outputs, per token: an output
+                        of n tokens (multi-step decode) counts n gaps of 1/n of the time
+                        since the previous one; the first output counts for TTFT only
+  end-to-end latency    admission -> the last response
+  queue time            admission -> the request gets a decode slot (its first prefill)
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                 20.0, 40.0, 80.0, 160.0, 640.0)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2,
+                0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
+_E2E_BUCKETS = (0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
+                120.0, 240.0, 480.0, 960.0, 1920.0)
+_QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+ABORT_REASONS = ("cancelled", "deadline", "abort_rpc", "drain")
+FINISH_REASONS = ("stop", "length", "abort")
+REJECT_CODES = ("RESOURCE_EXHAUSTED", "UNAVAILABLE", "INVALID_ARGUMENT", "FAILED_PRECONDITION", "ALREADY_EXISTS")
+
+
+class ServerMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.ttft = Histogram("xlserve_time_to_first_token_seconds", "Admission to the first generated token.",
+                              buckets=_TTFT_BUCKETS, registry=r)
+        self.itl = Histogram("xlserve_inter_token_latency_seconds", "Time between a request's consecutive tokens.",
+                             buckets=_ITL_BUCKETS, registry=r)
+        self.e2e = Histogram("xlserve_e2e_request_latency_seconds", "Admission to the last response.",
+                             buckets=_E2E_BUCKETS, registry=r)
+        self.queue = Histogram("xlserve_request_queue_time_seconds", "Admission to getting a decode slot.",
+                               buckets=_QUEUE_BUCKETS, registry=r)
+        self.running = Gauge("xlserve_num_requests_running", "Requests holding a decode slot.", registry=r)
+        self.waiting = Gauge("xlserve_num_requests_waiting", "Admitted requests waiting for a slot.", registry=r)
+        self.pages_used = Gauge("xlserve_kv_pages_used", "KV cache pages in use.", registry=r)
+        self.pages_total = Gauge("xlserve_kv_pages_total", "KV cache pages.", registry=r)
+        self.ready = Gauge("xlserve_ready", "1 while the model is loaded, warm and admitting requests.", registry=r)
+        self.preemptions = Counter("xlserve_preemptions", "Running requests preempted for KV pages (recomputed).",
+                                   registry=r)
+        self.aborted = Counter("xlserve_requests_aborted", "Requests ended early, by reason.", ["reason"], registry=r)
+        self.failed = Counter("xlserve_requests_failed", "Admitted requests that failed with INTERNAL.", registry=r)
+        self.rejected = Counter("xlserve_requests_rejected", "Requests refused before admission, by status code.",
+                                ["code"], registry=r)
+        self.finished = Counter("xlserve_requests_finished", "Requests answered with a last response, by reason.",
+                                ["finish_reason"], registry=r)
+        self.prompt_tokens = Counter("xlserve_prompt_tokens", "Prompt tokens admitted.", registry=r)
+        self.generation_tokens = Counter("xlserve_generation_tokens", "Tokens generated.", registry=r)
+        self.compilations = Counter("xlserve_compilations", "XLA compilations after warm-up (0 expected).",
+                                    registry=r)
+        for reason in ABORT_REASONS:  # every series exists from the start, at 0
+            self.aborted.labels(reason=reason)
+        for reason in FINISH_REASONS:
+            self.finished.labels(finish_reason=reason)
+        for code in REJECT_CODES:
+            self.rejected.labels(code=code)
+
+    def serve(self, port: int, addr: str = "0.0.0.0") -> int:
+        """Serves /metrics on `port` (0: any free port) in a daemon thread; returns the port."""
+        httpd, _ = start_http_server(port, addr=addr, registry=self.registry)
+        self._httpd = httpd
+        return httpd.server_address[1]
+
+    def close(self) -> None:
+        httpd = getattr(self, "_httpd", None)
+        if httpd is not None:
+            httpd.shutdown()
+            httpd.server_close()

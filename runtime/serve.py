@@ -1,0 +1,138 @@
+"""python -m runtime.serve --checkpoint=DIR|ALIAS|preset:NAME --port=50051 [--metrics_port=9090] [engine flags]
+
+Serves the xlserve.v1.Generation gRPC service (runtime/server.py) with gRPC health and
+reflection. The port opens at once with health NOT_SERVING; it turns SERVING once the
+weights are loaded and the engine is warm. `--checkpoint=preset:llama3.1-8b` (any name
+in runtime/presets.py, or preset:path/config.json) serves random weights of those
+shapes, for benchmarks: no tokenizer, so token-id input only and no text out.
+
+SIGTERM (or SIGINT): health NOT_SERVING, new requests UNAVAILABLE, requests in flight
+get --drain_timeout_s to finish (then are aborted), exit code 0. A model that fails to
+load exits with one line on stderr: code 2 for a bad checkpoint or capacity, else 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from absl import app, flags
+from absl import logging as absl_logging
+
+from runtime import flags as xflags
+from runtime.config import ConfigError
+
+flags.DEFINE_string("host", "[::]", "Address to bind.")
+flags.DEFINE_integer("port", 50051, "gRPC port (0: any free port; the chosen one is printed).")
+flags.DEFINE_integer("metrics_port", None, "Serve Prometheus /metrics on this port (0: any free port).")
+flags.DEFINE_integer("max_queue", 128, "Requests admitted beyond --max_num_seqs (waiting); more: RESOURCE_EXHAUSTED.")
+flags.DEFINE_integer("max_pending_tokens", 0, "Budget of prompt + max_tokens over the requests in flight; 0: none.")
+flags.DEFINE_float("drain_timeout_s", 30.0, "On SIGTERM, how long requests in flight may take to finish.")
+xflags.define_engine_flags()
+FLAGS = flags.FLAGS
+
+log = logging.getLogger("runtime.serve")
+
+
+def _loader(checkpoint: str, ecfg, dtype: str):
+    """What the engine thread runs to build (engine, tokenizer)."""
+
+    def load():
+        from runtime.random_weights import is_preset, load_random_engine
+
+        if is_preset(checkpoint):
+            return load_random_engine(checkpoint, ecfg, dtype=dtype), None
+        from runtime.startup import load_engine
+
+        return load_engine(checkpoint, ecfg, dtype=dtype)
+
+    return load
+
+
+async def _serve(load, config) -> int:
+    from runtime.metrics import ServerMetrics
+    from runtime.server import GenerationServer
+
+    metrics = ServerMetrics()
+    if FLAGS.metrics_port is not None:
+        port = metrics.serve(FLAGS.metrics_port)
+        print(f"xlserve: metrics on http://localhost:{port}/metrics", file=sys.stderr, flush=True)
+    server = GenerationServer(load, config, metrics=metrics)
+    try:
+        port = await server.start(f"{FLAGS.host}:{FLAGS.port}")
+    except RuntimeError as e:  # grpcio: "Failed to bind to address ..."
+        print(f"error: --host={FLAGS.host} --port={FLAGS.port}: {e}", file=sys.stderr)
+        return 2
+    print(f"xlserve: listening on {FLAGS.host}:{port} (NOT_SERVING until the model is loaded and warm)",
+          file=sys.stderr, flush=True)
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    stopped = asyncio.ensure_future(stop.wait())
+    waits = [stopped, asyncio.ensure_future(server.wait_settled())]
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    if server.ready and not stop.is_set():
+        print(f"xlserve: SERVING {config.model_name}", file=sys.stderr, flush=True)
+        waits.append(asyncio.ensure_future(server.wait_failed()))
+        await asyncio.wait([stopped, waits[-1]], return_when=asyncio.FIRST_COMPLETED)
+    for w in waits:
+        w.cancel()
+    if server.fatal is not None:
+        await server.stop()
+        return _report_fatal(server.fatal)
+    print(f"xlserve: draining ({server.num_in_flight} requests in flight, up to {FLAGS.drain_timeout_s} s)",
+          file=sys.stderr, flush=True)
+    await server.drain(FLAGS.drain_timeout_s)
+    print("xlserve: stopped", file=sys.stderr, flush=True)
+    return 0
+
+
+def _report_fatal(exc: BaseException) -> int:
+    from checkpoints.errors import CheckpointError
+    from runtime.startup import CapacityError
+
+    known = (CheckpointError, CapacityError, ConfigError)
+    if isinstance(exc, known):
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    import traceback
+
+    traceback.print_exception(exc)
+    print(f"error: the engine failed: {exc!r}", file=sys.stderr)
+    return 1
+
+
+def main(argv: list[str]) -> None:
+    absl_logging.set_verbosity(absl_logging.WARNING)  # checkpoint restore logs at INFO
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    if len(argv) > 1:
+        xflags.usage_error(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not FLAGS.checkpoint:
+        xflags.usage_error("--checkpoint is required (a directory, an alias such as gemma3-270m, or preset:NAME)")
+    from runtime.random_weights import is_preset, preset_name
+    from runtime.server import ServerConfig
+
+    try:
+        ecfg = xflags.engine_config_from_flags()
+        if is_preset(FLAGS.checkpoint):
+            from runtime.presets import preset_config
+
+            preset_config(preset_name(FLAGS.checkpoint))  # an unknown preset fails here, not in the engine
+        config = ServerConfig(
+            model_name=FLAGS.checkpoint + (" (random weights)" if is_preset(FLAGS.checkpoint) else ""),
+            max_queue=FLAGS.max_queue, max_pending_tokens=FLAGS.max_pending_tokens,
+        )
+    except (ConfigError, ValueError) as e:
+        xflags.usage_error(str(e))
+    if FLAGS.drain_timeout_s < 0:
+        xflags.usage_error(f"--drain_timeout_s={FLAGS.drain_timeout_s} must be >= 0")
+    sys.exit(asyncio.run(_serve(_loader(FLAGS.checkpoint, ecfg, FLAGS.dtype), config)))
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=xflags.parse_flags)

@@ -1,0 +1,564 @@
+"""grpc.aio front end: the xlserve.v1.Generation service, gRPC health and reflection,
+over one engine thread that runs the same orchestrator loop as runtime.generate.
+
+Threads and queues:
+  event loop (grpc.aio)  The RPC handlers. A Generate call is parsed, validated and
+                         tokenized here, then admitted (or refused at once), then
+                         put in the engine's inbox; its handler awaits the request's
+                         own asyncio.Queue and streams what arrives.
+  engine thread          `EngineLoop` (runtime/engine_thread.py), the only code that
+                         touches the orchestrator (and so the engine). It loads the
+                         model and warms it up, then loops: drain the inbox (add,
+                         abort, stop), run one orchestrator step, hand the step's
+                         outputs to the event loop in one `call_soon_threadsafe`. It
+                         never waits on the event loop; with no work it blocks on the
+                         inbox.
+  prometheus thread      /metrics on --metrics_port (runtime/metrics.py).
+
+A request's life: admitted -> `_Stream` registered (counted against --max_queue and
+the token budget) -> the engine adds it -> outputs flow to its queue -> the final
+event (an output with a finish reason, or an error status) removes the stream, so
+every admitted request gets exactly one last message. A client that cancels, or
+whose deadline passes, leaves the handler; its `finally` puts an abort in the inbox,
+and the orchestrator frees the slot and pages before its next step. An Abort RPC
+does the same, and the stream ends with FINISH_REASON_ABORT.
+
+Admission: at most max_num_seqs + max_queue requests in flight and, with
+--max_pending_tokens, at most that many prompt + max_tokens tokens among them;
+beyond, RESOURCE_EXHAUSTED at once. Under KV-page pressure the scheduler preempts
+the newest running request and recomputes it later (same tokens).
+
+Health (grpc.health.v1, service "" and xlserve.v1.Generation): NOT_SERVING until the
+weights are loaded and warm-up is done, SERVING after, NOT_SERVING for good once
+`drain()` starts (SIGTERM in runtime.serve): new requests get UNAVAILABLE, those in
+flight have drain_timeout_s to finish before they are aborted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from runtime.engine_thread import EngineLoop, is_last
+from runtime.metrics import ServerMetrics
+from runtime.orchestrator import Orchestrator, Request, RequestError, RequestOutput
+from runtime.proto import generation as pb
+from runtime.sampling import SamplingError, SamplingParams
+
+log = logging.getLogger(__name__)
+
+Code = grpc.StatusCode
+_SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                    "frequency_penalty", "seed", "logprobs")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    model_name: str = ""  # reported by GetModelInfo
+    max_queue: int = 128  # admitted requests beyond the decode slots
+    max_pending_tokens: int = 0  # budget of prompt + max_tokens over requests in flight; 0: none
+
+    def __post_init__(self):
+        if self.max_queue < 0:
+            raise ValueError(f"max_queue={self.max_queue} must be >= 0")
+        if self.max_pending_tokens < 0:
+            raise ValueError(f"max_pending_tokens={self.max_pending_tokens} must be >= 0 (0: no budget)")
+
+
+class _Reject(Exception):
+    """A request refused before admission: the status code and what to change."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+# --- the event loop side -----------------------------------------------------------------
+
+
+@dataclasses.dataclass(eq=False)
+class _Stream:
+    """An admitted request, as its handler sees it."""
+
+    request_id: str
+    queue: asyncio.Queue
+    cost: int  # prompt + max_tokens: its share of the token budget
+    logprobs: int | None  # what the request asked (None: no logprobs in the responses)
+
+
+def _response(stream: _Stream, out: RequestOutput, final: dict | None) -> "pb.GenerateResponse":
+    r = pb.GenerateResponse(request_id=stream.request_id, token_ids=out.token_ids, text=out.text)
+    if stream.logprobs is not None:
+        r.logprobs.extend(out.logprobs)
+        for top in out.top_logprobs:
+            r.top_logprobs.add().top.extend(pb.TopLogprob(token_id=i, logprob=lp) for i, lp in top)
+    if out.finished:
+        r.finish_reason = pb.FinishReason.BY_NAME[out.finish_reason]
+        r.usage.CopyFrom(pb.Usage(**final["usage"]))
+        r.timings.CopyFrom(pb.Timings(**final["timings"]))
+    return r
+
+
+class GenerationServer:
+    """The gRPC server: Generation service, health, reflection, engine thread, metrics.
+
+    load: see `EngineLoop`; runs in the engine thread after `start()`.
+    """
+
+    def __init__(self, load: Callable[[], tuple[Any, Any]], config: ServerConfig = ServerConfig(), *,
+                 metrics: ServerMetrics | None = None,
+                 orchestrator_factory: Callable[..., Orchestrator] = Orchestrator):
+        self.config = config
+        self.metrics = metrics or ServerMetrics()
+        self.engine_loop = EngineLoop(load, post=self._post, on_ready=self._engine_ready, on_fatal=self._engine_fatal,
+                                 metrics=self.metrics, orchestrator_factory=orchestrator_factory)
+        self.health = health.aio.HealthServicer()
+        self._streams: dict[str, _Stream] = {}
+        self._pending_tokens = 0
+        self._tokenizer = self._ecfg = self._cfg = None  # set when the engine is ready
+        self._ready = False
+        self._draining = False
+        self.fatal: BaseException | None = None
+        self._server: grpc.aio.Server | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._settled: asyncio.Event | None = None  # set once ready or failed
+        self._failed: asyncio.Event | None = None  # set when the engine fails for good
+        self._idle: asyncio.Event | None = None  # set while no request is in flight
+        self._stopped = False
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    async def start(self, address: str = "[::]:0") -> int:
+        """Binds `address` (port 0: any free port), starts serving (health NOT_SERVING)
+        and starts loading the model in the engine thread. Returns the port."""
+        self._loop = asyncio.get_running_loop()
+        self._settled, self._idle, self._failed = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        self._idle.set()
+        for service in ("", pb.SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._server = grpc.aio.server()
+        pb.add_generation_servicer(self, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection(
+            (pb.SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
+        )
+        port = self._server.add_insecure_port(address)
+        await self._server.start()
+        self.engine_loop.start()
+        return port
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        """Returns once the model is loaded and warm; raises what loading raised."""
+        await asyncio.wait_for(self._settled.wait(), timeout)
+        if self.fatal is not None:
+            raise self.fatal
+
+    async def wait_settled(self) -> None:
+        """Returns once the model is loaded and warm, or loading failed (see `fatal`)."""
+        await self._settled.wait()
+
+    async def wait_failed(self) -> None:
+        """Returns when the engine fails for good (`fatal` says why)."""
+        await self._failed.wait()
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._streams)
+
+    async def drain(self, timeout_s: float, *, grace_s: float = 5.0) -> None:
+        """Stops admitting (UNAVAILABLE; health NOT_SERVING), lets the requests in flight
+        finish for up to `timeout_s`, aborts what is left, then stops the server."""
+        if not self._draining:
+            self._draining = True
+            self.metrics.ready.set(0)
+            await self.health.enter_graceful_shutdown()
+            log.info("draining: %d requests in flight, up to %.1f s", len(self._streams), timeout_s)
+            try:
+                await asyncio.wait_for(self._idle.wait(), timeout_s)
+            except asyncio.TimeoutError:
+                log.warning("drain timeout: aborting %d requests", len(self._streams))
+                for rid in list(self._streams):
+                    self.engine_loop.abort(rid, "drain")
+                try:
+                    await asyncio.wait_for(self._idle.wait(), grace_s)
+                except asyncio.TimeoutError:
+                    log.error("%d requests did not end after their abort", len(self._streams))
+        await self.stop(grace_s)
+
+    async def stop(self, grace_s: float = 0.0) -> None:
+        """Stops the gRPC server (in-flight RPCs get `grace_s` to send what is queued)
+        and the engine thread."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._server is not None:
+            await self._server.stop(grace_s)
+        self.engine_loop.stop()
+        await asyncio.get_running_loop().run_in_executor(None, self.engine_loop.join, 60.0)
+        self.metrics.close()
+
+    # --- engine thread -> event loop ---------------------------------------------------
+
+    def _post(self, events: list) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._deliver, events)
+        except RuntimeError:  # the event loop is closed: nobody is left to tell
+            pass
+
+    def _engine_ready(self, engine_loop: EngineLoop) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._set_ready)
+        except RuntimeError:
+            pass
+
+    def _engine_fatal(self, exc: BaseException) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._set_fatal, exc)
+        except RuntimeError:
+            pass
+
+    def _set_ready(self) -> None:
+        orc = self.engine_loop.orc
+        self._tokenizer = orc.tokenizer
+        self._ecfg = orc.engine.ecfg
+        self._cfg = orc.engine.cfg
+        self._ready = True
+        if not self._draining:
+            self.metrics.ready.set(1)
+            for service in ("", pb.SERVICE_NAME):
+                asyncio.ensure_future(self.health.set(service, health_pb2.HealthCheckResponse.SERVING))
+        self._settled.set()
+
+    def _set_fatal(self, exc: BaseException) -> None:
+        self.fatal = exc
+        self._ready = False
+        self.metrics.ready.set(0)
+        for service in ("", pb.SERVICE_NAME):
+            asyncio.ensure_future(self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING))
+        # Requests still in flight will hear nothing more from the engine.
+        self._deliver([(rid, ("error", Code.UNAVAILABLE, f"the engine failed: {exc!r}")) for rid in self._streams])
+        self._settled.set()
+        self._failed.set()
+
+    def _deliver(self, events: list) -> None:
+        for rid, event in events:
+            stream = self._streams.get(rid)
+            if stream is None:  # ended already (an error raced the engine's last output)
+                continue
+            stream.queue.put_nowait(event)
+            if is_last(event):
+                del self._streams[rid]
+                self._pending_tokens -= stream.cost
+        if not self._streams:
+            self._idle.set()
+
+    # --- admission --------------------------------------------------------------------
+
+    async def _refuse(self, context, code: grpc.StatusCode, message: str):
+        self.metrics.rejected.labels(code=code.name).inc()
+        await context.abort(code, message)
+
+    def _check_serving(self) -> None:
+        if self._draining:
+            raise _Reject(Code.UNAVAILABLE, "the server is shutting down (draining); send the request elsewhere")
+        if self.fatal is not None:
+            raise _Reject(Code.UNAVAILABLE, f"the server's engine failed: {self.fatal!r}")
+        if not self._ready:
+            raise _Reject(Code.UNAVAILABLE, "the server is loading the model (warming up); retry shortly")
+
+    def _prompt_ids(self, msg) -> list[int]:
+        kind = msg.WhichOneof("input")
+        tok = self._tokenizer
+        if kind is None:
+            raise _Reject(Code.INVALID_ARGUMENT, "the request has no input: set text, chat or token_ids")
+        if kind in ("text", "chat") and tok is None:
+            raise _Reject(Code.FAILED_PRECONDITION,
+                          "this server has no tokenizer (it serves random weights): send token_ids")
+        if kind == "text":
+            if not msg.text:
+                raise _Reject(Code.INVALID_ARGUMENT, "the input text is empty")
+            add = msg.add_special_tokens if msg.HasField("add_special_tokens") else True
+            return tok.encode(msg.text, add_special_tokens=add)
+        if kind == "chat":
+            return self._chat_ids(msg.chat)
+        ids = list(msg.token_ids.ids)
+        if not ids:
+            raise _Reject(Code.INVALID_ARGUMENT, "token_ids is empty")
+        self._check_token_ids(ids, "token_ids")
+        return ids
+
+    def _chat_ids(self, chat) -> list[int]:
+        if not chat.messages:
+            raise _Reject(Code.INVALID_ARGUMENT, "the chat has no messages")
+        add_prompt = chat.add_generation_prompt if chat.HasField("add_generation_prompt") else True
+        try:
+            text = self._tokenizer.apply_chat_template(
+                [{"role": m.role, "content": m.content} for m in chat.messages], add_generation_prompt=add_prompt
+            )
+        except ValueError as e:
+            raise _Reject(Code.INVALID_ARGUMENT, str(e)) from None
+        return self._tokenizer.encode(text, add_special_tokens=False)
+
+    def _check_token_ids(self, ids, what: str) -> None:
+        vocab = self._cfg.vocab_size
+        bad = [i for i in ids if not 0 <= i < vocab]
+        if bad:
+            raise _Reject(Code.INVALID_ARGUMENT, f"{what} {bad[:5]} are out of range [0, {vocab})")
+
+    def _build_request(self, msg) -> Request:
+        """The orchestrator's Request for a GenerateRequest; _Reject says what is wrong."""
+        rid = msg.request_id or uuid.uuid4().hex
+        if rid in self._streams:
+            raise _Reject(Code.ALREADY_EXISTS, f"request_id {rid!r} is in use by a request in flight")
+        ids = self._prompt_ids(msg)
+        sp = msg.sampling
+        try:
+            params = SamplingParams(**{f: getattr(sp, f) for f in _SAMPLING_FIELDS if sp.HasField(f)})
+        except SamplingError as e:
+            raise _Reject(Code.INVALID_ARGUMENT, str(e)) from None
+        limit = self._ecfg.max_model_len
+        if sp.HasField("max_tokens"):
+            max_tokens = sp.max_tokens
+            if max_tokens < 1:
+                raise _Reject(Code.INVALID_ARGUMENT, f"max_tokens={max_tokens} must be at least 1")
+            if len(ids) + max_tokens > limit:
+                raise _Reject(
+                    Code.INVALID_ARGUMENT,
+                    f"the prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) = {len(ids) + max_tokens} exceeds "
+                    f"the context of {limit} tokens; ask for at most {max(0, limit - len(ids))} tokens or shorten "
+                    f"the prompt",
+                )
+        else:
+            max_tokens = max(1, limit - len(ids))  # the rest of the context (validate rejects a full one)
+        if sp.stop and self._tokenizer is None:
+            raise _Reject(Code.FAILED_PRECONDITION, "stop strings need a tokenizer; this server has none")
+        if any(not s for s in sp.stop):
+            raise _Reject(Code.INVALID_ARGUMENT, "a stop string is empty")
+        self._check_token_ids(list(sp.stop_token_ids), "stop_token_ids")
+        request = Request(
+            request_id=rid, prompt_ids=ids, sampling=params, max_tokens=max_tokens, stop=tuple(sp.stop),
+            stop_token_ids=tuple(sp.stop_token_ids), ignore_eos=sp.ignore_eos,
+        )
+        try:
+            # Reads only the engine's fixed sizes (and the ids in use: the stream dict
+            # above is the authority on those), so it is safe off the engine thread.
+            self.engine_loop.orc.validate(request)
+        except RequestError as e:
+            raise _Reject(Code.INVALID_ARGUMENT, str(e)) from None
+        return request
+
+    def _admit(self, request: Request) -> int:
+        cost = len(request.prompt_ids) + request.max_tokens
+        cap = self._ecfg.max_num_seqs + self.config.max_queue
+        if len(self._streams) >= cap:
+            raise _Reject(
+                Code.RESOURCE_EXHAUSTED,
+                f"the server is full: {len(self._streams)} requests in flight (max_num_seqs={self._ecfg.max_num_seqs} "
+                f"running + max_queue={self.config.max_queue} waiting); retry later",
+            )
+        budget = self.config.max_pending_tokens
+        if budget and cost > budget:
+            raise _Reject(
+                Code.INVALID_ARGUMENT,
+                f"the request needs {cost} tokens (prompt {len(request.prompt_ids)} + max_tokens "
+                f"{request.max_tokens}), more than the server's whole budget (max_pending_tokens={budget}); "
+                f"lower max_tokens",
+            )
+        if budget and self._pending_tokens + cost > budget:
+            raise _Reject(
+                Code.RESOURCE_EXHAUSTED,
+                f"the token budget is full: requests in flight hold {self._pending_tokens} of "
+                f"max_pending_tokens={budget} and this one needs {cost}; retry later",
+            )
+        return cost
+
+    async def _parse(self, raw: bytes, cls, context):
+        try:
+            return cls.FromString(raw)
+        except DecodeError as e:
+            hint = "" if "UTF-8" in str(e) else " (string fields must be valid UTF-8)"
+            await self._refuse(context, Code.INVALID_ARGUMENT, f"malformed {cls.DESCRIPTOR.name}: {e}{hint}")
+
+    async def _open(self, raw: bytes, context) -> _Stream:
+        msg = await self._parse(raw, pb.GenerateRequest, context)
+        try:
+            self._check_serving()
+            request = self._build_request(msg)
+            cost = self._admit(request)
+        except _Reject as r:
+            await self._refuse(context, r.code, r.message)
+        stream = _Stream(request.request_id, asyncio.Queue(), cost, request.sampling.logprobs)
+        self._streams[request.request_id] = stream
+        self._pending_tokens += cost
+        self._idle.clear()
+        self.engine_loop.submit(request, time.monotonic())
+        return stream
+
+    def _leave(self, stream: _Stream, context) -> None:
+        """The handler ends before the last event (client cancel, deadline): abort."""
+        remaining = context.time_remaining()
+        # A client whose deadline passes cancels the call itself, a little before the
+        # server's copy of the deadline (sent as a timeout) runs out.
+        reason = "deadline" if remaining is not None and remaining < 0.5 else "cancelled"
+        self.engine_loop.abort(stream.request_id, reason)
+
+    # --- RPCs -------------------------------------------------------------------------
+
+    async def _next(self, stream: _Stream, context) -> tuple[RequestOutput, dict | None]:
+        """The stream's next output: every event waiting in its queue merged into one
+        (a slow reader gets fewer, larger messages rather than a growing backlog).
+        An error event aborts the RPC with its status; outputs merged before it are
+        not sent (the status is what the client needs)."""
+        event = await stream.queue.get()
+        if event[0] == "error":
+            await context.abort(event[1], event[2])
+        out, final = event[1], event[2]
+        while not out.finished and not stream.queue.empty():
+            event = stream.queue.get_nowait()
+            if event[0] == "error":
+                await context.abort(event[1], event[2])
+            nxt, final = event[1], event[2]
+            out = RequestOutput(
+                out.request_id, out.token_ids + nxt.token_ids, out.text + nxt.text, out.logprobs + nxt.logprobs,
+                out.top_logprobs + nxt.top_logprobs, nxt.finished, nxt.finish_reason, out.num_prompt_tokens,
+            )
+        return out, final
+
+    async def Generate(self, raw: bytes, context):  # noqa: N802 -- gRPC method name
+        stream = await self._open(raw, context)
+        done = False
+        try:
+            while not done:
+                try:
+                    out, final = await self._next(stream, context)
+                except BaseException:
+                    done = self._streams.get(stream.request_id) is not stream  # its last event came
+                    raise
+                done = out.finished
+                yield _response(stream, out, final)
+        finally:
+            if not done:
+                self._leave(stream, context)
+
+    async def GenerateUnary(self, raw: bytes, context):  # noqa: N802
+        stream = await self._open(raw, context)
+        done = False
+        whole = RequestOutput(stream.request_id, [], "", [], [])
+        try:
+            while not done:
+                try:
+                    out, final = await self._next(stream, context)
+                except BaseException:
+                    done = self._streams.get(stream.request_id) is not stream
+                    raise
+                done = out.finished
+                whole.token_ids += out.token_ids
+                whole.text += out.text
+                whole.logprobs += out.logprobs
+                whole.top_logprobs += out.top_logprobs
+            whole.finished, whole.finish_reason = True, out.finish_reason
+            return _response(stream, whole, final)
+        finally:
+            if not done:
+                self._leave(stream, context)
+
+    async def Tokenize(self, raw: bytes, context):  # noqa: N802
+        msg = await self._parse(raw, pb.TokenizeRequest, context)
+        try:
+            self._check_serving()
+            if self._tokenizer is None:
+                raise _Reject(Code.FAILED_PRECONDITION, "this server has no tokenizer (it serves random weights)")
+            kind = msg.WhichOneof("input")
+            if kind == "chat":
+                ids = self._chat_ids(msg.chat)
+            else:
+                add = msg.add_special_tokens if msg.HasField("add_special_tokens") else True
+                ids = self._tokenizer.encode(msg.text, add_special_tokens=add)
+        except _Reject as r:
+            await self._refuse(context, r.code, r.message)
+        return pb.TokenizeResponse(token_ids=ids, tokens=[self._tokenizer.id_to_token(i) for i in ids])
+
+    async def Detokenize(self, raw: bytes, context):  # noqa: N802
+        msg = await self._parse(raw, pb.DetokenizeRequest, context)
+        try:
+            self._check_serving()
+            if self._tokenizer is None:
+                raise _Reject(Code.FAILED_PRECONDITION, "this server has no tokenizer (it serves random weights)")
+            ids = list(msg.token_ids)
+            self._check_token_ids(ids, "token_ids")
+            try:
+                text = self._tokenizer.decode(ids, skip_special_tokens=msg.skip_special_tokens)
+            except ValueError as e:  # ids past the tokenizer's vocabulary (the model's may be larger)
+                raise _Reject(Code.INVALID_ARGUMENT, str(e)) from None
+        except _Reject as r:
+            await self._refuse(context, r.code, r.message)
+        return pb.DetokenizeResponse(text=text)
+
+    async def GetModelInfo(self, raw: bytes, context):  # noqa: N802
+        await self._parse(raw, pb.GetModelInfoRequest, context)
+        if not self._ready:
+            await self._refuse(context, Code.UNAVAILABLE,
+                               f"the server's engine failed: {self.fatal!r}" if self.fatal
+                               else "the server is loading the model (warming up); retry shortly")
+        return self.model_info()
+
+    async def Abort(self, raw: bytes, context):  # noqa: N802
+        msg = await self._parse(raw, pb.AbortRequest, context)
+        if msg.request_id not in self._streams:
+            await context.abort(Code.NOT_FOUND, f"no request {msg.request_id!r} is in flight (unknown or finished)")
+        self.engine_loop.abort(msg.request_id, "abort_rpc")
+        return pb.AbortResponse()
+
+    # --- model info -------------------------------------------------------------------
+
+    def model_info(self) -> "pb.ModelInfo":
+        cfg, ecfg, tok, orc = self._cfg, self._ecfg, self._tokenizer, self.engine_loop.orc
+        load = self.engine_loop.load
+        if tok is not None:
+            special = dict(tok.special_tokens)
+        else:
+            special = {k: v for k, v in (("bos_token", cfg.bos_id), ("pad_token", cfg.pad_id)) if v is not None}
+            if cfg.eos_ids:
+                special["eos_token"] = cfg.eos_ids[0]
+        return pb.ModelInfo(
+            model=self.config.model_name,
+            config=pb.ModelConfig(
+                family=cfg.family, model_type=cfg.model_type, vocab_size=cfg.vocab_size, num_layers=cfg.num_layers,
+                embed_dim=cfg.embed_dim, ffw_dim=cfg.ffw_dim, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+                head_dim=cfg.head_dim, max_position=cfg.max_position,
+                json=json.dumps(dataclasses.asdict(cfg), default=str),
+            ),
+            max_model_len=ecfg.max_model_len,
+            has_tokenizer=tok is not None,
+            has_chat_template=bool(tok is not None and tok.chat_template),
+            special_tokens=special,
+            eos_token_ids=sorted(orc.eos_ids),
+            capacity=pb.Capacity(
+                max_num_seqs=ecfg.max_num_seqs, max_queue=self.config.max_queue,
+                max_pending_tokens=self.config.max_pending_tokens, num_pages=orc.allocator.num_pages,
+                page_size=ecfg.page_size, decode_steps_per_call=ecfg.decode_steps_per_call,
+                num_top_logprobs=ecfg.num_top_logprobs,
+            ),
+            load=pb.Load(
+                num_running=load.num_running, num_waiting=load.num_waiting, num_in_flight=len(self._streams),
+                num_pending_tokens=self._pending_tokens, num_pages_used=load.num_pages_used,
+                num_pages_free=load.num_pages_free, num_preemptions=load.num_preemptions,
+                num_compiles_since_ready=load.num_compiles_since_ready, draining=self._draining,
+            ),
+        )

