@@ -4,6 +4,13 @@
 "auto" is the kernel of the default backend and, on CPU, the reference. Asking for
 "gpu" off a GPU runs the kernel in Pallas' interpreter (how CPU tests exercise it).
 A kernel module exposes the same function as its reference.py.
+
+"gpu" for flash_attention is two kernels, chosen by measurement
+(pallas_kernels/BENCHMARKS.md): on Hopper (sm90) the Mosaic GPU kernel
+(flash_attention/gpu_mosaic.py, 1.07-1.12x cuDNN on an H100, where the Triton kernel
+reaches 0.62-0.69x), which itself hands what it does not support (float32, other head
+sizes) to the Triton kernel; on other GPUs, and interpreted on CPU, the Triton kernel
+(flash_attention/gpu.py). Paged decode has one GPU kernel (Triton lowering).
 """
 
 from __future__ import annotations
@@ -31,10 +38,25 @@ def engine_kernel_impl() -> str:
     return "tpu" if jax.default_backend() == "tpu" else "gpu"
 
 
+def on_hopper() -> bool:
+    """Whether the default device is an sm90 GPU (what Mosaic GPU's wgmma kernels need)."""
+    device = jax.devices()[0]
+    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).split(".")[0] == "9"
+
+
+def module_name(kernel: str, impl: str) -> str:
+    """The module under pallas_kernels.<kernel> that runs `impl` here."""
+    impl = resolve(impl)
+    if impl == "gpu" and kernel == "flash_attention" and on_hopper():
+        return "gpu_mosaic"
+    return impl
+
+
 def load(kernel: str, impl: str):
     """The `kernel` function ("paged_attention" / "flash_attention") of an implementation."""
     impl = resolve(impl)
-    fn = getattr(importlib.import_module(f"pallas_kernels.{kernel}.{impl}"), kernel)
+    module = importlib.import_module(f"pallas_kernels.{kernel}.{module_name(kernel, impl)}")
+    fn = getattr(module, kernel)
     if impl == "gpu" and jax.default_backend() != "gpu":
         return functools.partial(fn, interpret=True)
     return fn

@@ -338,9 +338,18 @@ def _flash_kernel(
                 plgpu.barrier_wait(q_ready.at[wg])
 
             def wait_next_k(kb):
-                @pl.when(kb + 1 < hi)
-                def _():
-                    plgpu.barrier_wait(k_ready.at[slot_of(kb + 1)])
+                # Both operands are computed here, outside any pl.run_state body: a
+                # constant used inside one (lo is a literal 0 without a window) becomes
+                # a discharged output of the run_state, which the jax 0.11 Mosaic GPU
+                # lowering rejects ("Shaped arrays must be represented by ir.Values").
+                has_next, next_slot = kb + 1 < hi, slot_of(kb + 1)
+
+                def wait():
+                    @pl.when(has_next)
+                    def _():
+                        plgpu.barrier_wait(k_ready.at[next_slot])
+
+                return wait
 
             def end_softmax(slot):  # my softmax is done; wait for V and the tensor cores
                 plgpu.barrier_arrive(sched)
@@ -353,7 +362,7 @@ def _flash_kernel(
                 rendezvous()
                 plgpu.barrier_arrive(k_free.at[slot])
                 end_softmax(slot)
-                wait_next_k(kb)
+                wait_next_k(kb)()
                 plgpu.barrier_arrive(v_free.at[slot])
                 return carry
 
@@ -410,12 +419,13 @@ def _flash_kernel(
                 # O += P V
                 if interpret:
                     acc = acc + lax.dot(p16, v_tile[...], preferred_element_type=jnp.float32)
-                    wait_next_k(kb)
+                    wait_next_k(kb)()
                 else:
+                    wait_k = wait_next_k(kb)
 
                     def pv(acc_ref):
                         plgpu.wgmma(acc_ref, p16, v_tile)
-                        wait_next_k(kb)  # overlaps with the wgmma in flight
+                        wait_k()  # overlaps with the wgmma in flight
 
                     acc = pl.run_state(pv)(plgpu.ACC.init(acc))
                 plgpu.barrier_arrive(v_free.at[slot])

@@ -315,3 +315,22 @@ def test_kernel_lowers_for_hopper(dtype, H, G):
         fn = functools.partial(gpu_mosaic.flash_attention_tuned, scale=0.1, **kw)
         exported = _export_for_cuda(fn, *shapes)
         assert "mosaic_gpu" in exported.mlir_module()
+
+
+def test_dispatch_runs_the_mosaic_kernel_on_hopper_only(monkeypatch):
+    """impl="gpu" flash attention: the Mosaic GPU kernel on sm90 (measured 1.07-1.12x
+    cuDNN on an H100, pallas_kernels/BENCHMARKS.md), the Triton kernel elsewhere and
+    in interpret mode; paged decode has one GPU kernel."""
+    from pallas_kernels import dispatch
+
+    assert dispatch.module_name("flash_attention", "gpu") == ("gpu_mosaic" if _on_hopper() else "gpu")
+    assert dispatch.module_name("paged_attention", "gpu") == "gpu"
+    assert dispatch.module_name("flash_attention", "reference") == "reference"
+    monkeypatch.setattr(dispatch, "on_hopper", lambda: True)
+    assert dispatch.module_name("flash_attention", "gpu") == "gpu_mosaic"
+    assert dispatch.module_name("paged_attention", "gpu") == "gpu"
+    fn = dispatch.load("flash_attention", "gpu")  # a partial(interpret=True) off a GPU
+    assert getattr(fn, "func", fn) is gpu_mosaic.flash_attention
+    monkeypatch.setattr(dispatch, "on_hopper", lambda: False)
+    fn = dispatch.load("flash_attention", "gpu")
+    assert getattr(fn, "func", fn) is flash_gpu.flash_attention

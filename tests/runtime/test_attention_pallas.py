@@ -22,20 +22,20 @@ pytest.importorskip("pallas_kernels.paged_attention.gpu")
 pytest.importorskip("pallas_kernels.flash_attention.gpu")
 
 
-def _tiny(model_type: str, **extra):
+def _tiny(model_type: str, dtype=jnp.float32, **extra):
     hf = dict(model_type=model_type, vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
               num_attention_heads=8, num_key_value_heads=2, head_dim=64, max_position_embeddings=512, **extra)
     cfg = ModelConfig.from_hf(hf)
-    model = Transformer(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    model = Transformer(cfg, dtype=dtype, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
     # Peaked distributions (no near-ties between greedy candidates).
     state = jax.tree.map(lambda x: x * 20 if x.ndim >= 2 and x.shape[0] != cfg.vocab_size else x, state)
     return nnx.merge(graphdef, state)
 
 
-def _run(model, attention: str, requests):
+def _run(model, attention: str, requests, cache_dtype="float32"):
     ecfg = EngineConfig(max_num_seqs=3, max_model_len=96, page_size=16, prefill_lengths=(16, 32),
-                        prefill_batch_sizes=(1, 2), cache_dtype="float32", attention=attention)
+                        prefill_batch_sizes=(1, 2), cache_dtype=cache_dtype, attention=attention)
     orc = Orchestrator(Engine(model, ecfg, num_pages=24), None)
     for r in requests:
         orc.add_request(r)
@@ -48,13 +48,16 @@ def _run(model, attention: str, requests):
     return got
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("model_type, extra", [
     ("llama", {}),
     ("gemma3_text", dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"],
                          attn_logit_softcapping=30.0)),
 ])
-def test_pallas_engine_matches_reference(model_type, extra):
-    model = _tiny(model_type, **extra)
+def test_pallas_engine_matches_reference(model_type, extra, dtype):
+    """bfloat16 is the path the engine serves with: on a Hopper GPU its prefill runs the
+    Mosaic GPU flash kernel (float32 calls go to the Triton kernel)."""
+    model = _tiny(model_type, dtype=jnp.dtype(dtype), **extra)
     rng = np.random.default_rng(0)
     # Prompt lengths: 1, a page boundary, and one longer than the largest prefill length
     # (chunked: exercises the continuation variant).
@@ -63,8 +66,19 @@ def test_pallas_engine_matches_reference(model_type, extra):
                 ignore_eos=True)
         for i, n in enumerate([1, 16, 45])
     ]
-    ref, pal = _run(model, "reference", requests), _run(model, "pallas", requests)
+    ref, pal = _run(model, "reference", requests, dtype), _run(model, "pallas", requests, dtype)
     for r in requests:
-        assert pal[r.request_id]["ids"] == ref[r.request_id]["ids"], r.request_id
-        # float32 both ways: only summation order differs.
-        np.testing.assert_allclose(pal[r.request_id]["lp"], ref[r.request_id]["lp"], rtol=1e-4, atol=1e-4)
+        a, b = ref[r.request_id], pal[r.request_id]
+        if dtype == "float32":
+            # Only summation order differs.
+            assert b["ids"] == a["ids"], r.request_id
+            np.testing.assert_allclose(b["lp"], a["lp"], rtol=1e-4, atol=1e-4)
+            continue
+        # bfloat16: the two paths round different intermediates (the kernels round P
+        # before P @ V, the reference its scores' matmul output), which the 20x
+        # weights amplify: logprobs differ by up to ~0.1 (measured 0.095, 2026-11-21)
+        # and a near-tie may resolve either way. Each run's token is its argmax: where the runs first
+        # disagree both picks must be (near-)maximal in both, so their logprobs agree
+        # within the same tolerance, like every step before.
+        n = next((i for i, (x, y) in enumerate(zip(a["ids"], b["ids"])) if x != y), len(a["ids"]))
+        np.testing.assert_allclose(b["lp"][: n + 1], a["lp"][: n + 1], atol=0.25, err_msg=r.request_id)
