@@ -11,6 +11,13 @@ A kernel module exposes the same function as its reference.py.
 reaches 0.62-0.69x), which itself hands what it does not support (float32, other head
 sizes) to the Triton kernel; on other GPUs, and interpreted on CPU, the Triton kernel
 (flash_attention/gpu.py). Paged decode has one GPU kernel (Triton lowering).
+
+Every kernel module's public function is a jax.jit with static options. A model calls
+attention once per layer with the same shapes; under jit JAX lowers the kernel once
+and the layers call that one function, where unwrapped each call would embed its own
+copy of the kernel (Mosaic GPU: ~0.3 s of lowering and 0.5 MB of module per call at
+head_dim 128, measured by exporting for CUDA on CPU; 32 layers times every prefill
+shape made an 8B engine's compile minutes longer on the H100).
 """
 
 from __future__ import annotations

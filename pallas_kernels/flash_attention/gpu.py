@@ -142,6 +142,9 @@ def _flash_kernel(
     plgpu.store(o_ref.at[pl.ds(q_start, block_q), :], out.astype(o_ref.dtype), mask=q_mask)
 
 
+# jit: every layer's call with the same shapes and options lowers to one shared
+# function (see pallas_kernels/dispatch.py), not one kernel module per layer.
+@functools.partial(jax.jit, static_argnames=('scale', 'window', 'softcap', 'interpret'))
 def flash_attention(
     q: jax.Array,
     k: jax.Array,

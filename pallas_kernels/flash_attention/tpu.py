@@ -162,6 +162,9 @@ def _flash_attention(q, k, v, lengths, *, scale, window, softcap, block_q=None, 
     return out[:, :T].reshape(B, T, N, H)  # [B, T, N*H] -> [B, T, N, H]
 
 
+# jit: every layer's call with the same shapes and options lowers to one shared
+# function (see pallas_kernels/dispatch.py), not one kernel module per layer.
+@functools.partial(jax.jit, static_argnames=('scale', 'window', 'softcap'))
 def flash_attention(
     q: jax.Array,
     k: jax.Array,

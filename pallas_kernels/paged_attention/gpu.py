@@ -145,6 +145,9 @@ def default_num_splits(batch: int, kv_heads: int, max_keys: int, block_keys: int
     return max(1, min(pl.cdiv(_TARGET_PROGRAMS, programs), most))
 
 
+# jit: every layer's call with the same shapes and options lowers to one shared
+# function (see pallas_kernels/dispatch.py), not one kernel module per layer.
+@functools.partial(jax.jit, static_argnames=('scale', 'window', 'softcap', 'interpret'))
 def paged_attention(
     q: jax.Array,
     k_pages: jax.Array,

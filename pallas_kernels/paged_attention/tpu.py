@@ -164,6 +164,9 @@ def _paged_attention(q, k_pages, v_pages, page_table, q_positions, kv_lens, *, s
     return out.reshape(B, T, N, H)  # [B, K, G, H] -> [B, 1, K*G, H]
 
 
+# jit: every layer's call with the same shapes and options lowers to one shared
+# function (see pallas_kernels/dispatch.py), not one kernel module per layer.
+@functools.partial(jax.jit, static_argnames=('scale', 'window', 'softcap'))
 def paged_attention(
     q: jax.Array,
     k_pages: jax.Array,

@@ -122,7 +122,7 @@ def _reference(q, k, v, lengths, **kw):
 
 
 def _check(*, dtype, G, H, T, lengths, window, softcap, K=2, seed=0, interpret=None, **knobs):
-    assert all(1 <= n <= T for n in lengths)
+    assert all(0 <= n <= T for n in lengths)
     args, valid = _case(np.random.default_rng(seed), dtype=dtype, G=G, H=H, T=T, lengths=lengths, K=K)
     kw = {"scale": H**-0.5, "window": window, "softcap": softcap}
     assert gpu_mosaic.supports(args[0], args[1], window, softcap)
@@ -147,6 +147,7 @@ def _check(*, dtype, G, H, T, lengths, window, softcap, K=2, seed=0, interpret=N
 # warpgroup 1's (a skip step).
 CASES = [
     (BF16, 1, 64, 1, [1], None, None, {}),
+    (BF16, 4, 64, 16, [0, 1, 16], None, None, {}),  # an engine prefill batch: a padding row (length 0)
     (F16, 4, 64, 17, [1, 15, 16, 17], None, 30.0, {}),
     (BF16, 8, 128, 129, [1, 65, 128, 129], 40, None, {}),
     (F16, 1, 128, 300, [1, 127, 200, 300], 100, 30.0, {}),

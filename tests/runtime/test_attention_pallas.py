@@ -69,16 +69,20 @@ def test_pallas_engine_matches_reference(model_type, extra, dtype):
     ref, pal = _run(model, "reference", requests, dtype), _run(model, "pallas", requests, dtype)
     for r in requests:
         a, b = ref[r.request_id], pal[r.request_id]
-        if dtype == "float32":
+        if dtype == "float32" and jax.default_backend() != "gpu":
             # Only summation order differs.
             assert b["ids"] == a["ids"], r.request_id
             np.testing.assert_allclose(b["lp"], a["lp"], rtol=1e-4, atol=1e-4)
             continue
         # bfloat16: the two paths round different intermediates (the kernels round P
         # before P @ V, the reference its scores' matmul output), which the 20x
-        # weights amplify: logprobs differ by up to ~0.1 (measured 0.095, 2026-11-21)
-        # and a near-tie may resolve either way. Each run's token is its argmax: where the runs first
-        # disagree both picks must be (near-)maximal in both, so their logprobs agree
-        # within the same tolerance, like every step before.
+        # weights amplify: logprobs differ by up to ~0.1 (measured 0.095 on CPU,
+        # 0.076 on an H200, 2026-11-21). float32 on a GPU: the Triton kernels' float32
+        # dots run on TF32 tensor cores (10-bit mantissa): measured up to 0.0088 on the
+        # H200.
+        # A near-tie may then resolve either way. Each run's token is its argmax: where
+        # the runs first disagree both picks must be (near-)maximal in both, so their
+        # logprobs agree within the same tolerance, like every step before.
+        atol = 0.25 if dtype == "bfloat16" else 0.03
         n = next((i for i, (x, y) in enumerate(zip(a["ids"], b["ids"])) if x != y), len(a["ids"]))
-        np.testing.assert_allclose(b["lp"][: n + 1], a["lp"][: n + 1], atol=0.25, err_msg=r.request_id)
+        np.testing.assert_allclose(b["lp"][: n + 1], a["lp"][: n + 1], atol=atol, err_msg=r.request_id)
