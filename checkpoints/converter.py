@@ -34,7 +34,6 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from checkpoints import gguf as gguf_io
 from checkpoints import hf as hf_io
 from checkpoints import orbax_io
 from checkpoints.errors import CheckpointError
@@ -95,6 +94,10 @@ def open_source(path: str | os.PathLike) -> Source:
         return Source("hf", path, cfg, tensors, tokenizer)
 
     if path.is_file():
+        # Imported here: the gguf package is needed for .gguf files only, so serving a
+        # converted or Hugging Face checkpoint works where it is not installed.
+        from checkpoints import gguf as gguf_io
+
         gf = gguf_io.open_gguf(path)
         hf = gguf_io.hf_config(gf)
         gguf_io.check_tensors(gf)

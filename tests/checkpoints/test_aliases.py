@@ -74,3 +74,13 @@ def test_cache_root_precedence(tmp_path, monkeypatch):
     assert aliases.cache_root(tmp_path / "arg") == tmp_path / "arg"
     monkeypatch.delenv("XLSERVE_CACHE")
     assert aliases.cache_root().parts[-2:] == (".cache", "xlserve")
+
+
+def test_serving_imports_without_the_gguf_package():
+    """gguf is needed for .gguf files only: the server and the converter's other paths
+    import where it is absent (the GPU image lacks it)."""
+    import subprocess
+    import sys
+
+    code = "import sys; sys.modules['gguf'] = None\nimport runtime.serve, checkpoints.converter\n"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
