@@ -13,6 +13,12 @@ benchmark_serving:
   where duration runs from the first request sent to the last response received.
   goodput = completed requests meeting every --slo (ttft, tpot, e2el in ms) / duration.
 Each latency reports mean, median (p50) and p99 in ms.
+Not in vLLM's report: "decode throughput, all streams active" = tokens received
+between the last request's first token and the first request's last token, over that
+window. With every request sent at once it is the server's steady decode rate at
+full batch, prefills excluded (TPOT counts the time a stream waits while later
+requests' prompts are prefilled), comparable with runtime.bench's decode tok/s at the
+same batch; none when the window is empty (requests that never overlap).
 
 Arrivals: Poisson at --request_rate requests/s (gamma with --burstiness != 1), or all at
 once (inf); --max_concurrency caps requests in flight. Prompts are random token ids,
@@ -69,6 +75,8 @@ class Result:
     ttft: float = 0.0
     e2el: float = 0.0
     itl: list[float] = dataclasses.field(default_factory=list)
+    # (arrival time on the benchmark's clock, tokens) of each response carrying tokens
+    arrivals: list[tuple[float, int]] = dataclasses.field(default_factory=list)
 
     @property
     def tpot(self) -> float | None:
@@ -116,6 +124,20 @@ def arrival_gaps(n: int, rate: float, burstiness: float, rng: np.random.Generato
     return rng.gamma(burstiness, 1.0 / (rate * burstiness), n).tolist()
 
 
+def full_batch_decode_throughput(results: list[Result]) -> float | None:
+    """Tokens/s over the window in which every request is past its first token and none
+    has finished (see the module docstring); None if there is no such window."""
+    streams = [r.arrivals for r in results if r.success and len(r.arrivals) > 1]
+    if len(streams) != len([r for r in results if r.success]) or not streams:
+        return None
+    begin = max(a[0][0] for a in streams)  # the last first token
+    end = min(a[-1][0] for a in streams)  # the first last token
+    if end <= begin:
+        return None
+    tokens = sum(n for a in streams for t, n in a if begin < t <= end)
+    return tokens / (end - begin)
+
+
 def summarize(results: list[Result], duration: float, slos: dict[str, float]) -> dict:
     ok = [r for r in results if r.success]
     ms = lambda xs: dict(  # noqa: E731
@@ -139,7 +161,7 @@ def summarize(results: list[Result], duration: float, slos: dict[str, float]) ->
         total_token_throughput=(inp + out) / duration,
         request_goodput=good / duration if slos else None, slo_ms={k: v * 1e3 for k, v in slos.items()},
         ttft_ms=ms([r.ttft for r in ok]), tpot_ms=ms(tpots), itl_ms=ms([x for r in ok for x in r.itl]),
-        e2el_ms=ms([r.e2el for r in ok]),
+        e2el_ms=ms([r.e2el for r in ok]), full_batch_decode_throughput=full_batch_decode_throughput(results),
     )
 
 
@@ -158,6 +180,8 @@ def format_report(s: dict) -> str:
         row("Request goodput (req/s):", f"{s['request_goodput']:.2f}")
     row("Output token throughput (tok/s):", f"{s['output_throughput']:.2f}")
     row("Total Token throughput (tok/s):", f"{s['total_token_throughput']:.2f}")
+    if s.get("full_batch_decode_throughput") is not None:
+        row("Decode tok/s, all streams active:", f"{s['full_batch_decode_throughput']:.2f}")
     for key, title, short in (("ttft_ms", "Time to First Token", "TTFT"),
                               ("tpot_ms", "Time per Output Token (excl. 1st token)", "TPOT"),
                               ("itl_ms", "Inter-token Latency", "ITL"), ("e2el_ms", "End-to-end Latency", "E2EL")):
@@ -182,6 +206,7 @@ async def _one(client, prompt: list[int], output_len: int, temperature: float, i
                     res.ttft = now - start
                 else:
                     res.itl.append(now - last)
+                res.arrivals.append((now, len(r.token_ids)))
                 last = now
                 res.output_len += len(r.token_ids)
         res.e2el = time.perf_counter() - start

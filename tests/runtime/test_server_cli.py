@@ -20,7 +20,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from runtime.bench_serving import Result, arrival_gaps, parse_slos, sample_lengths, summarize
+from runtime.bench_serving import (
+    Result, arrival_gaps, full_batch_decode_throughput, parse_slos, sample_lengths, summarize,
+)
 from runtime.client import Client
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -135,6 +137,16 @@ def test_bench_serving_definitions():
     assert s["ttft_ms"]["mean"] == pytest.approx(200.0) and s["ttft_ms"]["median"] == pytest.approx(200.0)
     assert s["itl_ms"]["p99"] == pytest.approx(100.0) and s["e2el_ms"]["mean"] == pytest.approx(400.0)
     assert s["request_goodput"] == 0.5  # a meets both SLOs; b's TTFT is 300 ms
+    assert s["full_batch_decode_throughput"] is None  # b has a single response: no decode window
+
+    # Decode with every stream active: from the last first token (t=2) to the first last
+    # token (t=5); responses at t <= 2 or after 5 are outside, one at t=5 is inside.
+    x = Result(prompt_len=1, success=True, output_len=9, arrivals=[(1.0, 1), (2.0, 2), (3.0, 2), (5.0, 2), (6.0, 2)])
+    y = Result(prompt_len=1, success=True, output_len=5, arrivals=[(2.0, 1), (4.0, 1), (5.0, 3)])
+    assert full_batch_decode_throughput([x, y]) == pytest.approx((2 + 2 + 1 + 3) / 3.0)
+    z = Result(prompt_len=1, success=True, output_len=2, arrivals=[(5.5, 1), (7.0, 1)])  # starts after x.. y end
+    assert full_batch_decode_throughput([x, y, z]) is None
+    assert summarize([x, y], duration=6.0, slos={})["full_batch_decode_throughput"] == pytest.approx(8 / 3)
     import numpy as np
 
     rng = np.random.default_rng(0)
