@@ -22,11 +22,12 @@ Design:
   the second matmul, as in the reference.
 - T need not be a multiple of the block sizes: loads and stores past T are masked.
 
-Backend choice: Pallas' Triton lowering is deprecated since JAX 0.11 in favour of
-Mosaic GPU. We start with Triton because it runs here in interpret mode on CPU, so the
-kernel is verified against the reference without a GPU. Whether to keep it, move to
-Mosaic GPU or cuDNN must be decided by measurement on the H100
-(pallas_kernels/bench.py; DESIGN.md lists cuDNN at ~272 TFLOP/s for causal d128).
+Backend choice (measured, pallas_kernels/BENCHMARKS.md): on Hopper, `impl="gpu"` runs
+the Mosaic GPU kernel (gpu_mosaic.py: 1.07-1.18x cuDNN on an H100 and an H200, where
+this Triton kernel reaches 0.62-0.69x; Pallas' Triton lowering is deprecated since
+JAX 0.11 in favour of Mosaic GPU). This kernel remains for what that one does not run:
+float32 inputs, other head sizes, pre-Hopper GPUs, and CPU tests in interpret mode
+(the Mosaic GPU interpreter is far slower).
 """
 
 from __future__ import annotations
