@@ -335,3 +335,28 @@ def test_dispatch_runs_the_mosaic_kernel_on_hopper_only(monkeypatch):
     monkeypatch.setattr(dispatch, "on_hopper", lambda: False)
     fn = dispatch.load("flash_attention", "gpu")
     assert getattr(fn, "func", fn) is flash_gpu.flash_attention
+
+
+def test_layers_share_one_lowered_kernel():
+    """The entry points are jax.jit: a model's per-layer calls lower to one kernel
+    module instead of one copy per call (unwrapped, each Mosaic GPU call embedded ~0.5 MB
+    and ~0.3 s of lowering; an 8B engine compiled minutes longer on the H100)."""
+    from pallas_kernels.flash_attention import tpu as flash_tpu
+    from pallas_kernels.paged_attention import gpu as paged_gpu
+    from pallas_kernels.paged_attention import tpu as paged_tpu
+
+    for fn in (gpu_mosaic.flash_attention, flash_gpu.flash_attention, flash_tpu.flash_attention,
+               paged_gpu.paged_attention, paged_tpu.paged_attention):
+        assert hasattr(fn, "lower"), f"{fn.__module__}.{fn.__name__} is not jitted"
+
+    sds = jax.ShapeDtypeStruct
+    B, T, K, G, H = 1, 128, 2, 2, 64
+    shapes = (sds((B, T, K * G, H), BF16), sds((B, T, K, H), BF16), sds((B, T, K, H), BF16), sds((B,), jnp.int32))
+
+    def three_layers(q, k, v, lengths):
+        for _ in range(3):
+            q = gpu_mosaic.flash_attention(q, k, v, lengths, scale=0.1)
+        return q
+
+    module = _export_for_cuda(three_layers, *shapes).mlir_module()
+    assert module.count("stablehlo.custom_call") == 1
