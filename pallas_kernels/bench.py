@@ -1,9 +1,11 @@
 """python -m pallas_kernels.bench [--quick] [--decode_only | --prefill_only] [--reps=10] [--out=PATH]
+    [--decode_batches=32,128 --decode_contexts=4096 --page_sizes=16]
 
 Our Pallas GPU attention kernels against what else a JAX user can call, on one device,
 in one run, printed as one markdown table (last, so the tail of the output holds it):
 
-- decode: ours (paged_attention.gpu) vs the Pallas paged-attention kernel bundled with
+- decode: ours (paged_attention.gpu, Triton lowering) and "ours mosaic"
+  (paged_attention.gpu_mosaic, Mosaic GPU, Hopper only) vs the Pallas paged-attention kernel bundled with
   JAX (jax.experimental.pallas.ops.gpu.paged_attention) vs XLA (our jnp reference:
   gather the pages, then attention), 32 q / 8 kv heads, head_dim 128, bf16, every
   sequence at the full context. Rate: KV bytes read (every visible key and value once)
@@ -85,6 +87,7 @@ from pallas_kernels.flash_attention import gpu as flash_gpu
 from pallas_kernels.flash_attention import gpu_mosaic as flash_mosaic
 from pallas_kernels.flash_attention import reference as flash_ref
 from pallas_kernels.paged_attention import gpu as paged_gpu
+from pallas_kernels.paged_attention import gpu_mosaic as paged_mosaic
 from pallas_kernels.paged_attention import reference as paged_ref
 
 DTYPE = jnp.bfloat16
@@ -153,11 +156,19 @@ class Options:
     reps: int = 10
     sweep: bool | None = None  # None: the suite's choice
     sweep_budget_s: float = 180.0  # configurations started later than this into the run skip their sweeps
+    # Decode shapes instead of the suite's (empty: the suite's).
+    decode_batches: tuple[int, ...] = ()
+    decode_contexts: tuple[int, ...] = ()
+    page_sizes: tuple[int, ...] = ()
 
     @property
     def suite(self) -> Suite:
         suite = SMOKE if self.interpret else QUICK if self.quick else FULL
-        return suite if self.sweep is None else dataclasses.replace(suite, sweep=self.sweep)
+        suite = suite if self.sweep is None else dataclasses.replace(suite, sweep=self.sweep)
+        for name in ("decode_batches", "decode_contexts", "page_sizes"):
+            if getattr(self, name):
+                suite = dataclasses.replace(suite, **{name: getattr(self, name)})
+        return suite
 
 
 @dataclasses.dataclass
@@ -395,6 +406,21 @@ def decode_row(suite: Suite, opts: Options, memory: int, B: int, ctx: int, S: in
         variants = [{"num_warps": 8}, {"num_warps": 2}, {"num_stages": 3}, {"pages_per_block": max(1, 128 // S)}]
         variants += [{"num_splits": 2 * splits}] if splits > 1 else []
         _sweep(row, "ours tuned", inputs, ours, variants)
+    if opts.interpret:
+        row.cells["ours mosaic"] = Cell(error="n/a: interpreter too slow")
+    elif not paged_mosaic.supports(qs[0], pages[0]):
+        row.cells["ours mosaic"] = Cell(error="n/a: unsupported shape")
+    else:
+        # Defaults: 128-row blocks (16 tokens x 8 kv heads), 2 stages, ~1 CTA per SM.
+        # The variants keep more bytes in flight (3-6 stages, up to 192 KiB), or run
+        # two CTAs per SM (twice the splits, a 96 KiB ring each).
+        variants = [{}]
+        if sweep:
+            variants += [{"block_rows": 128, "stages": 3}, {"block_rows": 64, "stages": 4},
+                         {"block_rows": 64, "stages": 6}]
+            splits = paged_mosaic.default_num_splits(B, ctx * K // 128)
+            variants += [{"num_splits": 2 * splits, "block_rows": 64, "stages": 3}] if B < 128 else []
+        _sweep(row, "ours mosaic", inputs, lambda **kw: ours(paged_mosaic.paged_attention_tuned, **kw), variants)
     if call_bytes <= XLA_FRACTION * memory:  # the K/V it gathers for one call, beside the pool
         _sweep(row, "xla", inputs, lambda: _paged(paged_ref.paged_attention, scale=scale))
     else:
@@ -641,6 +667,8 @@ def main(argv: Sequence[str]) -> None:
     opts = Options(
         quick=f.quick, interpret=f.interpret, decode=not f.prefill_only, prefill=not f.decode_only, reps=f.reps,
         sweep=f.sweep, sweep_budget_s=f.sweep_budget_s,
+        decode_batches=tuple(map(int, f.decode_batches)), decode_contexts=tuple(map(int, f.decode_contexts)),
+        page_sizes=tuple(map(int, f.page_sizes)),
     )
     report, results = run(opts)
     if f.out:
@@ -660,6 +688,9 @@ if __name__ == "__main__":
                       "with --quick).")
     flags.DEFINE_float("sweep_budget_s", 180.0, "Configurations that start later than this into the run skip "
                        "their sweeps (keeps the run near 4 minutes).")
+    flags.DEFINE_list("decode_batches", [], "Decode batch sizes instead of the suite's (e.g. 32,128).")
+    flags.DEFINE_list("decode_contexts", [], "Decode context lengths instead of the suite's.")
+    flags.DEFINE_list("page_sizes", [], "Page sizes instead of the suite's.")
     flags.DEFINE_integer("reps", 10, "Timed runs of each program; the median is reported.")
     flags.DEFINE_string("out", None, "Also write every number (each variant too) as JSON here.")
     app.run(main)

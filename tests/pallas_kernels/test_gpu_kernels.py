@@ -26,6 +26,7 @@ from pallas_kernels.flash_attention import gpu as flash_gpu
 from pallas_kernels.flash_attention import reference as flash_ref
 from pallas_kernels.paged_attention import gpu as paged_gpu
 from pallas_kernels.paged_attention import reference as paged_ref
+from tests.utils import paged_decode_case
 
 ON_GPU = jax.default_backend() == "gpu"
 INTERPRET = not ON_GPU
@@ -72,35 +73,8 @@ def _only_when_selected(request):
 # ---------------------------------------------------------------- paged decode
 
 
-def _paged_case(rng, *, dtype, G, H, S, K=2, MP=4):
-    """A decode batch whose kv lengths are 1, S-1, S, S+1 and the maximum MP*S, plus a
-    query earlier than its last key and a padding query (position >= kv_len); pages
-    scattered, every slot no visible key owns filled with STALE."""
-    max_len = MP * S
-    kv_lens = np.array([1, S - 1, S, S + 1, max_len, 2 * S + 3, S + 5], np.int32)
-    positions = kv_lens - 1
-    positions[5] = kv_lens[5] - 4  # sees keys <= p only, not the later ones in the pages
-    positions[6] = kv_lens[6]  # padding query: output zero
-    B = len(kv_lens)
-    P = B * MP + 3  # spare pages nobody owns
-    perm = rng.permutation(P)
-    table = perm[: B * MP].reshape(B, MP).astype(np.int32)
-    for b, n in enumerate(kv_lens):
-        used = -(-n // S)
-        table[b, used:] = rng.integers(0, P, MP - used)  # unused slots: someone else's pages
-    k_pages = np.full((P, S, K, H), STALE, np.float32)
-    v_pages = np.full((P, S, K, H), STALE, np.float32)
-    for b, n in enumerate(kv_lens):
-        for j in range(min(n, positions[b] + 1)):  # only visible keys hold real data
-            k_pages[table[b, j // S], j % S] = rng.standard_normal((K, H))
-            v_pages[table[b, j // S], j % S] = rng.standard_normal((K, H))
-    q = rng.standard_normal((B, 1, K * G, H))
-    args = (
-        jnp.asarray(q, dtype), jnp.asarray(k_pages, dtype), jnp.asarray(v_pages, dtype),
-        jnp.asarray(table), jnp.asarray(positions[:, None]), jnp.asarray(kv_lens),
-    )
-    valid = np.broadcast_to((positions < kv_lens)[:, None, None, None], (B, 1, K * G, H))
-    return args, valid
+def _paged_case(rng, **kw):
+    return paged_decode_case(rng, stale=STALE, **kw)
 
 
 def _check_paged(*, dtype, G, H, S, window, softcap, num_splits, seed=0):

@@ -9,7 +9,7 @@ finite check. Its Mosaic GPU lowering (wgmma, layouts, shared-memory budget) is 
 by exporting for CUDA, which needs no GPU. On an H100 the same sweeps run compiled.
 
 The interpreter compiles its per-thread program once per grid point and thread (~3 s
-each on 2 cores); the `_reuse_thread_programs` fixture below compiles it once per
+each on 2 cores); the `reuse_thread_programs` fixture (conftest.py) compiles it once per
 thread for the whole kernel instead, which makes it ~30x faster and changes nothing
 else. The default run covers every factor (dtype, head ratio G, head_dim, T at tile
 edges, lengths 1 / < T / == T, window, softcap, the tuning knobs) in hand-picked
@@ -57,45 +57,8 @@ def _on_hopper() -> bool:
 
 
 needs_kernel = pytest.mark.skipif(ON_GPU and not _on_hopper(), reason="Mosaic GPU kernel needs sm90 (Hopper)")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _reuse_thread_programs():
-    """Speeds up the Mosaic GPU interpreter (jax 0.10): its thread_map lowers and
-    compiles the kernel's per-thread program anew for every grid point and thread.
-    Here each thread index keeps one jitted program (same jaxpr, same argument types:
-    only the values differ), so it compiles once per kernel call. One program per
-    thread index, not one shared: the threads of a grid point run concurrently and
-    block on each other's barriers inside host callbacks."""
-    if ON_GPU:
-        yield
-        return
-    try:
-        from jax._src.pallas.mosaic.interpret import thread_map
-    except ImportError:  # another jax: run unpatched (slower)
-        yield
-        return
-    original = getattr(thread_map, "_run_jaxpr", None)
-    if original is None:
-        yield
-        return
-    programs = {}
-
-    def run_jaxpr(jaxpr, consts, *args):
-        thread = int(args[0])  # thread_map passes the thread id first
-        if thread not in programs:
-
-            def run(jaxpr, consts, *args):
-                thread_map.jax_core.eval_jaxpr(jaxpr, consts, *args)
-
-            programs[thread] = jax.jit(run, static_argnums=0)
-        programs[thread](jaxpr, consts, *args)
-
-    thread_map._run_jaxpr = run_jaxpr
-    try:
-        yield
-    finally:
-        thread_map._run_jaxpr = original
+# The Mosaic GPU interpreter compiles once per thread, not per grid point (conftest.py).
+pytestmark = pytest.mark.usefixtures("reuse_thread_programs")
 
 
 def _only_when_selected(request):
