@@ -59,11 +59,9 @@ def _op(e: dict) -> str:
     return args.get("hlo_op") or args.get("long_name") or e["name"]
 
 
-def summarize(log_dir: str, top: int = 30) -> str:
-    events = device_events(_newest_trace(log_dir))
-    if not events:
-        return "no device events in the trace (CPU backend?)"
-    # Busy time: the union of kernel intervals (streams may overlap).
+def busy_us(events: list[dict]) -> float:
+    """Device busy time in microseconds: the union of the kernel intervals (streams may
+    overlap), so host gaps between programs do not count."""
     busy, end = 0.0, None
     for e in events:
         s, t = e["ts"], e["ts"] + e["dur"]
@@ -73,6 +71,20 @@ def summarize(log_dir: str, top: int = 30) -> str:
         elif t > end:
             busy += t - end
             end = t
+    return busy
+
+
+def device_busy_us(log_dir: str) -> float | None:
+    """busy_us of the newest trace under log_dir; None without device events (CPU)."""
+    events = device_events(_newest_trace(log_dir))
+    return busy_us(events) if events else None
+
+
+def summarize(log_dir: str, top: int = 30) -> str:
+    events = device_events(_newest_trace(log_dir))
+    if not events:
+        return "no device events in the trace (CPU backend?)"
+    busy = busy_us(events)
     span = events[-1]["ts"] + events[-1]["dur"] - events[0]["ts"]
     by_module: dict[str, float] = collections.Counter()
     for e in events:

@@ -281,23 +281,27 @@ def test_kernel_lowers_for_hopper(dtype, H, G):
         assert "mosaic_gpu" in exported.mlir_module()
 
 
-def test_dispatch_runs_the_mosaic_kernel_on_hopper_only(monkeypatch):
-    """impl="gpu" flash attention: the Mosaic GPU kernel on sm90 (measured 1.07-1.12x
-    cuDNN on an H100, pallas_kernels/BENCHMARKS.md), the Triton kernel elsewhere and
-    in interpret mode; paged decode has one GPU kernel."""
+def test_dispatch_runs_the_mosaic_kernels_on_hopper_only(monkeypatch):
+    """impl="gpu": the Mosaic GPU kernels on sm90 (measured faster: prefill 1.07-1.18x
+    cuDNN, decode ~1.6x our Triton kernel; pallas_kernels/BENCHMARKS.md), the Triton
+    kernels elsewhere and in interpret mode."""
     from pallas_kernels import dispatch
+    from pallas_kernels.paged_attention import gpu as paged_gpu
+    from pallas_kernels.paged_attention import gpu_mosaic as paged_mosaic
 
-    assert dispatch.module_name("flash_attention", "gpu") == ("gpu_mosaic" if _on_hopper() else "gpu")
-    assert dispatch.module_name("paged_attention", "gpu") == "gpu"
-    assert dispatch.module_name("flash_attention", "reference") == "reference"
+    for kernel in ("flash_attention", "paged_attention"):
+        assert dispatch.module_name(kernel, "gpu") == ("gpu_mosaic" if _on_hopper() else "gpu")
+        assert dispatch.module_name(kernel, "reference") == "reference"
     monkeypatch.setattr(dispatch, "on_hopper", lambda: True)
-    assert dispatch.module_name("flash_attention", "gpu") == "gpu_mosaic"
-    assert dispatch.module_name("paged_attention", "gpu") == "gpu"
-    fn = dispatch.load("flash_attention", "gpu")  # a partial(interpret=True) off a GPU
-    assert getattr(fn, "func", fn) is gpu_mosaic.flash_attention
+    for kernel, want in (("flash_attention", gpu_mosaic.flash_attention),
+                         ("paged_attention", paged_mosaic.paged_attention)):
+        assert dispatch.module_name(kernel, "gpu") == "gpu_mosaic"
+        fn = dispatch.load(kernel, "gpu")  # a partial(interpret=True) off a GPU
+        assert getattr(fn, "func", fn) is want
     monkeypatch.setattr(dispatch, "on_hopper", lambda: False)
-    fn = dispatch.load("flash_attention", "gpu")
-    assert getattr(fn, "func", fn) is flash_gpu.flash_attention
+    for kernel, want in (("flash_attention", flash_gpu.flash_attention), ("paged_attention", paged_gpu.paged_attention)):
+        fn = dispatch.load(kernel, "gpu")
+        assert getattr(fn, "func", fn) is want
 
 
 def test_layers_share_one_lowered_kernel():
@@ -306,10 +310,11 @@ def test_layers_share_one_lowered_kernel():
     and ~0.3 s of lowering; an 8B engine compiled minutes longer on the H100)."""
     from pallas_kernels.flash_attention import tpu as flash_tpu
     from pallas_kernels.paged_attention import gpu as paged_gpu
+    from pallas_kernels.paged_attention import gpu_mosaic as paged_mosaic
     from pallas_kernels.paged_attention import tpu as paged_tpu
 
     for fn in (gpu_mosaic.flash_attention, flash_gpu.flash_attention, flash_tpu.flash_attention,
-               paged_gpu.paged_attention, paged_tpu.paged_attention):
+               paged_gpu.paged_attention, paged_mosaic.paged_attention, paged_tpu.paged_attention):
         assert hasattr(fn, "lower"), f"{fn.__module__}.{fn.__name__} is not jitted"
 
     sds = jax.ShapeDtypeStruct
