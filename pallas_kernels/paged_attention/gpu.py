@@ -27,13 +27,13 @@ Design (decode is memory bound: the goal is to read each visible KV byte once):
   combines them. With one split the kernel writes the normalized output directly.
 
 Backend choice: Pallas' Triton lowering is deprecated since JAX 0.11 in favour of
-Mosaic GPU; this kernel stays on Triton because, measured (pallas_kernels/BENCHMARKS.md),
-it is the fastest decode kernel we have: at B=32 ctx 4096 it reads K/V at ~2.0 TB/s
-(67% of the copy rate on an H100, 46-50% on an H200), 1.0-1.3x JAX's bundled Triton
-paged_attention and 1.8-2.7x the XLA gather. It also runs in interpret mode on CPU. Its
-limit is loads in flight (the same ~2.0 TB/s on both GPUs); a Mosaic GPU version that
-streams gathered pages through a deeper TMA ring is the next step, to be kept only if
-it measures faster.
+Mosaic GPU. On Hopper the engine runs gpu_mosaic.py instead (pallas_kernels/dispatch.py):
+measured on an H200 (2026-11-21, device time, pallas_kernels/BENCHMARKS.md) it reads
+K/V at 4.1-4.6 TB/s at batch >= 32 where this kernel reads ~2.5 TB/s (it gathers
+256-byte rows of one head per program, and its loads in flight cap it near that rate
+on both the H100 and the H200). This kernel stays for what the Mosaic kernel does not
+cover: float32, other GPUs than sm90, shapes gpu_mosaic.supports() rejects, and CPU
+tests in interpret mode (fast, unlike the Mosaic GPU interpreter).
 """
 
 from __future__ import annotations
