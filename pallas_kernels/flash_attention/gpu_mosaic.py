@@ -263,6 +263,46 @@ def _tanh(x):
     return 1.0 - 2.0 / (jnp.exp2(x * (2.0 * _LOG2E)) + 1.0)
 
 
+def produce_kv_ring(lo, hi, stages: int, *, prepare, copy_k, copy_v, k_free, v_free) -> None:
+    """The producer side of a K/V ring in shared memory: blocks kb in [lo, hi) go to
+    slot (kb - lo) % stages. `prepare(kb)` computes what the copies need (issued before
+    the wait for a free slot, so a global read it makes overlaps the wait);
+    `copy_k(prepared, slot)` / `copy_v(...)` issue the TMA copies that complete the
+    slot's "ready" barriers; the consumers arrive on `k_free` / `v_free` when done with
+    a slot. The first `stages` blocks need no wait; at the end the producer waits for
+    each slot's last release, so it has observed every phase of the free barriers
+    (the interpreter's strict phase checks require it)."""
+    num_steps = hi - lo
+
+    def fill(i: int):
+        @pl.when(i < num_steps)
+        def _():
+            prepared = prepare(lo + i)
+            copy_k(prepared, i)
+            copy_v(prepared, i)
+
+    def drain(i: int):
+        @pl.when(i < num_steps)
+        def _():
+            plgpu.barrier_wait(k_free.at[i])
+            plgpu.barrier_wait(v_free.at[i])
+
+    for i in range(stages):
+        fill(i)
+
+    @pl.loop(lo + stages, jnp.maximum(hi, lo + stages))
+    def _(kb):
+        slot = lax.rem(kb - lo, jnp.int32(stages))
+        prepared = prepare(kb)
+        plgpu.barrier_wait(k_free.at[slot])
+        copy_k(prepared, slot)
+        plgpu.barrier_wait(v_free.at[slot])
+        copy_v(prepared, slot)
+
+    for i in range(stages):
+        drain(i)
+
+
 def _flash_kernel(
     len_ref,  # [B] int32 in GMEM: valid tokens per row (already clipped to [0, T])
     q_ref,  # [B, Tp, N, H] GMEM
@@ -463,33 +503,12 @@ def _flash_kernel(
             def rows(kb):
                 return (b, pl.ds(kb * bk, bk), kv_head)
 
-            def fill(i: int):  # the first use of slot i: nothing to wait for
-                @pl.when(i < num_steps)
-                def _():
-                    plgpu.copy_gmem_to_smem(k_ref.at[rows(lo + i)], k_smem.at[i], k_ready.at[i])
-                    plgpu.copy_gmem_to_smem(v_ref.at[rows(lo + i)], v_smem.at[i], v_ready.at[i])
-
-            def drain(i: int):
-                # Wait for the last use of slot i, so the producer has seen every phase
-                # of the free barriers when they are released.
-                @pl.when(i < num_steps)
-                def _():
-                    plgpu.barrier_wait(k_free.at[i])
-                    plgpu.barrier_wait(v_free.at[i])
-
-            for i in range(stages):
-                fill(i)
-
-            @pl.loop(lo + stages, jnp.maximum(hi, lo + stages))
-            def _(kb):
-                slot = slot_of(kb)
-                plgpu.barrier_wait(k_free.at[slot])
-                plgpu.copy_gmem_to_smem(k_ref.at[rows(kb)], k_smem.at[slot], k_ready.at[slot])
-                plgpu.barrier_wait(v_free.at[slot])
-                plgpu.copy_gmem_to_smem(v_ref.at[rows(kb)], v_smem.at[slot], v_ready.at[slot])
-
-            for i in range(stages):
-                drain(i)
+            produce_kv_ring(
+                lo, hi, stages, prepare=rows,
+                copy_k=lambda r, slot: plgpu.copy_gmem_to_smem(k_ref.at[r], k_smem.at[slot], k_ready.at[slot]),
+                copy_v=lambda r, slot: plgpu.copy_gmem_to_smem(v_ref.at[r], v_smem.at[slot], v_ready.at[slot]),
+                k_free=k_free, v_free=v_free,
+            )
 
     pl.run_scoped(
         body,

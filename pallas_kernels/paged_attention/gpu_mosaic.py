@@ -225,7 +225,6 @@ def _decode_kernel(
         per_split = flash_mosaic._div(n_blocks + num_splits - 1, num_splits)
         lo = first + split * per_split
         hi = jnp.maximum(jnp.minimum(lo + per_split, first + n_blocks), lo)
-        num_steps = hi - lo
 
         def slot_of(kb):
             return lax.rem(kb - lo, jnp.int32(stages))
@@ -353,33 +352,12 @@ def _decode_kernel(
                     dst = smem.at[slot] if copies == 1 else smem.at[slot, pl.ds(j * per_copy * K, per_copy * K)]
                     plgpu.copy_gmem_to_smem(ref.at[pl.ds(row, per_copy * K)], dst, barrier.at[slot])
 
-            def fill(i: int):
-                @pl.when(i < num_steps)
-                def _():
-                    src = sources(lo + i)
-                    issue(src, i, k_ref, k_smem, k_ready)
-                    issue(src, i, v_ref, v_smem, v_ready)
-
-            def drain(i: int):  # observe the last release of slot i
-                @pl.when(i < num_steps)
-                def _():
-                    plgpu.barrier_wait(k_free.at[i])
-                    plgpu.barrier_wait(v_free.at[i])
-
-            for i in range(stages):
-                fill(i)
-
-            @pl.loop(lo + stages, jnp.maximum(hi, lo + stages))
-            def _(kb):
-                slot = slot_of(kb)
-                src = sources(kb)
-                plgpu.barrier_wait(k_free.at[slot])
-                issue(src, slot, k_ref, k_smem, k_ready)
-                plgpu.barrier_wait(v_free.at[slot])
-                issue(src, slot, v_ref, v_smem, v_ready)
-
-            for i in range(stages):
-                drain(i)
+            flash_mosaic.produce_kv_ring(
+                lo, hi, stages, prepare=sources,
+                copy_k=lambda src, slot: issue(src, slot, k_ref, k_smem, k_ready),
+                copy_v=lambda src, slot: issue(src, slot, v_ref, v_smem, v_ready),
+                k_free=k_free, v_free=v_free,
+            )
 
     pl.run_scoped(
         body,
@@ -438,10 +416,8 @@ def paged_attention_tuned(
     block_rows: int | None = None,
     stages: int | None = None,
     num_splits: int | None = None,
-    combine: bool = True,
 ) -> jax.Array:
-    """paged_attention with the tuning knobs exposed (for benchmarks and tests);
-    combine=False returns the kernel's own outputs (to time the kernel alone)."""
+    """paged_attention with the tuning knobs exposed (for benchmarks and tests)."""
     B, T, N, H = q.shape
     assert T == 1, f"the GPU paged_attention kernel is for decode (one query per sequence), got T={T}"
     if not supports(q, k_pages, window, softcap):
@@ -509,8 +485,6 @@ def paged_attention_tuned(
         interpret=params,
     )
     out = call(pos, lens, table, qr, k_rows, v_rows)
-    if not combine:
-        return out
     if num_splits > 1:
         o, m, l = out  # [NS, B, R, H], [NS, B, R] (m in log2 units), [NS, B, R]
         w = l * jnp.exp2(m - m.max(axis=0)[None])
