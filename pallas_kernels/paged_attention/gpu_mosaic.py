@@ -56,9 +56,10 @@ that is not a power of two dividing the block, pages smaller than the TMA tile
 alignment (S * K < 8 rows when a block spans pages). `supports()` says which path runs.
 
 Measured (H200, JAX 0.11.2, 2026-11-21, `python -m pallas_kernels.bench`, device time):
-at B=32 ctx 4096 (Llama-3 8B heads, bf16) 0.129 ms = 4.15 TB/s of K/V, 101% of the
-copy rate measured in the same run (a pure read outruns a read + write copy), 1.98-2.00x
-the bundled Pallas paged_attention at its defaults and 1.65x our Triton kernel; 4.5-4.6
+at B=32 ctx 4096 (Llama-3 8B heads, bf16) 0.129-0.133 ms = 4.0-4.2 TB/s of K/V, 98-102%
+of the copy rate measured in the same run (a pure read outruns a read + write copy),
+1.93-2.00x the bundled Pallas paged_attention at its defaults (two runs) and 1.6x our
+Triton kernel; 4.5-4.6
 TB/s at B >= 32 with longer contexts or B=128. So dispatch runs it for decode on sm90.
 
 Verification without a GPU (tests/pallas_kernels/test_gpu_mosaic_paged.py): the Mosaic
