@@ -11,32 +11,26 @@ with an orchestrator whose step sleeps.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 import time
 import urllib.request
 
 import grpc
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from runtime.client import AsyncClient, Client, build_request
-from runtime.config import EngineConfig
-from runtime.engine import Engine
+from runtime.client import AsyncClient, build_request
 from runtime.metrics import ServerMetrics
 from runtime.orchestrator import Orchestrator
 from runtime.proto import generation as pb
 from runtime.server import GenerationServer, ServerConfig
-from tests.utils import peaked_tiny_llama, smollm2_tokenizer
+from tests.runtime.server_harness import (
+    ECFG, NUM_PAGES, Harness, acollect, collect, metric, serve, tiny_engine, wait_for,
+)
+from tests.utils import smollm2_tokenizer
 
 Code = grpc.StatusCode
-ECFG = EngineConfig(
-    max_num_seqs=8, max_model_len=128, page_size=8, prefill_lengths=(16, 32, 64), prefill_batch_sizes=(1, 4),
-    cache_dtype="float32", num_top_logprobs=3,
-)
-NUM_PAGES = 40
 
 
 @pytest.fixture(scope="module")
@@ -46,109 +40,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def engine(tokenizer):
-    engine = Engine(peaked_tiny_llama(tokenizer.vocab_size), ECFG, num_pages=NUM_PAGES)
-    engine.warmup()
-    return engine
-
-
-class SlowOrchestrator(Orchestrator):
-    """Each step takes at least 20 ms more: requests stay in flight long enough to be
-    cancelled, time out or be drained mid-way."""
-
-    delay_s = 0.02
-
-    def step(self):
-        time.sleep(self.delay_s)
-        return super().step()
-
-
-class Harness:
-    """A GenerationServer on its own event loop thread, and clients to it."""
-
-    def __init__(self, server: GenerationServer):
-        self.server = server
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.port = self.call(server.start("localhost:0"))
-        self.target = f"localhost:{self.port}"
-        self.client = Client(self.target)
-
-    def call(self, coro, timeout: float = 120.0):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def submit(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
-
-    def info(self) -> pb.ModelInfo:
-        return self.client.model_info()
-
-    def close(self) -> None:
-        self.client.close()
-        self.call(self.server.stop())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
-
-
-@contextlib.contextmanager
-def serve(engine, tokenizer, config: ServerConfig = ServerConfig(model_name="tiny"), *, slow: bool = False,
-          factory=None, load=None, wait: bool = True):
-    factory = factory or (SlowOrchestrator if slow else Orchestrator)
-    server = GenerationServer(load or (lambda: (engine, tokenizer)), config, orchestrator_factory=factory)
-    h = Harness(server)
-    try:
-        if wait:
-            h.call(server.wait_ready(120))
-        yield h
-    finally:
-        h.close()
-    # Every test leaves the shared engine as it found it: no slot active.
-    assert not bool(jnp.any(engine.slots.lengths)), "a request left a decode slot active"
-
-
-def collect(call) -> dict:
-    """Drains a streaming call: ids, text, logprobs, and the count of last messages."""
-    res = dict(ids=[], text="", logprobs=[], top=[], finals=0, reason=None, usage=None, timings=None, rid=None)
-    for r in call:
-        assert res["finals"] == 0, "a response after the last one"
-        res["rid"] = r.request_id
-        res["ids"] += list(r.token_ids)
-        res["text"] += r.text
-        res["logprobs"] += list(r.logprobs)
-        res["top"] += [[(t.token_id, t.logprob) for t in step.top] for step in r.top_logprobs]
-        if r.finish_reason:
-            res["finals"] += 1
-            res["reason"] = pb.FinishReason.NAMES[r.finish_reason]
-            res["usage"], res["timings"] = r.usage, r.timings
-    return res
-
-
-async def acollect(call) -> dict:
-    res = dict(ids=[], text="", logprobs=[], finals=0, reason=None, usage=None)
-    async for r in call:
-        assert res["finals"] == 0, "a response after the last one"
-        res["ids"] += list(r.token_ids)
-        res["text"] += r.text
-        res["logprobs"] += list(r.logprobs)
-        if r.finish_reason:
-            res["finals"] += 1
-            res["reason"] = pb.FinishReason.NAMES[r.finish_reason]
-            res["usage"] = r.usage
-    return res
-
-
-def metric(h: Harness, name: str, **labels) -> float:
-    value = h.server.metrics.registry.get_sample_value(name, labels or None)
-    return 0.0 if value is None else value
-
-
-def wait_for(predicate, timeout: float = 10.0, interval: float = 0.01):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(interval)
+    return tiny_engine(tokenizer)
 
 
 # --- readiness, health, reflection, model info ---------------------------------------
