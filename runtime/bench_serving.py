@@ -27,6 +27,11 @@ server without a tokenizer takes); --dataset=fixed draws input/output lengths un
 in len * [1 - range_ratio, 1 + range_ratio], --dataset=sharegpt draws them from
 lognormal fits of ShareGPT conversation lengths, clipped to the server's context.
 Requests ignore EOS by default, so every request generates its output length.
+
+Connections: the server refuses more than its max_streams_per_connection generation
+calls on one connection (GetModelInfo reports it), so the requests are spread over
+enough connections for the most that can be in flight at once, each new request on the
+least busy one. --tls_ca_file/--api_key etc. are runtime.client's.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ import numpy as np
 from absl import app, flags
 
 from runtime import flags as xflags
+from runtime.client import connection_kwargs_from_flags, define_connection_flags
 
 flags.DEFINE_string("target", "localhost:50051", "Server address HOST:PORT.")
 flags.DEFINE_integer("num_prompts", 200, "Requests to send.")
@@ -218,14 +224,22 @@ async def _one(client, prompt: list[int], output_len: int, temperature: float, i
     return res
 
 
+def num_connections(num_prompts: int, max_concurrency: int | None, max_streams_per_connection: int) -> int:
+    """Connections for the most requests that can be in flight at once (0: no cap)."""
+    most = min(num_prompts, max_concurrency or num_prompts)
+    return max(1, -(-most // max_streams_per_connection)) if max_streams_per_connection else 1
+
+
 async def run_benchmark(target: str, *, num_prompts: int, request_rate: float, burstiness: float,
                         max_concurrency: int | None, dataset: str, input_len: int, output_len: int,
                         range_ratio: float, temperature: float, ignore_eos: bool, slos: dict[str, float],
-                        seed: int, ready_timeout_s: float = 600.0) -> dict:
+                        seed: int, ready_timeout_s: float = 600.0, connection: dict | None = None) -> dict:
+    """connection: AsyncClient keyword arguments (TLS, API key)."""
     from runtime.client import AsyncClient
 
     rng = np.random.default_rng(seed)
-    async with AsyncClient(target) as client:
+    connection = connection or {}
+    async with AsyncClient(target, **connection) as client:
         await client.wait_until_serving(ready_timeout_s)
         info = await client.model_info()
         vocab = info.config.vocab_size
@@ -240,24 +254,44 @@ async def run_benchmark(target: str, *, num_prompts: int, request_rate: float, b
         if not probe.success:
             raise RuntimeError(f"the warm-up request failed: {probe.error}")
         limit = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+        # A channel with a subchannel pool of its own opens its own connection (channels
+        # to one target otherwise share one).
+        own = [("grpc.use_local_subchannel_pool", 1)]
+        num_conn = num_connections(num_prompts, max_concurrency, info.capacity.max_streams_per_connection)
+        clients = [client] + [AsyncClient(target, options=own, **connection) for _ in range(num_conn - 1)]
+        in_flight = [0] * num_conn
+
+        async def on_least_busy(prompt, n):
+            # Chosen when it is sent: at most ceil(in flight / connections) per connection.
+            c = min(range(len(clients)), key=in_flight.__getitem__)
+            in_flight[c] += 1
+            try:
+                return await _one(clients[c], prompt, n, temperature, ignore_eos)
+            finally:
+                in_flight[c] -= 1
 
         async def limited(prompt, n):
             if limit is None:
-                return await _one(client, prompt, n, temperature, ignore_eos)
+                return await on_least_busy(prompt, n)
             async with limit:
-                return await _one(client, prompt, n, temperature, ignore_eos)
+                return await on_least_busy(prompt, n)
 
-        start = time.perf_counter()
-        tasks = []
-        for (_, n), prompt, gap in zip(lengths, prompts, gaps):
-            if gap:
-                await asyncio.sleep(gap)
-            tasks.append(asyncio.ensure_future(limited(prompt, n)))
-        results = await asyncio.gather(*tasks)
-        duration = time.perf_counter() - start
+        try:
+            start = time.perf_counter()
+            tasks = []
+            for (_, n), prompt, gap in zip(lengths, prompts, gaps):
+                if gap:
+                    await asyncio.sleep(gap)
+                tasks.append(asyncio.ensure_future(limited(prompt, n)))
+            results = await asyncio.gather(*tasks)
+            duration = time.perf_counter() - start
+        finally:
+            for c in clients[1:]:
+                await c.close()
     summary = summarize(results, duration, slos)
     summary.update(target=target, model=info.model, num_prompts=num_prompts, request_rate=request_rate,
-                   burstiness=burstiness, max_concurrency=max_concurrency, dataset=dataset)
+                   burstiness=burstiness, max_concurrency=max_concurrency, dataset=dataset,
+                   num_connections=len(clients))
     return summary
 
 
@@ -272,13 +306,14 @@ def main(argv: list[str]) -> None:
         xflags.usage_error("--num_prompts must be >= 1, --request_rate and --burstiness > 0")
     import grpc
 
+    connection = connection_kwargs_from_flags()
     try:
         summary = asyncio.run(run_benchmark(
             FLAGS.target, num_prompts=FLAGS.num_prompts, request_rate=FLAGS.request_rate,
             burstiness=FLAGS.burstiness, max_concurrency=FLAGS.max_concurrency, dataset=FLAGS.dataset,
             input_len=FLAGS.input_len, output_len=FLAGS.output_len, range_ratio=FLAGS.range_ratio,
             temperature=FLAGS.temperature, ignore_eos=FLAGS.ignore_eos, slos=slos, seed=FLAGS.seed,
-            ready_timeout_s=FLAGS.ready_timeout_s,
+            ready_timeout_s=FLAGS.ready_timeout_s, connection=connection,
         ))
     except (grpc.aio.AioRpcError, RuntimeError, TimeoutError) as e:
         msg = f"{e.code().name}: {e.details()}" if isinstance(e, grpc.aio.AioRpcError) else str(e)
@@ -291,4 +326,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    # Defined here, not on import: runtime.serve's --tls_cert_file/--tls_key_file (the
+    # server's) share the names, and tests import both modules.
+    define_connection_flags()
     app.run(main, flags_parser=xflags.parse_flags)

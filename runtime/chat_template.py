@@ -71,9 +71,14 @@ def _strftime_now(fmt):
     return datetime.datetime.now().strftime(fmt)
 
 
+class ChatTemplateError(RuntimeError):
+    """The model's chat template itself is broken (a syntax error, or it fails with an
+    error of its own while rendering): the server's fault, not the messages'."""
+
+
 @functools.lru_cache(maxsize=32)
 def compile_chat_template(template: str) -> jinja2.Template:
-    """Compiles `template` once; raises ValueError on a Jinja syntax error."""
+    """Compiles `template` once; raises ChatTemplateError on a Jinja syntax error."""
     env = ImmutableSandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
     )
@@ -84,7 +89,7 @@ def compile_chat_template(template: str) -> jinja2.Template:
     try:
         return env.from_string(template)
     except jinja2.exceptions.TemplateSyntaxError as e:
-        raise ValueError(f"chat template has a syntax error at line {e.lineno}: {e.message}") from e
+        raise ChatTemplateError(f"the chat template has a syntax error at line {e.lineno}: {e.message}") from e
 
 
 def _plain(value: Any, where: str) -> Any:
@@ -113,7 +118,9 @@ def render_chat_template(
 
     special_tokens: template variables such as bos_token / eos_token.
     kwargs: further template variables (tools, documents, enable_thinking, ...).
-    Raises ValueError for malformed messages or when the template calls raise_exception.
+    Raises ValueError for malformed messages or when the template rejects them
+    (raise_exception, an undefined field, the sandbox), ChatTemplateError when the
+    template itself is broken.
     """
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
         raise ValueError(f"messages must be a list of dicts, got {type(messages).__name__}")
@@ -129,3 +136,5 @@ def render_chat_template(
         return compile_chat_template(template).render(**variables)
     except jinja2.exceptions.TemplateError as e:
         raise ValueError(f"chat template rejected the messages: {e}") from e
+    except Exception as e:  # noqa: BLE001 -- anything else is the template's own failure
+        raise ChatTemplateError(f"the chat template failed while rendering: {e!r}") from e

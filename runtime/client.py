@@ -13,16 +13,27 @@ generation.proto.
 
     python -m runtime.client --target=HOST:PORT --prompt="..." [--chat] [--max_tokens=64]
         [--temperature=0 ...] [--token_ids=1,2,3] [--info]
+        [--tls_ca_file=CA.pem [--tls_cert_file=C.pem --tls_key_file=C.key]] [--api_key=KEY]
 
 streams the text to stdout (or, with --token_ids, against a server without a
 tokenizer, the token ids) and prints the finish reason, usage and timings to stderr.
+
+A server with TLS (runtime/auth.py): `Client(target, tls_ca_file="ca.pem")` (or
+tls=True to trust the system's CAs), plus tls_cert_file/tls_key_file where it requires
+client certificates; a server with API keys: `api_key=KEY`, sent as
+`authorization: Bearer KEY` metadata on every call made on the client's channel
+(reflection included). The CLI reads the key from XLSERVE_API_KEY when --api_key is
+not given (a flag shows in `ps`; the environment does not).
 """
 
 from __future__ import annotations
 
+import collections
+import os
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -75,12 +86,121 @@ def _tokenize_request(text, messages, add_special_tokens) -> "pb.TokenizeRequest
 _HEALTH_NAMES = {v: k for k, v in health_pb2.HealthCheckResponse.ServingStatus.items()}
 
 
-class Client:
-    """A blocking client over one channel (thread-safe, like the channel)."""
+# --- channel security: TLS credentials and the API key on every call ------------------
 
-    def __init__(self, target: str, *, channel: grpc.Channel | None = None):
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ValueError(f"{what}={path!r}: {e.strerror}") from None
+
+
+def channel_credentials(*, tls: bool = False, tls_ca_file: str | None = None, tls_cert_file: str | None = None,
+                        tls_key_file: str | None = None) -> grpc.ChannelCredentials | None:
+    """TLS credentials (None: plaintext). TLS is on with `tls` or any file; without
+    tls_ca_file the system's CAs are trusted; tls_cert_file + tls_key_file present a
+    client certificate (servers with --tls_client_ca_file require one)."""
+    if bool(tls_cert_file) != bool(tls_key_file):
+        raise ValueError("give both tls_cert_file and tls_key_file (the client's certificate and its key)")
+    if not (tls or tls_ca_file or tls_cert_file):
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read(tls_ca_file, "tls_ca_file") if tls_ca_file else None,
+        private_key=_read(tls_key_file, "tls_key_file") if tls_key_file else None,
+        certificate_chain=_read(tls_cert_file, "tls_cert_file") if tls_cert_file else None,
+    )
+
+
+def _authorization(api_key: str | None) -> tuple[str, str] | None:
+    if api_key is None:
+        return None
+    from runtime.auth import check_key_text
+
+    problem = check_key_text(api_key)
+    if problem:
+        raise ValueError(problem)  # names no part of the key
+    return ("authorization", f"Bearer {api_key}")
+
+
+class _CallDetails(collections.namedtuple(
+        "_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")),
+        grpc.ClientCallDetails):
+    pass
+
+
+class _SendKey(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+               grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds the authorization metadata to every call of a sync channel."""
+
+    def __init__(self, header: tuple[str, str]):
+        self._header = header
+
+    def _details(self, d):
+        return _CallDetails(d.method, d.timeout, [*(d.metadata or ()), self._header], d.credentials,
+                            getattr(d, "wait_for_ready", None), getattr(d, "compression", None))
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):
+        return continuation(self._details(client_call_details), request)
+
+    intercept_unary_stream = intercept_stream_unary = intercept_stream_stream = intercept_unary_unary
+
+
+def _aio_send_key(header: tuple[str, str]) -> list:
+    """The same for an asyncio channel, which takes one interceptor per call kind."""
+
+    def details(d):
+        return d._replace(metadata=grpc.aio.Metadata(*(d.metadata or ()), header))
+
+    class UnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
+        async def intercept_unary_unary(self, continuation, client_call_details, request):
+            return await continuation(details(client_call_details), request)
+
+    class UnaryStream(grpc.aio.UnaryStreamClientInterceptor):
+        async def intercept_unary_stream(self, continuation, client_call_details, request):
+            return await continuation(details(client_call_details), request)
+
+    class StreamUnary(grpc.aio.StreamUnaryClientInterceptor):
+        async def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
+            return await continuation(details(client_call_details), request_iterator)
+
+    class StreamStream(grpc.aio.StreamStreamClientInterceptor):
+        async def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
+            return await continuation(details(client_call_details), request_iterator)
+
+    return [UnaryUnary(), UnaryStream(), StreamUnary(), StreamStream()]
+
+
+def _check_own_channel(channel, security: dict, options) -> None:
+    if channel is not None and (any(v for v in security.values()) or options):
+        given = sorted(k for k, v in security.items() if v) + (["options"] if options else [])
+        raise ValueError(f"give channel or {', '.join(given)}, not both: a channel you make carries its own "
+                         f"credentials and interceptors")
+
+
+class Client:
+    """A blocking client over one channel (thread-safe, like the channel).
+
+    tls / tls_ca_file / tls_cert_file / tls_key_file: see `channel_credentials`;
+    api_key: sent on every call; options: gRPC channel arguments."""
+
+    def __init__(self, target: str, *, channel: grpc.Channel | None = None, tls: bool = False,
+                 tls_ca_file: str | None = None, tls_cert_file: str | None = None, tls_key_file: str | None = None,
+                 api_key: str | None = None, options: Sequence[tuple[str, Any]] = ()):
+        security = dict(tls=tls, tls_ca_file=tls_ca_file, tls_cert_file=tls_cert_file, tls_key_file=tls_key_file,
+                        api_key=api_key)
+        _check_own_channel(channel, security, options)
         self.target = target
-        self.channel = channel or grpc.insecure_channel(target)
+        if channel is None:
+            creds = channel_credentials(tls=tls, tls_ca_file=tls_ca_file, tls_cert_file=tls_cert_file,
+                                        tls_key_file=tls_key_file)
+            header = _authorization(api_key)
+            channel = (grpc.secure_channel(target, creds, options=options) if creds
+                       else grpc.insecure_channel(target, options=options))
+            if header is not None:
+                channel = grpc.intercept_channel(channel, _SendKey(header))
+        self.channel = channel
         self.stub = pb.GenerationStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
@@ -133,11 +253,24 @@ class Client:
 
 
 class AsyncClient:
-    """The asyncio client: make it inside a running event loop."""
+    """The asyncio client: make it inside a running event loop. The arguments are
+    `Client`'s."""
 
-    def __init__(self, target: str, *, channel: grpc.aio.Channel | None = None):
+    def __init__(self, target: str, *, channel: grpc.aio.Channel | None = None, tls: bool = False,
+                 tls_ca_file: str | None = None, tls_cert_file: str | None = None, tls_key_file: str | None = None,
+                 api_key: str | None = None, options: Sequence[tuple[str, Any]] = ()):
+        security = dict(tls=tls, tls_ca_file=tls_ca_file, tls_cert_file=tls_cert_file, tls_key_file=tls_key_file,
+                        api_key=api_key)
+        _check_own_channel(channel, security, options)
         self.target = target
-        self.channel = channel or grpc.aio.insecure_channel(target)
+        if channel is None:
+            creds = channel_credentials(tls=tls, tls_ca_file=tls_ca_file, tls_cert_file=tls_cert_file,
+                                        tls_key_file=tls_key_file)
+            header = _authorization(api_key)
+            interceptors = _aio_send_key(header) if header is not None else None
+            channel = (grpc.aio.secure_channel(target, creds, options=options, interceptors=interceptors) if creds
+                       else grpc.aio.insecure_channel(target, options=options, interceptors=interceptors))
+        self.channel = channel
         self.stub = pb.GenerationStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
@@ -191,6 +324,42 @@ class AsyncClient:
 
 # --- CLI ------------------------------------------------------------------------------
 
+API_KEY_ENV = "XLSERVE_API_KEY"
+
+
+def define_connection_flags() -> None:
+    """--tls, --tls_ca_file, --tls_cert_file, --tls_key_file, --api_key (this CLI and
+    runtime.bench_serving)."""
+    from absl import flags
+
+    flags.DEFINE_bool("tls", False, "Connect over TLS, trusting the system's CAs (implied by --tls_ca_file).")
+    flags.DEFINE_string("tls_ca_file", None, "PEM CA certificate(s) to verify the server's TLS certificate with.")
+    flags.DEFINE_string("tls_cert_file", None, "PEM client certificate, for servers that require one (mutual TLS).")
+    flags.DEFINE_string("tls_key_file", None, "PEM private key of --tls_cert_file.")
+    flags.DEFINE_string("api_key", None, f"API key, sent as 'authorization: Bearer KEY'; default: ${API_KEY_ENV}.")
+
+
+def connection_kwargs_from_flags() -> dict:
+    """Client/AsyncClient keyword arguments from the flags above; a bad file or key is
+    a usage error (one line, exit 2)."""
+    from absl import flags
+
+    from runtime import flags as xflags
+
+    F = flags.FLAGS
+    kwargs = dict(tls=F.tls, tls_ca_file=F.tls_ca_file, tls_cert_file=F.tls_cert_file, tls_key_file=F.tls_key_file,
+                  api_key=F.api_key if F.api_key is not None else os.environ.get(API_KEY_ENV) or None)
+    # The files and the key are checked now rather than at the first call.
+    try:
+        channel_credentials(**{k: v for k, v in kwargs.items() if k != "api_key"})
+    except ValueError as e:
+        xflags.usage_error(str(e))
+    try:
+        _authorization(kwargs["api_key"])
+    except ValueError as e:
+        xflags.usage_error(f"{'--api_key' if F.api_key is not None else '$' + API_KEY_ENV}: {e}")
+    return kwargs
+
 
 def _define_flags() -> None:
     from absl import flags
@@ -213,6 +382,7 @@ def _define_flags() -> None:
     flags.DEFINE_multi_string("stop", [], "Stop string (repeatable).")
     flags.DEFINE_bool("ignore_eos", False, "Keep generating past end-of-sequence tokens.")
     flags.DEFINE_float("timeout_s", None, "Deadline of the request.")
+    define_connection_flags()
 
 
 def _main(argv: list[str]) -> None:
@@ -223,7 +393,7 @@ def _main(argv: list[str]) -> None:
     F = flags.FLAGS
     if len(argv) > 1:
         xflags.usage_error(f"unexpected arguments: {' '.join(argv[1:])}")
-    client = Client(F.target)
+    client = Client(F.target, **connection_kwargs_from_flags())
     try:
         if F.info:
             from google.protobuf import text_format

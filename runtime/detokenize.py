@@ -30,7 +30,8 @@ class IncrementalDetokenizer:
     Invariant: "".join(push(t) for t in ids) + flush() ==
     tokenizer.decode(prompt_ids + ids)[len(tokenizer.decode(prompt_ids)):]
     (== tokenizer.decode(ids) without a prompt), with `skip_special_tokens` applied to
-    both sides, and no delta ends in a partial character until `flush`.
+    both sides, and no delta ends in a partial character until `flush`. Ids past the
+    tokenizer's vocabulary (padded embedding rows) add no text, as in `decode`.
     """
 
     def __init__(
@@ -43,18 +44,23 @@ class IncrementalDetokenizer:
         self._tokenizer = tokenizer
         self._skip = skip_special_tokens
         self._special = tokenizer.all_special_ids if skip_special_tokens else frozenset()
+        # Ids past the tokenizer's vocabulary (a padded embedding table) have no text.
+        self._vocab_size = tokenizer.vocab_size
         # Only the window is kept: ids[:read_offset] decode to self._prefix_text, which has
         # already been emitted (or belongs to the prompt); ids[read_offset:] are held back.
-        self._ids: list[int] = [i for i in prompt_ids if i not in self._special][-_PROMPT_CONTEXT:]
+        self._ids: list[int] = [i for i in prompt_ids if self._has_text(i)][-_PROMPT_CONTEXT:]
         self._read_offset = len(self._ids)
         self._prefix_text = self._decode(self._ids)
+
+    def _has_text(self, token_id: int) -> bool:
+        return token_id < self._vocab_size and token_id not in self._special
 
     def _decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=self._skip)
 
     def push(self, token_id: int) -> str:
         """Adds one generated token; returns the newly completed text (often "")."""
-        if token_id in self._special:
+        if not self._has_text(token_id):
             return ""
         self._ids.append(token_id)
         text = self._decode(self._ids)

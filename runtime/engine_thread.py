@@ -11,9 +11,12 @@ Events for a request, from this thread to its handler:
   ("out", RequestOutput, final)        final: None, or dict(usage=..., timings=...) on the last
   ("error", grpc.StatusCode, message)  always the last
 Every request added gets exactly one last event: its finished output, or an error.
-A request that fails on its own (adding it, handling its output) fails alone with
-INTERNAL; a step that raises fails the requests in flight and the loop starts over on
-a fresh orchestrator over the same engine.
+A request that fails on its own (adding it, turning its tokens into text, handling its
+output) fails alone with INTERNAL; an engine call that raises fails the requests in
+that call (the orchestrator reports them as error outputs), and after
+_MAX_CONSECUTIVE_FAULTS such calls in a row the engine is taken for broken. A step that
+raises outside the engine calls (a bug in the loop) fails the requests in flight and
+the loop starts over on a fresh orchestrator over the same engine.
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ from runtime.orchestrator import Orchestrator, Request, RequestError, RequestOut
 log = logging.getLogger(__name__)
 
 Code = grpc.StatusCode
-# Consecutive failed engine steps after which the engine is taken for broken.
+# Consecutive failed engine calls (or steps) after which the engine is taken for broken:
+# a call that fails on the device leaves the donated cache unusable, so every later call
+# fails too, while one bad request fails one call.
 _MAX_CONSECUTIVE_FAULTS = 3
 
 
@@ -188,6 +193,11 @@ class EngineLoop:
                         return
                 else:
                     self._on_step(t0, outputs, events)
+                    failures = self.orc.consecutive_call_failures
+                    if failures >= _MAX_CONSECUTIVE_FAULTS:
+                        self._post(events)
+                        self._on_fatal(RuntimeError(f"{failures} engine calls failed in a row"))
+                        return
             self._publish_load()  # before the events: a client that saw its last message sees its pages freed
             if events:
                 self._post(events)
@@ -239,6 +249,8 @@ class EngineLoop:
                 p.scheduled = t0
                 self._metrics.queue.observe(t0 - p.arrival)
         for out in outputs:
+            if out.request_id not in self._progress:  # failed earlier; the orchestrator's late output is dropped
+                continue
             try:
                 self._on_output(out, now, events)
             except Exception as e:  # noqa: BLE001 -- this request fails, the others go on
@@ -250,10 +262,13 @@ class EngineLoop:
                     self.orc.abort(out.request_id)
 
     def _on_output(self, out: RequestOutput, now: float, events: list) -> None:
-        p = self._progress.get(out.request_id)
-        if p is None:  # failed earlier; the orchestrator's late output is dropped
-            return
+        p = self._progress[out.request_id]
         m = self._metrics
+        if out.error is not None:  # this request failed alone (the orchestrator freed it)
+            del self._progress[out.request_id]
+            m.failed.inc()
+            events.append((out.request_id, ("error", Code.INTERNAL, out.error)))
+            return
         n = len(out.token_ids)
         if n:
             if p.first_token is None:

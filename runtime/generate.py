@@ -14,6 +14,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 
 from runtime import flags as xflags
+from runtime.chat_template import ChatTemplateError
 from runtime.config import ConfigError
 from runtime.orchestrator import Orchestrator, Request, RequestError
 from runtime.sampling import SamplingError, SamplingParams
@@ -90,7 +91,7 @@ def main(argv: list[str]) -> None:
         if FLAGS.chat:
             try:
                 text = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
-            except ValueError as e:
+            except (ValueError, ChatTemplateError) as e:
                 xflags.usage_error(str(e))
             ids = tokenizer.encode(text, add_special_tokens=False)
         else:
@@ -123,6 +124,9 @@ def main(argv: list[str]) -> None:
                 sys.stdout.flush()
             if out.finished:
                 res["finish_reason"] = out.finish_reason
+                if out.error is not None:  # this prompt failed alone; the others go on
+                    res["error"] = out.error
+                    print(f"error: prompt {out.request_id}: {out.error}", file=sys.stderr, flush=True)
     if orc.num_compiles_since_ready:
         print(f"warning: {orc.num_compiles_since_ready} compilations after warm-up", file=sys.stderr)
     for i, req in enumerate(requests):
@@ -132,6 +136,8 @@ def main(argv: list[str]) -> None:
                 sys.stdout.write(f"\n--- prompt {i} ---\n{prompts[i]}{res['text']}")
             continue
         obj = dict(prompt=prompts[i], token_ids=res["token_ids"], text=res["text"], finish_reason=res["finish_reason"])
+        if "error" in res:
+            obj["error"] = res["error"]
         if FLAGS.logprobs is not None:
             obj["logprobs"] = res["logprobs"]
             if FLAGS.logprobs:
@@ -139,6 +145,8 @@ def main(argv: list[str]) -> None:
         print(json.dumps(obj, ensure_ascii=False))
     if FLAGS.format == "text":
         sys.stdout.write("\n")
+    if any("error" in res for res in results.values()):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,16 @@ from a request's admission:
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+import logging
+import socket
+import sys
+import threading
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, make_wsgi_app
+
+log = logging.getLogger(__name__)
 
 _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                  20.0, 40.0, 80.0, 160.0, 640.0)
@@ -26,7 +35,24 @@ _QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0
 
 ABORT_REASONS = ("cancelled", "deadline", "abort_rpc", "drain")
 FINISH_REASONS = ("stop", "length", "abort")
-REJECT_CODES = ("RESOURCE_EXHAUSTED", "UNAVAILABLE", "INVALID_ARGUMENT", "FAILED_PRECONDITION", "ALREADY_EXISTS")
+REJECT_CODES = ("RESOURCE_EXHAUSTED", "UNAVAILABLE", "INVALID_ARGUMENT", "FAILED_PRECONDITION", "ALREADY_EXISTS",
+                "UNAUTHENTICATED", "INTERNAL")
+
+
+class _QuietHandler(WSGIRequestHandler):
+    timeout = 10.0  # a client that stalls (mid TLS handshake, say) holds one thread this long at most
+
+    def log_message(self, format, *args):  # noqa: A002 -- a scrape every few seconds is not news
+        pass
+
+
+class _HTTPServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        # A failed TLS handshake (plaintext to HTTPS, an untrusted client), a reset or a
+        # timeout is the client's problem: not a traceback on the server's stderr.
+        log.debug("metrics request from %s failed: %r", client_address, sys.exc_info()[1])
 
 
 class ServerMetrics:
@@ -58,6 +84,12 @@ class ServerMetrics:
         self.generation_tokens = Counter("xlserve_generation_tokens", "Tokens generated.", registry=r)
         self.compilations = Counter("xlserve_compilations", "XLA compilations after warm-up (0 expected).",
                                     registry=r)
+        # Every admitted request ends finished or failed: admitted == finished (all reasons) + failed
+        # once none is in flight (runtime.soak checks it).
+        self.admitted = Counter("xlserve_requests_admitted", "Requests admitted (past validation and admission).",
+                                registry=r)
+        # process_resident_memory_bytes and friends: runtime.soak bounds the RSS growth under load.
+        ProcessCollector(registry=r)
         for reason in ABORT_REASONS:  # every series exists from the start, at 0
             self.aborted.labels(reason=reason)
         for reason in FINISH_REASONS:
@@ -65,14 +97,36 @@ class ServerMetrics:
         for code in REJECT_CODES:
             self.rejected.labels(code=code)
 
-    def serve(self, port: int, addr: str = "0.0.0.0") -> int:
-        """Serves /metrics on `port` (0: any free port) in a daemon thread; returns the port."""
-        httpd, _ = start_http_server(port, addr=addr, registry=self.registry)
+    def serve(self, port: int, addr: str = "0.0.0.0", *, security=None) -> int:
+        """Serves /metrics on `port` (0: any free port) in a daemon thread; returns the port.
+
+        security (runtime.auth.SecurityConfig): with API keys, a scrape without
+        `Authorization: Bearer <key>` gets HTTP 401; with TLS, it is HTTPS with the gRPC
+        server's certificate (and, with a client CA, requires a client certificate), so
+        the key never crosses the network in the clear. prometheus_client's own
+        start_http_server has no way to check a key, hence this server."""
+        app = make_wsgi_app(self.registry)
+        if security is not None and security.api_keys:
+            from runtime.auth import ApiKeys, wsgi_requiring_key
+
+            app = wsgi_requiring_key(app, ApiKeys(security.api_keys))
+
+        class Server(_HTTPServer):
+            address_family = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)[0][0]  # IPv4 or IPv6
+
+        httpd = make_server(addr, port, app, Server, handler_class=_QuietHandler)
+        if security is not None and security.tls:
+            # The handshake happens on the handler's first read, in its own thread: a
+            # client that stalls mid-handshake does not stop the accept loop.
+            httpd.socket = security.server_ssl_context().wrap_socket(
+                httpd.socket, server_side=True, do_handshake_on_connect=False)
+        threading.Thread(target=httpd.serve_forever, name="metrics-http", daemon=True).start()
         self._httpd = httpd
         return httpd.server_address[1]
 
     def close(self) -> None:
         httpd = getattr(self, "_httpd", None)
         if httpd is not None:
+            self._httpd = None  # closing twice (serve.py, then the server's stop) is harmless
             httpd.shutdown()
             httpd.server_close()

@@ -7,6 +7,12 @@ copy per call) into per-request outputs: token ids, text deltas, logprobs and, a
 end, a finish reason. Only this loop touches the engine; front ends talk to it through
 `add_request` / `abort` and the outputs `step()` returns (the server wraps this in a
 thread with queues).
+
+Faults stay with the requests they belong to. Turning one request's tokens into output
+(detokenizing, stop strings) that raises ends that request alone with an error output;
+a compiled call that raises (at dispatch or when its results are read) ends the requests
+in that call, and the step goes on for the others. `consecutive_call_failures` tells the
+owner when the engine itself looks broken (its donated state may be gone).
 """
 
 from __future__ import annotations
@@ -52,8 +58,9 @@ class RequestOutput:
     logprobs: list[float]  # the chosen tokens' logprobs, one per new token
     top_logprobs: list[list[tuple[int, float]]]  # per new token, when the request asked
     finished: bool = False
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     num_prompt_tokens: int = 0
+    error: str | None = None  # with finish_reason "error": what failed (this request alone)
 
 
 @dataclasses.dataclass(eq=False)
@@ -77,6 +84,10 @@ class _InFlight:
     prefill_out: dict | None = None
     decoding: list[Sequence] = dataclasses.field(default_factory=list)
     decode_out: dict | None = None
+
+
+def _to_host(out: dict) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v) for k, v in out.items()}
 
 
 def _start_copy(out: dict) -> None:
@@ -103,6 +114,9 @@ class Orchestrator:
         self._inflight: _InFlight | None = None  # the last dispatched calls, results not yet read
         self.eos_ids = frozenset(engine.cfg.eos_ids) | frozenset(tokenizer.eos_ids if tokenizer else ())
         self.compiles_at_ready = compile_counter.count
+        # Per kind of engine call ("prefill", "decode"): calls that raised since the last
+        # one of that kind that worked.
+        self._call_failures = {"prefill": 0, "decode": 0}
 
     # --- requests ------------------------------------------------------------------
 
@@ -157,13 +171,23 @@ class Orchestrator:
         track = self._tracks.get(request_id)
         if track is None:
             return False
-        self._finish(track, "abort")
+        try:
+            self._finish(track, "abort")
+        except Exception as e:  # noqa: BLE001 -- flushing its text failed: it ends with the error
+            log.exception("aborting request %s failed", request_id)
+            self._fail(track, f"the server failed while aborting this request: {e!r}")
         return True
 
     def has_work(self) -> bool:
         """True while a request has not yet had its last output (an aborted one
         still owes it) or a call is in flight."""
         return bool(self._tracks) or self._inflight is not None
+
+    @property
+    def consecutive_call_failures(self) -> int:
+        """The longest run of failed calls of one kind, up to now: a prefill that works
+        says nothing about a decode call that keeps failing."""
+        return max(self._call_failures.values())
 
     @property
     def num_compiles_since_ready(self) -> int:
@@ -188,10 +212,14 @@ class Orchestrator:
             self.engine.release(slot)  # preempted: its tokens are kept and recomputed later
         record = _InFlight()
         if plan.prefill:
-            record.prefill, record.prefill_out = plan.prefill, self._dispatch_prefill(plan.prefill)
+            out = self._call("prefill", [c.seq for c in plan.prefill], self._dispatch_prefill, plan.prefill)
+            if out is not None:
+                record.prefill, record.prefill_out = plan.prefill, out
         decoding = [s for s in self.scheduler.running.values() if s.status == Status.RUNNING]
         if decoding:
-            record.decoding, record.decode_out = decoding, self._dispatch_decode(decoding)
+            out = self._call("decode", decoding, self._dispatch_decode, decoding)
+            if out is not None:
+                record.decoding, record.decode_out = decoding, out
         previous, self._inflight = self._inflight, (record if record.prefill or record.decoding else None)
         if previous is not None:
             self._process(previous)
@@ -205,6 +233,22 @@ class Orchestrator:
                 if outputs[-1].finished:
                     del self._tracks[track.request.request_id]
         return outputs
+
+    def _call(self, what: str, seqs: list[Sequence], fn, *args):
+        """Runs fn(*args), an engine call and its host side; if it raises, the requests of
+        `seqs` end with an error and None is returned."""
+        try:
+            result = fn(*args)
+        except Exception as e:  # noqa: BLE001 -- fails these requests, not the loop
+            self._call_failures[what] += 1
+            log.exception("the engine's %s call failed; failing %d requests", what, len(seqs))
+            for seq in seqs:
+                track = self._tracks.get(seq.seq_id)
+                if track is not None and seq.status != Status.FINISHED:
+                    self._fail(track, f"the engine's {what} call failed: {e!r}")
+            return None
+        self._call_failures[what] = 0
+        return result
 
     def _collect(self) -> None:
         """Waits for the call in flight and processes its results."""
@@ -260,25 +304,42 @@ class Orchestrator:
     def _process(self, record: "_InFlight") -> None:
         """Host side of a finished call: accept tokens of sequences still running."""
         if record.prefill:
-            host = {k: np.asarray(v) for k, v in record.prefill_out.items()}
-            for i, c in enumerate(record.prefill):
-                if c.is_last:
-                    c.seq.num_inflight -= 1
-                    if c.seq.status == Status.RUNNING:
-                        self._accept(self._tracks[c.seq.seq_id], host, i)
+            last = [(i, c.seq) for i, c in enumerate(record.prefill) if c.is_last]
+            for _, seq in last:
+                seq.num_inflight -= 1
+            # A call that failed on the device raises here, when its results are read.
+            host = self._call("prefill", [seq for _, seq in last], _to_host, record.prefill_out)
+            for i, seq in last if host is not None else ():
+                if seq.status == Status.RUNNING:
+                    self._accept_or_fail(self._tracks[seq.seq_id], host, i)
         if record.decoding:
-            host = {k: np.asarray(v) for k, v in record.decode_out.items()}  # [steps, B, ...]
+            steps = self.engine.ecfg.decode_steps_per_call
             for seq in record.decoding:
-                seq.num_inflight -= host["tokens"].shape[0]
-            for step in range(host["tokens"].shape[0]):
+                seq.num_inflight -= steps
+            host = self._call("decode", record.decoding, _to_host, record.decode_out)  # [steps, B, ...]
+            for step in range(steps if host is not None else 0):
                 rows = {k: v[step] for k, v in host.items()}
                 for seq in record.decoding:
                     # A sequence that ended meanwhile (host-side stop string, abort) may
                     # have more tokens from the device: they are dropped here.
                     if seq.status == Status.RUNNING and rows["valid"][seq.slot]:
-                        self._accept(self._tracks[seq.seq_id], rows, seq.slot)
+                        self._accept_or_fail(self._tracks[seq.seq_id], rows, seq.slot)
 
     # --- per-token bookkeeping -----------------------------------------------------
+
+    def _accept_or_fail(self, track: _Track, host: dict[str, np.ndarray], row: int) -> None:
+        try:
+            self._accept(track, host, row)
+        except Exception as e:  # noqa: BLE001 -- this request fails, the others go on
+            log.exception("turning the output of request %s into text failed", track.request.request_id)
+            self._fail(track, f"the server failed on this request's output: {e!r}")
+
+    def _fail(self, track: _Track, message: str) -> None:
+        """Ends one request with an error: its slot and pages are freed, the tokens it
+        had not yet returned are dropped, and its last output carries `message`."""
+        track.pending = None
+        self._finish(track, "error", flush=False)
+        track.pending.error = message
 
     def _accept(self, track: _Track, host: dict[str, np.ndarray], row: int) -> None:
         seq = track.seq

@@ -6,6 +6,12 @@ weights are loaded and the engine is warm. `--checkpoint=preset:llama3.1-8b` (an
 in runtime/presets.py, or preset:path/config.json) serves random weights of those
 shapes, for benchmarks: no tokenizer, so token-id input only and no text out.
 
+Security (runtime/auth.py): --tls_cert_file + --tls_key_file serve over TLS (and
+/metrics over HTTPS); --tls_client_ca_file requires client certificates (mutual TLS);
+--api_key_file requires `authorization: Bearer <key>` on every call but health's, and
+on /metrics. Per-client bounds (runtime/limits.py): --max_request_bytes,
+--max_streams_per_connection. A bad TLS file or key file exits 2 with one line.
+
 SIGTERM (or SIGINT): health NOT_SERVING, new requests UNAVAILABLE, requests in flight
 get --drain_timeout_s to finish (then are aborted), exit code 0. A model that fails to
 load exits with one line on stderr: code 2 for a bad checkpoint or capacity, else 1.
@@ -30,6 +36,14 @@ flags.DEFINE_integer("metrics_port", None, "Serve Prometheus /metrics on this po
 flags.DEFINE_integer("max_queue", 128, "Requests admitted beyond --max_num_seqs (waiting); more: RESOURCE_EXHAUSTED.")
 flags.DEFINE_integer("max_pending_tokens", 0, "Budget of prompt + max_tokens over the requests in flight; 0: none.")
 flags.DEFINE_float("drain_timeout_s", 30.0, "On SIGTERM, how long requests in flight may take to finish.")
+flags.DEFINE_integer("max_request_bytes", 4 * 1024 * 1024, "Largest request message; bigger: RESOURCE_EXHAUSTED.")
+flags.DEFINE_integer("max_streams_per_connection", 64, "Generate/GenerateUnary calls in flight per client "
+                     "connection; more: RESOURCE_EXHAUSTED (raise it behind a proxy that multiplexes users).")
+flags.DEFINE_string("tls_cert_file", None, "PEM certificate chain: serve gRPC and /metrics over TLS.")
+flags.DEFINE_string("tls_key_file", None, "PEM private key (unencrypted) of --tls_cert_file.")
+flags.DEFINE_string("tls_client_ca_file", None, "PEM CA(s): require client certificates signed by them (mutual TLS).")
+flags.DEFINE_string("api_key_file", None, "API keys, one per line (# comments); every call but health's, and "
+                    "/metrics, must send 'authorization: Bearer <key>'.")
 xflags.define_engine_flags()
 FLAGS = flags.FLAGS
 
@@ -57,8 +71,9 @@ async def _serve(load, config) -> int:
 
     metrics = ServerMetrics()
     if FLAGS.metrics_port is not None:
-        port = metrics.serve(FLAGS.metrics_port)
-        print(f"xlserve: metrics on http://localhost:{port}/metrics", file=sys.stderr, flush=True)
+        port = metrics.serve(FLAGS.metrics_port, security=config.security)
+        scheme = "https" if config.security.tls else "http"
+        print(f"xlserve: metrics on {scheme}://localhost:{port}/metrics", file=sys.stderr, flush=True)
     server = GenerationServer(load, config, metrics=metrics)
     try:
         port = await server.start(f"{FLAGS.host}:{FLAGS.port}")
@@ -114,6 +129,7 @@ def main(argv: list[str]) -> None:
         xflags.usage_error(f"unexpected arguments: {' '.join(argv[1:])}")
     if not FLAGS.checkpoint:
         xflags.usage_error("--checkpoint is required (a directory, an alias such as gemma3-270m, or preset:NAME)")
+    from runtime.auth import SecurityConfig, load_api_keys
     from runtime.random_weights import is_preset, preset_name
     from runtime.server import ServerConfig
 
@@ -123,12 +139,23 @@ def main(argv: list[str]) -> None:
             from runtime.presets import preset_config
 
             preset_config(preset_name(FLAGS.checkpoint))  # an unknown preset fails here, not in the engine
+        try:
+            api_keys = load_api_keys(FLAGS.api_key_file) if FLAGS.api_key_file is not None else ()
+        except ValueError as e:
+            raise ValueError(f"--api_key_file: {e}") from None
+        security = SecurityConfig(tls_cert_file=FLAGS.tls_cert_file, tls_key_file=FLAGS.tls_key_file,
+                                  tls_client_ca_file=FLAGS.tls_client_ca_file, api_keys=api_keys)
         config = ServerConfig(
             model_name=FLAGS.checkpoint + (" (random weights)" if is_preset(FLAGS.checkpoint) else ""),
             max_queue=FLAGS.max_queue, max_pending_tokens=FLAGS.max_pending_tokens,
+            max_request_bytes=FLAGS.max_request_bytes, max_streams_per_connection=FLAGS.max_streams_per_connection,
+            security=security,
         )
     except (ConfigError, ValueError) as e:
         xflags.usage_error(str(e))
+    if config.security.api_keys and not config.security.tls:
+        log.warning("API keys without TLS cross the network in the clear: add --tls_cert_file/--tls_key_file "
+                    "unless a TLS proxy or a private network carries them")
     if FLAGS.drain_timeout_s < 0:
         xflags.usage_error(f"--drain_timeout_s={FLAGS.drain_timeout_s} must be >= 0")
     sys.exit(asyncio.run(_serve(_loader(FLAGS.checkpoint, ecfg, FLAGS.dtype), config)))

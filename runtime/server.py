@@ -26,7 +26,11 @@ does the same, and the stream ends with FINISH_REASON_ABORT.
 Admission: at most max_num_seqs + max_queue requests in flight and, with
 --max_pending_tokens, at most that many prompt + max_tokens tokens among them;
 beyond, RESOURCE_EXHAUSTED at once. Under KV-page pressure the scheduler preempts
-the newest running request and recomputes it later (same tokens).
+the newest running request and recomputes it later (same tokens). Before admission,
+two interceptors: API keys (runtime/auth.py; UNAUTHENTICATED, health exempt) and at
+most --max_streams_per_connection generation calls per client connection
+(runtime/limits.py; RESOURCE_EXHAUSTED); gRPC itself refuses a message over
+--max_request_bytes (RESOURCE_EXHAUSTED).
 
 Health (grpc.health.v1, service "" and xlserve.v1.Generation): NOT_SERVING until the
 weights are loaded and warm-up is done, SERVING after, NOT_SERVING for good once
@@ -50,6 +54,9 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from runtime import limits
+from runtime.auth import ApiKeyInterceptor, ApiKeys, SecurityConfig
+from runtime.chat_template import ChatTemplateError
 from runtime.engine_thread import EngineLoop, is_last
 from runtime.metrics import ServerMetrics
 from runtime.orchestrator import Orchestrator, Request, RequestError, RequestOutput
@@ -68,12 +75,25 @@ class ServerConfig:
     model_name: str = ""  # reported by GetModelInfo
     max_queue: int = 128  # admitted requests beyond the decode slots
     max_pending_tokens: int = 0  # budget of prompt + max_tokens over requests in flight; 0: none
+    # gRPC's own default; 4 MiB holds a 128k-token prompt as text or token ids.
+    max_request_bytes: int = 4 * 1024 * 1024
+    # Generate/GenerateUnary calls in flight per client connection (runtime/limits.py):
+    # under the default admission of 8 slots + 128 waiting, so one connection cannot
+    # take all of it. runtime.bench_serving spreads its load over connections to fit;
+    # a proxy that multiplexes many users over one connection needs it raised.
+    max_streams_per_connection: int = 64
+    security: SecurityConfig = SecurityConfig()  # TLS and API keys (runtime/auth.py)
 
     def __post_init__(self):
         if self.max_queue < 0:
             raise ValueError(f"max_queue={self.max_queue} must be >= 0")
         if self.max_pending_tokens < 0:
             raise ValueError(f"max_pending_tokens={self.max_pending_tokens} must be >= 0 (0: no budget)")
+        if not 1024 <= self.max_request_bytes < 2**31:
+            raise ValueError(f"max_request_bytes={self.max_request_bytes} must be in [1024, 2**31) (gRPC's limit); "
+                             f"the default is {4 * 1024 * 1024} (4 MiB)")
+        if self.max_streams_per_connection < 1:
+            raise ValueError(f"max_streams_per_connection={self.max_streams_per_connection} must be >= 1")
 
 
 class _Reject(Exception):
@@ -132,6 +152,7 @@ class GenerationServer:
         self._draining = False
         self.fatal: BaseException | None = None
         self._server: grpc.aio.Server | None = None
+        self.streams_per_connection: limits.StreamsPerConnection | None = None  # set by start()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._settled: asyncio.Event | None = None  # set once ready or failed
         self._failed: asyncio.Event | None = None  # set when the engine fails for good
@@ -148,13 +169,29 @@ class GenerationServer:
         self._idle.set()
         for service in ("", pb.SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-        self._server = grpc.aio.server()
+        cfg, security = self.config, self.config.security
+        interceptors = []
+        if security.api_keys:  # outermost: a call without a key reaches nothing else
+            interceptors.append(ApiKeyInterceptor(
+                ApiKeys(security.api_keys), lambda: self.metrics.rejected.labels(code="UNAUTHENTICATED").inc()))
+        self.streams_per_connection = limits.StreamsPerConnection(
+            cfg.max_streams_per_connection, (pb.method_path("Generate"), pb.method_path("GenerateUnary")),
+            lambda: self.metrics.rejected.labels(code="RESOURCE_EXHAUSTED").inc(),
+        )
+        interceptors.append(self.streams_per_connection)
+        self._server = grpc.aio.server(interceptors=interceptors, options=[
+            ("grpc.max_receive_message_length", cfg.max_request_bytes),
+            ("grpc.max_concurrent_streams", cfg.max_streams_per_connection + limits.TRANSPORT_STREAMS_HEADROOM),
+        ])
         pb.add_generation_servicer(self, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
             (pb.SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
         )
-        port = self._server.add_insecure_port(address)
+        if security.tls:
+            port = self._server.add_secure_port(address, security.grpc_credentials())
+        else:
+            port = self._server.add_insecure_port(address)
         await self._server.start()
         self.engine_loop.start()
         return port
@@ -274,6 +311,10 @@ class GenerationServer:
         self.metrics.rejected.labels(code=code.name).inc()
         await context.abort(code, message)
 
+    async def _refuse_internal(self, context, what: str, exc: Exception):
+        log.exception("%s failed", what)
+        await self._refuse(context, Code.INTERNAL, f"the server failed while {what}: {exc!r}")
+
     def _check_serving(self) -> None:
         if self._draining:
             raise _Reject(Code.UNAVAILABLE, "the server is shutting down (draining); send the request elsewhere")
@@ -311,6 +352,9 @@ class GenerationServer:
             text = self._tokenizer.apply_chat_template(
                 [{"role": m.role, "content": m.content} for m in chat.messages], add_generation_prompt=add_prompt
             )
+        except ChatTemplateError as e:  # the model's template is broken: not the client's to fix
+            log.error("chat template failure: %s", e)
+            raise _Reject(Code.INTERNAL, f"{e}; the server's chat template needs fixing") from None
         except ValueError as e:
             raise _Reject(Code.INVALID_ARGUMENT, str(e)) from None
         return self._tokenizer.encode(text, add_special_tokens=False)
@@ -323,6 +367,8 @@ class GenerationServer:
 
     def _build_request(self, msg) -> Request:
         """The orchestrator's Request for a GenerateRequest; _Reject says what is wrong."""
+        if problem := limits.request_problem(msg):  # cheap caps first, before tokenizing
+            raise _Reject(Code.INVALID_ARGUMENT, problem)
         rid = msg.request_id or uuid.uuid4().hex
         if rid in self._streams:
             raise _Reject(Code.ALREADY_EXISTS, f"request_id {rid!r} is in use by a request in flight")
@@ -403,10 +449,13 @@ class GenerationServer:
             cost = self._admit(request)
         except _Reject as r:
             await self._refuse(context, r.code, r.message)
+        except Exception as e:  # noqa: BLE001 -- a fault of ours (tokenizer, template): this request alone
+            await self._refuse_internal(context, "preparing the request", e)
         stream = _Stream(request.request_id, asyncio.Queue(), cost, request.sampling.logprobs)
         self._streams[request.request_id] = stream
         self._pending_tokens += cost
         self._idle.clear()
+        self.metrics.admitted.inc()
         self.engine_loop.submit(request, time.monotonic())
         return stream
 
@@ -492,6 +541,8 @@ class GenerationServer:
                 ids = self._tokenizer.encode(msg.text, add_special_tokens=add)
         except _Reject as r:
             await self._refuse(context, r.code, r.message)
+        except Exception as e:  # noqa: BLE001 -- a fault of ours: this request alone
+            await self._refuse_internal(context, "tokenizing", e)
         return pb.TokenizeResponse(token_ids=ids, tokens=[self._tokenizer.id_to_token(i) for i in ids])
 
     async def Detokenize(self, raw: bytes, context):  # noqa: N802
@@ -501,13 +552,13 @@ class GenerationServer:
             if self._tokenizer is None:
                 raise _Reject(Code.FAILED_PRECONDITION, "this server has no tokenizer (it serves random weights)")
             ids = list(msg.token_ids)
+            # Ids of the model's vocabulary past the tokenizer's (padding rows) add no text.
             self._check_token_ids(ids, "token_ids")
-            try:
-                text = self._tokenizer.decode(ids, skip_special_tokens=msg.skip_special_tokens)
-            except ValueError as e:  # ids past the tokenizer's vocabulary (the model's may be larger)
-                raise _Reject(Code.INVALID_ARGUMENT, str(e)) from None
+            text = self._tokenizer.decode(ids, skip_special_tokens=msg.skip_special_tokens)
         except _Reject as r:
             await self._refuse(context, r.code, r.message)
+        except Exception as e:  # noqa: BLE001 -- a fault of ours: this request alone
+            await self._refuse_internal(context, "detokenizing", e)
         return pb.DetokenizeResponse(text=text)
 
     async def GetModelInfo(self, raw: bytes, context):  # noqa: N802
@@ -554,6 +605,8 @@ class GenerationServer:
                 max_pending_tokens=self.config.max_pending_tokens, num_pages=orc.allocator.num_pages,
                 page_size=ecfg.page_size, decode_steps_per_call=ecfg.decode_steps_per_call,
                 num_top_logprobs=ecfg.num_top_logprobs,
+                max_streams_per_connection=self.config.max_streams_per_connection,
+                max_request_bytes=self.config.max_request_bytes,
             ),
             load=pb.Load(
                 num_running=load.num_running, num_waiting=load.num_waiting, num_in_flight=len(self._streams),

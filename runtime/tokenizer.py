@@ -267,12 +267,15 @@ class Tokenizer:
         return self._backend.encode(text, add_special_tokens)
 
     def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = False) -> str:
-        """Text of `ids`; raises ValueError for ids outside the vocabulary."""
+        """Text of `ids`. Ids at or past `vocab_size` contribute no text: a model's
+        embedding table is often padded beyond its tokenizer (Qwen ships 151,936 rows for
+        151,665 tokens) and can sample those rows; transformers decodes them to nothing
+        too. Whether an id is valid for the model is the caller's check (the model's
+        vocabulary). Raises ValueError for a negative id."""
         ids = [int(i) for i in ids]
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
-        return self._backend.decode(ids, skip_special_tokens)
+        if any(i < 0 for i in ids):
+            raise ValueError(f"token id {min(ids)} is negative")
+        return self._backend.decode([i for i in ids if i < self.vocab_size], skip_special_tokens)
 
     # -- vocabulary ---------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.chat_template import render_chat_template
+from runtime.chat_template import ChatTemplateError, render_chat_template
 from runtime.detokenize import IncrementalDetokenizer
 from runtime.tokenizer import Tokenizer, load_tokenizer
 
@@ -227,8 +227,10 @@ def test_smollm2_special_tokens(models):
     assert smol.encode("hi") == smol.encode("hi", add_special_tokens=False)
     assert smol.encode("<|im_start|>user", add_special_tokens=False)[0] == 1
     assert smol.id_to_token(216) == "Ġ"
-    with pytest.raises(ValueError, match="outside the vocabulary"):
-        smol.decode([49152])
+    # Past the tokenizer's vocabulary (a padded embedding table): no text, as in transformers.
+    assert smol.decode([49152, 216, 50000]) == smol.decode([216]) == " "
+    with pytest.raises(ValueError, match="negative"):
+        smol.decode([-1])
     with pytest.raises(ValueError, match="outside the vocabulary"):
         smol.id_to_token(-1)
 
@@ -294,6 +296,7 @@ def test_incremental_detokenization_decodes_small_windows(models):
 
         def __init__(self):
             self.all_special_ids = tok.all_special_ids
+            self.vocab_size = tok.vocab_size
             self.sizes: list[int] = []
 
         def decode(self, ids, *, skip_special_tokens):
@@ -492,8 +495,11 @@ def test_chat_template_extra_variables():
 def test_chat_template_errors():
     with pytest.raises(ValueError, match="only user turns"):
         _render("{{ raise_exception('only user turns') }}")
-    with pytest.raises(ValueError, match="syntax error"):
+    # A broken template is the server's fault, not the messages': its own error type.
+    with pytest.raises(ChatTemplateError, match="syntax error"):
         _render("{% for %}")
+    with pytest.raises(ChatTemplateError, match="ZeroDivisionError"):
+        _render("{{ messages | length // 0 }}")
     with pytest.raises(ValueError):  # the sandbox refuses Python internals
         _render("{{ messages.__class__.__mro__[1].__subclasses__() }}")
     with pytest.raises(ValueError):
