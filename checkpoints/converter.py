@@ -62,6 +62,9 @@ class Source:
     tensors: Callable[[np.dtype], Iterator[tuple[str, np.ndarray]]]
     # The tokenizer, or None when the source has none (e.g. a directory of bare weights).
     tokenizer: Callable[[], Any]
+    # Sampling defaults in generation_config.json names (HF: its generation_config.json;
+    # GGUF: general.sampling.*); {} when none.
+    generation_config: Callable[[], dict[str, Any]] = dict
 
 
 def _config_from_hf(hf: dict[str, Any], path: Path) -> ModelConfig:
@@ -91,7 +94,10 @@ def open_source(path: str | os.PathLike) -> Source:
 
             return Tokenizer.from_dir(path)
 
-        return Source("hf", path, cfg, tensors, tokenizer)
+        def generation_config():
+            return _read_json(path / GENERATION_CONFIG)
+
+        return Source("hf", path, cfg, tensors, tokenizer, generation_config)
 
     if path.is_file():
         # Imported here: the gguf package is needed for .gguf files only, so serving a
@@ -110,11 +116,37 @@ def open_source(path: str | os.PathLike) -> Source:
 
             return Tokenizer.from_gguf(path)
 
-        return Source("gguf", path, cfg, lambda dtype: gguf_io.read_tensors(gf, hf, dtype), tokenizer)
+        return Source("gguf", path, cfg, lambda dtype: gguf_io.read_tensors(gf, hf, dtype), tokenizer,
+                      lambda: gguf_io.generation_config(gf))
 
     raise CheckpointError(
         f"{path} does not exist: expected a Hugging Face model directory (config.json + safetensors) or a .gguf file"
     )
+
+
+GENERATION_CONFIG = "generation_config.json"
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not readable as JSON: {e}") from None
+    return data if isinstance(data, dict) else {}
+
+
+def _write_sampling_defaults(directory: Path, generation: dict[str, Any]) -> None:
+    """Carries the source's sampling defaults into the checkpoint's generation_config.json,
+    which serve and generate read (runtime.sampling.read_sampling_defaults)."""
+    from runtime.sampling import GENERATION_CONFIG_FIELDS
+
+    sampling = {k: generation[k] for k in GENERATION_CONFIG_FIELDS if generation.get(k) is not None}
+    if "do_sample" in generation:  # kept for transformers, which reads it (we do not, as vLLM)
+        sampling["do_sample"] = generation["do_sample"]
+    if sampling:
+        (directory / GENERATION_CONFIG).write_text(json.dumps(sampling, indent=2) + "\n")
 
 
 def output_dtype(dtype) -> np.dtype:
@@ -215,8 +247,9 @@ def convert(source: str | os.PathLike, output: str | os.PathLike, dtype="bfloat1
         except (ValueError, FileNotFoundError) as e:
             raise CheckpointError(f"{src.path}: cannot read the tokenizer: {e}") from None
         has_tokenizer = tokenizer is not None
+        _write_sampling_defaults(tmp, src.generation_config())
         if has_tokenizer:
-            tokenizer.save(tmp)
+            tokenizer.save(tmp)  # adds its token ids to generation_config.json
         del tokenizer  # its memory (a 262k-entry vocabulary) is not needed for the weights
         params = {}
         for path, array in convert_tensors(src.config, src.tensors(dt)):

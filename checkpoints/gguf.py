@@ -227,6 +227,19 @@ def hf_tensor_name(arch: str, gguf_name: str) -> str | None:
     return f"model.layers.{m.group(1)}.{module}.{m.group(3)}"
 
 
+# llama.cpp's recommended-sampling metadata -> generation_config.json names.
+_SAMPLING_KEYS = {
+    "general.sampling.temp": "temperature", "general.sampling.top_k": "top_k", "general.sampling.top_p": "top_p",
+    "general.sampling.min_p": "min_p", "general.sampling.penalty_repeat": "repetition_penalty",
+}
+
+
+def generation_config(gf: GGUFFile) -> dict[str, Any]:
+    """The sampling values the file recommends (general.sampling.*), in the names of a
+    Hugging Face generation_config.json; {} when it has none."""
+    return {name: gf.fields[key] for key, name in _SAMPLING_KEYS.items() if key in gf.fields}
+
+
 def hf_config(gf: GGUFFile) -> dict[str, Any]:
     """A Hugging Face config.json equivalent of the GGUF metadata (for `ModelConfig.from_hf`)."""
     arch = architecture(gf)

@@ -329,6 +329,11 @@ def _default_prefill_lengths(max_len: int) -> tuple[int, ...]:
     return tuple(sorted(set(min(x, 2048) for x in lengths)))
 
 
+# Decode slots when start-up sizes them from the KV cache (runtime/startup.py says why).
+AUTO_MIN_NUM_SEQS = 8
+AUTO_MAX_NUM_SEQS = 64
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     """How the engine lays out work: slots, pages, buckets. Built from flags in entry points.
@@ -338,7 +343,7 @@ class EngineConfig:
     largest prefill length are prefilled in chunks of it.
     """
 
-    max_num_seqs: int = 8
+    max_num_seqs: int = AUTO_MIN_NUM_SEQS
     max_model_len: int = 2048
     page_size: int = 16
     num_pages: int | None = None  # None: from kv_cache_memory_fraction (or enough for every slot on CPU)

@@ -229,6 +229,9 @@ class Engine:
     def __init__(self, model: Transformer, ecfg: EngineConfig, *, num_pages: int, cache_sharding=None):
         self.cfg: ModelConfig = model.cfg
         self.ecfg = ecfg
+        # The checkpoint's generation_config.json sampling defaults (runtime.startup sets
+        # them): front ends apply them to the fields a request leaves unset.
+        self.sampling_defaults: dict[str, float | int] = {}
         self.graphdef, self.params = nnx.split(model)
         self.num_pages = num_pages
         # Committed placements from the start: the step outputs are committed, and inputs

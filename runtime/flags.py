@@ -7,7 +7,7 @@ import sys
 
 from absl import flags
 
-from runtime.config import ATTENTION_CHOICES, CACHE_DTYPES, ConfigError, EngineConfig
+from runtime.config import AUTO_MIN_NUM_SEQS, ATTENTION_CHOICES, CACHE_DTYPES, ConfigError, EngineConfig
 
 FLAGS = flags.FLAGS
 
@@ -17,7 +17,8 @@ def define_engine_flags() -> None:
                         "(gemma3-270m, smollm2-135m).")
     flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Parameter dtype.")
     flags.DEFINE_enum("cache_dtype", None, list(CACHE_DTYPES), "KV cache dtype (default: --dtype).")
-    flags.DEFINE_integer("max_num_seqs", 8, "Decode slots: sequences decoded together.")
+    flags.DEFINE_integer("max_num_seqs", None, "Decode slots: sequences decoded together (default: as many "
+                         "sequences of max_model_len as the KV cache holds, 8 to 64; 8 on CPU).")
     flags.DEFINE_integer("max_model_len", 2048, "Context length (prompt + generated) per sequence.")
     flags.DEFINE_integer("page_size", 16, "Tokens per KV page.")
     flags.DEFINE_integer("num_pages", None, "KV pages (default: from --kv_cache_memory_fraction).")
@@ -37,9 +38,16 @@ def _ints(name: str, values) -> tuple[int, ...]:
         raise ConfigError(f"--{name} takes comma-separated integers, got {','.join(values)}") from None
 
 
+def auto_num_seqs() -> bool:
+    """True when --max_num_seqs is left to start-up to size from the KV cache."""
+    return FLAGS.max_num_seqs is None
+
+
 def engine_config_from_flags(**overrides) -> EngineConfig:
+    """The EngineConfig of the flags; with --max_num_seqs unset it holds the CPU default,
+    which runtime.startup replaces when it sizes the slots (`auto_num_seqs()`)."""
     kwargs = dict(
-        max_num_seqs=FLAGS.max_num_seqs,
+        max_num_seqs=AUTO_MIN_NUM_SEQS if auto_num_seqs() else FLAGS.max_num_seqs,
         max_model_len=FLAGS.max_model_len,
         page_size=FLAGS.page_size,
         num_pages=FLAGS.num_pages,

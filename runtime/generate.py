@@ -1,12 +1,17 @@
 """python -m runtime.generate --checkpoint=DIR|ALIAS --prompt=TEXT [--prompt=...] [flags]
 
 Generates for every prompt through the same orchestrator loop the server uses.
---format=text streams the text of a single prompt as it is generated (several prompts
-print in turn as they finish); --format=jsonl prints one JSON object per prompt.
+--format=text prints the first prompt and streams its completion as it is generated
+(further prompts print in turn after it); --format=jsonl prints one JSON object per prompt.
+Without --max_num_seqs there is one decode slot per prompt, up to 8 (a decode step
+computes every slot, so one prompt decodes fastest on one). Sampling flags left unset
+take the checkpoint's generation_config.json defaults where it has them, as in serve.
+A prompt that fails on its own prints its error; the others finish; exit code 1.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
@@ -15,7 +20,7 @@ from absl import logging as absl_logging
 
 from runtime import flags as xflags
 from runtime.chat_template import ChatTemplateError
-from runtime.config import ConfigError
+from runtime.config import AUTO_MIN_NUM_SEQS, ConfigError
 from runtime.orchestrator import Orchestrator, Request, RequestError
 from runtime.sampling import SamplingError, SamplingParams
 
@@ -37,6 +42,8 @@ flags.DEFINE_bool("ignore_eos", False, "Keep generating past end-of-sequence tok
 flags.DEFINE_enum("format", "text", ["text", "jsonl"], "Output format.")
 xflags.define_engine_flags()
 FLAGS = flags.FLAGS
+_SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                   "frequency_penalty")
 
 
 def _read_prompts() -> list[str]:
@@ -55,6 +62,18 @@ def _read_prompts() -> list[str]:
     return prompts
 
 
+def _sampling_params(checkpoint_defaults: dict) -> SamplingParams:
+    """The sampling flags; those not given on the command line take the checkpoint's
+    generation_config.json defaults where it has them."""
+    given = {name: FLAGS[name].value for name in _SAMPLING_FLAGS if FLAGS[name].present}
+    taken = {k: v for k, v in checkpoint_defaults.items() if k not in given}
+    if taken:
+        print("sampling defaults from the checkpoint's generation_config.json: "
+              + ", ".join(f"{k}={v}" for k, v in taken.items()), file=sys.stderr, flush=True)
+    values = {name: FLAGS[name].value for name in _SAMPLING_FLAGS} | taken
+    return SamplingParams(**values, logprobs=FLAGS.logprobs)
+
+
 def main(argv: list[str]) -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)  # checkpoint restore logs at INFO
     if len(argv) > 1:
@@ -63,18 +82,11 @@ def main(argv: list[str]) -> None:
         xflags.usage_error("--checkpoint is required (a directory or an alias such as gemma3-270m)")
     prompts = _read_prompts()
     try:
+        slots = {"max_num_seqs": min(len(prompts), AUTO_MIN_NUM_SEQS)} if xflags.auto_num_seqs() else {}
         ecfg = xflags.engine_config_from_flags(
-            num_top_logprobs=max(FLAGS.num_top_logprobs, FLAGS.logprobs or 0)
+            num_top_logprobs=max(FLAGS.num_top_logprobs, FLAGS.logprobs or 0), **slots
         )
-        sampling = [
-            SamplingParams(
-                temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p, min_p=FLAGS.min_p,
-                repetition_penalty=FLAGS.repetition_penalty, presence_penalty=FLAGS.presence_penalty,
-                frequency_penalty=FLAGS.frequency_penalty, logprobs=FLAGS.logprobs,
-                seed=None if FLAGS.seed is None else FLAGS.seed + i,
-            )
-            for i in range(len(prompts))
-        ]
+        _sampling_params({})  # bad sampling flags fail before the model loads
     except (ConfigError, SamplingError) as e:
         xflags.usage_error(str(e))
 
@@ -85,6 +97,12 @@ def main(argv: list[str]) -> None:
         engine, tokenizer = load_engine(FLAGS.checkpoint, ecfg, dtype=FLAGS.dtype)
     except (CheckpointError, CapacityError, ConfigError) as e:
         xflags.usage_error(str(e))
+    try:
+        base = _sampling_params(engine.sampling_defaults)
+    except SamplingError as e:
+        xflags.usage_error(str(e))
+    sampling = [dataclasses.replace(base, seed=None if FLAGS.seed is None else FLAGS.seed + i)
+                for i in range(len(prompts))]
     orc = Orchestrator(engine, tokenizer)
     requests = []
     for i, (text, sp) in enumerate(zip(prompts, sampling)):
@@ -112,6 +130,9 @@ def main(argv: list[str]) -> None:
 
     results = {r.request_id: dict(token_ids=[], text="", logprobs=[], top_logprobs=[]) for r in requests}
     stream_id = requests[0].request_id if FLAGS.format == "text" else None
+    if stream_id is not None and not FLAGS.chat:  # the completion reads on from its prompt
+        sys.stdout.write(prompts[0])
+        sys.stdout.flush()
     while orc.has_work():
         for out in orc.step():
             res = results[out.request_id]

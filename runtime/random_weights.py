@@ -9,7 +9,6 @@ per distinct shape.
 from __future__ import annotations
 
 import functools
-import sys
 
 from runtime.config import EngineConfig, ModelConfig
 
@@ -50,19 +49,12 @@ def random_model(cfg: ModelConfig, dtype: str):
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def load_random_engine(checkpoint: str, ecfg: EngineConfig, *, dtype: str = "bfloat16"):
+def load_random_engine(checkpoint: str, ecfg: EngineConfig, *, dtype: str = "bfloat16", auto_num_seqs: bool = False):
     """`preset:NAME` (or `preset:path/config.json`) -> an Engine over random weights,
-    its KV cache sized as runtime.startup sizes it."""
-    import jax
-
-    from runtime.engine import Engine
+    its KV cache (and with `auto_num_seqs` its slots) sized as runtime.startup sizes them."""
     from runtime.presets import preset_config
-    from runtime.startup import enable_compilation_cache, plan_capacity
+    from runtime.startup import build_engine, enable_compilation_cache
 
     enable_compilation_cache()
-    cfg = preset_config(preset_name(checkpoint))
-    model = random_model(cfg, dtype)
-    param_bytes = sum(x.nbytes for x in jax.tree.leaves(model))
-    cap = plan_capacity(cfg, ecfg, param_bytes)
-    print(cap.describe(ecfg.max_model_len), file=sys.stderr, flush=True)
-    return Engine(model, ecfg, num_pages=cap.num_pages)
+    model = random_model(preset_config(preset_name(checkpoint)), dtype)
+    return build_engine(model, ecfg, auto_num_seqs=auto_num_seqs)

@@ -19,6 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 
 MAX_TOP_LOGPROBS = 20
+# The sampling rows are float32 on the device, which may also flush subnormals to zero:
+# a temperature or penalty past these bounds becomes inf or 0 there, and an inf or 0
+# repetition penalty turns logits into NaN (0 * inf, 0 / 0), which argmax then picks.
+_F32_MAX = float(np.finfo(np.float32).max)  # 3.4e38
+_F32_TINY = float(np.finfo(np.float32).tiny)  # 1.2e-38, the smallest normal float32
 
 
 class SamplingError(ValueError):
@@ -43,16 +48,18 @@ class SamplingParams:
         def bad(name, value, want):
             raise SamplingError(f"{name}={value!r} is out of range; {want}")
 
-        if not np.isfinite(self.temperature) or self.temperature < 0:
-            bad("temperature", self.temperature, "use a value >= 0 (0 is greedy)")
+        if not (0.0 <= self.temperature <= _F32_MAX):  # NaN fails every comparison
+            bad("temperature", self.temperature, "use a value in [0, 3.4e38] (0 is greedy)")
         if not isinstance(self.top_k, (int, np.integer)) or self.top_k < 0:
             bad("top_k", self.top_k, "use an integer >= 0 (0 disables it)")
         if not (0.0 < self.top_p <= 1.0):
             bad("top_p", self.top_p, "use a value in (0, 1]")
+        if self.top_p < _F32_TINY:
+            bad("top_p", self.top_p, "use a value in [1.2e-38, 1] (smaller ones are 0 in float32)")
         if not (0.0 <= self.min_p <= 1.0):
             bad("min_p", self.min_p, "use a value in [0, 1]")
-        if not np.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
-            bad("repetition_penalty", self.repetition_penalty, "use a value > 0 (1 disables it)")
+        if not (_F32_TINY <= self.repetition_penalty <= _F32_MAX):
+            bad("repetition_penalty", self.repetition_penalty, "use a value in [1.2e-38, 3.4e38] (1 disables it)")
         for name in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
             if not np.isfinite(v) or not (-2.0 <= v <= 2.0):
@@ -65,6 +72,41 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+# The fields of a checkpoint's generation_config.json that become defaults for requests
+# that leave them unset (what vLLM takes from it; do_sample is not read, as in vLLM).
+GENERATION_CONFIG_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+
+
+def read_sampling_defaults(directory) -> dict[str, float | int]:
+    """The sampling defaults in `directory`/generation_config.json ({} without one).
+    A value SamplingParams would refuse is left out with a warning: a checkpoint's typo
+    must not make every request fail."""
+    import json
+    import logging
+    from pathlib import Path
+
+    path = Path(directory) / "generation_config.json"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        logging.getLogger(__name__).warning("ignoring %s: %s", path, e)
+        return {}
+    defaults = {}
+    for name in GENERATION_CONFIG_FIELDS:
+        value = raw.get(name) if isinstance(raw, dict) else None
+        if value is None or isinstance(value, bool):
+            continue
+        try:
+            SamplingParams(**{name: value})
+        except (SamplingError, TypeError) as e:
+            logging.getLogger(__name__).warning("ignoring %s in %s: %s", name, path, e)
+            continue
+        defaults[name] = value
+    return defaults
 
 
 @jax.tree_util.register_dataclass

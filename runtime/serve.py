@@ -50,17 +50,22 @@ FLAGS = flags.FLAGS
 log = logging.getLogger("runtime.serve")
 
 
-def _loader(checkpoint: str, ecfg, dtype: str):
+def _loader(checkpoint: str, ecfg, dtype: str, auto_num_seqs: bool):
     """What the engine thread runs to build (engine, tokenizer)."""
 
     def load():
         from runtime.random_weights import is_preset, load_random_engine
 
         if is_preset(checkpoint):
-            return load_random_engine(checkpoint, ecfg, dtype=dtype), None
+            return load_random_engine(checkpoint, ecfg, dtype=dtype, auto_num_seqs=auto_num_seqs), None
         from runtime.startup import load_engine
 
-        return load_engine(checkpoint, ecfg, dtype=dtype)
+        engine, tokenizer = load_engine(checkpoint, ecfg, dtype=dtype, auto_num_seqs=auto_num_seqs)
+        if engine.sampling_defaults:
+            print("xlserve: sampling defaults from the checkpoint's generation_config.json, for fields a request "
+                  "leaves unset: " + ", ".join(f"{k}={v}" for k, v in engine.sampling_defaults.items()),
+                  file=sys.stderr, flush=True)
+        return engine, tokenizer
 
     return load
 
@@ -158,7 +163,7 @@ def main(argv: list[str]) -> None:
                     "unless a TLS proxy or a private network carries them")
     if FLAGS.drain_timeout_s < 0:
         xflags.usage_error(f"--drain_timeout_s={FLAGS.drain_timeout_s} must be >= 0")
-    sys.exit(asyncio.run(_serve(_loader(FLAGS.checkpoint, ecfg, FLAGS.dtype), config)))
+    sys.exit(asyncio.run(_serve(_loader(FLAGS.checkpoint, ecfg, FLAGS.dtype, xflags.auto_num_seqs()), config)))
 
 
 if __name__ == "__main__":

@@ -148,6 +148,7 @@ class GenerationServer:
         self._streams: dict[str, _Stream] = {}
         self._pending_tokens = 0
         self._tokenizer = self._ecfg = self._cfg = None  # set when the engine is ready
+        self._sampling_defaults: dict = {}
         self._ready = False
         self._draining = False
         self.fatal: BaseException | None = None
@@ -275,6 +276,7 @@ class GenerationServer:
         self._tokenizer = orc.tokenizer
         self._ecfg = orc.engine.ecfg
         self._cfg = orc.engine.cfg
+        self._sampling_defaults = dict(orc.engine.sampling_defaults)
         self._ready = True
         if not self._draining:
             self.metrics.ready.set(1)
@@ -375,7 +377,9 @@ class GenerationServer:
         ids = self._prompt_ids(msg)
         sp = msg.sampling
         try:
-            params = SamplingParams(**{f: getattr(sp, f) for f in _SAMPLING_FIELDS if sp.HasField(f)})
+            # Fields the request leaves unset take the checkpoint's generation_config.json defaults.
+            given = {f: getattr(sp, f) for f in _SAMPLING_FIELDS if sp.HasField(f)}
+            params = SamplingParams(**(self._sampling_defaults | given))
         except SamplingError as e:
             raise _Reject(Code.INVALID_ARGUMENT, str(e)) from None
         limit = self._ecfg.max_model_len
@@ -437,9 +441,12 @@ class GenerationServer:
     async def _parse(self, raw: bytes, cls, context):
         try:
             return cls.FromString(raw)
+        except UnicodeDecodeError as e:  # the pure-Python protobuf runtime's invalid UTF-8 (upb: DecodeError)
+            message = f"a string field is not valid UTF-8 ({e.reason}); string fields take UTF-8 text only"
         except DecodeError as e:
-            hint = "" if "UTF-8" in str(e) else " (string fields must be valid UTF-8)"
-            await self._refuse(context, Code.INVALID_ARGUMENT, f"malformed {cls.DESCRIPTOR.name}: {e}{hint}")
+            message = (f"{e}; string fields take UTF-8 text only" if "UTF-8" in str(e)
+                       else f"{e}; send a serialized {cls.DESCRIPTOR.full_name}")
+        await self._refuse(context, Code.INVALID_ARGUMENT, f"malformed {cls.DESCRIPTOR.name}: {message}")
 
     async def _open(self, raw: bytes, context) -> _Stream:
         msg = await self._parse(raw, pb.GenerateRequest, context)
@@ -571,6 +578,11 @@ class GenerationServer:
 
     async def Abort(self, raw: bytes, context):  # noqa: N802
         msg = await self._parse(raw, pb.AbortRequest, context)
+        if len(msg.request_id) > limits.MAX_REQUEST_ID_CHARS:
+            # No request has such an id; echoed in NOT_FOUND, a long one would make the status
+            # bigger than the client takes (it would see RESOURCE_EXHAUSTED from its transport).
+            await self._refuse(context, Code.INVALID_ARGUMENT, f"request_id has {len(msg.request_id)} characters; "
+                                                               f"at most {limits.MAX_REQUEST_ID_CHARS}")
         if msg.request_id not in self._streams:
             await context.abort(Code.NOT_FOUND, f"no request {msg.request_id!r} is in flight (unknown or finished)")
         self.engine_loop.abort(msg.request_id, "abort_rpc")
@@ -600,6 +612,7 @@ class GenerationServer:
             has_chat_template=bool(tok is not None and tok.chat_template),
             special_tokens=special,
             eos_token_ids=sorted(orc.eos_ids),
+            sampling_defaults=self._sampling_defaults,
             capacity=pb.Capacity(
                 max_num_seqs=ecfg.max_num_seqs, max_queue=self.config.max_queue,
                 max_pending_tokens=self.config.max_pending_tokens, num_pages=orc.allocator.num_pages,

@@ -3,6 +3,13 @@
 The KV cache gets what is left of `kv_cache_memory_fraction` of device memory after the
 weights and an activation reserve (or `num_pages` when given). If the weights plus one
 full-length sequence cannot fit, start-up fails at once with the numbers.
+
+Decode slots (`max_num_seqs`), when the user leaves them to us, follow the cache: as
+many as it holds sequences of max_model_len, between 8 and AUTO_MAX_NUM_SEQS. The
+decode step computes every slot, idle or not, so the cap bounds what a lone request
+pays for capacity it does not use (measured on an H200, Llama-3.1-8B: a step at 64
+slots costs 1.4x one at 1 slot, runtime/BENCHMARKS.md), and the per-slot vocabulary
+rows (logits, penalty counts) stay small.
 """
 
 from __future__ import annotations
@@ -16,9 +23,10 @@ import jax.numpy as jnp
 
 import checkpoints
 from checkpoints.aliases import resolve_checkpoint
-from runtime.config import EngineConfig, ModelConfig
+from runtime.config import AUTO_MAX_NUM_SEQS, AUTO_MIN_NUM_SEQS, EngineConfig, ModelConfig
 from runtime.engine import Engine
 from runtime.kv_cache import KVCache
+from runtime.sampling import read_sampling_defaults
 from runtime.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -91,6 +99,39 @@ def plan_capacity(cfg: ModelConfig, ecfg: EngineConfig, param_bytes: int, device
     return Capacity(pages, ecfg.page_size, page_bytes, need)
 
 
+def auto_max_num_seqs(cfg: ModelConfig, ecfg: EngineConfig, param_bytes: int, device=None) -> tuple[int, str]:
+    """Decode slots from the KV cache (see the module docstring), and why, in words.
+    `ecfg.max_num_seqs` is ignored, except on a device without a memory limit (CPU),
+    where the cache is sized from the slots and it is kept."""
+    device = device or jax.devices()[0]
+    if ecfg.num_pages is None and (device.memory_stats() or {}).get("bytes_limit") is None:
+        return ecfg.max_num_seqs, "no device memory limit to size the KV cache from (CPU); the default"
+    # The activation reserve grows with the slots: plan for the most we would choose.
+    cap = plan_capacity(cfg, dataclasses.replace(ecfg, max_num_seqs=AUTO_MAX_NUM_SEQS), param_bytes, device)
+    fits = cap.max_full_length_seqs
+    n = min(AUTO_MAX_NUM_SEQS, max(AUTO_MIN_NUM_SEQS, fits))
+    why = f"the KV cache holds {fits} sequences of max_model_len={ecfg.max_model_len}"
+    if n == AUTO_MAX_NUM_SEQS and fits > n:
+        why += f"; capped at {AUTO_MAX_NUM_SEQS} (every decode step computes every slot)"
+    elif n > fits:
+        why += f"; at least {AUTO_MIN_NUM_SEQS} (shorter sequences share the cache; the scheduler preempts)"
+    return n, why
+
+
+def build_engine(model, ecfg: EngineConfig, *, auto_num_seqs: bool = False) -> Engine:
+    """Sizes the KV cache (and, with `auto_num_seqs`, the decode slots) for `model` on
+    this device, says so on stderr, and builds the engine."""
+    cfg = model.cfg
+    param_bytes = sum(x.nbytes for x in jax.tree.leaves(model))
+    if auto_num_seqs:
+        n, why = auto_max_num_seqs(cfg, ecfg, param_bytes)
+        ecfg = dataclasses.replace(ecfg, max_num_seqs=n)
+        print(f"max_num_seqs={n} ({why}; --max_num_seqs sets it)", file=sys.stderr, flush=True)
+    cap = plan_capacity(cfg, ecfg, param_bytes)
+    print(cap.describe(ecfg.max_model_len), file=sys.stderr, flush=True)  # stdout is the output
+    return Engine(model, ecfg, num_pages=cap.num_pages)
+
+
 def enable_compilation_cache(directory: str | None = None) -> None:
     """JAX's persistent compilation cache: a warm start compiles nothing from scratch."""
     import os
@@ -100,13 +141,15 @@ def enable_compilation_cache(directory: str | None = None) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # warm start compiles nothing
 
 
-def load_engine(checkpoint: str, ecfg: EngineConfig, *, dtype: str = "bfloat16", mesh=None) -> tuple[Engine, Tokenizer]:
+def load_engine(checkpoint: str, ecfg: EngineConfig, *, dtype: str = "bfloat16", mesh=None,
+                auto_num_seqs: bool = False) -> tuple[Engine, Tokenizer]:
+    """The engine and tokenizer of a checkpoint (dir, alias, HF dir or .gguf). With
+    `auto_num_seqs`, ecfg.max_num_seqs is replaced by `auto_max_num_seqs`'s choice."""
     enable_compilation_cache()
     directory = resolve_checkpoint(checkpoint, dtype=dtype)
     cfg, model = checkpoints.load(directory, dtype=dtype, mesh=mesh)
     if ecfg.max_model_len > cfg.max_position:
         log.warning("max_model_len=%d exceeds the model's max_position=%d", ecfg.max_model_len, cfg.max_position)
-    param_bytes = sum(x.nbytes for x in jax.tree.leaves(model))
-    cap = plan_capacity(cfg, ecfg, param_bytes)
-    print(cap.describe(ecfg.max_model_len), file=sys.stderr, flush=True)  # stdout is the output
-    return Engine(model, ecfg, num_pages=cap.num_pages), load_tokenizer(directory)
+    engine = build_engine(model, ecfg, auto_num_seqs=auto_num_seqs)
+    engine.sampling_defaults = read_sampling_defaults(directory)
+    return engine, load_tokenizer(directory)

@@ -36,14 +36,17 @@ def main(argv: list[str]) -> None:
     if FLAGS.list:
         from runtime.engine import bucket_manifest
 
-        print(json.dumps({"manifest": bucket_manifest(ecfg)}))
+        manifest = bucket_manifest(ecfg)
+        if xflags.auto_num_seqs():  # the decode batch is chosen from the device's memory at start-up
+            manifest["decode"] = "auto: pass --max_num_seqs to list it"
+        print(json.dumps({"manifest": manifest}))
         return
 
     from checkpoints.errors import CheckpointError
     from runtime.startup import CapacityError, load_engine
 
     try:
-        engine, _ = load_engine(FLAGS.checkpoint, ecfg, dtype=FLAGS.dtype)
+        engine, _ = load_engine(FLAGS.checkpoint, ecfg, dtype=FLAGS.dtype, auto_num_seqs=xflags.auto_num_seqs())
     except (CheckpointError, CapacityError, ConfigError) as e:
         xflags.usage_error(str(e))
     t = time.perf_counter()

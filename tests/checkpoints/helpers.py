@@ -116,10 +116,12 @@ def _llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(model, path: Path, *, quant: dict[str, str] | None = None, arch: str | None = None) -> None:
+def write_gguf(model, path: Path, *, quant: dict[str, str] | None = None, arch: str | None = None,
+               metadata: dict[str, float] | None = None) -> None:
     """Writes a torch model the way llama.cpp's converter would (names, permutation, 1 + w norms).
 
     `quant` maps a substring of the GGUF tensor name to a quantization type name (default F32).
+    `metadata`: further keys (ints as uint32, floats as float32), e.g. general.sampling.*.
     """
     hf = model.config
     real_arch = "llama" if hf.model_type == "llama" else "gemma3"
@@ -135,6 +137,8 @@ def write_gguf(model, path: Path, *, quant: dict[str, str] | None = None, arch: 
     w.add_vocab_size(hf.vocab_size)
     w.add_bos_token_id(hf.bos_token_id)
     w.add_eos_token_id(hf.eos_token_id)
+    for key, value in (metadata or {}).items():
+        (w.add_uint32 if isinstance(value, int) else w.add_float32)(key, value)
     if hf.pad_token_id is not None:
         w.add_pad_token_id(hf.pad_token_id)
     if real_arch == "llama":

@@ -135,6 +135,18 @@ def test_llama3_rope_scaling_from_rope_freqs(gguf_files, tmp_path):
         open_source(bad)
 
 
+def test_recommended_sampling_becomes_generation_config(tmp_path):
+    """llama.cpp's general.sampling.* keys become the checkpoint's sampling defaults."""
+    from runtime.sampling import read_sampling_defaults
+
+    path = tmp_path / "m.gguf"
+    helpers.write_gguf(helpers.random_hf_model("llama"), path, metadata={
+        "general.sampling.temp": 0.5, "general.sampling.top_k": 40, "general.sampling.top_p": 0.875,
+    })
+    out = convert(path, tmp_path / "out", "float32")
+    assert read_sampling_defaults(out) == {"temperature": 0.5, "top_k": 40, "top_p": 0.875}
+
+
 def _write_with_extra_tensor(model, path: Path, name: str, array: np.ndarray) -> None:
     """A copy of the model's GGUF with one more tensor (GGUFWriter cannot append)."""
     helpers.write_gguf(model, path)

@@ -112,6 +112,22 @@ def test_output_directory_contents(hf_dirs, converted):
     assert not (converted[("gemma3", "float32")] / "tokenizer.json").exists()
 
 
+def test_generation_config_sampling_defaults_are_carried(hf_dirs, tmp_path):
+    from runtime.sampling import read_sampling_defaults
+
+    src = _copy(hf_dirs["llama"], tmp_path / "src")
+    (src / "generation_config.json").write_text(json.dumps({
+        "do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20, "max_length": 99, "eos_token_id": 7,
+    }))
+    out = convert(src, tmp_path / "out", "float32")
+    assert read_sampling_defaults(out) == {"temperature": 0.6, "top_k": 20, "top_p": 0.95}
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert generation["do_sample"] is True and generation["eos_token_id"] == [2, 7]  # the tokenizer's ids, merged
+    # A value the server would refuse is left out, not made every request's error.
+    (out / "generation_config.json").write_text(json.dumps({"temperature": -1, "top_p": 0.5}))
+    assert read_sampling_defaults(out) == {"top_p": 0.5}
+
+
 # --- broken inputs ----------------------------------------------------------------------
 
 

@@ -111,3 +111,21 @@ def test_warmup_fills_the_compile_cache(checkpoint, tmp_path):
     assert first["backend_compilations"] >= 3 and second["backend_compilations"] == 0
     listed = subprocess.run(cmd + ["--list"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert json.loads(listed.stdout)["manifest"]["prefill"] == [[1, 16], [1, 32]]
+
+
+def test_unset_sampling_flags_take_the_checkpoint_defaults(checkpoint, tmp_path):
+    import shutil
+
+    ckpt = shutil.copytree(checkpoint, tmp_path / "ckpt")
+    generation = json.loads((ckpt / "generation_config.json").read_text())
+    # top_k=1 keeps only the top token: greedy whatever the temperature, so the tokens are known.
+    (ckpt / "generation_config.json").write_text(json.dumps({**generation, "temperature": 0.9, "top_k": 1}))
+    args = ("--prompt=Hello there", "--max_tokens=6", "--ignore_eos", "--format=jsonl", *COMMON)
+    defaults = generate(f"--checkpoint={ckpt}", *args)
+    assert defaults.returncode == 0, defaults.stderr
+    assert "generation_config.json: temperature=0.9, top_k=1" in defaults.stderr
+    greedy = generate(f"--checkpoint={checkpoint}", *args)
+    assert json.loads(defaults.stdout)["token_ids"] == json.loads(greedy.stdout)["token_ids"]
+    # A flag given on the command line wins over the checkpoint's default.
+    given = generate(f"--checkpoint={ckpt}", "--temperature=0", *args)
+    assert "temperature=0.9" not in given.stderr and "top_k=1" in given.stderr

@@ -147,3 +147,23 @@ def test_engine_pallas_attention_matches_reference(converted):
                 out[o.request_id] += o.token_ids
         got[attention] = out
     assert got["pallas"] == got["reference"]
+
+
+def test_readme_first_command_prints_a_short_sensible_completion():
+    """The README's first line, as a new user runs it (its `python -m runtime.generate`
+    part): the prompt, then one sentence that continues it, not a loop until max_tokens."""
+    import os
+    import shlex
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    line = (root / "README.md").read_text().splitlines()[1]
+    argv = shlex.split(line[line.index("python -m runtime.generate"):])
+    prompt = next(a.split("=", 1)[1] for a in argv if a.startswith("--prompt="))
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    p = subprocess.run([sys.executable, *argv[1:]], capture_output=True, text=True, cwd=root, env=env, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = p.stdout.strip()
+    assert out.startswith(prompt + " France"), out
+    assert len(out) < 2 * len(prompt) + 80 and "\n" not in out, out

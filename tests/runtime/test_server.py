@@ -451,3 +451,21 @@ def test_metrics_endpoint(engine, tokenizer):
                  'xlserve_requests_aborted_total{reason="cancelled"} 0.0', "xlserve_requests_failed_total 0.0",
                  "xlserve_compilations_total 0.0"):
         assert name in body, name
+
+
+def test_checkpoint_sampling_defaults_fill_unset_fields(engine, tokenizer):
+    """generation_config.json defaults (Engine.sampling_defaults) apply to the fields a
+    request leaves unset, never over the ones it sets; GetModelInfo reports them."""
+    engine.sampling_defaults = {"temperature": 0.0, "top_p": 0.5}
+    try:
+        with serve(engine, tokenizer) as h:
+            assert dict(h.info().sampling_defaults) == {"temperature": 0.0, "top_p": 0.5}
+            unset = h.server._build_request(build_request(token_ids=[5, 6], max_tokens=2)).sampling
+            assert unset.temperature == 0.0 and unset.top_p == 0.5 and unset.top_k == 0
+            given = h.server._build_request(build_request(token_ids=[5, 6], max_tokens=2, temperature=0.7)).sampling
+            assert given.temperature == 0.7 and given.top_p == 0.5
+            greedy = h.client.generate_unary(token_ids=[5, 6], max_tokens=6, ignore_eos=True)
+            explicit = h.client.generate_unary(token_ids=[5, 6], max_tokens=6, ignore_eos=True, temperature=0.0)
+            assert list(greedy.token_ids) == list(explicit.token_ids)
+    finally:
+        engine.sampling_defaults = {}

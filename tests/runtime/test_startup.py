@@ -6,7 +6,7 @@ import pytest
 
 from runtime.config import EngineConfig, ModelConfig
 from runtime.kv_cache import KVCache
-from runtime.startup import CapacityError, activation_reserve, plan_capacity
+from runtime.startup import CapacityError, activation_reserve, auto_max_num_seqs, plan_capacity
 
 GiB = 1 << 30
 CFG = ModelConfig.from_hf(dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
@@ -47,3 +47,21 @@ def test_weights_that_leave_no_room_for_one_sequence_fail_fast():
 def test_cpu_without_memory_stats_gets_every_slot_at_full_length():
     ecfg = EngineConfig(max_num_seqs=4, max_model_len=256, page_size=16)
     assert plan_capacity(CFG, ecfg, param_bytes=GiB, device=FakeDevice(None)).num_pages == 4 * 16
+
+
+def test_auto_num_seqs_follows_the_cache_within_bounds():
+    ecfg = EngineConfig(max_model_len=2048)
+    # 8B on an H200: ~290 sequences of 2048 fit, more slots than a decode step should carry.
+    n, why = auto_max_num_seqs(CFG, ecfg, param_bytes=16 * GiB, device=FakeDevice(141 * GiB))
+    assert n == 64 and "capped at 64" in why and "max_model_len=2048" in why
+    # A 24 GiB card: what fits, between the bounds.
+    fits = plan_capacity(CFG, EngineConfig(max_model_len=2048, max_num_seqs=64), 16 * GiB,
+                         device=FakeDevice(24 * GiB)).max_full_length_seqs
+    assert 8 < fits < 64
+    assert auto_max_num_seqs(CFG, ecfg, 16 * GiB, device=FakeDevice(24 * GiB)) == (
+        fits, f"the KV cache holds {fits} sequences of max_model_len=2048")
+    # Room for 2 full-length sequences: still 8 slots (shorter ones share the cache).
+    n, why = auto_max_num_seqs(CFG, EngineConfig(max_model_len=32768), 16 * GiB, device=FakeDevice(40 * GiB))
+    assert n == 8 and "at least 8" in why
+    # CPU: no memory limit to size from; the given value stays.
+    assert auto_max_num_seqs(CFG, EngineConfig(max_num_seqs=8), GiB, device=FakeDevice(None))[0] == 8
