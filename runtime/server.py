@@ -260,6 +260,8 @@ class GenerationServer:
             pass
 
     def _engine_ready(self, engine_loop: EngineLoop) -> None:
+        if engine_loop.orc.tokenizer is not None:  # computed here, off the event loop (a vocabulary scan)
+            engine_loop.orc.tokenizer.max_token_chars  # noqa: B018
         try:
             self._loop.call_soon_threadsafe(self._set_ready)
         except RuntimeError:
@@ -337,7 +339,7 @@ class GenerationServer:
             if not msg.text:
                 raise _Reject(Code.INVALID_ARGUMENT, "the input text is empty")
             add = msg.add_special_tokens if msg.HasField("add_special_tokens") else True
-            return tok.encode(msg.text, add_special_tokens=add)
+            return self._encode(msg.text, add_special_tokens=add)
         if kind == "chat":
             return self._chat_ids(msg.chat)
         ids = list(msg.token_ids.ids)
@@ -345,6 +347,17 @@ class GenerationServer:
             raise _Reject(Code.INVALID_ARGUMENT, "token_ids is empty")
         self._check_token_ids(ids, "token_ids")
         return ids
+
+    def _encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
+        """Token ids of `text`, refusing at once a text too long to fit the context:
+        tokenizing runs on the event loop, and megabytes of text would stall every stream."""
+        # x4: normalization may shrink text first (NFKC composes up to 3 Hangul jamo into one).
+        limit = self._ecfg.max_model_len * self._tokenizer.max_token_chars * 4
+        if len(text) > limit:
+            raise _Reject(Code.INVALID_ARGUMENT,
+                          f"the text has {len(text)} characters; no more than {limit} can fit the context of "
+                          f"{self._ecfg.max_model_len} tokens; shorten it")
+        return self._tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def _chat_ids(self, chat) -> list[int]:
         if not chat.messages:
@@ -359,7 +372,7 @@ class GenerationServer:
             raise _Reject(Code.INTERNAL, f"{e}; the server's chat template needs fixing") from None
         except ValueError as e:
             raise _Reject(Code.INVALID_ARGUMENT, str(e)) from None
-        return self._tokenizer.encode(text, add_special_tokens=False)
+        return self._encode(text, add_special_tokens=False)
 
     def _check_token_ids(self, ids, what: str) -> None:
         vocab = self._cfg.vocab_size
@@ -545,7 +558,7 @@ class GenerationServer:
                 ids = self._chat_ids(msg.chat)
             else:
                 add = msg.add_special_tokens if msg.HasField("add_special_tokens") else True
-                ids = self._tokenizer.encode(msg.text, add_special_tokens=add)
+                ids = self._encode(msg.text, add_special_tokens=add)
         except _Reject as r:
             await self._refuse(context, r.code, r.message)
         except Exception as e:  # noqa: BLE001 -- a fault of ours: this request alone

@@ -15,6 +15,7 @@ same behaviour; checkpoint conversion uses it to carry the tokenizer along.
 
 from __future__ import annotations
 
+import functools
 import json
 import mmap
 import os
@@ -283,6 +284,13 @@ class Tokenizer:
     def vocab_size(self) -> int:
         """Number of token ids, added tokens included (the model's embedding may be larger)."""
         return self._backend.vocab_size
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The most characters of text one token can stand for (bounded by its vocabulary
+        entry's length: markers such as "▁", "Ġ" or "<0xE2>" stand for one character or
+        less), so a text of n characters has at least n / max_token_chars tokens."""
+        return max(len(self._backend.id_to_token(i) or "") for i in range(self.vocab_size))
 
     def id_to_token(self, i: int) -> str:
         """The vocabulary entry for id `i` (SentencePiece spells spaces "▁", byte-level BPE "Ġ")."""

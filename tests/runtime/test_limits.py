@@ -140,3 +140,15 @@ def test_bench_serving_spreads_over_enough_connections():
     assert num_connections(65, None, 64) == 2
     assert num_connections(10, None, 0) == 1  # a server that reports no cap
     assert pb.Capacity(max_streams_per_connection=5).max_streams_per_connection == 5
+
+
+def test_text_that_cannot_fit_is_refused_before_tokenizing(engine, tokenizer):
+    """Tokenizing runs on the event loop: megabytes of text are refused by their length."""
+    limit = ECFG.max_model_len * tokenizer.max_token_chars * 4
+    with serve(engine, tokenizer) as h:
+        for call in (lambda: h.client.generate_unary("a" * (limit + 1), max_tokens=1),
+                     lambda: h.client.tokenize("a" * (limit + 1))):
+            with pytest.raises(grpc.RpcError) as e:
+                call()
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and str(limit) in e.value.details()
+        assert len(h.client.tokenize("a" * 100)) > 0
