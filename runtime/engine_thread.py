@@ -222,6 +222,7 @@ class EngineLoop:
         try:
             self.orc.add_request(cmd.request)
         except RequestError as e:  # validated at admission; only a race gets here
+            self._metrics.failed.inc()  # admitted, so counted: admitted == finished + failed
             events.append((rid, ("error", Code.INVALID_ARGUMENT, str(e))))
             return
         except Exception as e:  # noqa: BLE001 -- this request fails, the others go on

@@ -75,7 +75,7 @@ class ServerMetrics:
         self.preemptions = Counter("xlserve_preemptions", "Running requests preempted for KV pages (recomputed).",
                                    registry=r)
         self.aborted = Counter("xlserve_requests_aborted", "Requests ended early, by reason.", ["reason"], registry=r)
-        self.failed = Counter("xlserve_requests_failed", "Admitted requests that failed with INTERNAL.", registry=r)
+        self.failed = Counter("xlserve_requests_failed", "Admitted requests that ended with an error status (INTERNAL, or UNAVAILABLE when the engine failed).", registry=r)
         self.rejected = Counter("xlserve_requests_rejected", "Requests refused before admission, by status code.",
                                 ["code"], registry=r)
         self.finished = Counter("xlserve_requests_finished", "Requests answered with a last response, by reason.",

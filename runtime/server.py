@@ -293,6 +293,7 @@ class GenerationServer:
         for service in ("", pb.SERVICE_NAME):
             asyncio.ensure_future(self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING))
         # Requests still in flight will hear nothing more from the engine.
+        self.metrics.failed.inc(len(self._streams))
         self._deliver([(rid, ("error", Code.UNAVAILABLE, f"the engine failed: {exc!r}")) for rid in self._streams])
         self._settled.set()
         self._failed.set()
