@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import re
+import subprocess
+import sys
 import threading
 import time
 
@@ -132,3 +136,50 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.01):
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         time.sleep(interval)
+
+
+@dataclasses.dataclass
+class ServeProcess:
+    """`python -m runtime.serve` as a user starts it; stderr lines collected as they come."""
+
+    proc: subprocess.Popen
+    lines: list[str]
+    port: int | None = None
+    metrics_port: int | None = None
+
+    @property
+    def target(self) -> str:
+        return f"localhost:{self.port}"
+
+
+@contextlib.contextmanager
+def serve_subprocess(*flags: str, env: dict, cwd, wait_serving: bool = True, timeout: float = 180.0):
+    """Starts runtime.serve with `flags` and yields once its port (and metrics port,
+    if asked for) are printed and, with `wait_serving`, it says SERVING. Kills it after."""
+    proc = subprocess.Popen([sys.executable, "-m", "runtime.serve", *flags], cwd=cwd, env=env,
+                            stderr=subprocess.PIPE, text=True)
+    server = ServeProcess(proc, [])
+    want_metrics = any(f.startswith("--metrics_port") for f in flags)
+    ready = threading.Event()
+
+    def read():
+        for line in proc.stderr:
+            server.lines.append(line)
+            if m := re.search(r"listening on \S+:(\d+)", line):
+                server.port = int(m.group(1))
+            if m := re.search(r"metrics on https?://localhost:(\d+)", line):
+                server.metrics_port = int(m.group(1))
+            started = server.port is not None and (server.metrics_port is not None or not want_metrics)
+            if started and (not wait_serving or ("SERVING" in line and "NOT_SERVING" not in line)):
+                ready.set()
+        ready.set()  # the process ended
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        ready.wait(timeout)
+        assert server.port is not None and proc.poll() is None, "".join(server.lines)
+        yield server
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)

@@ -21,22 +21,11 @@ from runtime.detokenize import IncrementalDetokenizer
 from runtime.engine_thread import EngineLoop
 from runtime.orchestrator import Orchestrator, Request
 from runtime.sampling import SamplingParams
-from tests.runtime.server_harness import collect, metric, serve, tiny_engine, wait_for
-from tests.utils import smollm2_tokenizer
+from tests.runtime.server_harness import collect, metric, serve, wait_for
 
 Code = grpc.StatusCode
 GREEDY = SamplingParams(temperature=0.0)
 MARK = 13  # prompts that start with this id get the injected fault
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return smollm2_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def engine(tokenizer):
-    return tiny_engine(tokenizer)
 
 
 class FaultyDetokenizer(IncrementalDetokenizer):

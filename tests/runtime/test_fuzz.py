@@ -44,8 +44,7 @@ from runtime import limits
 from runtime.proto import generation as pb
 from runtime.sampling import SamplingError, SamplingParams
 from runtime.server import ServerConfig
-from tests.runtime.server_harness import NUM_PAGES, serve, tiny_engine, wait_for
-from tests.utils import smollm2_tokenizer
+from tests.runtime.server_harness import NUM_PAGES, serve, wait_for
 
 Code = grpc.StatusCode
 
@@ -544,16 +543,6 @@ async def _run_all(target: str, cases: list[_Case], vocab: int, eos: list[int]) 
 
 
 # --- the test -----------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return smollm2_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def engine(tokenizer):
-    return tiny_engine(tokenizer)
 
 
 def test_fuzz_every_rpc(engine, tokenizer):

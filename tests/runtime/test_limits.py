@@ -15,21 +15,10 @@ from runtime.client import Client
 from runtime.limits import MAX_REQUEST_ID_CHARS, MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS
 from runtime.proto import generation as pb
 from runtime.server import ServerConfig
-from tests.runtime.server_harness import ECFG, collect, metric, serve, tiny_engine, wait_for
-from tests.utils import smollm2_tokenizer
+from tests.runtime.server_harness import ECFG, collect, metric, serve, wait_for
 
 Code = grpc.StatusCode
 OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]  # channels to one target otherwise share one
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return smollm2_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def engine(tokenizer):
-    return tiny_engine(tokenizer)
 
 
 def _refused(fn) -> tuple[grpc.StatusCode, str]:

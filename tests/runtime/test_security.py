@@ -10,15 +10,11 @@ runtime.serve / runtime.client as a user does.
 from __future__ import annotations
 
 import asyncio
-import datetime
-import ipaddress
 import logging
 import os
-import re
 import ssl
 import subprocess
 import sys
-import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -33,8 +29,8 @@ from runtime.client import AsyncClient, Client, channel_credentials
 from runtime.metrics import ServerMetrics
 from runtime.proto import generation as pb
 from runtime.server import GenerationServer, ServerConfig
-from tests.runtime.server_harness import Harness, acollect, collect, metric, serve, tiny_engine
-from tests.utils import smollm2_tokenizer
+from tests.runtime.pki import make_pki
+from tests.runtime.server_harness import Harness, acollect, collect, metric, serve, serve_subprocess
 
 Code = grpc.StatusCode
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,81 +40,10 @@ KEY = "xk-7f3a9c1e5b2d4f60a8e1c3b5d7f9a2c4"  # distinctive, so a leak is found b
 OTHER_KEY = "xk-second-key-0042"
 
 
-# --- certificates ---------------------------------------------------------------------
-
-
-def _pem(obj) -> bytes:
-    from cryptography.hazmat.primitives import serialization
-
-    if hasattr(obj, "private_bytes"):
-        return obj.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                 serialization.NoEncryption())
-    return obj.public_bytes(serialization.Encoding.PEM)
-
-
-def make_pki(directory: Path) -> dict[str, str]:
-    """ca.pem; server.pem/.key (SAN localhost, 127.0.0.1); client.pem/.key signed by the
-    CA; rogue_client.pem/.key signed by another CA. Returns name -> path."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-    valid = dict(not_valid_before=now - datetime.timedelta(minutes=5), not_valid_after=now + datetime.timedelta(days=1))
-
-    def name(cn):
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-    def ca(cn):
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = (x509.CertificateBuilder(subject_name=name(cn), issuer_name=name(cn), public_key=key.public_key(),
-                                        serial_number=x509.random_serial_number(), **valid)
-                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-                .sign(key, hashes.SHA256()))
-        return cert, key
-
-    def leaf(issuer, cn, usage, san=None):
-        issuer_cert, issuer_key = issuer
-        key = ec.generate_private_key(ec.SECP256R1())
-        builder = (x509.CertificateBuilder(subject_name=name(cn), issuer_name=issuer_cert.subject,
-                                           public_key=key.public_key(), serial_number=x509.random_serial_number(),
-                                           **valid)
-                   .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-                   .add_extension(x509.ExtendedKeyUsage([usage]), critical=False))
-        if san:
-            builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
-        return builder.sign(issuer_key, hashes.SHA256()), key
-
-    root, rogue = ca("xlserve test CA"), ca("rogue CA")
-    server = leaf(root, "localhost", ExtendedKeyUsageOID.SERVER_AUTH,
-                  [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
-    client = leaf(root, "client", ExtendedKeyUsageOID.CLIENT_AUTH)
-    rogue_client = leaf(rogue, "rogue client", ExtendedKeyUsageOID.CLIENT_AUTH)
-    files = {"ca.pem": _pem(root[0])}
-    for stem, (cert, key) in (("server", server), ("client", client), ("rogue_client", rogue_client)):
-        files[f"{stem}.pem"], files[f"{stem}.key"] = _pem(cert), _pem(key)
-    paths = {}
-    for filename, data in files.items():
-        (directory / filename).write_bytes(data)
-        paths[filename] = str(directory / filename)
-    return paths
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
     pytest.importorskip("cryptography")
     return make_pki(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return smollm2_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def engine(tokenizer):
-    return tiny_engine(tokenizer)
 
 
 def tls_config(pki, **kw) -> SecurityConfig:
@@ -404,31 +329,13 @@ def test_serve_security_flag_errors_exit_2_with_one_line(pki, tmp_path):
 def test_serve_client_and_bench_over_tls_with_a_key(pki, tmp_path):
     keys = tmp_path / "keys"
     keys.write_text(f"{KEY}\n")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "runtime.serve", "--checkpoint=preset:tiny-llama", "--port=0", "--metrics_port=0",
-         "--max_model_len=256", "--prefill_lengths=16,64", "--max_num_seqs=4", "--dtype=float32", "--page_size=8",
-         f"--tls_cert_file={pki['server.pem']}", f"--tls_key_file={pki['server.key']}", f"--api_key_file={keys}",
-         "--max_streams_per_connection=2"],
-        cwd=ROOT, env=ENV, stderr=subprocess.PIPE, text=True,
-    )
-    lines: list[str] = []
-    found: dict[str, int] = {}
-    ready = threading.Event()
-
-    def read():
-        for line in proc.stderr:
-            lines.append(line)
-            if m := re.search(r"listening on \S+:(\d+)", line):
-                found["port"] = int(m.group(1))
-            if m := re.search(r"metrics on https://localhost:(\d+)", line):
-                found["metrics"] = int(m.group(1))
-            if "SERVING" in line and "NOT_SERVING" not in line:
-                ready.set()
-        ready.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    try:
-        assert ready.wait(180) and "port" in found and "metrics" in found, "".join(lines)
+    with serve_subprocess(
+        "--checkpoint=preset:tiny-llama", "--port=0", "--metrics_port=0", "--max_model_len=256",
+        "--prefill_lengths=16,64", "--max_num_seqs=4", "--dtype=float32", "--page_size=8",
+        f"--tls_cert_file={pki['server.pem']}", f"--tls_key_file={pki['server.key']}", f"--api_key_file={keys}",
+        "--max_streams_per_connection=2", env=ENV, cwd=ROOT,
+    ) as srv:
+        proc, lines, found = srv.proc, srv.lines, {"port": srv.port, "metrics": srv.metrics_port}
         target = f"localhost:{found['port']}"
         with_key = {**ENV, "XLSERVE_API_KEY": KEY}
         args = (f"--target={target}", f"--tls_ca_file={pki['ca.pem']}", "--token_ids=1,2,3", "--max_tokens=3",
@@ -461,7 +368,6 @@ def test_serve_client_and_bench_over_tls_with_a_key(pki, tmp_path):
         body = urllib.request.urlopen(req, timeout=5, context=trust).read().decode()
         assert 'xlserve_requests_rejected_total{code="UNAUTHENTICATED"} 2.0' in body
         assert 'xlserve_requests_rejected_total{code="RESOURCE_EXHAUSTED"} 0.0' in body
-    finally:
-        proc.terminate()
+        proc.terminate()  # drains and exits: all it logged is read before the check below
         proc.wait(60)
     assert KEY not in "".join(lines)

