@@ -22,7 +22,18 @@ from checkpoints.mapping import expected_params
 from runtime.config import ModelConfig
 from runtime.models.transformer import Transformer
 
-__all__ = ["CheckpointError", "convert", "load"]
+__all__ = ["CheckpointError", "convert", "load", "read_config"]
+
+
+def read_config(directory: str | os.PathLike) -> ModelConfig:
+    """The model config of a converted checkpoint (nothing else is read)."""
+    path = Path(directory) / CONFIG_FILE
+    try:
+        return ModelConfig.from_json(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing; convert the source again") from None
+    except (ValueError, TypeError, KeyError) as e:  # JSON, ConfigError, unknown/missing fields
+        raise CheckpointError(f"{path} is not a readable model config: {e}") from None
 
 
 def load(
@@ -39,12 +50,7 @@ def load(
     """
     directory = Path(directory)
     manifest = read_manifest(directory)
-    try:
-        cfg = ModelConfig.from_json((directory / CONFIG_FILE).read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{directory / CONFIG_FILE} is missing; convert the source again") from None
-    except (ValueError, TypeError, KeyError) as e:  # JSON, ConfigError, unknown/missing fields
-        raise CheckpointError(f"{directory / CONFIG_FILE} is not a readable model config: {e}") from None
+    cfg = read_config(directory)
     stored = manifest.get("params", {})
     for path, want in expected_params(cfg).items():
         got = stored.get(orbax_io.path_key(path))

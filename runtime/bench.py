@@ -43,18 +43,21 @@ flags.DEFINE_integer("page_size", 16, "Tokens per KV page.")
 flags.DEFINE_integer("decode_steps_per_call", 4, "Decode steps per dispatch.")
 flags.DEFINE_enum("attention", "auto", ["auto", "reference", "pallas"], "Attention (auto: Pallas on GPU).")
 flags.DEFINE_integer("max_prefill_tokens", 16384, "Prompt tokens per prefill call at most (activation memory).")
+flags.DEFINE_integer("tensor_parallel_size", 1, "Devices that split every layer; the roofline is per device.")
 flags.DEFINE_string("profile_dir", None, "Trace 3 decode calls per batch size here (jax.profiler) and print "
                     "where their device time goes (runtime/profile.py).")
 FLAGS = flags.FLAGS
 
 
-def bench_batch(model, batch: int, bandwidth: float) -> dict:
+def bench_batch(model, batch: int, bandwidth: float, mesh=None) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     from runtime.config import EngineConfig
-    from runtime.engine import Engine, attention_impl
+    from flax import nnx
+
+    from runtime.engine import attention_impl
     from runtime.kv_cache import KVCache
     from runtime.orchestrator import Orchestrator, Request
     from runtime.sampling import SamplingParams, SlotSampling
@@ -71,7 +74,9 @@ def bench_batch(model, batch: int, bandwidth: float) -> dict:
         prefill_batch_sizes=tuple(sorted({1, min(8, batch), rows})), decode_steps_per_call=steps,
         attention=FLAGS.attention, cache_dtype=FLAGS.dtype,
     )
-    engine = Engine(model, ecfg, num_pages=batch * ecfg.max_pages_per_seq)
+    from runtime.startup import build_engine
+
+    engine = build_engine(model, dataclasses.replace(ecfg, num_pages=batch * ecfg.max_pages_per_seq), mesh=mesh)
     t = time.perf_counter()
     engine.warmup()
     compile_s = time.perf_counter() - t
@@ -153,17 +158,22 @@ def bench_batch(model, batch: int, bandwidth: float) -> dict:
     tokens = sum(n for _, n in steady)
     agg = tokens / step_s if step_s else float("nan")
 
-    # Roofline for one decode step of `batch` sequences at the window's mean context.
-    param_bytes = sum(x.nbytes for x in jax.tree.leaves(model))
-    if not cfg.tie_embeddings:
-        param_bytes -= model.embedding.get_value().nbytes  # only B rows of it are read
+    # Roofline for one decode step of `batch` sequences at the window's mean context, on
+    # the most loaded device: the bytes it holds of the weights and of the KV cache.
+    from sharding.mesh import bytes_per_device
+
+    param_bytes = bytes_per_device(nnx.state(model))
+    if not cfg.tie_embeddings:  # only B rows of it are read
+        param_bytes -= bytes_per_device(model.embedding.get_value())
     ctx = FLAGS.prompt_len + FLAGS.gen_len / 2
-    kv_bytes = batch * ctx * KVCache.bytes_per_token(cfg, jax.numpy.dtype(FLAGS.dtype))
+    cache_leaf = jax.tree.leaves(engine.cache)[0]
+    kv_share = cache_leaf.addressable_shards[0].data.size / cache_leaf.size
+    kv_bytes = batch * ctx * KVCache.bytes_per_token(cfg, jax.numpy.dtype(FLAGS.dtype)) * kv_share
     floor_s = (param_bytes + kv_bytes) / bandwidth
     per_step_s = batch / agg if agg == agg else float("nan")
     ttft = sorted(first_token.values())
     return dict(
-        batch=batch, attention=attention_impl(ecfg), compile_s=compile_s, prefill_tok_s=FLAGS.prompt_len / prefill_s,
+        batch=batch, attention=attention_impl(engine.ecfg), compile_s=compile_s, prefill_tok_s=FLAGS.prompt_len / prefill_s,
         ttft_mean_s=statistics.mean(ttft), ttft_p50_s=statistics.median(ttft),
         decode_tok_s=agg, decode_tok_s_per_seq=agg / batch, step_ms=per_step_s * 1e3,
         roofline_step_ms=floor_s * 1e3, roofline_frac=floor_s / per_step_s,
@@ -205,17 +215,25 @@ def main(argv):
     from pallas_kernels.bench import copy_bandwidth
 
     bandwidth = copy_bandwidth(4 << 30 if jax.default_backend() != "cpu" else 256 << 20)
+    from runtime.config import ConfigError
     from runtime.random_weights import random_model
+    from runtime.startup import mesh_for
+    from sharding.mesh import MeshConfig
 
-    model = random_model(cfg, FLAGS.dtype)
+    try:
+        mesh = mesh_for(cfg, MeshConfig(tensor=FLAGS.tensor_parallel_size))
+    except ConfigError as e:
+        xflags.usage_error(str(e))
+    model = random_model(cfg, FLAGS.dtype, mesh)
     jax.block_until_ready(model)
     print(f"bandwidth {bandwidth / 1e12:.2f} TB/s; random weights in {time.perf_counter() - t:.0f} s", flush=True)
     device = jax.devices()[0].device_kind
     rows = []
     for b in batches:
-        rows.append(bench_batch(model, b, bandwidth))
+        rows.append(bench_batch(model, b, bandwidth, mesh))
         print(json.dumps(rows[-1]), flush=True)
-    print(f"\n{FLAGS.model} ({cfg.num_params() / 1e9:.2f}B params, {FLAGS.dtype}) on {device}, "
+    print(f"\n{FLAGS.model} ({cfg.num_params() / 1e9:.2f}B params, {FLAGS.dtype}) on {device} "
+          f"x TP {FLAGS.tensor_parallel_size} (roofline per device), "
           f"jax {jax.__version__}, prompt {FLAGS.prompt_len}, gen {FLAGS.gen_len}, "
           f"{FLAGS.decode_steps_per_call} steps/call, attention={rows[0]['attention'] if rows else FLAGS.attention}, "
           f"copy bandwidth {bandwidth / 1e12:.2f} TB/s")

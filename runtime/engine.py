@@ -244,6 +244,10 @@ class Engine:
             sharding=cache_sharding or replicated,
         )
         self.slots = jax.device_put(DecodeSlots.create(ecfg.max_num_seqs, self.cfg.vocab_size), replicated)
+        # Outputs pinned to the inputs' shardings: the cache and slots a step returns are
+        # the next step's inputs, and a sharding XLA picked differently would compile the
+        # step again. The sampled ids and logprobs are small and read on the host: replicated.
+        outs = (jax.tree.map(lambda x: x.sharding, self.cache), replicated, replicated)
         static = dict(attn_impl=attention_impl(ecfg), num_top_logprobs=ecfg.num_top_logprobs)
         # Prefill variants: with the Pallas kernels a call whose rows all start at 0
         # ("fresh") runs flash attention over the chunk; chunks continuing a long prompt
@@ -251,15 +255,18 @@ class Engine:
         self.prefill_variants = prefill_variants(ecfg)
         self._prefill = {
             fresh: jax.jit(
-                functools.partial(_prefill, self.graphdef, **static, fresh=fresh), donate_argnums=(1, 2)
+                functools.partial(_prefill, self.graphdef, **static, fresh=fresh), donate_argnums=(1, 2),
+                out_shardings=outs,
             )
             for fresh in self.prefill_variants
         }
         self._decode = jax.jit(
-            lambda *a: _decode(self.graphdef, *a, steps=ecfg.decode_steps_per_call, **static), donate_argnums=(1, 2)
+            lambda *a: _decode(self.graphdef, *a, steps=ecfg.decode_steps_per_call, **static), donate_argnums=(1, 2),
+            out_shardings=outs,
         )
         self._release = jax.jit(
-            lambda slots, i: dataclasses.replace(slots, lengths=slots.lengths.at[i].set(0, mode="drop")), donate_argnums=(0,)
+            lambda slots, i: dataclasses.replace(slots, lengths=slots.lengths.at[i].set(0, mode="drop")), donate_argnums=(0,),
+            out_shardings=replicated,
         )
 
     # --- the bucket manifest ---------------------------------------------------------

@@ -29,6 +29,9 @@ def define_engine_flags() -> None:
     flags.DEFINE_enum("attention", "auto", list(ATTENTION_CHOICES),
                       "Attention: the Pallas kernels, the jnp reference, or auto (Pallas on GPU).")
     flags.DEFINE_integer("num_top_logprobs", 0, "Top-N logprobs computed per step (max a request may ask).")
+    flags.DEFINE_integer("tensor_parallel_size", 1, "Devices that split every layer (heads, MLP, vocabulary).")
+    flags.DEFINE_integer("pipeline_parallel_size", 1, "Pipeline stages (not implemented yet: 1).")
+    flags.DEFINE_integer("data_parallel_size", 1, "Data-parallel replicas (not implemented yet: 1).")
 
 
 def _ints(name: str, values) -> tuple[int, ...]:
@@ -61,6 +64,14 @@ def engine_config_from_flags(**overrides) -> EngineConfig:
     )
     kwargs.update(overrides)
     return EngineConfig(**kwargs)
+
+
+def mesh_config_from_flags():
+    """The parallel sizes of the flags (sharding.mesh.MeshConfig); ConfigError if invalid."""
+    from sharding.mesh import MeshConfig
+
+    return MeshConfig(tensor=FLAGS.tensor_parallel_size, pipeline=FLAGS.pipeline_parallel_size,
+                      data=FLAGS.data_parallel_size)
 
 
 def usage_error(message: str) -> "NoReturn":  # noqa: F821

@@ -86,6 +86,7 @@ def main(argv: list[str]) -> None:
         ecfg = xflags.engine_config_from_flags(
             num_top_logprobs=max(FLAGS.num_top_logprobs, FLAGS.logprobs or 0), **slots
         )
+        mesh_config = xflags.mesh_config_from_flags()
         _sampling_params({})  # bad sampling flags fail before the model loads
     except (ConfigError, SamplingError) as e:
         xflags.usage_error(str(e))
@@ -94,7 +95,7 @@ def main(argv: list[str]) -> None:
     from runtime.startup import CapacityError, load_engine
 
     try:
-        engine, tokenizer = load_engine(FLAGS.checkpoint, ecfg, dtype=FLAGS.dtype)
+        engine, tokenizer = load_engine(FLAGS.checkpoint, ecfg, dtype=FLAGS.dtype, mesh_config=mesh_config)
     except (CheckpointError, CapacityError, ConfigError) as e:
         xflags.usage_error(str(e))
     try:

@@ -23,38 +23,46 @@ def preset_name(checkpoint: str) -> str:
     return checkpoint[len(PREFIX):]
 
 
-def random_model(cfg: ModelConfig, dtype: str):
+def random_model(cfg: ModelConfig, dtype: str, mesh=None):
     """The model with random weights made on the device, one small program per shape
-    (one jitted init of a whole 8B model compiles for minutes)."""
+    and sharding (one jitted init of a whole 8B model compiles for minutes); with a
+    mesh each weight is made in its shards (a 70B model never sits on one device)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
     from runtime.models.transformer import abstract_model
+    from sharding.rules import named_sharding
 
     graphdef, state = nnx.split(abstract_model(cfg, jnp.dtype(dtype)))
 
     @functools.cache
-    def maker(shape, dtype):
-        return jax.jit(lambda key: (jax.random.normal(key, shape, jnp.float32) * 0.02).astype(dtype))
+    def maker(shape, dtype, sharding, fill):
+        if fill is not None:
+            return jax.jit(lambda key: jnp.full(shape, fill, dtype), out_shardings=sharding)
+        return jax.jit(lambda key: (jax.random.normal(key, shape, jnp.float32) * 0.02).astype(dtype),
+                       out_shardings=sharding)
 
     flat = nnx.to_flat_state(state)
     for i, (path, var) in enumerate(flat):
         like = var.get_value()
-        if path[-1] == "scale":  # norms: 1 (0 in the 1 + w form) keeps activations sane
-            value = jnp.full(like.shape, 0.0 if cfg.norm_plus_one else 1.0, like.dtype)
-        else:
-            value = maker(like.shape, like.dtype)(jax.random.key(i))
-        var.set_value(value)
+        axes = var.get_metadata().get("logical_axes", (None,) * like.ndim)
+        sharding = None if mesh is None else named_sharding(axes, like.shape, mesh)
+        # Norms: 1 (0 in the 1 + w form) keeps activations sane.
+        fill = (0.0 if cfg.norm_plus_one else 1.0) if path[-1] == "scale" else None
+        var.set_value(maker(like.shape, like.dtype, sharding, fill)(jax.random.key(i)))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def load_random_engine(checkpoint: str, ecfg: EngineConfig, *, dtype: str = "bfloat16", auto_num_seqs: bool = False):
+def load_random_engine(checkpoint: str, ecfg: EngineConfig, *, dtype: str = "bfloat16", auto_num_seqs: bool = False,
+                       mesh_config=None):
     """`preset:NAME` (or `preset:path/config.json`) -> an Engine over random weights,
-    its KV cache (and with `auto_num_seqs` its slots) sized as runtime.startup sizes them."""
+    its KV cache (and with `auto_num_seqs` its slots) sized as runtime.startup sizes them,
+    on the mesh of `mesh_config`."""
     from runtime.presets import preset_config
-    from runtime.startup import build_engine, enable_compilation_cache
+    from runtime.startup import build_engine, enable_compilation_cache, mesh_for
 
     enable_compilation_cache()
-    model = random_model(preset_config(preset_name(checkpoint)), dtype)
-    return build_engine(model, ecfg, auto_num_seqs=auto_num_seqs)
+    cfg = preset_config(preset_name(checkpoint))
+    mesh = mesh_for(cfg, mesh_config)
+    return build_engine(random_model(cfg, dtype, mesh), ecfg, auto_num_seqs=auto_num_seqs, mesh=mesh)

@@ -50,17 +50,19 @@ FLAGS = flags.FLAGS
 log = logging.getLogger("runtime.serve")
 
 
-def _loader(checkpoint: str, ecfg, dtype: str, auto_num_seqs: bool):
+def _loader(checkpoint: str, ecfg, dtype: str, auto_num_seqs: bool, mesh_config):
     """What the engine thread runs to build (engine, tokenizer)."""
 
     def load():
         from runtime.random_weights import is_preset, load_random_engine
 
         if is_preset(checkpoint):
-            return load_random_engine(checkpoint, ecfg, dtype=dtype, auto_num_seqs=auto_num_seqs), None
+            return load_random_engine(checkpoint, ecfg, dtype=dtype, auto_num_seqs=auto_num_seqs,
+                                      mesh_config=mesh_config), None
         from runtime.startup import load_engine
 
-        engine, tokenizer = load_engine(checkpoint, ecfg, dtype=dtype, auto_num_seqs=auto_num_seqs)
+        engine, tokenizer = load_engine(checkpoint, ecfg, dtype=dtype, auto_num_seqs=auto_num_seqs,
+                                        mesh_config=mesh_config)
         if engine.sampling_defaults:
             print("xlserve: sampling defaults from the checkpoint's generation_config.json, for fields a request "
                   "leaves unset: " + ", ".join(f"{k}={v}" for k, v in engine.sampling_defaults.items()),
@@ -140,6 +142,7 @@ def main(argv: list[str]) -> None:
 
     try:
         ecfg = xflags.engine_config_from_flags()
+        mesh_config = xflags.mesh_config_from_flags()
         if is_preset(FLAGS.checkpoint):
             from runtime.presets import preset_config
 
@@ -163,7 +166,7 @@ def main(argv: list[str]) -> None:
                     "unless a TLS proxy or a private network carries them")
     if FLAGS.drain_timeout_s < 0:
         xflags.usage_error(f"--drain_timeout_s={FLAGS.drain_timeout_s} must be >= 0")
-    sys.exit(asyncio.run(_serve(_loader(FLAGS.checkpoint, ecfg, FLAGS.dtype, xflags.auto_num_seqs()), config)))
+    sys.exit(asyncio.run(_serve(_loader(FLAGS.checkpoint, ecfg, FLAGS.dtype, xflags.auto_num_seqs(), mesh_config), config)))
 
 
 if __name__ == "__main__":

@@ -20,14 +20,16 @@ import sys
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 import checkpoints
 from checkpoints.aliases import resolve_checkpoint
-from runtime.config import AUTO_MAX_NUM_SEQS, AUTO_MIN_NUM_SEQS, EngineConfig, ModelConfig
-from runtime.engine import Engine
+from runtime.config import AUTO_MAX_NUM_SEQS, AUTO_MIN_NUM_SEQS, ConfigError, EngineConfig, ModelConfig
+from runtime.engine import Engine, attention_impl
 from runtime.kv_cache import KVCache
 from runtime.sampling import read_sampling_defaults
 from runtime.tokenizer import Tokenizer, load_tokenizer
+from sharding.mesh import MeshConfig, bytes_per_device, cache_sharding, check_model, kv_replication, make_mesh
 
 log = logging.getLogger(__name__)
 GiB = 1 << 30
@@ -68,9 +70,12 @@ def activation_reserve(cfg: ModelConfig, ecfg: EngineConfig) -> int:
     return 2 * prefill_tokens * per_token + 2 * slots + 256 * (1 << 20)
 
 
-def plan_capacity(cfg: ModelConfig, ecfg: EngineConfig, param_bytes: int, device=None) -> Capacity:
+def plan_capacity(cfg: ModelConfig, ecfg: EngineConfig, param_bytes: int, device=None, *,
+                  kv_shards: int = 1) -> Capacity:
+    """KV pages for one device's memory: `param_bytes` are the weights on that device,
+    and each page is split `kv_shards` ways (by kv head over the tensor axis)."""
     device = device or jax.devices()[0]
-    page_bytes = KVCache.bytes_per_token(cfg, jnp.dtype(ecfg.cache_dtype)) * ecfg.page_size
+    page_bytes = KVCache.bytes_per_token(cfg, jnp.dtype(ecfg.cache_dtype)) * ecfg.page_size // kv_shards
     need = ecfg.max_pages_per_seq
     stats = device.memory_stats() or {}
     limit = stats.get("bytes_limit")
@@ -99,7 +104,8 @@ def plan_capacity(cfg: ModelConfig, ecfg: EngineConfig, param_bytes: int, device
     return Capacity(pages, ecfg.page_size, page_bytes, need)
 
 
-def auto_max_num_seqs(cfg: ModelConfig, ecfg: EngineConfig, param_bytes: int, device=None) -> tuple[int, str]:
+def auto_max_num_seqs(cfg: ModelConfig, ecfg: EngineConfig, param_bytes: int, device=None, *,
+                      kv_shards: int = 1) -> tuple[int, str]:
     """Decode slots from the KV cache (see the module docstring), and why, in words.
     `ecfg.max_num_seqs` is ignored, except on a device without a memory limit (CPU),
     where the cache is sized from the slots and it is kept."""
@@ -107,7 +113,8 @@ def auto_max_num_seqs(cfg: ModelConfig, ecfg: EngineConfig, param_bytes: int, de
     if ecfg.num_pages is None and (device.memory_stats() or {}).get("bytes_limit") is None:
         return ecfg.max_num_seqs, "no device memory limit to size the KV cache from (CPU); the default"
     # The activation reserve grows with the slots: plan for the most we would choose.
-    cap = plan_capacity(cfg, dataclasses.replace(ecfg, max_num_seqs=AUTO_MAX_NUM_SEQS), param_bytes, device)
+    cap = plan_capacity(cfg, dataclasses.replace(ecfg, max_num_seqs=AUTO_MAX_NUM_SEQS), param_bytes, device,
+                        kv_shards=kv_shards)
     fits = cap.max_full_length_seqs
     n = min(AUTO_MAX_NUM_SEQS, max(AUTO_MIN_NUM_SEQS, fits))
     why = f"the KV cache holds {fits} sequences of max_model_len={ecfg.max_model_len}"
@@ -118,18 +125,35 @@ def auto_max_num_seqs(cfg: ModelConfig, ecfg: EngineConfig, param_bytes: int, de
     return n, why
 
 
-def build_engine(model, ecfg: EngineConfig, *, auto_num_seqs: bool = False) -> Engine:
+def build_engine(model, ecfg: EngineConfig, *, auto_num_seqs: bool = False, mesh=None) -> Engine:
     """Sizes the KV cache (and, with `auto_num_seqs`, the decode slots) for `model` on
-    this device, says so on stderr, and builds the engine."""
+    this device (with a mesh: on its most loaded device, the model already placed on
+    it), says so on stderr, and builds the engine."""
     cfg = model.cfg
-    param_bytes = sum(x.nbytes for x in jax.tree.leaves(model))
+    param_bytes = bytes_per_device(nnx.state(model))
+    kv_shards = 1
+    if mesh is not None and mesh.size > 1:
+        # The Pallas kernels are custom calls that XLA cannot partition: sharded, they
+        # would gather every head and page onto each device. Until they run per device
+        # inside shard_map (issue 12), sharded engines use the jnp reference.
+        if ecfg.attention == "pallas":
+            raise ConfigError("--attention=pallas does not run sharded yet; use --attention=reference or auto")
+        if attention_impl(ecfg) == "pallas":
+            ecfg = dataclasses.replace(ecfg, attention="reference")
+            print("attention: the jnp reference (the Pallas kernels do not run sharded yet)", file=sys.stderr,
+                  flush=True)
+    if mesh is not None:
+        sharded_axis = cache_sharding(cfg, 1, ecfg.page_size, mesh).spec[2]
+        kv_shards = mesh.shape[sharded_axis] if sharded_axis else 1
     if auto_num_seqs:
-        n, why = auto_max_num_seqs(cfg, ecfg, param_bytes)
+        n, why = auto_max_num_seqs(cfg, ecfg, param_bytes, kv_shards=kv_shards)
         ecfg = dataclasses.replace(ecfg, max_num_seqs=n)
         print(f"max_num_seqs={n} ({why}; --max_num_seqs sets it)", file=sys.stderr, flush=True)
-    cap = plan_capacity(cfg, ecfg, param_bytes)
-    print(cap.describe(ecfg.max_model_len), file=sys.stderr, flush=True)  # stdout is the output
-    return Engine(model, ecfg, num_pages=cap.num_pages)
+    cap = plan_capacity(cfg, ecfg, param_bytes, kv_shards=kv_shards)
+    print(cap.describe(ecfg.max_model_len) + (f", per device of {mesh.size}" if mesh is not None else ""),
+          file=sys.stderr, flush=True)  # stdout is the output
+    sharding = None if mesh is None else cache_sharding(cfg, cap.num_pages, ecfg.page_size, mesh)
+    return Engine(model, ecfg, num_pages=cap.num_pages, cache_sharding=sharding)
 
 
 def enable_compilation_cache(directory: str | None = None) -> None:
@@ -141,15 +165,30 @@ def enable_compilation_cache(directory: str | None = None) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # warm start compiles nothing
 
 
-def load_engine(checkpoint: str, ecfg: EngineConfig, *, dtype: str = "bfloat16", mesh=None,
+def mesh_for(cfg: ModelConfig, mesh_config: MeshConfig | None):
+    """The mesh for `mesh_config` after checking the model splits that way; None for
+    one device (the single-device placement the engine has always used)."""
+    if mesh_config is None or mesh_config.num_devices == 1:
+        return None
+    check_model(cfg, mesh_config)
+    mesh = make_mesh(mesh_config)
+    if kv_replication(cfg, mesh_config) > 1:
+        print(f"num_kv_heads={cfg.num_kv_heads} < tensor_parallel_size={mesh_config.tensor}: the kv projections "
+              f"and the KV cache are replicated on every device", file=sys.stderr, flush=True)
+    return mesh
+
+
+def load_engine(checkpoint: str, ecfg: EngineConfig, *, dtype: str = "bfloat16", mesh_config: MeshConfig | None = None,
                 auto_num_seqs: bool = False) -> tuple[Engine, Tokenizer]:
-    """The engine and tokenizer of a checkpoint (dir, alias, HF dir or .gguf). With
+    """The engine and tokenizer of a checkpoint (dir, alias, HF dir or .gguf), its
+    weights restored straight into their shardings on the mesh of `mesh_config`. With
     `auto_num_seqs`, ecfg.max_num_seqs is replaced by `auto_max_num_seqs`'s choice."""
     enable_compilation_cache()
     directory = resolve_checkpoint(checkpoint, dtype=dtype)
+    mesh = mesh_for(checkpoints.read_config(directory), mesh_config)
     cfg, model = checkpoints.load(directory, dtype=dtype, mesh=mesh)
     if ecfg.max_model_len > cfg.max_position:
         log.warning("max_model_len=%d exceeds the model's max_position=%d", ecfg.max_model_len, cfg.max_position)
-    engine = build_engine(model, ecfg, auto_num_seqs=auto_num_seqs)
+    engine = build_engine(model, ecfg, auto_num_seqs=auto_num_seqs, mesh=mesh)
     engine.sampling_defaults = read_sampling_defaults(directory)
     return engine, load_tokenizer(directory)

@@ -31,6 +31,7 @@ def main(argv: list[str]) -> None:
         xflags.usage_error("--checkpoint is required (a directory or an alias such as gemma3-270m)")
     try:
         ecfg = xflags.engine_config_from_flags()
+        mesh_config = xflags.mesh_config_from_flags()
     except ConfigError as e:
         xflags.usage_error(str(e))
     if FLAGS.list:
@@ -46,7 +47,8 @@ def main(argv: list[str]) -> None:
     from runtime.startup import CapacityError, load_engine
 
     try:
-        engine, _ = load_engine(FLAGS.checkpoint, ecfg, dtype=FLAGS.dtype, auto_num_seqs=xflags.auto_num_seqs())
+        engine, _ = load_engine(FLAGS.checkpoint, ecfg, dtype=FLAGS.dtype, auto_num_seqs=xflags.auto_num_seqs(),
+                                mesh_config=mesh_config)
     except (CheckpointError, CapacityError, ConfigError) as e:
         xflags.usage_error(str(e))
     t = time.perf_counter()

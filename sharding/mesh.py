@@ -1,0 +1,127 @@
+"""The device mesh: built from the parallel sizes, checked against the model, and the
+placement of weights and KV cache on it.
+
+Axes ("stage", "data", "tensor"), in that order: a mesh's last axis varies fastest over
+the device list, and jax's mesh utilities order devices so that neighbours on it are
+close (one host, one ICI ring), which is where tensor parallelism's per-layer
+reductions belong. The axes are Auto (GSPMD): weights and cache carry shardings from
+sharding/rules.py and XLA partitions the step functions and inserts the collectives;
+model code names no mesh axis.
+
+Tensor parallelism splits query heads, kv heads, the MLP's hidden units and the
+vocabulary over "tensor" (Megatron: column-split projections in, row-split out, one
+reduction per block). With fewer kv heads than the tensor size (MQA, Llama-3-70B at
+TP 16), the kv projections and the KV cache are replicated on every device: correct,
+at the memory cost that `kv_replication` states.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding
+
+from runtime.config import ConfigError, ModelConfig
+from sharding.rules import DEFAULT_RULES, named_sharding
+
+AXES = ("stage", "data", "tensor")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Parallel sizes; their product is the number of devices used."""
+
+    tensor: int = 1
+    pipeline: int = 1
+    data: int = 1
+
+    def __post_init__(self):
+        for name in ("tensor", "pipeline", "data"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}_parallel_size={getattr(self, name)} must be >= 1")
+        if self.pipeline > 1:
+            raise ConfigError(f"pipeline_parallel_size={self.pipeline}: pipeline stages are not implemented yet "
+                              "(issue 12); use tensor_parallel_size")
+        if self.data > 1:
+            raise ConfigError(f"data_parallel_size={self.data}: data parallelism is not implemented yet (issue 12); "
+                              "run one server per device group instead")
+
+    @property
+    def num_devices(self) -> int:
+        return self.tensor * self.pipeline * self.data
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def check_model(cfg: ModelConfig, mesh_config: MeshConfig) -> None:
+    """Raises ConfigError, naming the sizes that would work, when the model cannot be
+    split `mesh_config.tensor` ways. kv heads may be fewer than the tensor size (they
+    are replicated) but must then divide it."""
+    tp = mesh_config.tensor
+    if tp == 1:
+        return
+    for name, size in (("num_heads", cfg.num_heads), ("ffw_dim", cfg.ffw_dim)):
+        if size % tp:
+            ok = [d for d in _divisors(size) if d <= 64]
+            raise ConfigError(f"{name}={size} is not divisible by tensor_parallel_size={tp}; "
+                              f"use tensor_parallel_size in {{{', '.join(map(str, ok))}}}")
+    k = cfg.num_kv_heads
+    if k % tp and tp % k:
+        raise ConfigError(f"num_kv_heads={k} and tensor_parallel_size={tp} do not divide one another; use a "
+                          f"tensor size that divides {k} or that {k} divides")
+
+
+def kv_replication(cfg: ModelConfig, mesh_config: MeshConfig) -> int:
+    """How many devices hold each kv head (1: kv heads are split, none is repeated)."""
+    tp = mesh_config.tensor
+    return tp // cfg.num_kv_heads if cfg.num_kv_heads < tp else 1
+
+
+def make_mesh(mesh_config: MeshConfig, devices=None) -> Mesh:
+    """The (stage, data, tensor) mesh over the first `num_devices` devices."""
+    devices = list(jax.devices() if devices is None else devices)
+    n = mesh_config.num_devices
+    if n > len(devices):
+        raise ConfigError(f"tensor x pipeline x data = {n} devices, but {len(devices)} are present; "
+                          f"use sizes whose product is at most {len(devices)}")
+    shape = (mesh_config.pipeline, mesh_config.data, mesh_config.tensor)
+    return jax.make_mesh(shape, AXES, devices=devices[:n], axis_types=(AxisType.Auto,) * len(AXES))
+
+
+def place_model(model, mesh: Mesh, rules=DEFAULT_RULES):
+    """The model with every parameter moved to its sharding on `mesh` (from its logical
+    axes). For weights made in memory; checkpoints restore straight into shardings
+    (checkpoints.load(mesh=...))."""
+    graphdef, state = nnx.split(model)
+    flat = nnx.to_flat_state(state)
+    for _, var in flat:
+        value = var.get_value()
+        axes = var.get_metadata().get("logical_axes", (None,) * value.ndim)
+        var.set_value(jax.device_put(value, named_sharding(axes, value.shape, mesh, rules)))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def cache_sharding(cfg: ModelConfig, num_pages: int, page_size: int, mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:
+    """The KV cache's sharding: split by kv head over "tensor" (replicated when there
+    are fewer kv heads than the tensor size)."""
+    from runtime.kv_cache import KV_AXES
+
+    return named_sharding(KV_AXES, (num_pages, page_size, cfg.num_kv_heads, cfg.head_dim), mesh, rules)
+
+
+def bytes_per_device(tree) -> int:
+    """Bytes the arrays of `tree` hold on their most loaded device."""
+    per: dict = {}
+    for x in jax.tree.leaves(tree):
+        for shard in x.addressable_shards:
+            per[shard.device] = per.get(shard.device, 0) + shard.data.nbytes
+    return max(per.values(), default=0)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, jax.sharding.PartitionSpec())
+

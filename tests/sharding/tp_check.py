@@ -1,0 +1,108 @@
+"""Sharded == one device, run in a process of its own with 8 simulated CPU devices
+(tests/sharding/test_tensor_parallel.py starts it: the main test process keeps one).
+
+For each tiny config and tensor size, greedy requests go through the orchestrator on a
+one-device engine and on a tensor-parallel one; one JSON line per (config, tensor size)
+reports tokens equal, the largest logprob difference, the parameter and cache
+shardings, bytes per device, compilations after warm-up and whether the compiled decode
+step reduces over devices. The workload has chunked prefill (a prompt longer than the
+largest prefill bucket) and preemption (fewer KV pages than the requests need).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+
+import json  # noqa: E402
+import sys  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from runtime.config import EngineConfig, ModelConfig  # noqa: E402
+from runtime.engine import Engine, compile_counter  # noqa: E402
+from runtime.models.transformer import Transformer  # noqa: E402
+from runtime.orchestrator import Orchestrator, Request  # noqa: E402
+from runtime.sampling import SamplingParams  # noqa: E402
+from sharding.mesh import MeshConfig, bytes_per_device, cache_sharding, check_model, make_mesh, place_model  # noqa: E402
+
+BASE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, max_position_embeddings=256)
+CONFIGS = {
+    # GQA, 8 query heads over 2 kv heads; a vocabulary not divisible by 4 or 8 (replicated there).
+    "llama_gqa": (dict(model_type="llama", vocab_size=510, num_attention_heads=8, num_key_value_heads=2), (2, 4, 8)),
+    "mqa": (dict(model_type="llama", vocab_size=512, num_attention_heads=8, num_key_value_heads=1), (4,)),
+    "mistral_window": (dict(model_type="mistral", vocab_size=512, num_attention_heads=4, num_key_value_heads=2,
+                            sliding_window=8), (2,)),
+    "gemma3": (dict(model_type="gemma3_text", vocab_size=512, num_attention_heads=4, num_key_value_heads=2,
+                    head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
+                    layer_types=["sliding_attention", "full_attention"]), (2,)),
+}
+ECFG = EngineConfig(max_num_seqs=4, max_model_len=64, page_size=8, prefill_lengths=(16, 32),
+                    prefill_batch_sizes=(1, 2), cache_dtype="float32", num_top_logprobs=2)
+NUM_PAGES = 12  # three requests admitted together outgrow it: preempted and recomputed
+PROMPTS = [list(range(3, 12)), list(range(40, 61)), list(range(100, 140)), list(range(200, 233))]  # 40 > 32: chunked
+
+
+def peaked_model(hf: dict):
+    cfg = ModelConfig.from_hf({**BASE, **hf})
+    graphdef, state = nnx.split(Transformer(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0)))
+    # Large weights: a peaked distribution, so greedy has no near-ties between layouts.
+    state = jax.tree.map(lambda x: x * 8 if x.ndim >= 2 and x.shape[0] != cfg.vocab_size else x, state)
+    return nnx.merge(graphdef, state)
+
+
+def run(engine) -> dict:
+    orc = Orchestrator(engine, None)
+    engine.warmup()
+    orc.mark_ready()
+    for i, p in enumerate(PROMPTS):
+        orc.add_request(Request(request_id=str(i), prompt_ids=p, sampling=SamplingParams(temperature=0.0, logprobs=2),
+                                max_tokens=20, ignore_eos=True))
+    res = {str(i): ([], []) for i in range(len(PROMPTS))}
+    while orc.has_work():
+        for out in orc.step():
+            res[out.request_id][0].extend(out.token_ids)
+            res[out.request_id][1].extend(out.logprobs)
+    return dict(res=res, compiles=orc.num_compiles_since_ready, preemptions=orc.scheduler.num_preemptions,
+                pages_used=orc.allocator.num_used)
+
+
+def main() -> None:
+    assert len(jax.devices()) == 8, jax.devices()
+    for name, (hf, sizes) in CONFIGS.items():
+        model = peaked_model(hf)
+        base = run(Engine(model, ECFG, num_pages=NUM_PAGES))
+        total = bytes_per_device(nnx.state(model))
+        for tp in sizes:
+            mc = MeshConfig(tensor=tp)
+            check_model(model.cfg, mc)
+            mesh = make_mesh(mc)
+            sharded = place_model(model, mesh)
+            engine = Engine(sharded, ECFG, num_pages=NUM_PAGES,
+                            cache_sharding=cache_sharding(model.cfg, NUM_PAGES, ECFG.page_size, mesh))
+            got = run(engine)
+            state = nnx.state(sharded)
+            hlo = engine._decode.lower(engine.params, engine.cache, engine.slots,
+                                       np.zeros((ECFG.max_num_seqs, ECFG.max_pages_per_seq), np.int32)).compile().as_text()
+            diffs = [float(np.max(np.abs(np.array(base["res"][k][1]) - np.array(got["res"][k][1])))) for k in base["res"]]
+            print(json.dumps(dict(
+                config=name, tp=tp,
+                tokens_equal=all(base["res"][k][0] == got["res"][k][0] for k in base["res"]),
+                max_logprob_diff=max(diffs),
+                wq=str(state["layers"][0]["attn"]["wq"].get_value().sharding.spec),
+                wk=str(state["layers"][0]["attn"]["wk"].get_value().sharding.spec),
+                w_down=str(state["layers"][0]["mlp"]["w_down"].get_value().sharding.spec),
+                embedding=str(state["embedding"].get_value().sharding.spec),
+                cache=str(jax.tree.leaves(engine.cache)[0].sharding.spec),
+                param_bytes_per_device=bytes_per_device(state), param_bytes=total,
+                compiles_after_warmup=got["compiles"], preemptions=got["preemptions"], pages_used=got["pages_used"],
+                all_reduce="all-reduce" in hlo,
+            )), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
