@@ -95,10 +95,12 @@ class DecodeSlots:
         )
 
 
-def _model_step(graphdef, params, tokens, positions, cache, page_table, kv_lens, logits_at, attn_impl, fresh=False):
+def _model_step(graphdef, params, tokens, positions, cache, page_table, kv_lens, logits_at, attn_impl, fresh=False,
+                mesh=None):
     model: Transformer = nnx.merge(graphdef, params)
     return model(
-        tokens, positions, cache, page_table, kv_lens, attn_impl=attn_impl, logits_at=logits_at, fresh_prefill=fresh
+        tokens, positions, cache, page_table, kv_lens, attn_impl=attn_impl, logits_at=logits_at, fresh_prefill=fresh,
+        mesh=mesh,
     )
 
 
@@ -113,13 +115,14 @@ def _prefill(
     sampling: SlotSampling,  # rows [Bp]
     stop_ids,  # [Bp, MAX_STOP_IDS]
     remaining,  # [Bp] tokens the sequence may generate after the one this call samples
-    *, attn_impl: str, num_top_logprobs: int, fresh: bool,
+    *, attn_impl: str, num_top_logprobs: int, fresh: bool, mesh=None,
 ):
     Bp, T = tokens.shape
     positions = starts[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
     kv_lens = jnp.where(lens > 0, starts + lens, 0)
     logits, cache = _model_step(
-        graphdef, params, tokens, positions, cache, page_table, kv_lens, jnp.maximum(lens - 1, 0), attn_impl, fresh
+        graphdef, params, tokens, positions, cache, page_table, kv_lens, jnp.maximum(lens - 1, 0), attn_impl, fresh,
+        mesh,
     )
     V = logits.shape[-1]
     # Which tokens the prompt holds (repetition penalty): this chunk's, merged with the
@@ -149,13 +152,14 @@ def _prefill(
     return cache, slots, out
 
 
-def _decode_one(graphdef, params, cache: KVCache, slots: DecodeSlots, page_table, *, attn_impl, num_top_logprobs):
+def _decode_one(graphdef, params, cache: KVCache, slots: DecodeSlots, page_table, *, attn_impl, num_top_logprobs,
+                mesh=None):
     B = slots.tokens.shape[0]
     active = slots.lengths > 0
     kv_lens = jnp.where(active, slots.lengths + 1, 0)
     logits, cache = _model_step(
         graphdef, params, slots.tokens[:, None], slots.lengths[:, None], cache, page_table, kv_lens,
-        jnp.zeros((B,), jnp.int32), attn_impl,
+        jnp.zeros((B,), jnp.int32), attn_impl, mesh=mesh,
     )
     out = sample(
         logits, slots.sampling, kv_lens, slots.prompt_mask, slots.output_counts, num_top_logprobs=num_top_logprobs
@@ -248,7 +252,8 @@ class Engine:
         # the next step's inputs, and a sharding XLA picked differently would compile the
         # step again. The sampled ids and logprobs are small and read on the host: replicated.
         outs = (jax.tree.map(lambda x: x.sharding, self.cache), replicated, replicated)
-        static = dict(attn_impl=attention_impl(ecfg), num_top_logprobs=ecfg.num_top_logprobs)
+        static = dict(attn_impl=attention_impl(ecfg), num_top_logprobs=ecfg.num_top_logprobs,
+                      mesh=device.mesh if isinstance(device, jax.sharding.NamedSharding) else None)
         # Prefill variants: with the Pallas kernels a call whose rows all start at 0
         # ("fresh") runs flash attention over the chunk; chunks continuing a long prompt
         # need the paged path. The reference serves both in one variant.

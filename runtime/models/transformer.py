@@ -18,6 +18,7 @@ from flax import nnx
 from runtime.config import ModelConfig
 from runtime.kv_cache import KVCache
 from runtime.models.layers import MLP, Attention, RMSNorm, embed_scale, param
+from sharding.ops import embedding_lookup
 
 
 class Block(nnx.Module):
@@ -68,10 +69,11 @@ class Transformer(nnx.Module):
         attn_impl: str = "reference",
         logits_at: jax.Array | None = None,  # [B] index into T: logits of one position only
         fresh_prefill: bool = False,  # static: every row starts at position 0 (no earlier context)
+        mesh=None,  # static: the device mesh the weights are split over (None: one device)
     ) -> tuple[jax.Array, KVCache]:
         """Returns float32 logits [B, T, V] (or [B, V] with `logits_at`) and the new cache."""
         emb = self.embedding[...]
-        x = jnp.take(emb, tokens, axis=0)  # [B, T, D]
+        x = embedding_lookup(emb, tokens, mesh)  # [B, T, D]
         scale = embed_scale(self.cfg, x.dtype)
         if scale is not None:
             x = x * scale
