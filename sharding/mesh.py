@@ -122,6 +122,3 @@ def bytes_per_device(tree) -> int:
     return max(per.values(), default=0)
 
 
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, jax.sharding.PartitionSpec())
-

@@ -147,10 +147,6 @@ class ServeProcess:
     port: int | None = None
     metrics_port: int | None = None
 
-    @property
-    def target(self) -> str:
-        return f"localhost:{self.port}"
-
 
 @contextlib.contextmanager
 def serve_subprocess(*flags: str, env: dict, cwd, wait_serving: bool = True, timeout: float = 180.0):

@@ -212,6 +212,18 @@ def test_api_keys_guard_everything_but_health(engine, tokenizer, caplog):
     assert KEY not in caplog.text and OTHER_KEY not in caplog.text and KEY[:8] not in caplog.text
 
 
+def _metrics_need_the_key(url: str, pki) -> str:
+    """/metrics over HTTPS: 401 without the key, the exposition text with it."""
+    trust = ssl.create_default_context(cafile=pki["ca.pem"])
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(url, timeout=5, context=trust)
+    assert e.value.code == 401
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {KEY}"})
+    with urllib.request.urlopen(req, timeout=5, context=trust) as r:
+        assert r.status == 200
+        return r.read().decode()
+
+
 def test_tls_with_keys_serves_metrics_over_https(engine, tokenizer, pki):
     security = tls_config(pki, api_keys=(KEY,))
     metrics = ServerMetrics()
@@ -223,13 +235,8 @@ def test_tls_with_keys_serves_metrics_over_https(engine, tokenizer, pki):
             assert len(c.generate_unary(**UNARY).token_ids) == 4
         with Client(h.target, tls_ca_file=pki["ca.pem"]) as c:
             assert _code(lambda: c.generate_unary(**UNARY))[0] == Code.UNAUTHENTICATED
-        trust = ssl.create_default_context(cafile=pki["ca.pem"])
         url = f"https://localhost:{port}/metrics"
-        with pytest.raises(urllib.error.HTTPError) as e:
-            urllib.request.urlopen(url, timeout=5, context=trust)
-        assert e.value.code == 401
-        req = urllib.request.Request(url, headers={"Authorization": f"Bearer {KEY}"})
-        assert urllib.request.urlopen(req, timeout=5, context=trust).status == 200
+        _metrics_need_the_key(url, pki)
         with pytest.raises((urllib.error.URLError, ConnectionError)):  # plaintext HTTP to the HTTPS port
             urllib.request.urlopen(url.replace("https", "http"), timeout=5)
     finally:
@@ -359,13 +366,7 @@ def test_serve_client_and_bench_over_tls_with_a_key(pki, tmp_path):
 
         summary = json.loads(out.read_text())
         assert summary["completed"] == 6 and summary["failed"] == 0 and summary["num_connections"] == 3
-        trust = ssl.create_default_context(cafile=pki["ca.pem"])
-        url = f"https://localhost:{found['metrics']}/metrics"
-        with pytest.raises(urllib.error.HTTPError) as e:
-            urllib.request.urlopen(url, timeout=5, context=trust)
-        assert e.value.code == 401
-        req = urllib.request.Request(url, headers={"Authorization": f"Bearer {KEY}"})
-        body = urllib.request.urlopen(req, timeout=5, context=trust).read().decode()
+        body = _metrics_need_the_key(f"https://localhost:{found['metrics']}/metrics", pki)
         assert 'xlserve_requests_rejected_total{code="UNAUTHENTICATED"} 2.0' in body
         assert 'xlserve_requests_rejected_total{code="RESOURCE_EXHAUSTED"} 0.0' in body
         proc.terminate()  # drains and exits: all it logged is read before the check below
