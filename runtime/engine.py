@@ -29,6 +29,7 @@ from runtime.config import EngineConfig, ModelConfig
 from runtime.kv_cache import KVCache
 from runtime.models.transformer import Transformer
 from runtime.sampling import SlotSampling, sample
+from sharding import tensor_parallel
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +98,12 @@ class DecodeSlots:
 
 def _model_step(graphdef, params, tokens, positions, cache, page_table, kv_lens, logits_at, attn_impl, fresh=False,
                 mesh=None):
+    if tensor_parallel.is_tensor_parallel(mesh):
+        return tensor_parallel.model_step(graphdef, params, tokens, positions, cache, page_table, kv_lens, logits_at,
+                                          mesh=mesh, attn_impl=attn_impl, fresh_prefill=fresh)
     model: Transformer = nnx.merge(graphdef, params)
     return model(
         tokens, positions, cache, page_table, kv_lens, attn_impl=attn_impl, logits_at=logits_at, fresh_prefill=fresh,
-        mesh=mesh,
     )
 
 

@@ -26,14 +26,17 @@ def preset_name(checkpoint: str) -> str:
 def random_model(cfg: ModelConfig, dtype: str, mesh=None):
     """The model with random weights made on the device, one small program per shape
     and sharding (one jitted init of a whole 8B model compiles for minutes); with a
-    mesh each weight is made in its shards (a 70B model never sits on one device)."""
+    mesh each weight is made in its shards (a 70B model never sits on one device), kv
+    heads as many as the tensor size where fewer (sharding.mesh.expand_kv_heads)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
     from runtime.models.transformer import abstract_model
+    from sharding.mesh import expand_kv_heads, tensor_size
     from sharding.rules import named_sharding
 
+    cfg = expand_kv_heads(cfg, tensor_size(mesh))
     graphdef, state = nnx.split(abstract_model(cfg, jnp.dtype(dtype)))
 
     @functools.cache

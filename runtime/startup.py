@@ -24,12 +24,14 @@ from flax import nnx
 
 import checkpoints
 from checkpoints.aliases import resolve_checkpoint
-from runtime.config import AUTO_MAX_NUM_SEQS, AUTO_MIN_NUM_SEQS, ConfigError, EngineConfig, ModelConfig
-from runtime.engine import Engine, attention_impl
+from runtime.config import AUTO_MAX_NUM_SEQS, AUTO_MIN_NUM_SEQS, EngineConfig, ModelConfig
+from runtime.engine import Engine
 from runtime.kv_cache import KVCache
 from runtime.sampling import read_sampling_defaults
 from runtime.tokenizer import Tokenizer, load_tokenizer
-from sharding.mesh import MeshConfig, bytes_per_device, cache_sharding, check_model, kv_replication, make_mesh
+from sharding.mesh import (
+    MeshConfig, bytes_per_device, cache_sharding, check_model, kv_replication, make_mesh, replicate_kv_heads,
+)
 
 log = logging.getLogger(__name__)
 GiB = 1 << 30
@@ -128,20 +130,12 @@ def auto_max_num_seqs(cfg: ModelConfig, ecfg: EngineConfig, param_bytes: int, de
 def build_engine(model, ecfg: EngineConfig, *, auto_num_seqs: bool = False, mesh=None) -> Engine:
     """Sizes the KV cache (and, with `auto_num_seqs`, the decode slots) for `model` on
     this device (with a mesh: on its most loaded device, the model already placed on
-    it), says so on stderr, and builds the engine."""
+    it, its kv heads repeated to the tensor size where fewer), says so on stderr, and
+    builds the engine."""
+    model = replicate_kv_heads(model, mesh)
     cfg = model.cfg
     param_bytes = bytes_per_device(nnx.state(model))
     kv_shards = 1
-    if mesh is not None and mesh.size > 1:
-        # The Pallas kernels are custom calls that XLA cannot partition: sharded, they
-        # would gather every head and page onto each device. Until they run per device
-        # inside shard_map (issue 12), sharded engines use the jnp reference.
-        if ecfg.attention == "pallas":
-            raise ConfigError("--attention=pallas does not run sharded yet; use --attention=reference or auto")
-        if attention_impl(ecfg) == "pallas":
-            ecfg = dataclasses.replace(ecfg, attention="reference")
-            print("attention: the jnp reference (the Pallas kernels do not run sharded yet)", file=sys.stderr,
-                  flush=True)
     if mesh is not None:
         sharded_axis = cache_sharding(cfg, 1, ecfg.page_size, mesh).spec[2]
         kv_shards = mesh.shape[sharded_axis] if sharded_axis else 1
@@ -173,8 +167,8 @@ def mesh_for(cfg: ModelConfig, mesh_config: MeshConfig | None):
     check_model(cfg, mesh_config)
     mesh = make_mesh(mesh_config)
     if kv_replication(cfg, mesh_config) > 1:
-        print(f"num_kv_heads={cfg.num_kv_heads} < tensor_parallel_size={mesh_config.tensor}: the kv projections "
-              f"and the KV cache are replicated on every device", file=sys.stderr, flush=True)
+        print(f"num_kv_heads={cfg.num_kv_heads} < tensor_parallel_size={mesh_config.tensor}: each kv head is "
+              f"repeated on {kv_replication(cfg, mesh_config)} devices (one per device)", file=sys.stderr, flush=True)
     return mesh
 
 

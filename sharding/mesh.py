@@ -11,8 +11,11 @@ model code names no mesh axis.
 Tensor parallelism splits query heads, kv heads, the MLP's hidden units and the
 vocabulary over "tensor" (Megatron: column-split projections in, row-split out, one
 reduction per block). With fewer kv heads than the tensor size (MQA, Llama-3-70B at
-TP 16), the kv projections and the KV cache are replicated on every device: correct,
-at the memory cost that `kv_replication` states.
+TP 16), the kv heads are repeated to the tensor size when the model is placed
+(`replicate_kv_heads`): each device then holds the one kv head its query heads read,
+and the model is the same function (a GQA model whose repeated kv heads are equal).
+The alternative, every kv head on every device, stores tensor / kv_heads times more
+KV cache per device than this and reads all of it each step; see `kv_replication`.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding
 
@@ -76,9 +80,50 @@ def check_model(cfg: ModelConfig, mesh_config: MeshConfig) -> None:
 
 
 def kv_replication(cfg: ModelConfig, mesh_config: MeshConfig) -> int:
-    """How many devices hold each kv head (1: kv heads are split, none is repeated)."""
+    """How many devices hold each kv head (1: kv heads are split, none is repeated).
+    The KV cache of all devices together is this many times that of one device."""
     tp = mesh_config.tensor
     return tp // cfg.num_kv_heads if cfg.num_kv_heads < tp else 1
+
+
+def expand_kv_heads(cfg: ModelConfig, tensor: int) -> ModelConfig:
+    """The config of `cfg` with its kv heads repeated up to `tensor` when there are fewer
+    (check_model has ensured they divide it); `cfg` itself otherwise."""
+    if cfg.num_kv_heads >= tensor:
+        return cfg
+    return dataclasses.replace(cfg, num_kv_heads=tensor)
+
+
+def tensor_size(mesh: Mesh | None, rules=DEFAULT_RULES) -> int:
+    """How many ways `mesh` splits heads (1 without a mesh)."""
+    axis = rules.get("q_heads")
+    return mesh.shape[axis] if mesh is not None and axis in mesh.shape else 1
+
+
+def replicate_kv_heads(model, mesh: Mesh | None, rules=DEFAULT_RULES):
+    """`model` with kv heads repeated to the tensor size of `mesh` (`expand_kv_heads`)
+    and those weights placed split over it; `model` itself when nothing is repeated.
+    kv head j becomes heads j*r .. j*r + r-1 (r = tensor / kv_heads): device i, whose
+    query heads are the i-th of `tensor` equal groups, holds head i, a copy of the kv
+    head those query heads read. The given model is left as it was."""
+    cfg = model.cfg
+    new_cfg = expand_kv_heads(cfg, tensor_size(mesh, rules))
+    if new_cfg is cfg:
+        return model
+    r = new_cfg.num_kv_heads // cfg.num_kv_heads
+
+    def repeat(path, var):
+        if len(path) < 2 or path[-2] != "attn" or path[-1] not in ("wk", "wv", "bk", "bv"):
+            return var
+        axes = var.get_metadata()["logical_axes"]
+        value = jnp.repeat(var.get_value(), r, axis=axes.index("kv_heads"))
+        return var.replace(jax.device_put(value, named_sharding(axes, value.shape, mesh, rules)))
+
+    graphdef, state = nnx.split(model)
+    flat = [(path, repeat(path, var)) for path, var in nnx.to_flat_state(state)]
+    out = nnx.merge(graphdef, nnx.from_flat_state(flat))
+    out.cfg = new_cfg
+    return out
 
 
 def make_mesh(mesh_config: MeshConfig, devices=None) -> Mesh:
@@ -93,21 +138,23 @@ def make_mesh(mesh_config: MeshConfig, devices=None) -> Mesh:
 
 
 def place_model(model, mesh: Mesh, rules=DEFAULT_RULES):
-    """The model with every parameter moved to its sharding on `mesh` (from its logical
-    axes). For weights made in memory; checkpoints restore straight into shardings
-    (checkpoints.load(mesh=...))."""
+    """A copy of the model with every parameter moved to its sharding on `mesh` (from its
+    logical axes); `model` is left as it was. For weights made in memory; checkpoints
+    restore straight into shardings (checkpoints.load(mesh=...))."""
     graphdef, state = nnx.split(model)
-    flat = nnx.to_flat_state(state)
-    for _, var in flat:
+
+    def place(var):
         value = var.get_value()
         axes = var.get_metadata().get("logical_axes", (None,) * value.ndim)
-        var.set_value(jax.device_put(value, named_sharding(axes, value.shape, mesh, rules)))
+        return var.replace(jax.device_put(value, named_sharding(axes, value.shape, mesh, rules)))
+
+    flat = [(path, place(var)) for path, var in nnx.to_flat_state(state)]
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
 def cache_sharding(cfg: ModelConfig, num_pages: int, page_size: int, mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:
-    """The KV cache's sharding: split by kv head over "tensor" (replicated when there
-    are fewer kv heads than the tensor size)."""
+    """The KV cache's sharding: split by kv head over "tensor" (for a `cfg` whose kv
+    heads were expanded to the tensor size, one head per device)."""
     from runtime.kv_cache import KV_AXES
 
     return named_sharding(KV_AXES, (num_pages, page_size, cfg.num_kv_heads, cfg.head_dim), mesh, rules)

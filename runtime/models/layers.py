@@ -19,6 +19,7 @@ from pallas_kernels import dispatch
 from pallas_kernels.paged_attention import reference as paged_reference
 from runtime.config import ModelConfig, RopeConfig
 from runtime.kv_cache import write_kv
+from sharding.ops import Local
 
 ATTENTION_IMPLS = ("reference", "pallas")
 
@@ -117,6 +118,7 @@ class Attention(nnx.Module):
         self.softcap = cfg.attn_softcap
         self.rope = cfg.layer_rope(layer)
         self.head_dim = H
+        self.num_heads = N
         self.wq = param(rngs, (D, N, H), ("embed", "q_heads", "head_dim"), dtype)
         self.wk = param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), dtype)
         self.wv = param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), dtype)
@@ -135,7 +137,8 @@ class Attention(nnx.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def __call__(self, x, positions, k_pages, v_pages, page_table, kv_lens, *, impl: str, fresh: bool = False):
+    def __call__(self, x, positions, k_pages, v_pages, page_table, kv_lens, *, impl: str, fresh: bool = False,
+                 local: Local | None = None):
         with jax.named_scope("qkv"):
             q = jnp.einsum("BTD,DNH->BTNH", x, self.wq[...])
             k = jnp.einsum("BTD,DKH->BTKH", x, self.wk[...])
@@ -152,7 +155,10 @@ class Attention(nnx.Module):
                 q, k, v, k_pages, v_pages, page_table, positions, kv_lens,
                 scale=self.scale, window=self.window, softcap=self.softcap, impl=impl, fresh=fresh,
             )
-            out = jnp.einsum("BTNH,NHD->BTD", o, self.wo[...])
+            wo = self.wo[...]
+            out = jnp.einsum("BTNH,NHD->BTD", o, wo)
+            if local is not None:  # per device: the sum over this device's heads only
+                out = local.join_sums(out, wo.shape[0], self.num_heads)
             if self.bo is not None:
                 out = out + self.bo[...]
         return out, k_pages, v_pages
@@ -163,6 +169,7 @@ class MLP(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs | None):
         D, F = cfg.embed_dim, cfg.ffw_dim
+        self.ffw_dim = F
         self.activation = cfg.activation
         self.w_gate = param(rngs, (D, F), ("embed", "ffw"), dtype)
         self.w_up = param(rngs, (D, F), ("embed", "ffw"), dtype)
@@ -174,7 +181,7 @@ class MLP(nnx.Module):
         else:
             self.b_gate = self.b_up = self.b_down = None
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, local: Local | None = None) -> jax.Array:
         with jax.named_scope("mlp"):
             gate = jnp.einsum("BTD,DF->BTF", x, self.w_gate[...])
             up = jnp.einsum("BTD,DF->BTF", x, self.w_up[...])
@@ -184,7 +191,10 @@ class MLP(nnx.Module):
                 act = jax.nn.silu(gate)
             else:
                 act = jax.nn.gelu(gate, approximate=True)
-            out = jnp.einsum("BTF,FD->BTD", act * up, self.w_down[...])
+            w_down = self.w_down[...]
+            out = jnp.einsum("BTF,FD->BTD", act * up, w_down)
+            if local is not None:  # per device: the sum over this device's ffw rows only
+                out = local.join_sums(out, w_down.shape[0], self.ffw_dim)
             if self.b_down is not None:
                 out = out + self.b_down[...]
         return out

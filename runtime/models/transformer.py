@@ -18,7 +18,7 @@ from flax import nnx
 from runtime.config import ModelConfig
 from runtime.kv_cache import KVCache
 from runtime.models.layers import MLP, Attention, RMSNorm, embed_scale, param
-from sharding.ops import embedding_lookup
+from sharding.ops import Local, embedding_lookup
 
 
 class Block(nnx.Module):
@@ -34,14 +34,15 @@ class Block(nnx.Module):
         else:
             self.post_attn_norm = self.post_mlp_norm = None
 
-    def __call__(self, x, positions, k_pages, v_pages, page_table, kv_lens, *, impl: str, fresh: bool):
+    def __call__(self, x, positions, k_pages, v_pages, page_table, kv_lens, *, impl: str, fresh: bool,
+                 local: Local | None = None):
         h, k_pages, v_pages = self.attn(
-            self.attn_norm(x), positions, k_pages, v_pages, page_table, kv_lens, impl=impl, fresh=fresh
+            self.attn_norm(x), positions, k_pages, v_pages, page_table, kv_lens, impl=impl, fresh=fresh, local=local
         )
         if self.post_attn_norm is not None:
             h = self.post_attn_norm(h)
         x = x + h
-        h = self.mlp(self.mlp_norm(x))
+        h = self.mlp(self.mlp_norm(x), local)
         if self.post_mlp_norm is not None:
             h = self.post_mlp_norm(h)
         return x + h, k_pages, v_pages
@@ -69,18 +70,18 @@ class Transformer(nnx.Module):
         attn_impl: str = "reference",
         logits_at: jax.Array | None = None,  # [B] index into T: logits of one position only
         fresh_prefill: bool = False,  # static: every row starts at position 0 (no earlier context)
-        mesh=None,  # static: the device mesh the weights are split over (None: one device)
+        local: Local | None = None,  # static: runs per device on shards (sharding/tensor_parallel.py)
     ) -> tuple[jax.Array, KVCache]:
         """Returns float32 logits [B, T, V] (or [B, V] with `logits_at`) and the new cache."""
         emb = self.embedding[...]
-        x = embedding_lookup(emb, tokens, mesh)  # [B, T, D]
+        x = embedding_lookup(emb, tokens, self.cfg.vocab_size, local)  # [B, T, D]
         scale = embed_scale(self.cfg, x.dtype)
         if scale is not None:
             x = x * scale
         new_k, new_v = [], []
         for layer, k_pages, v_pages in zip(self.layers, cache.k, cache.v):
             x, k_pages, v_pages = layer(
-                x, positions, k_pages, v_pages, page_table, kv_lens, impl=attn_impl, fresh=fresh_prefill
+                x, positions, k_pages, v_pages, page_table, kv_lens, impl=attn_impl, fresh=fresh_prefill, local=local
             )
             new_k.append(k_pages)
             new_v.append(v_pages)
@@ -92,6 +93,8 @@ class Transformer(nnx.Module):
                 logits = jnp.einsum("...D,VD->...V", x, emb, preferred_element_type=jnp.float32)
             else:
                 logits = jnp.einsum("...D,DV->...V", x, self.lm_head[...], preferred_element_type=jnp.float32)
+            if local is not None:
+                logits = local.gather_last(logits, self.cfg.vocab_size)
         if self.cfg.final_softcap is not None:
             logits = jnp.tanh(logits / self.cfg.final_softcap) * self.cfg.final_softcap
         return logits, KVCache(k=tuple(new_k), v=tuple(new_v))

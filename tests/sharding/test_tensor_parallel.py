@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import pytest
 
 from runtime.config import ConfigError, ModelConfig
@@ -34,10 +35,13 @@ def rows():
 
 
 def test_sharded_equals_one_device(rows):
-    assert {(r["config"], r["tp"]) for r in rows} == {
-        ("llama_gqa", 2), ("llama_gqa", 4), ("llama_gqa", 8), ("mqa", 4), ("mistral_window", 2), ("gemma3", 2)}
+    assert {(r["config"], r["tp"], r["attention"]) for r in rows} == {
+        ("llama_gqa", 2, "reference"), ("llama_gqa", 4, "reference"), ("llama_gqa", 8, "reference"),
+        ("mqa", 4, "reference"), ("mistral_window", 2, "reference"), ("gemma3", 2, "reference"),
+        ("llama_gqa", 2, "pallas"), ("llama_gqa", 4, "pallas"), ("mistral_window", 2, "pallas"),
+        ("gemma3", 2, "pallas")}
     for r in rows:
-        where = f"{r['config']} TP {r['tp']}"
+        where = f"{r['config']} TP {r['tp']} {r['attention']}"
         assert r["tokens_equal"], where
         assert r["max_logprob_diff"] < LOGPROB_ATOL, where
         assert r["compiles_after_warmup"] == 0 and r["pages_used"] == 0, where
@@ -47,11 +51,16 @@ def test_sharded_equals_one_device(rows):
 
 def test_large_tensors_are_split_not_replicated(rows):
     for r in rows:
-        where = f"{r['config']} TP {r['tp']}"
+        where = f"{r['config']} TP {r['tp']} {r['attention']}"
         assert "'tensor'" in r["wq"], where  # query heads split
         assert "'tensor'" in r["w_down"], where
-        kv_split = r["config"] != "mqa" and not (r["config"] == "llama_gqa" and r["tp"] > 2)
-        assert ("'tensor'" in r["wk"]) == kv_split and ("'tensor'" in r["cache"]) == kv_split, where
+        # kv heads split too: where fewer than the devices, repeated to one per device.
+        assert "'tensor'" in r["wk"] and "'tensor'" in r["cache"], where
+        assert r["sharded_kv_heads"] == max(r["kv_heads"], r["tp"]), where
+        # Each device holds its kv heads' share of the one-device cache: 1/TP of it, or
+        # one head's worth where kv heads were repeated (MQA at TP 4: all of it).
+        heads_per_device = r["sharded_kv_heads"] // r["tp"]
+        assert r["cache_bytes_per_device"] * r["kv_heads"] == r["cache_bytes"] * heads_per_device, where
         # Each device holds well under the whole model (embedding, norms and replicated
         # kv projections are what is not divided).
         assert r["param_bytes_per_device"] < 0.7 * r["param_bytes"], where
@@ -79,3 +88,34 @@ def test_bad_splits_fail_with_what_would_work():
     cfg = _cfg(num_attention_heads=8, num_key_value_heads=2)
     check_model(cfg, MeshConfig(tensor=8))  # fewer kv heads than devices: replicated, allowed
     assert kv_replication(cfg, MeshConfig(tensor=8)) == 4 and kv_replication(cfg, MeshConfig(tensor=2)) == 1
+
+
+def test_expand_kv_heads_repeats_each_head_for_its_query_group():
+    """Device i's query heads (the i-th of TP equal groups) read kv head i of the
+    expanded model, which must be the kv head they read before: original head
+    (i * N/TP) // (N/K)."""
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from runtime.models.transformer import Transformer
+    from sharding.mesh import expand_kv_heads, replicate_kv_heads
+
+    cfg = _cfg(num_attention_heads=8, num_key_value_heads=2, attention_bias=True)
+    assert expand_kv_heads(cfg, 2) is cfg and expand_kv_heads(cfg, 8).num_kv_heads == 8
+    model = Transformer(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    mesh = jax.make_mesh((1, 1, 1), ("stage", "data", "tensor"))  # one device: the repeat alone
+    assert replicate_kv_heads(model, mesh) is model
+    wk = np.asarray(model.layers[0].attn.wk[...])
+    from unittest import mock
+
+    with mock.patch("sharding.mesh.tensor_size", return_value=8):
+        big = replicate_kv_heads(model, mesh)
+    assert big.cfg.num_kv_heads == 8 and model.cfg.num_kv_heads == 2  # the given model is left as it was
+    assert np.asarray(model.layers[0].attn.wk[...]).shape == wk.shape
+    new_wk, new_bv = np.asarray(big.layers[0].attn.wk[...]), np.asarray(big.layers[0].attn.bv[...])
+    q_per_device, q_per_kv = cfg.num_heads // 8, cfg.num_heads // cfg.num_kv_heads
+    for i in range(8):
+        orig = (i * q_per_device) // q_per_kv
+        np.testing.assert_array_equal(new_wk[:, i], wk[:, orig])
+        np.testing.assert_array_equal(new_bv[i], np.asarray(model.layers[0].attn.bv[...])[orig])

@@ -15,6 +15,7 @@ import os
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 
@@ -28,18 +29,24 @@ from runtime.engine import Engine, compile_counter  # noqa: E402
 from runtime.models.transformer import Transformer  # noqa: E402
 from runtime.orchestrator import Orchestrator, Request  # noqa: E402
 from runtime.sampling import SamplingParams  # noqa: E402
-from sharding.mesh import MeshConfig, bytes_per_device, cache_sharding, check_model, make_mesh, place_model  # noqa: E402
+from sharding.mesh import (  # noqa: E402
+    MeshConfig, bytes_per_device, cache_sharding, check_model, make_mesh, place_model, replicate_kv_heads,
+)
 
 BASE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, max_position_embeddings=256)
+# name: (HF config, [(tensor size, attention impl)]); "pallas" is the GPU kernels in
+# Pallas' interpreter, inside shard_map on local heads.
 CONFIGS = {
     # GQA, 8 query heads over 2 kv heads; a vocabulary not divisible by 4 or 8 (replicated there).
-    "llama_gqa": (dict(model_type="llama", vocab_size=510, num_attention_heads=8, num_key_value_heads=2), (2, 4, 8)),
-    "mqa": (dict(model_type="llama", vocab_size=512, num_attention_heads=8, num_key_value_heads=1), (4,)),
+    "llama_gqa": (dict(model_type="llama", vocab_size=510, num_attention_heads=8, num_key_value_heads=2),
+                  ((2, "reference"), (4, "reference"), (8, "reference"), (2, "pallas"), (4, "pallas"))),
+    "mqa": (dict(model_type="llama", vocab_size=512, num_attention_heads=8, num_key_value_heads=1),
+            ((4, "reference"),)),
     "mistral_window": (dict(model_type="mistral", vocab_size=512, num_attention_heads=4, num_key_value_heads=2,
-                            sliding_window=8), (2,)),
+                            sliding_window=8), ((2, "reference"), (2, "pallas"))),
     "gemma3": (dict(model_type="gemma3_text", vocab_size=512, num_attention_heads=4, num_key_value_heads=2,
                     head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
-                    layer_types=["sliding_attention", "full_attention"]), (2,)),
+                    layer_types=["sliding_attention", "full_attention"]), ((2, "reference"), (2, "pallas"))),
 }
 ECFG = EngineConfig(max_num_seqs=4, max_model_len=64, page_size=8, prefill_lengths=(16, 32),
                     prefill_batch_sizes=(1, 2), cache_dtype="float32", num_top_logprobs=2)
@@ -75,22 +82,24 @@ def main() -> None:
     assert len(jax.devices()) == 8, jax.devices()
     for name, (hf, sizes) in CONFIGS.items():
         model = peaked_model(hf)
-        base = run(Engine(model, ECFG, num_pages=NUM_PAGES))
+        one = Engine(model, ECFG, num_pages=NUM_PAGES)
+        base = run(one)
         total = bytes_per_device(nnx.state(model))
-        for tp in sizes:
+        for tp, attention in sizes:
+            ecfg = dataclasses.replace(ECFG, attention=attention)
             mc = MeshConfig(tensor=tp)
             check_model(model.cfg, mc)
             mesh = make_mesh(mc)
-            sharded = place_model(model, mesh)
-            engine = Engine(sharded, ECFG, num_pages=NUM_PAGES,
-                            cache_sharding=cache_sharding(model.cfg, NUM_PAGES, ECFG.page_size, mesh))
+            sharded = replicate_kv_heads(place_model(model, mesh), mesh)
+            engine = Engine(sharded, ecfg, num_pages=NUM_PAGES,
+                            cache_sharding=cache_sharding(sharded.cfg, NUM_PAGES, ECFG.page_size, mesh))
             got = run(engine)
             state = nnx.state(sharded)
             hlo = engine._decode.lower(engine.params, engine.cache, engine.slots,
                                        np.zeros((ECFG.max_num_seqs, ECFG.max_pages_per_seq), np.int32)).compile().as_text()
             diffs = [float(np.max(np.abs(np.array(base["res"][k][1]) - np.array(got["res"][k][1])))) for k in base["res"]]
             print(json.dumps(dict(
-                config=name, tp=tp,
+                config=name, tp=tp, attention=attention,
                 tokens_equal=all(base["res"][k][0] == got["res"][k][0] for k in base["res"]),
                 max_logprob_diff=max(diffs),
                 wq=str(state["layers"][0]["attn"]["wq"].get_value().sharding.spec),
@@ -99,6 +108,8 @@ def main() -> None:
                 embedding=str(state["embedding"].get_value().sharding.spec),
                 cache=str(jax.tree.leaves(engine.cache)[0].sharding.spec),
                 param_bytes_per_device=bytes_per_device(state), param_bytes=total,
+                cache_bytes_per_device=bytes_per_device(engine.cache), cache_bytes=bytes_per_device(one.cache),
+                kv_heads=model.cfg.num_kv_heads, sharded_kv_heads=sharded.cfg.num_kv_heads,
                 compiles_after_warmup=got["compiles"], preemptions=got["preemptions"], pages_used=got["pages_used"],
                 all_reduce="all-reduce" in hlo,
             )), flush=True)

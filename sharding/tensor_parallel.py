@@ -1,0 +1,71 @@
+"""The model step per device: tensor parallelism written out with `jax.shard_map`.
+
+Each device runs the model on its shards, as laid out by sharding/rules.py: its query
+and kv heads, its ffw columns, its vocabulary rows, its heads of the KV cache. Partial
+sums meet in one all-reduce after the o projection and one after the down projection
+per block, the embedding lookup in one more, and the logits are gathered over the
+vocabulary for sampling (sharding/ops.py). Everything between is local, so the Pallas
+attention kernels run unchanged on local heads (XLA cannot partition a custom call:
+under GSPMD they would see every head and page on each device), and no layout
+decision is left to the partitioner (under GSPMD the reference attention's cache
+reads became two transposes, ~23% of a batch-64 step; runtime/BENCHMARKS.md).
+
+kv heads must split evenly: with fewer kv heads than devices the model is given with
+its kv heads repeated first (sharding.mesh.replicate_kv_heads).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh, PartitionSpec
+
+from runtime.kv_cache import KV_AXES, KVCache
+from sharding.ops import Local
+from sharding.rules import DEFAULT_RULES, logical_to_spec
+
+
+def _is_var(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def param_specs(params, mesh: Mesh, rules: Mapping[str, str | None] = DEFAULT_RULES):
+    """PartitionSpecs of an nnx.State of Params (concrete or traced) from their logical axes."""
+
+    def one(var):
+        value = var.get_value()
+        axes = var.get_metadata().get("logical_axes", (None,) * value.ndim)
+        return logical_to_spec(axes, value.shape, mesh, rules)
+
+    return jax.tree.map(one, params, is_leaf=_is_var)
+
+
+def cache_specs(cache: KVCache, mesh: Mesh, rules: Mapping[str, str | None] = DEFAULT_RULES) -> KVCache:
+    spec = lambda x: logical_to_spec(KV_AXES, x.shape, mesh, rules)  # noqa: E731
+    return KVCache(k=tuple(spec(x) for x in cache.k), v=tuple(spec(x) for x in cache.v))
+
+
+def is_tensor_parallel(mesh: Mesh | None, rules: Mapping[str, str | None] = DEFAULT_RULES) -> bool:
+    axis = rules.get("q_heads")
+    return mesh is not None and axis in mesh.shape and mesh.shape[axis] > 1
+
+
+def model_step(graphdef, params, tokens, positions, cache: KVCache, page_table, kv_lens, logits_at, *, mesh: Mesh,
+               rules: Mapping[str, str | None] = DEFAULT_RULES, **call):
+    """`Transformer.__call__` (its keyword options in `call`) per device over `mesh`:
+    float32 logits [B, V] on every device and the cache, still split by kv head."""
+    axis = rules["q_heads"]
+    cspecs = cache_specs(cache, mesh, rules)
+    rep = PartitionSpec()
+
+    def body(params, cache, tokens, positions, page_table, kv_lens, logits_at):
+        model = nnx.merge(graphdef, params)
+        return model(tokens, positions, cache, page_table, kv_lens, logits_at=logits_at, local=Local(axis), **call)
+
+    # check_vma=False: the Pallas kernels inside carry no varying-axis annotations.
+    return jax.shard_map(
+        body, mesh=mesh, in_specs=(param_specs(params, mesh, rules), cspecs, rep, rep, rep, rep, rep),
+        out_specs=(rep, cspecs), check_vma=False,
+    )(params, cache, tokens, positions, page_table, kv_lens, logits_at)
