@@ -26,6 +26,8 @@ shape made an 8B engine's compile minutes longer on the H100).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import importlib
 
@@ -33,20 +35,38 @@ import jax
 
 IMPLS = ("auto", "reference", "gpu", "tpu")
 
+_target = contextvars.ContextVar("xlserve_target_platform", default=None)
+
+
+@contextlib.contextmanager
+def target_platform(platform: str):
+    """Trace for `platform` ("tpu", "gpu") instead of the default backend: compiling
+    ahead of time for devices this process does not run on (runtime/aot.py)."""
+    token = _target.set(platform)
+    try:
+        yield
+    finally:
+        _target.reset(token)
+
+
+def platform() -> str:
+    """The platform programs are traced for: `target_platform`'s, else the default backend."""
+    return _target.get() or jax.default_backend()
+
 
 def resolve(impl: str) -> str:
     if impl not in IMPLS:
         raise ValueError(f"attention implementation {impl!r}; choose from {', '.join(IMPLS)}")
     if impl != "auto":
         return impl
-    platform = jax.default_backend()
-    return platform if platform in ("gpu", "tpu") else "reference"
+    target = platform()
+    return target if target in ("gpu", "tpu") else "reference"
 
 
 def engine_kernel_impl() -> str:
-    """What the engine's --attention=pallas runs: the backend's kernel; on CPU the GPU
+    """What the engine's --attention=pallas runs: the target platform's kernel; on CPU the GPU
     kernel in interpret mode, so the same code path is tested without an accelerator."""
-    return "tpu" if jax.default_backend() == "tpu" else "gpu"
+    return "tpu" if platform() == "tpu" else "gpu"
 
 
 def on_hopper() -> bool:
@@ -68,6 +88,6 @@ def load(kernel: str, impl: str):
     impl = resolve(impl)
     module = importlib.import_module(f"pallas_kernels.{kernel}.{module_name(kernel, impl)}")
     fn = getattr(module, kernel)
-    if impl == "gpu" and jax.default_backend() != "gpu":
+    if impl == "gpu" and platform() != "gpu":
         return functools.partial(fn, interpret=True)
     return fn

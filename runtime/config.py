@@ -355,6 +355,9 @@ class EngineConfig:
     cache_dtype: str = "bfloat16"
     num_top_logprobs: int = 0  # top-N logprobs computed per step (0: only the chosen token's)
     seed: int = 0  # base of per-request seeds when a request gives none
+    # Pipeline stages only: decode slots are run through the stages in this many groups
+    # (sharding/pipeline.py). Prefill uses one group per stage.
+    pipeline_microbatches: int = 1
 
     def __post_init__(self):
         if self.max_num_seqs <= 0:
@@ -379,6 +382,8 @@ class EngineConfig:
             raise ConfigError(f"attention={self.attention!r}; choose from {', '.join(ATTENTION_CHOICES)}")
         if self.cache_dtype not in CACHE_DTYPES:
             raise ConfigError(f"cache_dtype={self.cache_dtype!r}; choose from {', '.join(CACHE_DTYPES)}")
+        if self.pipeline_microbatches <= 0:
+            raise ConfigError(f"pipeline_microbatches={self.pipeline_microbatches} must be positive")
         if not (0 <= self.num_top_logprobs <= 20):
             raise ConfigError(f"num_top_logprobs={self.num_top_logprobs} must be in [0, 20]")
 

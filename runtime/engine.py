@@ -19,17 +19,19 @@ import dataclasses
 import functools
 import logging
 import threading
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pallas_kernels import dispatch
 from runtime.config import EngineConfig, ModelConfig
 from runtime.kv_cache import KVCache
 from runtime.models.transformer import Transformer
 from runtime.sampling import SlotSampling, sample
-from sharding import tensor_parallel
+from sharding import pipeline, tensor_parallel
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +100,9 @@ class DecodeSlots:
 
 def _model_step(graphdef, params, tokens, positions, cache, page_table, kv_lens, logits_at, attn_impl, fresh=False,
                 mesh=None):
+    if isinstance(graphdef, pipeline.Staged):
+        return pipeline.model_step(graphdef, params, tokens, positions, cache, page_table, kv_lens, logits_at,
+                                   mesh=mesh, attn_impl=attn_impl, fresh_prefill=fresh)
     if tensor_parallel.is_tensor_parallel(mesh):
         return tensor_parallel.model_step(graphdef, params, tokens, positions, cache, page_table, kv_lens, logits_at,
                                           mesh=mesh, attn_impl=attn_impl, fresh_prefill=fresh)
@@ -202,7 +207,7 @@ def attention_impl(ecfg: EngineConfig) -> str:
     interpreter and compiled by libtpu but not yet run on a TPU."""
     if ecfg.attention != "auto":
         return ecfg.attention
-    return "pallas" if jax.default_backend() == "gpu" else "reference"
+    return "pallas" if dispatch.platform() == "gpu" else "reference"
 
 
 def prefill_variants(ecfg: EngineConfig) -> tuple[bool, ...]:
@@ -227,6 +232,44 @@ def bucket_manifest(ecfg: EngineConfig) -> dict[str, list[tuple]]:
     }
 
 
+@dataclasses.dataclass(frozen=True)
+class Steps:
+    """The jitted step functions of an engine: what its manifest compiles."""
+
+    prefill: dict[bool, Callable]  # by "fresh" (prefill_variants); (params, cache, slots, *batch)
+    decode: Callable  # (params, cache, slots, page_table)
+    release: Callable  # (slots, slot)
+
+
+def build_steps(graphdef, ecfg: EngineConfig, *, cache_shardings, replicated, mesh=None) -> Steps:
+    """The step functions of an engine with this config, jitted with the cache and slots
+    donated (updated in place) and the outputs pinned: the cache to `cache_shardings`
+    (a KVCache of shardings), slots and sampled outputs to `replicated`. The Engine
+    calls them on its device state; runtime/aot.py lowers them on abstract arguments
+    for devices this process may not have."""
+    # Outputs pinned to the inputs' shardings: the cache and slots a step returns are
+    # the next step's inputs, and a sharding XLA picked differently would compile the
+    # step again. The sampled ids and logprobs are small and read on the host: replicated.
+    outs = (cache_shardings, replicated, replicated)
+    static = dict(attn_impl=attention_impl(ecfg), num_top_logprobs=ecfg.num_top_logprobs, mesh=mesh)
+    # Prefill variants: with the Pallas kernels a call whose rows all start at 0
+    # ("fresh") runs flash attention over the chunk; chunks continuing a long prompt
+    # need the paged path. The reference serves both in one variant.
+    prefill = {
+        fresh: jax.jit(functools.partial(_prefill, graphdef, **static, fresh=fresh), donate_argnums=(1, 2),
+                       out_shardings=outs)
+        for fresh in prefill_variants(ecfg)
+    }
+    decode = jax.jit(functools.partial(_decode, graphdef, steps=ecfg.decode_steps_per_call, **static),
+                     donate_argnums=(1, 2), out_shardings=outs)
+    release = jax.jit(_release, donate_argnums=(0,), out_shardings=replicated)
+    return Steps(prefill, decode, release)
+
+
+def _release(slots: DecodeSlots, slot) -> DecodeSlots:
+    return dataclasses.replace(slots, lengths=slots.lengths.at[slot].set(0, mode="drop"))
+
+
 class Engine:
     """Owns params, cache and slots on device; runs compiled prefill and decode.
 
@@ -244,38 +287,24 @@ class Engine:
         # Committed placements from the start: the step outputs are committed, and inputs
         # that differ only in commitment would compile the steps a second time.
         device = jax.tree.leaves(self.params)[0].sharding
-        replicated = jax.sharding.NamedSharding(device.mesh, jax.sharding.PartitionSpec()) if isinstance(
-            device, jax.sharding.NamedSharding) else jax.sharding.SingleDeviceSharding(list(device.device_set)[0])
-        self.cache = KVCache.create(
-            self.cfg, num_pages=num_pages, page_size=ecfg.page_size, dtype=jnp.dtype(ecfg.cache_dtype),
-            sharding=cache_sharding or replicated,
-        )
-        self.slots = jax.device_put(DecodeSlots.create(ecfg.max_num_seqs, self.cfg.vocab_size), replicated)
-        # Outputs pinned to the inputs' shardings: the cache and slots a step returns are
-        # the next step's inputs, and a sharding XLA picked differently would compile the
-        # step again. The sampled ids and logprobs are small and read on the host: replicated.
-        outs = (jax.tree.map(lambda x: x.sharding, self.cache), replicated, replicated)
-        static = dict(attn_impl=attention_impl(ecfg), num_top_logprobs=ecfg.num_top_logprobs,
-                      mesh=device.mesh if isinstance(device, jax.sharding.NamedSharding) else None)
-        # Prefill variants: with the Pallas kernels a call whose rows all start at 0
-        # ("fresh") runs flash attention over the chunk; chunks continuing a long prompt
-        # need the paged path. The reference serves both in one variant.
-        self.prefill_variants = prefill_variants(ecfg)
-        self._prefill = {
-            fresh: jax.jit(
-                functools.partial(_prefill, self.graphdef, **static, fresh=fresh), donate_argnums=(1, 2),
-                out_shardings=outs,
+        mesh = device.mesh if isinstance(device, jax.sharding.NamedSharding) else None
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()) if mesh is not None else (
+            jax.sharding.SingleDeviceSharding(list(device.device_set)[0]))
+        if pipeline.stage_size(mesh) > 1:
+            # Layers in stages: each stage's weights and pages stacked over "stage" (sharding/pipeline.py).
+            self.graphdef, self.params = pipeline.stage_model(model, mesh, ecfg.pipeline_microbatches)
+            self.cache = pipeline.create_cache(self.cfg, num_pages=num_pages, page_size=ecfg.page_size,
+                                               dtype=jnp.dtype(ecfg.cache_dtype), mesh=mesh)
+        else:
+            self.cache = KVCache.create(
+                self.cfg, num_pages=num_pages, page_size=ecfg.page_size, dtype=jnp.dtype(ecfg.cache_dtype),
+                sharding=cache_sharding or replicated,
             )
-            for fresh in self.prefill_variants
-        }
-        self._decode = jax.jit(
-            lambda *a: _decode(self.graphdef, *a, steps=ecfg.decode_steps_per_call, **static), donate_argnums=(1, 2),
-            out_shardings=outs,
-        )
-        self._release = jax.jit(
-            lambda slots, i: dataclasses.replace(slots, lengths=slots.lengths.at[i].set(0, mode="drop")), donate_argnums=(0,),
-            out_shardings=replicated,
-        )
+        self.slots = jax.device_put(DecodeSlots.create(ecfg.max_num_seqs, self.cfg.vocab_size), replicated)
+        self.prefill_variants = prefill_variants(ecfg)
+        steps = build_steps(self.graphdef, ecfg, cache_shardings=jax.tree.map(lambda x: x.sharding, self.cache),
+                            replicated=replicated, mesh=mesh)
+        self._prefill, self._decode, self._release = steps.prefill, steps.decode, steps.release
 
     # --- the bucket manifest ---------------------------------------------------------
 

@@ -27,11 +27,11 @@ class KVCache:
 
     @property
     def num_pages(self) -> int:
-        return self.k[0].shape[0]
+        return self.k[0].shape[-4]  # pipelined caches have a leading stage axis
 
     @property
     def page_size(self) -> int:
-        return self.k[0].shape[1]
+        return self.k[0].shape[-3]
 
     @classmethod
     def create(

@@ -20,7 +20,6 @@ import sys
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 import checkpoints
 from checkpoints.aliases import resolve_checkpoint
@@ -29,8 +28,9 @@ from runtime.engine import Engine
 from runtime.kv_cache import KVCache
 from runtime.sampling import read_sampling_defaults
 from runtime.tokenizer import Tokenizer, load_tokenizer
+from sharding import pipeline
 from sharding.mesh import (
-    MeshConfig, bytes_per_device, cache_sharding, check_model, kv_replication, make_mesh, replicate_kv_heads,
+    MeshConfig, cache_sharding, check_model, kv_replication, make_mesh, replicate_kv_heads,
 )
 
 log = logging.getLogger(__name__)
@@ -72,15 +72,34 @@ def activation_reserve(cfg: ModelConfig, ecfg: EngineConfig) -> int:
     return 2 * prefill_tokens * per_token + 2 * slots + 256 * (1 << 20)
 
 
+def memory_limit(device=None, limit_bytes: int | None = None) -> int | None:
+    """The memory a device may allocate: `limit_bytes` when given (a device that cannot
+    say, such as a compile-only TPU device: runtime/aot.py), else its memory_stats'
+    bytes_limit; None where there is none (CPU)."""
+    if limit_bytes is not None:
+        return limit_bytes
+    device = device or jax.local_devices()[0]  # with several processes jax.devices()[0] may be another's
+    return (device.memory_stats() or {}).get("bytes_limit")
+
+
+def cache_kv_shards(cfg: ModelConfig, ecfg: EngineConfig, mesh) -> int:
+    """How many ways the KV cache's pages are split over `mesh` (by kv head over the
+    tensor axis; `cfg` with its kv heads already expanded to the tensor size)."""
+    if mesh is None:
+        return 1
+    sharded_axis = cache_sharding(cfg, 1, ecfg.page_size, mesh).spec[2]
+    # With pipeline stages each device holds its stage's layers' pages only.
+    return (mesh.shape[sharded_axis] if sharded_axis else 1) * pipeline.stage_size(mesh)
+
+
 def plan_capacity(cfg: ModelConfig, ecfg: EngineConfig, param_bytes: int, device=None, *,
-                  kv_shards: int = 1) -> Capacity:
+                  kv_shards: int = 1, limit_bytes: int | None = None) -> Capacity:
     """KV pages for one device's memory: `param_bytes` are the weights on that device,
-    and each page is split `kv_shards` ways (by kv head over the tensor axis)."""
-    device = device or jax.devices()[0]
+    and each page is split `kv_shards` ways (by kv head over the tensor axis).
+    `limit_bytes` stands for the device's memory where it cannot be read (`memory_limit`)."""
     page_bytes = KVCache.bytes_per_token(cfg, jnp.dtype(ecfg.cache_dtype)) * ecfg.page_size // kv_shards
     need = ecfg.max_pages_per_seq
-    stats = device.memory_stats() or {}
-    limit = stats.get("bytes_limit")
+    limit = memory_limit(device, limit_bytes)
     reserve = activation_reserve(cfg, ecfg)
     if ecfg.num_pages is not None:
         pages = ecfg.num_pages
@@ -107,16 +126,15 @@ def plan_capacity(cfg: ModelConfig, ecfg: EngineConfig, param_bytes: int, device
 
 
 def auto_max_num_seqs(cfg: ModelConfig, ecfg: EngineConfig, param_bytes: int, device=None, *,
-                      kv_shards: int = 1) -> tuple[int, str]:
+                      kv_shards: int = 1, limit_bytes: int | None = None) -> tuple[int, str]:
     """Decode slots from the KV cache (see the module docstring), and why, in words.
     `ecfg.max_num_seqs` is ignored, except on a device without a memory limit (CPU),
     where the cache is sized from the slots and it is kept."""
-    device = device or jax.devices()[0]
-    if ecfg.num_pages is None and (device.memory_stats() or {}).get("bytes_limit") is None:
+    if ecfg.num_pages is None and memory_limit(device, limit_bytes) is None:
         return ecfg.max_num_seqs, "no device memory limit to size the KV cache from (CPU); the default"
     # The activation reserve grows with the slots: plan for the most we would choose.
     cap = plan_capacity(cfg, dataclasses.replace(ecfg, max_num_seqs=AUTO_MAX_NUM_SEQS), param_bytes, device,
-                        kv_shards=kv_shards)
+                        kv_shards=kv_shards, limit_bytes=limit_bytes)
     fits = cap.max_full_length_seqs
     n = min(AUTO_MAX_NUM_SEQS, max(AUTO_MIN_NUM_SEQS, fits))
     why = f"the KV cache holds {fits} sequences of max_model_len={ecfg.max_model_len}"
@@ -134,16 +152,13 @@ def build_engine(model, ecfg: EngineConfig, *, auto_num_seqs: bool = False, mesh
     builds the engine."""
     model = replicate_kv_heads(model, mesh)
     cfg = model.cfg
-    param_bytes = bytes_per_device(nnx.state(model))
-    kv_shards = 1
-    if mesh is not None:
-        sharded_axis = cache_sharding(cfg, 1, ecfg.page_size, mesh).spec[2]
-        kv_shards = mesh.shape[sharded_axis] if sharded_axis else 1
+    param_bytes = pipeline.param_bytes_per_device(model, mesh)
+    shards = cache_kv_shards(cfg, ecfg, mesh)
     if auto_num_seqs:
-        n, why = auto_max_num_seqs(cfg, ecfg, param_bytes, kv_shards=kv_shards)
+        n, why = auto_max_num_seqs(cfg, ecfg, param_bytes, kv_shards=shards)
         ecfg = dataclasses.replace(ecfg, max_num_seqs=n)
         print(f"max_num_seqs={n} ({why}; --max_num_seqs sets it)", file=sys.stderr, flush=True)
-    cap = plan_capacity(cfg, ecfg, param_bytes, kv_shards=kv_shards)
+    cap = plan_capacity(cfg, ecfg, param_bytes, kv_shards=shards)
     print(cap.describe(ecfg.max_model_len) + (f", per device of {mesh.size}" if mesh is not None else ""),
           file=sys.stderr, flush=True)  # stdout is the output
     sharding = None if mesh is None else cache_sharding(cfg, cap.num_pages, ecfg.page_size, mesh)

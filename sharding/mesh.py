@@ -45,9 +45,6 @@ class MeshConfig:
         for name in ("tensor", "pipeline", "data"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}_parallel_size={getattr(self, name)} must be >= 1")
-        if self.pipeline > 1:
-            raise ConfigError(f"pipeline_parallel_size={self.pipeline}: pipeline stages are not implemented yet "
-                              "(issue 12); use tensor_parallel_size")
         if self.data > 1:
             raise ConfigError(f"data_parallel_size={self.data}: data parallelism is not implemented yet (issue 12); "
                               "run one server per device group instead")
@@ -63,8 +60,13 @@ def _divisors(n: int) -> list[int]:
 
 def check_model(cfg: ModelConfig, mesh_config: MeshConfig) -> None:
     """Raises ConfigError, naming the sizes that would work, when the model cannot be
-    split `mesh_config.tensor` ways. kv heads may be fewer than the tensor size (they
+    split `mesh_config.tensor` ways or its layers into `mesh_config.pipeline` stages. kv heads may be fewer than the tensor size (they
     are replicated) but must then divide it."""
+    pp = mesh_config.pipeline
+    if cfg.num_layers % pp:
+        ok = [d for d in _divisors(cfg.num_layers) if d <= 64]
+        raise ConfigError(f"num_layers={cfg.num_layers} is not divisible by pipeline_parallel_size={pp}; "
+                          f"use pipeline_parallel_size in {{{', '.join(map(str, ok))}}}")
     tp = mesh_config.tensor
     if tp == 1:
         return

@@ -28,6 +28,7 @@ DEFAULT_RULES: Mapping[str, str | None] = {
     "pages": None,
     "page": None,
     "layers": None,
+    "stages": "stage",  # stacked per-stage tensors (sharding/pipeline.py)
 }
 
 

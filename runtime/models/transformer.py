@@ -73,11 +73,7 @@ class Transformer(nnx.Module):
         local: Local | None = None,  # static: runs per device on shards (sharding/tensor_parallel.py)
     ) -> tuple[jax.Array, KVCache]:
         """Returns float32 logits [B, T, V] (or [B, V] with `logits_at`) and the new cache."""
-        emb = self.embedding[...]
-        x = embedding_lookup(emb, tokens, self.cfg.vocab_size, local)  # [B, T, D]
-        scale = embed_scale(self.cfg, x.dtype)
-        if scale is not None:
-            x = x * scale
+        x = self.embed(tokens, local)
         new_k, new_v = [], []
         for layer, k_pages, v_pages in zip(self.layers, cache.k, cache.v):
             x, k_pages, v_pages = layer(
@@ -85,19 +81,30 @@ class Transformer(nnx.Module):
             )
             new_k.append(k_pages)
             new_v.append(v_pages)
-        x = self.final_norm(x)
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)[:, 0]  # [B, T, D] -> [B, D]
+        return self.head(x, local), KVCache(k=tuple(new_k), v=tuple(new_v))
+
+    def embed(self, tokens: jax.Array, local: Local | None = None) -> jax.Array:
+        """The scaled embeddings [B, T, D] of `tokens` [B, T]."""
+        x = embedding_lookup(self.embedding[...], tokens, self.cfg.vocab_size, local)
+        scale = embed_scale(self.cfg, x.dtype)
+        return x if scale is None else x * scale
+
+    def head(self, x: jax.Array, local: Local | None = None) -> jax.Array:
+        """float32 logits [..., V] of the last layer's output [..., D] (final norm, output
+        projection, soft cap), whole on every device."""
+        x = self.final_norm(x)
         with jax.named_scope("logits"):
             if self.lm_head is None:
-                logits = jnp.einsum("...D,VD->...V", x, emb, preferred_element_type=jnp.float32)
+                logits = jnp.einsum("...D,VD->...V", x, self.embedding[...], preferred_element_type=jnp.float32)
             else:
                 logits = jnp.einsum("...D,DV->...V", x, self.lm_head[...], preferred_element_type=jnp.float32)
             if local is not None:
                 logits = local.gather_last(logits, self.cfg.vocab_size)
         if self.cfg.final_softcap is not None:
             logits = jnp.tanh(logits / self.cfg.final_softcap) * self.cfg.final_softcap
-        return logits, KVCache(k=tuple(new_k), v=tuple(new_v))
+        return logits
 
 
 def abstract_model(cfg: ModelConfig, dtype=jnp.bfloat16) -> Transformer:

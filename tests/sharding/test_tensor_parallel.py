@@ -1,7 +1,7 @@
-"""Tensor parallelism: sharded == one device, and the mesh's checks.
+"""Tensor and pipeline parallelism: sharded == one device, and the mesh's checks.
 
 The equivalence runs in a subprocess with 8 simulated CPU devices (tests/sharding/
-tp_check.py): the main test process keeps its one device. Tolerance: both sides compute
+sharded_check.py): the main test process keeps its one device. Tolerance: both sides compute
 in float32 and differ only in the order of the cross-device sums (per-head partial
 attention outputs and MLP rows reduced over "tensor"), ~1e-6 on logprobs measured;
 1e-4 leaves room without hiding a wrong layout (that changes tokens or logprobs by far more).
@@ -28,42 +28,52 @@ LOGPROB_ATOL = 1e-4
 @pytest.fixture(scope="module")
 def rows():
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-    p = subprocess.run([sys.executable, "-m", "tests.sharding.tp_check"], capture_output=True, text=True, cwd=ROOT,
+    p = subprocess.run([sys.executable, "-m", "tests.sharding.sharded_check"], capture_output=True, text=True, cwd=ROOT,
                        env=env, timeout=900)
     assert p.returncode == 0, p.stderr[-4000:]
     return [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
 
 
 def test_sharded_equals_one_device(rows):
-    assert {(r["config"], r["tp"], r["attention"]) for r in rows} == {
-        ("llama_gqa", 2, "reference"), ("llama_gqa", 4, "reference"), ("llama_gqa", 8, "reference"),
-        ("mqa", 4, "reference"), ("mistral_window", 2, "reference"), ("gemma3", 2, "reference"),
-        ("llama_gqa", 2, "pallas"), ("llama_gqa", 4, "pallas"), ("mistral_window", 2, "pallas"),
-        ("gemma3", 2, "pallas")}
+    assert {(r["config"], r["tp"], r["pp"], r["attention"]) for r in rows} == {
+        ("llama_gqa", 2, 1, "reference"), ("llama_gqa", 4, 1, "reference"), ("llama_gqa", 8, 1, "reference"),
+        ("llama_gqa", 2, 1, "pallas"), ("llama_gqa", 1, 2, "reference"),
+        ("llama_4layers", 1, 4, "reference"), ("llama_4layers", 2, 2, "reference"),
+        ("mqa", 4, 1, "reference"), ("mqa", 2, 2, "reference"),
+        ("mistral_window", 2, 1, "reference"), ("mistral_window", 1, 2, "reference"),
+        ("gemma3", 2, 1, "reference"), ("gemma3", 1, 2, "reference"), ("gemma3", 2, 2, "pallas")}
+    assert any(r["microbatches"] > 1 for r in rows)
     for r in rows:
-        where = f"{r['config']} TP {r['tp']} {r['attention']}"
+        where = f"{r['config']} TP {r['tp']} PP {r['pp']} {r['attention']}"
         assert r["tokens_equal"], where
         assert r["max_logprob_diff"] < LOGPROB_ATOL, where
         assert r["compiles_after_warmup"] == 0 and r["pages_used"] == 0, where
         assert r["preemptions"] > 0, where  # the workload preempts and recomputes
         assert r["all_reduce"], f"{where}: the decode step has no cross-device reduction"
+        # Stages hand activations on with a collective permute; without stages there is none.
+        assert r["collective_permute"] == (r["pp"] > 1), where
 
 
 def test_large_tensors_are_split_not_replicated(rows):
     for r in rows:
-        where = f"{r['config']} TP {r['tp']} {r['attention']}"
-        assert "'tensor'" in r["wq"], where  # query heads split
-        assert "'tensor'" in r["w_down"], where
+        where = f"{r['config']} TP {r['tp']} PP {r['pp']} {r['attention']}"
+        if r["tp"] > 1:
+            assert "'tensor'" in r["wq"] and "'tensor'" in r["w_down"], where  # heads and ffw split
+        if r["pp"] > 1:  # layers stacked over stages
+            assert "'stage'" in r["wq"] and "'stage'" in r["cache"], where
         # kv heads split too: where fewer than the devices, repeated to one per device.
-        assert "'tensor'" in r["wk"] and "'tensor'" in r["cache"], where
+        if r["tp"] > 1:
+            assert "'tensor'" in r["wk"] and "'tensor'" in r["cache"], where
         assert r["sharded_kv_heads"] == max(r["kv_heads"], r["tp"]), where
         # Each device holds its kv heads' share of the one-device cache: 1/TP of it, or
         # one head's worth where kv heads were repeated (MQA at TP 4: all of it).
         heads_per_device = r["sharded_kv_heads"] // r["tp"]
-        assert r["cache_bytes_per_device"] * r["kv_heads"] == r["cache_bytes"] * heads_per_device, where
-        # Each device holds well under the whole model (embedding, norms and replicated
-        # kv projections are what is not divided).
-        assert r["param_bytes_per_device"] < 0.7 * r["param_bytes"], where
+        assert r["cache_bytes_per_device"] * r["kv_heads"] * r["pp"] == r["cache_bytes"] * heads_per_device, where
+        # Every device holds 1/(TP x PP) of the layers (more where kv heads are repeated).
+        assert r["layer_bytes_per_device"] * r["tp"] * r["pp"] <= 1.3 * r["layer_bytes"], where
+        # Each device holds well under the whole model (the embedding and output
+        # projection are replicated over stages, and at these tiny sizes they weigh).
+        assert r["param_bytes_per_device"] < 0.8 * r["param_bytes"], where
 
 
 def _cfg(**kw) -> ModelConfig:
@@ -81,10 +91,12 @@ def test_bad_splits_fail_with_what_would_work():
         check_model(_cfg(num_attention_heads=8, num_key_value_heads=8, intermediate_size=100), MeshConfig(tensor=8))
     with pytest.raises(ConfigError, match=r"2 devices, but 1 are present"):
         make_mesh(MeshConfig(tensor=2))
-    for kw, what in ((dict(tensor=0), "tensor_parallel_size=0"), (dict(pipeline=2), "pipeline stages"),
-                     (dict(data=2), "data parallelism")):
+    for kw, what in ((dict(tensor=0), "tensor_parallel_size=0"),                      (dict(data=2), "data parallelism")):
         with pytest.raises(ConfigError, match=what):
             MeshConfig(**kw)
+    with pytest.raises(ConfigError, match=r"num_layers=1 is not divisible by pipeline_parallel_size=2; use "
+                                          r"pipeline_parallel_size in \{1\}"):
+        check_model(_cfg(num_attention_heads=8, num_key_value_heads=2), MeshConfig(pipeline=2))
     cfg = _cfg(num_attention_heads=8, num_key_value_heads=2)
     check_model(cfg, MeshConfig(tensor=8))  # fewer kv heads than devices: replicated, allowed
     assert kv_replication(cfg, MeshConfig(tensor=8)) == 4 and kv_replication(cfg, MeshConfig(tensor=2)) == 1

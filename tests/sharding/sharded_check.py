@@ -1,9 +1,9 @@
 """Sharded == one device, run in a process of its own with 8 simulated CPU devices
 (tests/sharding/test_tensor_parallel.py starts it: the main test process keeps one).
 
-For each tiny config and tensor size, greedy requests go through the orchestrator on a
-one-device engine and on a tensor-parallel one; one JSON line per (config, tensor size)
-reports tokens equal, the largest logprob difference, the parameter and cache
+For each tiny config and layout (tensor size, pipeline stages, attention impl, decode
+microbatches), greedy requests go through the orchestrator on a one-device engine and
+on a sharded one; one JSON line per (config, layout) reports tokens equal, the largest logprob difference, the parameter and cache
 shardings, bytes per device, compilations after warm-up and whether the compiled decode
 step reduces over devices. The workload has chunked prefill (a prompt longer than the
 largest prefill bucket) and preemption (fewer KV pages than the requests need).
@@ -34,19 +34,24 @@ from sharding.mesh import (  # noqa: E402
 )
 
 BASE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, max_position_embeddings=256)
-# name: (HF config, [(tensor size, attention impl)]); "pallas" is the GPU kernels in
-# Pallas' interpreter, inside shard_map on local heads.
+# name: (HF config, layouts (tensor, pipeline, attention, decode microbatches)); "pallas"
+# is the GPU kernels in Pallas' interpreter, inside shard_map on local heads.
+R, PL = "reference", "pallas"
 CONFIGS = {
     # GQA, 8 query heads over 2 kv heads; a vocabulary not divisible by 4 or 8 (replicated there).
     "llama_gqa": (dict(model_type="llama", vocab_size=510, num_attention_heads=8, num_key_value_heads=2),
-                  ((2, "reference"), (4, "reference"), (8, "reference"), (2, "pallas"), (4, "pallas"))),
+                  ((2, 1, R, 1), (4, 1, R, 1), (8, 1, R, 1), (2, 1, PL, 1), (1, 2, R, 1))),
+    # Four layers: four stages, and tensor x pipeline with two decode microbatches.
+    "llama_4layers": (dict(model_type="llama", vocab_size=512, num_attention_heads=8, num_key_value_heads=2,
+                           num_hidden_layers=4), ((1, 4, R, 1), (2, 2, R, 2))),
     "mqa": (dict(model_type="llama", vocab_size=512, num_attention_heads=8, num_key_value_heads=1),
-            ((4, "reference"),)),
+            ((4, 1, R, 1), (2, 2, R, 1))),
     "mistral_window": (dict(model_type="mistral", vocab_size=512, num_attention_heads=4, num_key_value_heads=2,
-                            sliding_window=8), ((2, "reference"), (2, "pallas"))),
+                            sliding_window=8), ((2, 1, R, 1), (1, 2, R, 2))),
+    # Local then global layer: with two stages, each stage's layer differs (a switch on the stage).
     "gemma3": (dict(model_type="gemma3_text", vocab_size=512, num_attention_heads=4, num_key_value_heads=2,
                     head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
-                    layer_types=["sliding_attention", "full_attention"]), ((2, "reference"), (2, "pallas"))),
+                    layer_types=["sliding_attention", "full_attention"]), ((2, 1, R, 1), (1, 2, R, 1), (2, 2, PL, 1))),
 }
 ECFG = EngineConfig(max_num_seqs=4, max_model_len=64, page_size=8, prefill_lengths=(16, 32),
                     prefill_batch_sizes=(1, 2), cache_dtype="float32", num_top_logprobs=2)
@@ -85,33 +90,35 @@ def main() -> None:
         one = Engine(model, ECFG, num_pages=NUM_PAGES)
         base = run(one)
         total = bytes_per_device(nnx.state(model))
-        for tp, attention in sizes:
-            ecfg = dataclasses.replace(ECFG, attention=attention)
-            mc = MeshConfig(tensor=tp)
+        layer_total = bytes_per_device(nnx.state(model)["layers"])
+        for tp, pp, attention, micro in sizes:
+            ecfg = dataclasses.replace(ECFG, attention=attention, pipeline_microbatches=micro)
+            mc = MeshConfig(tensor=tp, pipeline=pp)
             check_model(model.cfg, mc)
             mesh = make_mesh(mc)
             sharded = replicate_kv_heads(place_model(model, mesh), mesh)
             engine = Engine(sharded, ecfg, num_pages=NUM_PAGES,
                             cache_sharding=cache_sharding(sharded.cfg, NUM_PAGES, ECFG.page_size, mesh))
             got = run(engine)
-            state = nnx.state(sharded)
+            params = engine.params
+            outer = params["outer"] if pp > 1 else params
+            spec = lambda v: str(v.get_value().sharding.spec)  # noqa: E731
             hlo = engine._decode.lower(engine.params, engine.cache, engine.slots,
                                        np.zeros((ECFG.max_num_seqs, ECFG.max_pages_per_seq), np.int32)).compile().as_text()
             diffs = [float(np.max(np.abs(np.array(base["res"][k][1]) - np.array(got["res"][k][1])))) for k in base["res"]]
             print(json.dumps(dict(
-                config=name, tp=tp, attention=attention,
+                config=name, tp=tp, pp=pp, attention=attention, microbatches=micro,
                 tokens_equal=all(base["res"][k][0] == got["res"][k][0] for k in base["res"]),
                 max_logprob_diff=max(diffs),
-                wq=str(state["layers"][0]["attn"]["wq"].get_value().sharding.spec),
-                wk=str(state["layers"][0]["attn"]["wk"].get_value().sharding.spec),
-                w_down=str(state["layers"][0]["mlp"]["w_down"].get_value().sharding.spec),
-                embedding=str(state["embedding"].get_value().sharding.spec),
+                wq=spec(params["layers"][0]["attn"]["wq"]), wk=spec(params["layers"][0]["attn"]["wk"]),
+                w_down=spec(params["layers"][0]["mlp"]["w_down"]), embedding=spec(outer["embedding"]),
                 cache=str(jax.tree.leaves(engine.cache)[0].sharding.spec),
-                param_bytes_per_device=bytes_per_device(state), param_bytes=total,
+                param_bytes_per_device=bytes_per_device(params), param_bytes=total,
+                layer_bytes_per_device=bytes_per_device(params["layers"]), layer_bytes=layer_total,
                 cache_bytes_per_device=bytes_per_device(engine.cache), cache_bytes=bytes_per_device(one.cache),
                 kv_heads=model.cfg.num_kv_heads, sharded_kv_heads=sharded.cfg.num_kv_heads,
                 compiles_after_warmup=got["compiles"], preemptions=got["preemptions"], pages_used=got["pages_used"],
-                all_reduce="all-reduce" in hlo,
+                all_reduce="all-reduce" in hlo, collective_permute="collective-permute" in hlo,
             )), flush=True)
 
 
