@@ -44,6 +44,8 @@ flags.DEFINE_integer("decode_steps_per_call", 4, "Decode steps per dispatch.")
 flags.DEFINE_enum("attention", "auto", ["auto", "reference", "pallas"], "Attention (auto: Pallas on GPU).")
 flags.DEFINE_integer("max_prefill_tokens", 16384, "Prompt tokens per prefill call at most (activation memory).")
 flags.DEFINE_integer("tensor_parallel_size", 1, "Devices that split every layer; the roofline is per device.")
+flags.DEFINE_integer("pipeline_parallel_size", 1, "Pipeline stages (contiguous layers per group of devices).")
+flags.DEFINE_integer("pipeline_microbatches", 1, "With stages: groups the decode slots pass through the stages in.")
 flags.DEFINE_string("profile_dir", None, "Trace 3 decode calls per batch size here (jax.profiler) and print "
                     "where their device time goes (runtime/profile.py).")
 FLAGS = flags.FLAGS
@@ -55,7 +57,6 @@ def bench_batch(model, batch: int, bandwidth: float, mesh=None) -> dict:
     import numpy as np
 
     from runtime.config import EngineConfig
-    from flax import nnx
 
     from runtime.engine import attention_impl
     from runtime.kv_cache import KVCache
@@ -72,7 +73,7 @@ def bench_batch(model, batch: int, bandwidth: float, mesh=None) -> dict:
     ecfg = EngineConfig(
         max_num_seqs=batch, max_model_len=max_len, page_size=page, prefill_lengths=(FLAGS.prompt_len,),
         prefill_batch_sizes=tuple(sorted({1, min(8, batch), rows})), decode_steps_per_call=steps,
-        attention=FLAGS.attention, cache_dtype=FLAGS.dtype,
+        attention=FLAGS.attention, cache_dtype=FLAGS.dtype, pipeline_microbatches=FLAGS.pipeline_microbatches,
     )
     from runtime.startup import build_engine
 
@@ -160,16 +161,21 @@ def bench_batch(model, batch: int, bandwidth: float, mesh=None) -> dict:
 
     # Roofline for one decode step of `batch` sequences at the window's mean context, on
     # the most loaded device: the bytes it holds of the weights and of the KV cache.
+    from sharding import pipeline
     from sharding.mesh import bytes_per_device
 
-    param_bytes = bytes_per_device(nnx.state(model))
+    param_bytes = pipeline.param_bytes_per_device(model, mesh)
     if not cfg.tie_embeddings:  # only B rows of it are read
         param_bytes -= bytes_per_device(model.embedding.get_value())
     ctx = FLAGS.prompt_len + FLAGS.gen_len / 2
     cache_leaf = jax.tree.leaves(engine.cache)[0]
     kv_share = cache_leaf.addressable_shards[0].data.size / cache_leaf.size
     kv_bytes = batch * ctx * KVCache.bytes_per_token(cfg, jax.numpy.dtype(FLAGS.dtype)) * kv_share
-    floor_s = (param_bytes + kv_bytes) / bandwidth
+    # With S stages and M microbatches a step is M + S - 1 ticks, and in each every device
+    # reads all its weights (idle ticks too: the stages run in lockstep); the KV once.
+    stages = pipeline.stage_size(mesh)
+    micro = pipeline.microbatches_for(batch, FLAGS.pipeline_microbatches) if stages > 1 else 1
+    floor_s = ((micro + stages - 1) * param_bytes + kv_bytes) / bandwidth
     per_step_s = batch / agg if agg == agg else float("nan")
     ttft = sorted(first_token.values())
     return dict(
@@ -221,7 +227,7 @@ def main(argv):
     from sharding.mesh import MeshConfig
 
     try:
-        mesh = mesh_for(cfg, MeshConfig(tensor=FLAGS.tensor_parallel_size))
+        mesh = mesh_for(cfg, MeshConfig(tensor=FLAGS.tensor_parallel_size, pipeline=FLAGS.pipeline_parallel_size))
     except ConfigError as e:
         xflags.usage_error(str(e))
     model = random_model(cfg, FLAGS.dtype, mesh)
@@ -233,7 +239,7 @@ def main(argv):
         rows.append(bench_batch(model, b, bandwidth, mesh))
         print(json.dumps(rows[-1]), flush=True)
     print(f"\n{FLAGS.model} ({cfg.num_params() / 1e9:.2f}B params, {FLAGS.dtype}) on {device} "
-          f"x TP {FLAGS.tensor_parallel_size} (roofline per device), "
+          f"x TP {FLAGS.tensor_parallel_size} x PP {FLAGS.pipeline_parallel_size} (roofline per device), "
           f"jax {jax.__version__}, prompt {FLAGS.prompt_len}, gen {FLAGS.gen_len}, "
           f"{FLAGS.decode_steps_per_call} steps/call, attention={rows[0]['attention'] if rows else FLAGS.attention}, "
           f"copy bandwidth {bandwidth / 1e12:.2f} TB/s")

@@ -131,18 +131,20 @@ def test_unset_sampling_flags_take_the_checkpoint_defaults(checkpoint, tmp_path)
     assert "temperature=0.9" not in given.stderr and "top_k=1" in given.stderr
 
 
-def test_tensor_parallel_generate_equals_one_device(checkpoint):
-    """--tensor_parallel_size=2 on 2 simulated CPU devices: restored into shardings, the
-    same greedy tokens; asking for more devices than present is one line, exit 2."""
+def test_sharded_generate_equals_one_device(checkpoint):
+    """--tensor_parallel_size=2 and --pipeline_parallel_size=2 on 2 simulated CPU devices:
+    restored into shardings, the same greedy tokens; asking for more devices than present is one line, exit 2."""
     args = (f"--checkpoint={checkpoint}", "--prompt=Hello there", "--prompt=A second, longer prompt here",
             "--max_tokens=6", "--ignore_eos", "--format=jsonl", "--logprobs=0", *COMMON)
     devices = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
     one = generate(*args, **devices)
-    two = generate(*args, "--tensor_parallel_size=2", **devices)
-    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
-    assert "per device of 2" in two.stderr
-    for a, b in zip(map(json.loads, one.stdout.splitlines()), map(json.loads, two.stdout.splitlines())):
-        assert a["token_ids"] == b["token_ids"]
-        assert max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"])) < 1e-4
+    assert one.returncode == 0, one.stderr[-2000:]
+    for layout in ("--tensor_parallel_size=2", "--pipeline_parallel_size=2"):
+        two = generate(*args, layout, **devices)
+        assert two.returncode == 0, two.stderr[-2000:]
+        assert "per device of 2" in two.stderr
+        for a, b in zip(map(json.loads, one.stdout.splitlines()), map(json.loads, two.stdout.splitlines())):
+            assert a["token_ids"] == b["token_ids"], layout
+            assert max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"])) < 1e-4, layout
     bad = generate(*args, "--tensor_parallel_size=4", **devices)
     assert bad.returncode == 2 and "4 devices, but 2 are present" in bad.stderr.strip().splitlines()[-1]
