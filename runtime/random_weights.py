@@ -26,7 +26,8 @@ def preset_name(checkpoint: str) -> str:
 def random_model(cfg: ModelConfig, dtype: str, mesh=None):
     """The model with random weights made on the device, one small program per shape
     and sharding (one jitted init of a whole 8B model compiles for minutes); with a
-    mesh each weight is made in its shards (a 70B model never sits on one device), kv
+    mesh each weight is made in its shards, a layer's on its pipeline stage's devices (a 70B
+    model never sits on one device), kv
     heads as many as the tensor size where fewer (sharding.mesh.expand_kv_heads)."""
     import jax
     import jax.numpy as jnp
@@ -34,7 +35,7 @@ def random_model(cfg: ModelConfig, dtype: str, mesh=None):
 
     from runtime.models.transformer import abstract_model
     from sharding.mesh import expand_kv_heads, tensor_size
-    from sharding.rules import named_sharding
+    from sharding.rules import param_sharding
 
     cfg = expand_kv_heads(cfg, tensor_size(mesh))
     graphdef, state = nnx.split(abstract_model(cfg, jnp.dtype(dtype)))
@@ -50,7 +51,7 @@ def random_model(cfg: ModelConfig, dtype: str, mesh=None):
     for i, (path, var) in enumerate(flat):
         like = var.get_value()
         axes = var.get_metadata().get("logical_axes", (None,) * like.ndim)
-        sharding = None if mesh is None else named_sharding(axes, like.shape, mesh)
+        sharding = None if mesh is None else param_sharding(path, axes, like.shape, mesh, cfg.num_layers)
         # Norms: 1 (0 in the 1 + w form) keeps activations sane.
         fill = (0.0 if cfg.norm_plus_one else 1.0) if path[-1] == "scale" else None
         var.set_value(maker(like.shape, like.dtype, sharding, fill)(jax.random.key(i)))

@@ -28,7 +28,7 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding
 
 from runtime.config import ConfigError, ModelConfig
-from sharding.rules import DEFAULT_RULES, named_sharding
+from sharding.rules import DEFAULT_RULES, named_sharding, param_sharding
 
 AXES = ("stage", "data", "tensor")
 
@@ -145,12 +145,13 @@ def place_model(model, mesh: Mesh, rules=DEFAULT_RULES):
     restore straight into shardings (checkpoints.load(mesh=...))."""
     graphdef, state = nnx.split(model)
 
-    def place(var):
+    def place(path, var):
         value = var.get_value()
         axes = var.get_metadata().get("logical_axes", (None,) * value.ndim)
-        return var.replace(jax.device_put(value, named_sharding(axes, value.shape, mesh, rules)))
+        sharding = param_sharding(path, axes, value.shape, mesh, model.cfg.num_layers, rules)
+        return var.replace(jax.device_put(value, sharding))
 
-    flat = [(path, place(var)) for path, var in nnx.to_flat_state(state)]
+    flat = [(path, place(path, var)) for path, var in nnx.to_flat_state(state)]
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 

@@ -29,13 +29,12 @@ from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from runtime.kv_cache import KV_AXES, KVCache
 from sharding.ops import Local
-from sharding.rules import DEFAULT_RULES, logical_to_spec
+from sharding.rules import DEFAULT_RULES, logical_to_spec, stage_mesh
 from sharding.tensor_parallel import param_specs
 
 STAGES = "stages"  # the logical axis of stacked per-stage tensors
@@ -57,12 +56,6 @@ def stage_size(mesh: Mesh | None, rules: Mapping[str, str | None] = DEFAULT_RULE
     return mesh.shape[axis] if mesh is not None and axis in mesh.shape else 1
 
 
-def _stage_mesh(mesh: Mesh, stage: int, axis: str) -> Mesh:
-    """The devices of one stage, as a mesh with the same axis names (stage size 1)."""
-    index = mesh.axis_names.index(axis)
-    return Mesh(np.take(mesh.devices, [stage], axis=index), mesh.axis_names)
-
-
 def _stacked(parts: list[jax.Array], axes: tuple, mesh: Mesh, rules) -> jax.Array:
     """One array [S, ...] split over "stage" from per-stage arrays, part s placed on stage
     s's devices with its own sharding: assembled from the devices' shards, so no device
@@ -76,10 +69,11 @@ def _stacked(parts: list[jax.Array], axes: tuple, mesh: Mesh, rules) -> jax.Arra
 def stage_model(model, mesh: Mesh, microbatches: int, rules: Mapping[str, str | None] = DEFAULT_RULES):
     """(Staged, params) for running `model` pipelined over `mesh`'s stages: params is
     {"outer": the non-layer weights over the whole mesh, "layers": per index in a stage
-    the stacked weights of that layer of every stage}."""
+    the stacked weights of that layer of every stage}. Weights already on their stage's
+    devices (sharding.rules.param_sharding, as loading places them) are not moved."""
     from sharding.rules import named_sharding
 
-    S, axis = stage_size(mesh, rules), rules[STAGES]
+    S = stage_size(mesh, rules)
     L = model.cfg.num_layers
     if L % S:
         raise ValueError(f"num_layers={L} is not divisible by {S} stages")
@@ -94,7 +88,7 @@ def stage_model(model, mesh: Mesh, microbatches: int, rules: Mapping[str, str | 
         return var.replace(jax.device_put(value, named_sharding(axes, value.shape, m, rules)))
 
     outer = jax.tree.map(lambda v: place(v, mesh), outer, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    stage_meshes = [_stage_mesh(mesh, s, axis) for s in range(S)]
+    stage_meshes = [stage_mesh(mesh, s, rules) for s in range(S)]
     layers = []
     for i in range(Ls):
         per_stage = [jax.tree.map(lambda v, m=stage_meshes[s]: place(v, m), layer_states[s * Ls + i],

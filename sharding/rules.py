@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import jax
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 # Megatron-style tensor parallelism: heads, ffw and vocab split over "tensor"; the
@@ -58,12 +59,35 @@ def named_sharding(
     return NamedSharding(mesh, logical_to_spec(axes, shape, mesh, rules))
 
 
-def param_shardings(abstract_state, mesh: Mesh, rules: Mapping[str, str | None] = DEFAULT_RULES):
-    """ShapeDtypeStructs with shardings for an abstract nnx.State whose Params carry `logical_axes`."""
+def stage_mesh(mesh: Mesh, stage: int, rules: Mapping[str, str | None] = DEFAULT_RULES) -> Mesh:
+    """The devices of one pipeline stage, as a mesh with the same axis names (stage size 1)."""
+    index = mesh.axis_names.index(rules["stages"])
+    return Mesh(np.take(mesh.devices, [stage], axis=index), mesh.axis_names)
 
-    def one(var):
+
+def param_sharding(path: Sequence, axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, num_layers: int,
+                   rules: Mapping[str, str | None] = DEFAULT_RULES) -> NamedSharding:
+    """Where a parameter at `path` of the model's state lives: split by its logical axes;
+    with pipeline stages a layer's weights on its stage's devices only (layer l of L in
+    stage l // (L / S)), never on the others', so a model that fits only across stages
+    loads (sharding/pipeline.py stacks them per stage)."""
+    stage_axis = rules.get("stages")
+    stages = mesh.shape[stage_axis] if stage_axis in mesh.shape else 1
+    if stages > 1 and len(path) > 1 and path[0] == "layers" and num_layers % stages == 0:
+        mesh = stage_mesh(mesh, int(path[1]) // (num_layers // stages), rules)
+    return named_sharding(axes, shape, mesh, rules)
+
+
+def param_shardings(abstract_state, mesh: Mesh, rules: Mapping[str, str | None] = DEFAULT_RULES):
+    """ShapeDtypeStructs with shardings (`param_sharding`) for an abstract nnx.State whose
+    Params carry `logical_axes`."""
+    num_layers = len(abstract_state["layers"]) if "layers" in abstract_state else 0
+
+    def one(path, var):
         value = var.get_value()
         axes = var.get_metadata().get("logical_axes", (None,) * len(value.shape))
-        return jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=named_sharding(axes, value.shape, mesh, rules))
+        keys = [getattr(k, "key", getattr(k, "name", k)) for k in path]
+        sharding = param_sharding(keys, axes, value.shape, mesh, num_layers, rules)
+        return jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding)
 
-    return jax.tree.map(one, abstract_state, is_leaf=lambda x: hasattr(x, "get_metadata"))
+    return jax.tree.map_with_path(one, abstract_state, is_leaf=lambda x: hasattr(x, "get_metadata"))
