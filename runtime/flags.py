@@ -29,9 +29,36 @@ def define_engine_flags() -> None:
     flags.DEFINE_enum("attention", "auto", list(ATTENTION_CHOICES),
                       "Attention: the Pallas kernels, the jnp reference, or auto (Pallas on GPU).")
     flags.DEFINE_integer("num_top_logprobs", 0, "Top-N logprobs computed per step (max a request may ask).")
-    flags.DEFINE_integer("tensor_parallel_size", 1, "Devices that split every layer (heads, MLP, vocabulary).")
-    flags.DEFINE_integer("pipeline_parallel_size", 1, "Pipeline stages (not implemented yet: 1).")
+    flags.DEFINE_integer("tensor_parallel_size", None, "Devices that split every layer (heads, MLP, vocabulary); "
+                         "default: 1 where the model fits one device, else every device.")
+    flags.DEFINE_integer("pipeline_parallel_size", 1, "Pipeline stages: contiguous layers per group of devices.")
+    flags.DEFINE_integer("pipeline_microbatches", 1, "With pipeline stages: groups the decode slots pass through "
+                         "the stages in (prefill uses one per stage).")
     flags.DEFINE_integer("data_parallel_size", 1, "Data-parallel replicas (not implemented yet: 1).")
+
+
+def define_distributed_flags() -> None:
+    """Flags of a multi-process run (sharding/distributed.py): the entry points that can
+    span hosts (serve, generate) define them."""
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0's coordination service, reachable "
+                        "from every process (multi-process runs; on Cloud TPU VMs leave the three unset: detected).")
+    flags.DEFINE_integer("num_processes", None, "Processes (hosts) in the run; with --coordinator_address and "
+                         "--process_id.")
+    flags.DEFINE_integer("process_id", None, "This process's index in [0, --num_processes); process 0 serves, "
+                         "the others follow its engine calls.")
+    flags.DEFINE_float("worker_timeout_s", 30.0, "Multi-process: a process whose heartbeat stops, or whose device "
+                       "call makes no progress, for this long fails the run (process 0: NOT_SERVING, exit 1).")
+
+
+def distributed_config_from_flags():
+    """sharding.distributed.DistributedConfig of the flags; ConfigError if inconsistent."""
+    from sharding.distributed import DistributedConfig
+
+    try:
+        return DistributedConfig(coordinator_address=FLAGS.coordinator_address, num_processes=FLAGS.num_processes,
+                                 process_id=FLAGS.process_id, timeout_s=FLAGS.worker_timeout_s)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _ints(name: str, values) -> tuple[int, ...]:
@@ -61,6 +88,7 @@ def engine_config_from_flags(**overrides) -> EngineConfig:
         attention=FLAGS.attention,
         cache_dtype=FLAGS.cache_dtype or FLAGS.dtype,
         num_top_logprobs=FLAGS.num_top_logprobs,
+        pipeline_microbatches=FLAGS.pipeline_microbatches,
     )
     kwargs.update(overrides)
     return EngineConfig(**kwargs)

@@ -7,6 +7,8 @@ Without --max_num_seqs there is one decode slot per prompt, up to 8 (a decode st
 computes every slot, so one prompt decodes fastest on one). Sampling flags left unset
 take the checkpoint's generation_config.json defaults where it has them, as in serve.
 A prompt that fails on its own prints its error; the others finish; exit code 1.
+Several processes (hosts): as runtime.serve (--coordinator_address, --num_processes,
+--process_id); process 0 reads the prompts and prints, the others make its engine calls.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ flags.DEFINE_multi_string("stop", [], "Stop string (repeatable).")
 flags.DEFINE_bool("ignore_eos", False, "Keep generating past end-of-sequence tokens.")
 flags.DEFINE_enum("format", "text", ["text", "jsonl"], "Output format.")
 xflags.define_engine_flags()
+xflags.define_distributed_flags()
 FLAGS = flags.FLAGS
 _SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
                    "frequency_penalty")
@@ -87,17 +90,55 @@ def main(argv: list[str]) -> None:
             num_top_logprobs=max(FLAGS.num_top_logprobs, FLAGS.logprobs or 0), **slots
         )
         mesh_config = xflags.mesh_config_from_flags()
+        dist = xflags.distributed_config_from_flags()
         _sampling_params({})  # bad sampling flags fail before the model loads
     except (ConfigError, SamplingError) as e:
         xflags.usage_error(str(e))
 
     from checkpoints.errors import CheckpointError
     from runtime.startup import CapacityError, load_engine
+    from sharding import distributed
 
     try:
-        engine, tokenizer = load_engine(FLAGS.checkpoint, ecfg, dtype=FLAGS.dtype, mesh_config=mesh_config)
-    except (CheckpointError, CapacityError, ConfigError) as e:
+        cluster = distributed.initialize(dist)
+        mesh_config = distributed.mesh_config_for(cluster, mesh_config)
+    except distributed.ClusterError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except ValueError as e:
         xflags.usage_error(str(e))
+    if cluster is not None and not cluster.is_leader:
+        def report(e):
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return 2 if isinstance(e, (CheckpointError, CapacityError, ConfigError)) else 1
+
+        sys.exit(distributed.follow(cluster, lambda: load_engine(FLAGS.checkpoint, ecfg, dtype=FLAGS.dtype,
+                                                                  mesh_config=mesh_config)[0], report=report))
+    leader = distributed.Leader(cluster) if cluster is not None else None
+    try:
+        engine, tokenizer = load_engine(FLAGS.checkpoint, ecfg, dtype=FLAGS.dtype, mesh_config=mesh_config)
+        if leader is not None:
+            engine = leader.attach(engine)
+    except (CheckpointError, CapacityError, ConfigError) as e:
+        _exit_cluster(leader, f"error: {e}", 2)
+    try:
+        code = _generate(engine, tokenizer, prompts)
+    except SystemExit as e:  # a bad prompt or flag: usage_error
+        code = e.code if isinstance(e.code, int) else 1
+    if leader is not None:
+        code = leader.finish(code)  # stops the other processes; exits at once unless 0
+    sys.exit(code)
+
+
+def _exit_cluster(leader, message: str, code: int) -> "NoReturn":  # noqa: F821
+    print(message, file=sys.stderr, flush=True)
+    if leader is not None:
+        leader.finish(code)
+    sys.exit(code)
+
+
+def _generate(engine, tokenizer, prompts: list[str]) -> int:
+    """Runs the prompts and prints the outputs; returns the exit code."""
     try:
         base = _sampling_params(engine.sampling_defaults)
     except SamplingError as e:
@@ -167,8 +208,7 @@ def main(argv: list[str]) -> None:
         print(json.dumps(obj, ensure_ascii=False))
     if FLAGS.format == "text":
         sys.stdout.write("\n")
-    if any("error" in res for res in results.values()):
-        sys.exit(1)
+    return 1 if any("error" in res for res in results.values()) else 0
 
 
 if __name__ == "__main__":

@@ -68,5 +68,5 @@ def load_random_engine(checkpoint: str, ecfg: EngineConfig, *, dtype: str = "bfl
 
     enable_compilation_cache()
     cfg = preset_config(preset_name(checkpoint))
-    mesh = mesh_for(cfg, mesh_config)
+    mesh = mesh_for(cfg, mesh_config, ecfg, dtype)
     return build_engine(random_model(cfg, dtype, mesh), ecfg, auto_num_seqs=auto_num_seqs, mesh=mesh)

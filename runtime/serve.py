@@ -15,6 +15,14 @@ on /metrics. Per-client bounds (runtime/limits.py): --max_request_bytes,
 SIGTERM (or SIGINT): health NOT_SERVING, new requests UNAVAILABLE, requests in flight
 get --drain_timeout_s to finish (then are aborted), exit code 0. A model that fails to
 load exits with one line on stderr: code 2 for a bad checkpoint or capacity, else 1.
+
+Several processes (hosts; sharding/distributed.py): start the same command on each with
+--coordinator_address=HOST0:PORT --num_processes=N --process_id=I (on Cloud TPU VMs none
+of the three: detected) and --tensor_parallel_size over all their devices. Process 0
+serves (its port opens once every process has joined); the others load the same model
+and make process 0's engine calls. A process that dies or hangs for --worker_timeout_s
+turns process 0 NOT_SERVING and makes it exit 1; SIGTERM on process 0 drains, then
+stops the others (exit 0).
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ flags.DEFINE_string("tls_client_ca_file", None, "PEM CA(s): require client certi
 flags.DEFINE_string("api_key_file", None, "API keys, one per line (# comments); every call but health's, and "
                     "/metrics, must send 'authorization: Bearer <key>'.")
 xflags.define_engine_flags()
+xflags.define_distributed_flags()
 FLAGS = flags.FLAGS
 
 log = logging.getLogger("runtime.serve")
@@ -72,7 +81,17 @@ def _loader(checkpoint: str, ecfg, dtype: str, auto_num_seqs: bool, mesh_config)
     return load
 
 
-async def _serve(load, config) -> int:
+def _leader_loader(load, leader):
+    """Process 0 of several: the engine behind a LeaderEngine, once the others built theirs."""
+
+    def load_and_attach():
+        engine, tokenizer = load()
+        return leader.attach(engine), tokenizer
+
+    return load_and_attach
+
+
+async def _serve(load, config, leader=None) -> int:
     from runtime.metrics import ServerMetrics
     from runtime.server import GenerationServer
 
@@ -82,6 +101,8 @@ async def _serve(load, config) -> int:
         scheme = "https" if config.security.tls else "http"
         print(f"xlserve: metrics on {scheme}://localhost:{port}/metrics", file=sys.stderr, flush=True)
     server = GenerationServer(load, config, metrics=metrics)
+    if leader is not None:  # a follower that dies or hangs: NOT_SERVING, then the leader exits
+        leader.on_failure = server.fail
     try:
         port = await server.start(f"{FLAGS.host}:{FLAGS.port}")
     except RuntimeError as e:  # grpcio: "Failed to bind to address ..."
@@ -104,6 +125,11 @@ async def _serve(load, config) -> int:
     for w in waits:
         w.cancel()
     if server.fatal is not None:
+        if leader is not None:
+            # Another process may be dead or hung, and with it the engine thread's device
+            # call: health says NOT_SERVING for a moment, then the leader exits at once.
+            await asyncio.sleep(leader.exit_grace_s)
+            return _report_fatal(server.fatal)
         await server.stop()
         return _report_fatal(server.fatal)
     print(f"xlserve: draining ({server.num_in_flight} requests in flight, up to {FLAGS.drain_timeout_s} s)",
@@ -116,6 +142,10 @@ async def _serve(load, config) -> int:
 def _report_fatal(exc: BaseException) -> int:
     from checkpoints.errors import CheckpointError
     from runtime.startup import CapacityError
+    from sharding.distributed import ClusterError
+
+    if isinstance(exc, ClusterError):  # its line is on stderr already (the watchdog's)
+        return 1
 
     known = (CheckpointError, CapacityError, ConfigError)
     if isinstance(exc, known):
@@ -143,6 +173,7 @@ def main(argv: list[str]) -> None:
     try:
         ecfg = xflags.engine_config_from_flags()
         mesh_config = xflags.mesh_config_from_flags()
+        dist = xflags.distributed_config_from_flags()
         if is_preset(FLAGS.checkpoint):
             from runtime.presets import preset_config
 
@@ -166,7 +197,28 @@ def main(argv: list[str]) -> None:
                     "unless a TLS proxy or a private network carries them")
     if FLAGS.drain_timeout_s < 0:
         xflags.usage_error(f"--drain_timeout_s={FLAGS.drain_timeout_s} must be >= 0")
-    sys.exit(asyncio.run(_serve(_loader(FLAGS.checkpoint, ecfg, FLAGS.dtype, xflags.auto_num_seqs(), mesh_config), config)))
+    from sharding import distributed
+
+    try:
+        cluster = distributed.initialize(dist)
+        mesh_config = distributed.mesh_config_for(cluster, mesh_config)
+    except distributed.ClusterError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except ValueError as e:
+        xflags.usage_error(str(e))
+    load = _loader(FLAGS.checkpoint, ecfg, FLAGS.dtype, xflags.auto_num_seqs(), mesh_config)
+    leader = None
+    if cluster is not None:
+        if not cluster.is_leader:
+            grace = FLAGS.drain_timeout_s + 2 * dist.timeout_s + 10  # process 0 drains, then stops this one
+            sys.exit(distributed.follow(cluster, lambda: load()[0], sigterm_grace_s=grace, report=_report_fatal))
+        leader = distributed.Leader(cluster)
+        load = _leader_loader(load, leader)
+    code = asyncio.run(_serve(load, config, leader))
+    if leader is not None:
+        code = leader.finish(code)  # stops the others; exits at once unless 0
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -251,6 +251,12 @@ class GenerationServer:
         await asyncio.get_running_loop().run_in_executor(None, self.engine_loop.join, 60.0)
         self.metrics.close()
 
+    def fail(self, exc: BaseException) -> None:
+        """Marks the engine failed for good, from any thread: health NOT_SERVING, requests
+        in flight end UNAVAILABLE, `wait_failed` returns (a multi-process run whose other
+        process died: sharding/distributed.py)."""
+        self._engine_fatal(exc)
+
     # --- engine thread -> event loop ---------------------------------------------------
 
     def _post(self, events: list) -> None:

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 import checkpoints
 from checkpoints.aliases import resolve_checkpoint
-from runtime.config import AUTO_MAX_NUM_SEQS, AUTO_MIN_NUM_SEQS, EngineConfig, ModelConfig
+from runtime.config import AUTO_MAX_NUM_SEQS, AUTO_MIN_NUM_SEQS, ConfigError, EngineConfig, ModelConfig
 from runtime.engine import Engine
 from runtime.kv_cache import KVCache
 from runtime.sampling import read_sampling_defaults
@@ -174,9 +174,48 @@ def enable_compilation_cache(directory: str | None = None) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # warm start compiles nothing
 
 
-def mesh_for(cfg: ModelConfig, mesh_config: MeshConfig | None):
+def choose_tensor_size(cfg: ModelConfig, ecfg: EngineConfig, dtype: str, mesh_config: MeshConfig, *,
+                       num_devices: int | None = None, limit_bytes: int | None = None) -> tuple[int, str]:
+    """The tensor size when the user gives none, and why, in words: 1 where the weights,
+    the activation reserve and one sequence of max_model_len fit one device's share
+    (kv_cache_memory_fraction) of memory, else every device (after pipeline and data
+    sizes), or the most that split the model. Several processes: every device."""
+    check_model(cfg, dataclasses.replace(mesh_config, tensor=1))  # the stages, whatever the tensor size
+    n = (num_devices or len(jax.devices())) // (mesh_config.pipeline * mesh_config.data)
+    if n <= 1:
+        return 1, "one device"
+    limit = memory_limit(limit_bytes=limit_bytes)
+    weights = cfg.num_params() * jnp.dtype(dtype).itemsize / mesh_config.pipeline
+    if jax.process_count() == 1:
+        if limit is None:
+            return 1, "no device memory limit to decide from (CPU)"
+        kv = KVCache.bytes_per_token(cfg, jnp.dtype(ecfg.cache_dtype)) * ecfg.max_model_len / mesh_config.pipeline
+        need = weights + activation_reserve(cfg, ecfg) + kv
+        if need <= ecfg.kv_cache_memory_fraction * limit:
+            return 1, f"the weights ({weights / GiB:.1f} GiB) and one full-length sequence fit one device"
+    for t in range(n, 1, -1):
+        try:
+            check_model(cfg, dataclasses.replace(mesh_config, tensor=t))
+        except ConfigError:
+            continue
+        why = "several processes" if jax.process_count() > 1 else (
+            f"the weights ({weights / GiB:.1f} GiB) do not fit one device's {limit / GiB:.1f} GiB")
+        return t, f"{why}; {t} of {n} devices split the model"
+    raise ConfigError(f"the model does not fit one device and no tensor size up to {n} splits it; "
+                      "set --tensor_parallel_size / --pipeline_parallel_size")
+
+
+def mesh_for(cfg: ModelConfig, mesh_config: MeshConfig | None, ecfg: EngineConfig | None = None,
+             dtype: str = "bfloat16"):
     """The mesh for `mesh_config` after checking the model splits that way; None for
-    one device (the single-device placement the engine has always used)."""
+    one device (the single-device placement the engine has always used). A tensor size
+    left open (None) is chosen here (`choose_tensor_size`) and said on stderr."""
+    if mesh_config is not None and mesh_config.tensor is None:
+        tensor, why = choose_tensor_size(cfg, ecfg or EngineConfig(), dtype, mesh_config)
+        if len(jax.devices()) > 1:  # a choice was made
+            print(f"tensor_parallel_size={tensor} ({why}; --tensor_parallel_size sets it)", file=sys.stderr,
+                  flush=True)
+        mesh_config = dataclasses.replace(mesh_config, tensor=tensor)
     if mesh_config is None or mesh_config.num_devices == 1:
         return None
     check_model(cfg, mesh_config)
@@ -194,7 +233,7 @@ def load_engine(checkpoint: str, ecfg: EngineConfig, *, dtype: str = "bfloat16",
     `auto_num_seqs`, ecfg.max_num_seqs is replaced by `auto_max_num_seqs`'s choice."""
     enable_compilation_cache()
     directory = resolve_checkpoint(checkpoint, dtype=dtype)
-    mesh = mesh_for(checkpoints.read_config(directory), mesh_config)
+    mesh = mesh_for(checkpoints.read_config(directory), mesh_config, ecfg, dtype)
     cfg, model = checkpoints.load(directory, dtype=dtype, mesh=mesh)
     if ecfg.max_model_len > cfg.max_position:
         log.warning("max_model_len=%d exceeds the model's max_position=%d", ecfg.max_model_len, cfg.max_position)

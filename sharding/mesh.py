@@ -35,15 +35,16 @@ AXES = ("stage", "data", "tensor")
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Parallel sizes; their product is the number of devices used."""
+    """Parallel sizes; their product is the number of devices used. `tensor=None` leaves
+    the tensor size to start-up (runtime.startup.choose_tensor_size)."""
 
-    tensor: int = 1
+    tensor: int | None = 1
     pipeline: int = 1
     data: int = 1
 
     def __post_init__(self):
         for name in ("tensor", "pipeline", "data"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name}_parallel_size={getattr(self, name)} must be >= 1")
         if self.data > 1:
             raise ConfigError(f"data_parallel_size={self.data}: data parallelism is not implemented yet (issue 12); "
@@ -51,6 +52,8 @@ class MeshConfig:
 
     @property
     def num_devices(self) -> int:
+        if self.tensor is None:
+            raise ValueError("the tensor size is not chosen yet (runtime.startup.choose_tensor_size)")
         return self.tensor * self.pipeline * self.data
 
 

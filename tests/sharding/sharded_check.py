@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from runtime.config import EngineConfig, ModelConfig  # noqa: E402
-from runtime.engine import Engine, compile_counter  # noqa: E402
+from runtime.engine import Engine  # noqa: E402
 from runtime.models.transformer import Transformer  # noqa: E402
 from runtime.orchestrator import Orchestrator, Request  # noqa: E402
 from runtime.sampling import SamplingParams  # noqa: E402
@@ -85,7 +85,9 @@ def run(engine) -> dict:
 
 def main() -> None:
     assert len(jax.devices()) == 8, jax.devices()
-    for name, (hf, sizes) in CONFIGS.items():
+    names = sys.argv[1].split(",") if len(sys.argv) > 1 else list(CONFIGS)
+    for name in names:
+        hf, sizes = CONFIGS[name]
         model = peaked_model(hf)
         one = Engine(model, ECFG, num_pages=NUM_PAGES)
         base = run(one)

@@ -27,11 +27,18 @@ LOGPROB_ATOL = 1e-4
 
 @pytest.fixture(scope="module")
 def rows():
+    """The check in two processes at once (half the configs each): its compilations are
+    mostly single-threaded, so on two cores this halves the wall time."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-    p = subprocess.run([sys.executable, "-m", "tests.sharding.sharded_check"], capture_output=True, text=True, cwd=ROOT,
-                       env=env, timeout=900)
-    assert p.returncode == 0, p.stderr[-4000:]
-    return [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+    groups = ("llama_gqa,mqa", "llama_4layers,mistral_window,gemma3")
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.sharding.sharded_check", g], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env) for g in groups]
+    out = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=1200)
+        assert p.returncode == 0, stderr[-4000:]
+        out += [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    return out
 
 
 def test_sharded_equals_one_device(rows):
@@ -77,8 +84,8 @@ def test_large_tensors_are_split_not_replicated(rows):
 
 
 def _cfg(**kw) -> ModelConfig:
-    return ModelConfig.from_hf(dict(model_type="llama", vocab_size=128, hidden_size=64, num_hidden_layers=1,
-                                    **{"intermediate_size": 96, **kw}))
+    return ModelConfig.from_hf(dict(model_type="llama", vocab_size=128, hidden_size=64,
+                                    **{"intermediate_size": 96, "num_hidden_layers": 1, **kw}))
 
 
 def test_bad_splits_fail_with_what_would_work():
@@ -131,3 +138,30 @@ def test_expand_kv_heads_repeats_each_head_for_its_query_group():
         orig = (i * q_per_device) // q_per_kv
         np.testing.assert_array_equal(new_wk[:, i], wk[:, orig])
         np.testing.assert_array_equal(new_bv[i], np.asarray(model.layers[0].attn.bv[...])[orig])
+
+
+def test_tensor_size_is_chosen_from_memory_when_not_given():
+    """--tensor_parallel_size unset: 1 where the model fits one device, else every device
+    (or the most that split the model); the reason is said."""
+    from runtime.config import EngineConfig
+    from runtime.startup import choose_tensor_size
+
+    ecfg = EngineConfig(max_model_len=256)
+    cfg = _cfg(num_attention_heads=8, num_key_value_heads=2)
+    auto = MeshConfig(tensor=None)
+    assert choose_tensor_size(cfg, ecfg, "bfloat16", auto, num_devices=1, limit_bytes=1)[0] == 1
+    n, why = choose_tensor_size(cfg, ecfg, "bfloat16", auto, num_devices=8, limit_bytes=1 << 40)
+    assert n == 1 and "fit one device" in why
+    n, why = choose_tensor_size(cfg, ecfg, "bfloat16", auto, num_devices=8, limit_bytes=1 << 20)
+    assert n == 8 and "do not fit" in why
+    # Pipeline stages take their share of the devices first.
+    two_layers = _cfg(num_attention_heads=8, num_key_value_heads=2, num_hidden_layers=2)
+    assert choose_tensor_size(two_layers, ecfg, "bfloat16", MeshConfig(tensor=None, pipeline=2), num_devices=8,
+                              limit_bytes=1 << 20)[0] == 4
+    with pytest.raises(ConfigError, match="num_layers=1 is not divisible by pipeline_parallel_size=2"):
+        choose_tensor_size(cfg, ecfg, "bfloat16", MeshConfig(tensor=None, pipeline=2), num_devices=8)
+    # 6 heads: 8 and 7 do not split them; 6 does.
+    odd = _cfg(num_attention_heads=6, num_key_value_heads=2)
+    assert choose_tensor_size(odd, ecfg, "bfloat16", auto, num_devices=8, limit_bytes=1 << 20)[0] == 6
+    with pytest.raises(ValueError, match="not chosen yet"):
+        auto.num_devices
