@@ -1,0 +1,255 @@
+"""Ahead-of-time compilation of the engine's steps, for devices this process may not have.
+
+The steps are the engine's own (runtime.engine.build_steps), lowered on abstract
+arguments: ShapeDtypeStructs carrying the shardings the engine's arrays would have on
+the mesh (parameters from their logical axes, kv heads repeated to the tensor size
+where fewer, the KV cache split by kv head, the decode slots replicated). Nothing is
+allocated, so the mesh may be made of compile-only devices: a TPU topology described
+by libtpu on a CPU host (`topology_devices("v5e:2x4")`), and the real TPU compiler
+builds the executables. Uses: checking that a model fits a chip with the KV cache the
+server would plan for it (`compiled.memory_analysis()` is per chip), and compiling
+for hardware we do not have (compile-cache warm-up).
+
+The per-call inputs (tokens, page tables, sampling rows) are given without a sharding,
+as the engine passes them: uncommitted host arrays. On a CPU mesh the programs lowered
+here are the ones a real Engine lowers, text for text (tests/sharding/test_tpu_compile.py).
+Tensor parallelism only; pipeline stages and data-parallel groups are not supported
+here yet.
+
+    mesh = make_mesh(MeshConfig(tensor=8), devices=topology_devices("v5e:2x4"))
+    engine = abstract_engine(preset_config("llama3.1-8b"), ecfg, mesh)  # KV cache planned for 16 GiB
+    for step in compile_manifest(engine):
+        print(step.kind, step.shape, step.memory)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from pallas_kernels import dispatch
+from runtime.config import EngineConfig, ModelConfig
+from runtime.engine import MAX_STOP_IDS, DecodeSlots, Steps, bucket_manifest, build_steps
+from runtime.kv_cache import KVCache
+from runtime.models.transformer import abstract_model
+from runtime.sampling import SlotSampling
+from runtime.startup import Capacity, cache_kv_shards, plan_capacity
+from sharding import pipeline
+from sharding.mesh import cache_sharding, expand_kv_heads, tensor_size
+from sharding.rules import param_shardings
+
+GiB = 1 << 30
+
+# Memory per chip by device_kind; compile-only devices cannot report it (memory_stats
+# works only on addressable devices); other chips: pass limit_bytes.
+HBM_BYTES = {
+    "TPU v5 lite": 16 * GiB,  # v5e
+    "TPU v6 lite": 32 * GiB,  # v6e (Trillium)
+}
+
+
+def topology_devices(topology: str) -> list:
+    """Compile-only devices of a TPU topology ("v5e:2x4", "v6e:2x4", "v5e:4x4", ...),
+    described by libtpu; no TPU needed. libtpu is loaded into this process: callers that
+    must keep a plain CPU process (tests) run this in a subprocess. v6e:1x1 is rejected
+    by libtpu 0.0.42 (use v6e:2x2)."""
+    # Compile-only use: other processes may hold libtpu's lockfile.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    from jax.experimental import topologies
+
+    return list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
+
+
+def hbm_bytes(device) -> int:
+    """A TPU chip's memory, by its device_kind (HBM_BYTES)."""
+    try:
+        return HBM_BYTES[device.device_kind]
+    except KeyError:
+        raise ValueError(f"memory of {device.device_kind!r} is not known (known: {', '.join(HBM_BYTES)}); "
+                         "pass limit_bytes") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryStats:
+    """Bytes per chip of one compiled step (from `Compiled.memory_analysis()`)."""
+
+    argument: int  # inputs: weights, KV cache, slots, the call's batch
+    output: int
+    alias: int  # outputs that reuse donated inputs (the cache and slots, updated in place)
+    temp: int  # activations and scratch
+    generated_code: int
+
+    @classmethod
+    def of(cls, compiled) -> "MemoryStats":
+        m = compiled.memory_analysis()
+        return cls(argument=m.argument_size_in_bytes, output=m.output_size_in_bytes, alias=m.alias_size_in_bytes,
+                   temp=m.temp_size_in_bytes, generated_code=m.generated_code_size_in_bytes)
+
+    @property
+    def peak(self) -> int:
+        """Live bytes at most: arguments, temporaries, and the outputs not written in place."""
+        return self.argument + self.temp + self.output - self.alias
+
+
+@dataclasses.dataclass(frozen=True)
+class AbstractEngine:
+    """An Engine's state as ShapeDtypeStructs with shardings, and its jitted steps."""
+
+    cfg: ModelConfig  # kv heads expanded to the tensor size where fewer
+    ecfg: EngineConfig
+    mesh: Mesh
+    num_pages: int
+    capacity: Capacity | None  # the planned KV cache, when abstract_engine planned it
+    graphdef: object
+    params: object  # nnx.State of Variables holding ShapeDtypeStructs
+    cache: KVCache
+    slots: DecodeSlots
+    steps: Steps
+    platform: str  # what the steps are traced for (the mesh's devices)
+
+    def manifest(self) -> dict[str, list[tuple]]:
+        with dispatch.target_platform(self.platform):
+            return bucket_manifest(self.ecfg)
+
+    @property
+    def param_bytes_per_device(self) -> int:
+        return abstract_bytes_per_device(self.params)
+
+    @property
+    def cache_bytes_per_device(self) -> int:
+        return abstract_bytes_per_device(self.cache)
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledStep:
+    kind: str  # "prefill" | "decode" | "release"
+    shape: tuple  # the manifest entry: (batch, length[, "fresh"]) | (slots,) | ()
+    compiled: jax.stages.Compiled
+    memory: MemoryStats
+    lower_s: float
+    compile_s: float
+
+
+def abstract_bytes_per_device(tree) -> int:
+    """Bytes the ShapeDtypeStructs of `tree` take on one device of their shardings
+    (shardings from sharding/rules.py split evenly: every device holds the same)."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
+        total += math.prod(shape) * jnp.dtype(x.dtype).itemsize
+    return total
+
+
+def abstract_params(cfg: ModelConfig, mesh: Mesh, dtype="bfloat16"):
+    """(cfg, graphdef, params): the model with ShapeDtypeStructs sharded on `mesh` in
+    place of weights, its kv heads expanded to the tensor size where fewer (as
+    sharding.mesh.replicate_kv_heads does to real weights; `cfg` says so)."""
+    cfg = expand_kv_heads(cfg, tensor_size(mesh))
+    graphdef, state = nnx.split(abstract_model(cfg, jnp.dtype(dtype)))
+    targets = dict(nnx.to_flat_state(param_shardings(state, mesh)))
+    flat = nnx.to_flat_state(state)
+    for path, var in flat:
+        var.set_value(targets[path])
+    return cfg, graphdef, nnx.from_flat_state(flat)
+
+
+def abstract_engine(cfg: ModelConfig, ecfg: EngineConfig, mesh: Mesh, num_pages: int | None = None,
+                    dtype="bfloat16", *, limit_bytes: int | None = None) -> AbstractEngine:
+    """What Engine(model on `mesh`, ecfg, num_pages=...) holds, as ShapeDtypeStructs,
+    with its steps built by the same function (runtime.engine.build_steps). Without
+    `num_pages`, the KV cache is the one the server would plan on each device
+    (runtime.startup.plan_capacity, `ecfg.num_pages` or kv_cache_memory_fraction of
+    `limit_bytes`, default the chip's HBM: `hbm_bytes`). Tensor parallelism only: a
+    mesh with pipeline stages or data-parallel groups raises NotImplementedError."""
+    if pipeline.stage_size(mesh) > 1:
+        # sharding.pipeline.stage_model stacks the stages' weights from placed arrays.
+        raise NotImplementedError(f"ahead-of-time compilation of pipeline stages ({pipeline.stage_size(mesh)} on "
+                                  "the mesh) is not implemented: sharding.pipeline.stage_model needs placed weights")
+    if mesh.shape.get("data", 1) > 1:
+        raise NotImplementedError(f"ahead-of-time compilation with data-parallel groups ({mesh.shape['data']} on "
+                                  "the mesh) is not implemented")
+    cfg, graphdef, params = abstract_params(cfg, mesh, dtype)
+    capacity = None
+    if num_pages is None:
+        limit = limit_bytes if limit_bytes is not None else hbm_bytes(mesh.devices.flat[0])
+        capacity = plan_capacity(cfg, ecfg, abstract_bytes_per_device(params),
+                                 kv_shards=cache_kv_shards(cfg, ecfg, mesh),
+                                 limit_bytes=limit)
+        num_pages = capacity.num_pages
+    replicated = NamedSharding(mesh, PartitionSpec())
+    csh = cache_sharding(cfg, num_pages, ecfg.page_size, mesh)
+    page = jax.ShapeDtypeStruct((num_pages, ecfg.page_size, cfg.num_kv_heads, cfg.head_dim),
+                                jnp.dtype(ecfg.cache_dtype), sharding=csh)
+    cache = KVCache(k=(page,) * cfg.num_layers, v=(page,) * cfg.num_layers)
+    slots = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                         jax.eval_shape(lambda: DecodeSlots.create(ecfg.max_num_seqs, cfg.vocab_size)))
+    platform = mesh.devices.flat[0].platform
+    with dispatch.target_platform(platform):
+        steps = build_steps(graphdef, ecfg, cache_shardings=jax.tree.map(lambda x: x.sharding, cache),
+                            replicated=replicated, mesh=mesh)
+    return AbstractEngine(cfg, ecfg, mesh, num_pages, capacity, graphdef, params, cache, slots, steps, platform)
+
+
+def _sds(x) -> jax.ShapeDtypeStruct:
+    x = np.asarray(x)
+    return jax.ShapeDtypeStruct(x.shape, x.dtype)
+
+
+def step_args(engine: AbstractEngine, kind: str, shape: tuple = ()) -> tuple:
+    """The abstract arguments of one manifest entry, as Engine passes them (warmup's
+    host arrays: their shapes and dtypes, uncommitted)."""
+    ecfg, MP = engine.ecfg, engine.ecfg.max_pages_per_seq
+    if kind == "prefill":
+        b, t = shape[:2]
+        i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731
+        sampling = SlotSampling(**{k: _sds(v) for k, v in SlotSampling.pack([None] * b, [0] * b).items()})
+        return (engine.params, engine.cache, engine.slots, i32(b, t), i32(b), i32(b), i32(b, MP), i32(b),
+                jax.ShapeDtypeStruct((b,), jnp.bool_), sampling, i32(b, MAX_STOP_IDS), i32(b))
+    if kind == "decode":
+        return engine.params, engine.cache, engine.slots, jax.ShapeDtypeStruct((ecfg.max_num_seqs, MP), jnp.int32)
+    if kind == "release":
+        return engine.slots, jax.ShapeDtypeStruct((), jnp.int32)
+    raise ValueError(f"step kind {kind!r}; choose from prefill, decode, release")
+
+
+def step_fn(engine: AbstractEngine, kind: str, shape: tuple = ()):
+    """The jitted step that serves one manifest entry (what Engine calls for it)."""
+    if kind == "prefill":
+        return engine.steps.prefill["fresh" in shape[2:]]
+    return engine.steps.decode if kind == "decode" else engine.steps.release
+
+
+def compile_step(engine: AbstractEngine, kind: str, shape: tuple = ()) -> CompiledStep:
+    """Lowers and compiles one manifest entry for the mesh's devices."""
+    with dispatch.target_platform(engine.platform):
+        t0 = time.perf_counter()
+        lowered = step_fn(engine, kind, shape).lower(*step_args(engine, kind, shape))
+        t1 = time.perf_counter()
+        compiled = lowered.compile()
+        t2 = time.perf_counter()
+    return CompiledStep(kind, tuple(shape), compiled, MemoryStats.of(compiled), t1 - t0, t2 - t1)
+
+
+def compile_manifest(engine: AbstractEngine, entries: dict[str, list[tuple]] | None = None, *,
+                     release: bool = True) -> list[CompiledStep]:
+    """Compiles `entries` (default: the engine's whole manifest, `Engine.manifest()`),
+    and the slot release when `release`; entries must be in the manifest."""
+    manifest = engine.manifest()
+    entries = manifest if entries is None else entries
+    out = []
+    for kind, shapes in entries.items():
+        for shape in shapes:
+            if tuple(shape) not in [tuple(s) for s in manifest.get(kind, [])]:
+                raise ValueError(f"{kind} {tuple(shape)} is not in the manifest {manifest}")
+            out.append(compile_step(engine, kind, tuple(shape)))
+    if release:
+        out.append(compile_step(engine, "release"))
+    return out
