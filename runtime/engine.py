@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from pallas_kernels import dispatch
-from runtime.config import EngineConfig, ModelConfig
+from runtime.config import ConfigError, EngineConfig, ModelConfig
 from runtime.kv_cache import KVCache
 from runtime.models.transformer import Transformer
 from runtime.sampling import SlotSampling, sample
@@ -103,7 +103,7 @@ def _model_step(graphdef, params, tokens, positions, cache, page_table, kv_lens,
     if isinstance(graphdef, pipeline.Staged):
         return pipeline.model_step(graphdef, params, tokens, positions, cache, page_table, kv_lens, logits_at,
                                    mesh=mesh, attn_impl=attn_impl, fresh_prefill=fresh)
-    if tensor_parallel.is_tensor_parallel(mesh):
+    if tensor_parallel.is_sharded(mesh):
         return tensor_parallel.model_step(graphdef, params, tokens, positions, cache, page_table, kv_lens, logits_at,
                                           mesh=mesh, attn_impl=attn_impl, fresh_prefill=fresh)
     model: Transformer = nnx.merge(graphdef, params)
@@ -290,6 +290,13 @@ class Engine:
         mesh = device.mesh if isinstance(device, jax.sharding.NamedSharding) else None
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()) if mesh is not None else (
             jax.sharding.SingleDeviceSharding(list(device.device_set)[0]))
+        # Data-parallel groups: group g owns slots [g*B/D, (g+1)*B/D), pages [g*P/D, (g+1)*P/D)
+        # and, in a prefill call of D*b rows, rows [g*b, (g+1)*b) (sharding/tensor_parallel.py).
+        data = tensor_parallel.data_axis(mesh)
+        self.data_groups = mesh.shape[data] if data else 1
+        for name, n in (("max_num_seqs", ecfg.max_num_seqs), ("num_pages", num_pages)):
+            if n % self.data_groups:
+                raise ConfigError(f"{name}={n} is not a multiple of data_parallel_size={self.data_groups}")
         if pipeline.stage_size(mesh) > 1:
             # Layers in stages: each stage's weights and pages stacked over "stage" (sharding/pipeline.py).
             self.graphdef, self.params = pipeline.stage_model(model, mesh, ecfg.pipeline_microbatches)
@@ -312,7 +319,8 @@ class Engine:
         return bucket_manifest(self.ecfg)
 
     def prefill_shape(self, num_prompts: int, chunk_len: int) -> tuple[int, int]:
-        """The smallest manifest shape that holds `num_prompts` chunks of `chunk_len` tokens."""
+        """The smallest manifest shape that holds `num_prompts` chunks of `chunk_len` tokens
+        (with data-parallel groups: per group; a call has data_groups times the rows)."""
         t = next((t for t in self.ecfg.prefill_lengths if t >= chunk_len), None)
         b = next((b for b in self.ecfg.prefill_batch_sizes if b >= num_prompts), None)
         if t is None or b is None:
@@ -326,6 +334,7 @@ class Engine:
         """Compiles the whole manifest (on scratch rows: slots stay idle). Returns compilations."""
         before = compile_counter.count
         for b, t, *fresh in self.manifest()["prefill"]:
+            b *= self.data_groups  # b rows per data-parallel group
             self._prefill_call(
                 bool(fresh),
                 tokens=np.zeros((b, t), np.int32), starts=np.zeros(b, np.int32), lens=np.zeros(b, np.int32),

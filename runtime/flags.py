@@ -34,7 +34,8 @@ def define_engine_flags() -> None:
     flags.DEFINE_integer("pipeline_parallel_size", 1, "Pipeline stages: contiguous layers per group of devices.")
     flags.DEFINE_integer("pipeline_microbatches", 1, "With pipeline stages: groups the decode slots pass through "
                          "the stages in (prefill uses one per stage).")
-    flags.DEFINE_integer("data_parallel_size", 1, "Data-parallel replicas (not implemented yet: 1).")
+    flags.DEFINE_integer("data_parallel_size", 1, "Data-parallel groups: each a copy of the model on its own devices "
+                         "with its own decode slots and KV pages (max_num_seqs is split among them).")
 
 
 def define_distributed_flags() -> None:

@@ -85,7 +85,9 @@ def main(argv: list[str]) -> None:
         xflags.usage_error("--checkpoint is required (a directory or an alias such as gemma3-270m)")
     prompts = _read_prompts()
     try:
-        slots = {"max_num_seqs": min(len(prompts), AUTO_MIN_NUM_SEQS)} if xflags.auto_num_seqs() else {}
+        groups = max(1, FLAGS.data_parallel_size)  # every data-parallel group gets as many slots
+        n = -(-min(len(prompts), AUTO_MIN_NUM_SEQS) // groups) * groups
+        slots = {"max_num_seqs": n} if xflags.auto_num_seqs() else {}
         ecfg = xflags.engine_config_from_flags(
             num_top_logprobs=max(FLAGS.num_top_logprobs, FLAGS.logprobs or 0), **slots
         )

@@ -80,6 +80,7 @@ class _InFlight:
     """Calls dispatched in one step whose results the host has not read yet."""
 
     prefill: list[PrefillChunk] = dataclasses.field(default_factory=list)
+    prefill_rows: list[int] = dataclasses.field(default_factory=list)  # each chunk's row in the call
     prefill_out: dict | None = None
     decoding: list[Sequence] = dataclasses.field(default_factory=list)
     decode_out: dict | None = None
@@ -100,13 +101,16 @@ class Orchestrator:
         self.engine = engine
         self.tokenizer = tokenizer
         ecfg = engine.ecfg
-        self.allocator = PageAllocator(engine.num_pages, ecfg.page_size)
+        # Data parallelism: slots, pages and prefill rows split into this many groups.
+        self.data_groups = getattr(engine, "data_groups", 1)
+        self.allocator = PageAllocator(engine.num_pages, ecfg.page_size, groups=self.data_groups)
         self.scheduler = Scheduler(
             self.allocator,
             num_slots=ecfg.max_num_seqs,
-            max_prefill_batch=max(ecfg.prefill_batch_sizes),
+            max_prefill_batch=max(ecfg.prefill_batch_sizes),  # per data group
             max_chunk=max(ecfg.prefill_lengths),
             decode_steps=ecfg.decode_steps_per_call,
+            groups=self.data_groups,
         )
         self._tracks: dict[str, _Track] = {}
         self.pipeline = pipeline
@@ -136,10 +140,12 @@ class Orchestrator:
                 f"the prompt has {len(request.prompt_ids)} tokens; the context holds {ecfg.max_model_len} "
                 f"(prompt + at least 1 generated token)"
             )
-        if self.allocator.pages_for(len(request.prompt_ids) + 1) > self.allocator.num_pages:
+        # A sequence's pages all come from one data group's share of the cache.
+        if self.allocator.pages_for(len(request.prompt_ids) + 1) > self.allocator.pages_per_group:
+            where = "" if self.data_groups == 1 else f" per data group ({self.data_groups} groups)"
             raise RequestError(
                 f"the prompt needs {self.allocator.pages_for(len(request.prompt_ids) + 1)} KV pages; "
-                f"the cache has {self.allocator.num_pages}"
+                f"the cache has {self.allocator.pages_per_group}{where}"
             )
         num_stop_ids = len(set(request.stop_token_ids) | (set() if request.ignore_eos else self.eos_ids))
         if num_stop_ids > MAX_STOP_IDS:
@@ -155,7 +161,10 @@ class Orchestrator:
         seed = request.sampling.seed
         if seed is None:
             seed = int(np.random.default_rng().integers(0, 2**63))
-        max_tokens = min(request.max_tokens, self.engine.ecfg.max_model_len - len(request.prompt_ids))
+        # A sequence never outgrows its data group's pages (start-up sizes a group for
+        # max_model_len; where it holds less, the group's pages are the context).
+        context = min(self.engine.ecfg.max_model_len, self.allocator.pages_per_group * self.allocator.page_size)
+        max_tokens = min(request.max_tokens, context - len(request.prompt_ids))
         seq = Sequence(
             seq_id=request.request_id, prompt_ids=list(request.prompt_ids), sampling=request.sampling,
             max_tokens=max_tokens, seed=seed,
@@ -213,7 +222,8 @@ class Orchestrator:
         if plan.prefill:
             out = self._call("prefill", [c.seq for c in plan.prefill], self._dispatch_prefill, plan.prefill)
             if out is not None:
-                record.prefill, record.prefill_out = plan.prefill, out
+                record.prefill = plan.prefill
+                record.prefill_out, record.prefill_rows = out
         decoding = [s for s in self.scheduler.running.values() if s.status == Status.RUNNING]
         if decoding:
             out = self._call("decode", decoding, self._dispatch_decode, decoding)
@@ -255,9 +265,24 @@ class Orchestrator:
         if previous is not None:
             self._process(previous)
 
-    def _dispatch_prefill(self, chunks: list[PrefillChunk]) -> dict:
+    def _prefill_layout(self, chunks: list[PrefillChunk]) -> tuple[list[int], int, int]:
+        """Each chunk's row in the prefill call, the rows per data group and the chunk
+        length: group g's chunks take rows g*b, g*b+1, ... in plan order, with b the
+        batch bucket of the group with the most chunks."""
+        counts = [0] * self.data_groups
+        index = []
+        for c in chunks:
+            g = self.scheduler.group_of_slot(c.seq.slot)
+            index.append((g, counts[g]))
+            counts[g] += 1
+        b, t = self.engine.prefill_shape(max(counts), max(c.length for c in chunks))
+        return [g * b + k for g, k in index], b, t
+
+    def _dispatch_prefill(self, chunks: list[PrefillChunk]) -> tuple[dict, list[int]]:
+        """Runs the prefill call; returns its outputs and each chunk's row in them."""
         ecfg = self.engine.ecfg
-        b, t = self.engine.prefill_shape(len(chunks), max(c.length for c in chunks))
+        rows, b_group, t = self._prefill_layout(chunks)
+        b = self.data_groups * b_group  # rows [g*b_group, (g+1)*b_group) are group g's
         tokens = np.zeros((b, t), np.int32)
         starts = np.zeros(b, np.int32)
         lens = np.zeros(b, np.int32)
@@ -267,7 +292,7 @@ class Orchestrator:
         params, seeds = [None] * b, [0] * b
         stop_ids = np.full((b, MAX_STOP_IDS), -1, np.int32)
         remaining = np.zeros(b, np.int32)
-        for i, c in enumerate(chunks):
+        for i, c in zip(rows, chunks):
             seq = c.seq
             tokens[i, : c.length] = seq.tokens_to_prefill[c.start : c.start + c.length]
             starts[i], lens[i], slot_ids[i], is_last[i] = c.start, c.length, seq.slot, c.is_last
@@ -286,7 +311,7 @@ class Orchestrator:
             if c.is_last:
                 c.seq.num_inflight += 1
         _start_copy(out)
-        return out
+        return out, rows
 
     def _dispatch_decode(self, decoding: list[Sequence]) -> dict:
         ecfg = self.engine.ecfg
@@ -303,7 +328,7 @@ class Orchestrator:
     def _process(self, record: "_InFlight") -> None:
         """Host side of a finished call: accept tokens of sequences still running."""
         if record.prefill:
-            last = [(i, c.seq) for i, c in enumerate(record.prefill) if c.is_last]
+            last = [(i, c.seq) for i, c in zip(record.prefill_rows, record.prefill) if c.is_last]
             for _, seq in last:
                 seq.num_inflight -= 1
             # A call that failed on the device raises here, when its results are read.

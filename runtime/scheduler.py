@@ -10,6 +10,14 @@ orchestrator carries it out on the engine. Policy, per step:
      pages for their whole prompt (plus the first decode token) and a prefill row are free.
 After the prefill call, every sequence in RUNNING status decodes (the engine decodes
 every active slot), including those whose prompt completed in this step's prefill.
+
+Data parallelism (`groups` = D > 1): slots and pages are split into D equal groups
+(slot s is in group s // (num_slots / D), pages as in `PageAllocator`), and a sequence's
+pages all lie in its slot's group. Shortage is per group: a short group preempts its own
+newest decoding sequence, never another group's. `max_prefill_batch` caps the chunks of
+one group in a call (a call holds up to D times that). Admission stays FCFS: the head of
+the queue goes to the group, among those with a free slot, a free prefill row and pages
+for its reservation, with the most free pages (ties: the lowest); if none, admission stops.
 """
 
 from __future__ import annotations
@@ -85,9 +93,16 @@ class Scheduler:
         max_prefill_batch: int,
         max_chunk: int,
         decode_steps: int = 1,
+        groups: int = 1,
     ):
+        if groups <= 0 or num_slots % groups:
+            raise ValueError(f"num_slots={num_slots} must split into groups={groups} equal groups")
+        if allocator.groups != groups:
+            raise ValueError(f"the allocator has {allocator.groups} page groups; the scheduler {groups}")
         self.allocator = allocator
         self.num_slots = num_slots
+        self.groups = groups
+        self.slots_per_group = num_slots // groups
         self.max_prefill_batch = max_prefill_batch
         self.max_chunk = max_chunk
         self.decode_steps = decode_steps
@@ -124,6 +139,9 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def group_of_slot(self, slot: int) -> int:
+        return slot // self.slots_per_group
+
     # --- the plan ------------------------------------------------------------------
 
     def _preempt(self, seq: Sequence) -> None:
@@ -142,46 +160,66 @@ class Scheduler:
         (the caller first reads every token in flight, then asks again)."""
         preempted: list[Sequence] = []
         released: list[int] = []
-        # 1. Pages for decoding sequences; preempt the newest while they do not fit.
+        # 1. Pages for decoding sequences; while a group's do not fit, preempt its newest.
         decoding = sorted(
             (s for s in self.running.values() if s.status == Status.RUNNING), key=lambda s: s.arrival_order
         )
-        while decoding:
+        while True:
             need = {s: s.token_cap(s.num_tokens + s.num_inflight - 1 + self.decode_steps) for s in decoding}
-            short = sum(
-                max(0, self.allocator.pages_for(n) - len(self.allocator.pages(s.seq_id))) for s, n in need.items()
-            )
-            if short <= self.allocator.num_free:
+            short = [0] * self.groups
+            for s, n in need.items():
+                short[self.group_of_slot(s.slot)] += max(
+                    0, self.allocator.pages_for(n) - len(self.allocator.pages(s.seq_id))
+                )
+            short_groups = {g for g in range(self.groups) if short[g] > self.allocator.num_free_in(g)}
+            if not short_groups:
                 for s, n in need.items():
                     self.allocator.grow(s.seq_id, n)
                 break
             if not can_preempt:
                 return None
-            victim = decoding.pop()
+            # The newest decoding sequence of a short group (a short group has one).
+            victim = next(s for s in reversed(decoding) if self.group_of_slot(s.slot) in short_groups)
+            decoding.remove(victim)
             released.append(victim.slot)
             self._preempt(victim)
             preempted.append(victim)
-        # 2. Continue prompts mid-prefill, oldest first.
+        # 2. Continue prompts mid-prefill, oldest first, up to the cap per group.
         chunks: list[PrefillChunk] = []
+        rows = [0] * self.groups  # prefill chunks of each group in this call
         prefilling = sorted(
             (s for s in self.running.values() if s.status == Status.PREFILLING), key=lambda s: s.arrival_order
         )
-        for seq in prefilling[: self.max_prefill_batch]:
-            chunks.append(self._next_chunk(seq))
-        # 3. Admit waiting sequences while a slot, pages and a prefill row are free.
-        free_slots = [i for i in range(self.num_slots) if i not in self.running]
-        while self.waiting and free_slots and len(chunks) < self.max_prefill_batch:
+        for seq in prefilling:
+            g = self.group_of_slot(seq.slot)
+            if rows[g] < self.max_prefill_batch:
+                rows[g] += 1
+                chunks.append(self._next_chunk(seq))
+        # 3. Admit waiting sequences, first come first served, while some group has a
+        #    slot, a prefill row and the pages free.
+        free_slots = [[] for _ in range(self.groups)]
+        for i in range(self.num_slots):
+            if i not in self.running:
+                free_slots[self.group_of_slot(i)].append(i)
+        while self.waiting:
             seq = self.waiting[0]
             # Pages for the whole prompt and the first decode token, reserved up front so
             # a prompt never stalls half-prefilled for lack of pages.
             reserve = seq.token_cap(len(seq.tokens_to_prefill) + self.decode_steps)
-            if not self.allocator.can_grow(seq.seq_id, reserve):
+            fits = [
+                g for g in range(self.groups)
+                if free_slots[g] and rows[g] < self.max_prefill_batch
+                and self.allocator.can_grow(seq.seq_id, reserve, group=g)
+            ]
+            if not fits:
                 break
+            g = max(fits, key=lambda g: (self.allocator.num_free_in(g), -g))
             self.waiting.popleft()
-            self.allocator.grow(seq.seq_id, reserve)
-            seq.slot = free_slots.pop(0)
+            self.allocator.grow(seq.seq_id, reserve, group=g)
+            seq.slot = free_slots[g].pop(0)
             seq.status = Status.PREFILLING
             self.running[seq.slot] = seq
+            rows[g] += 1
             chunks.append(self._next_chunk(seq))
         return Plan(prefill=chunks, preempted=preempted, released_slots=released)
 

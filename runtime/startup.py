@@ -28,7 +28,7 @@ from runtime.engine import Engine
 from runtime.kv_cache import KVCache
 from runtime.sampling import read_sampling_defaults
 from runtime.tokenizer import Tokenizer, load_tokenizer
-from sharding import pipeline
+from sharding import pipeline, tensor_parallel
 from sharding.mesh import (
     MeshConfig, cache_sharding, check_model, kv_replication, make_mesh, replicate_kv_heads,
 )
@@ -154,15 +154,29 @@ def build_engine(model, ecfg: EngineConfig, *, auto_num_seqs: bool = False, mesh
     cfg = model.cfg
     param_bytes = pipeline.param_bytes_per_device(model, mesh)
     shards = cache_kv_shards(cfg, ecfg, mesh)
+    # Data-parallel groups each hold a copy of the model and 1/D of the slots and pages:
+    # plan one group's devices, then multiply.
+    data = tensor_parallel.data_axis(mesh)
+    groups = mesh.shape[data] if data else 1
+    if groups > 1 and not auto_num_seqs and ecfg.max_num_seqs % groups:
+        raise ConfigError(f"max_num_seqs={ecfg.max_num_seqs} is not a multiple of data_parallel_size={groups}")
+    per_group = dataclasses.replace(
+        ecfg, max_num_seqs=max(1, ecfg.max_num_seqs // groups),
+        num_pages=None if ecfg.num_pages is None else max(1, ecfg.num_pages // groups))
     if auto_num_seqs:
-        n, why = auto_max_num_seqs(cfg, ecfg, param_bytes, kv_shards=shards)
-        ecfg = dataclasses.replace(ecfg, max_num_seqs=n)
-        print(f"max_num_seqs={n} ({why}; --max_num_seqs sets it)", file=sys.stderr, flush=True)
-    cap = plan_capacity(cfg, ecfg, param_bytes, kv_shards=shards)
-    print(cap.describe(ecfg.max_model_len) + (f", per device of {mesh.size}" if mesh is not None else ""),
-          file=sys.stderr, flush=True)  # stdout is the output
-    sharding = None if mesh is None else cache_sharding(cfg, cap.num_pages, ecfg.page_size, mesh)
-    return Engine(model, ecfg, num_pages=cap.num_pages, cache_sharding=sharding)
+        n, why = auto_max_num_seqs(cfg, per_group, param_bytes, kv_shards=shards)
+        per_group = dataclasses.replace(per_group, max_num_seqs=n)
+        ecfg = dataclasses.replace(ecfg, max_num_seqs=n * groups)
+        print(f"max_num_seqs={n * groups} ({why}" + (f", per data-parallel group of {groups}" if groups > 1 else "")
+              + "; --max_num_seqs sets it)", file=sys.stderr, flush=True)
+    cap = plan_capacity(cfg, per_group, param_bytes, kv_shards=shards)
+    where = "" if mesh is None else f", per device of {mesh.size}"
+    if groups > 1:
+        where = f", per data-parallel group of {groups} ({mesh.size // groups} devices each)"
+    print(cap.describe(ecfg.max_model_len) + where, file=sys.stderr, flush=True)  # stdout is the output
+    num_pages = cap.num_pages * groups
+    sharding = None if mesh is None else cache_sharding(cfg, num_pages, ecfg.page_size, mesh)
+    return Engine(model, ecfg, num_pages=num_pages, cache_sharding=sharding)
 
 
 def enable_compilation_cache(directory: str | None = None) -> None:
@@ -212,7 +226,7 @@ def mesh_for(cfg: ModelConfig, mesh_config: MeshConfig | None, ecfg: EngineConfi
     left open (None) is chosen here (`choose_tensor_size`) and said on stderr."""
     if mesh_config is not None and mesh_config.tensor is None:
         tensor, why = choose_tensor_size(cfg, ecfg or EngineConfig(), dtype, mesh_config)
-        if len(jax.devices()) > 1:  # a choice was made
+        if why != "one device":  # there was a choice to make
             print(f"tensor_parallel_size={tensor} ({why}; --tensor_parallel_size sets it)", file=sys.stderr,
                   flush=True)
         mesh_config = dataclasses.replace(mesh_config, tensor=tensor)

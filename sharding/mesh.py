@@ -46,9 +46,6 @@ class MeshConfig:
         for name in ("tensor", "pipeline", "data"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name}_parallel_size={getattr(self, name)} must be >= 1")
-        if self.data > 1:
-            raise ConfigError(f"data_parallel_size={self.data}: data parallelism is not implemented yet (issue 12); "
-                              "run one server per device group instead")
 
     @property
     def num_devices(self) -> int:

@@ -14,6 +14,17 @@ import jax
 import jax.numpy as jnp
 
 
+def local_page_table(page_table: jax.Array, local_pages: int, data_axis: str | None) -> jax.Array:
+    """Per device of a data-parallel group: page ids of this group's rows, which are
+    global (group g owns pages [g*n, (g+1)*n)), made local to its n pages. Rows of idle
+    slots hold zeros, which fall outside; clipped, so no kernel reads out of bounds
+    (their kv length is 0: nothing read there is used)."""
+    if data_axis is None:
+        return page_table
+    offset = jax.lax.axis_index(data_axis) * local_pages
+    return jnp.clip(page_table - offset, 0, local_pages - 1)
+
+
 @dataclasses.dataclass(frozen=True)
 class Local:
     """The forward runs per device; heads, ffw and vocabulary are split over `axis`."""

@@ -33,9 +33,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from runtime.kv_cache import KV_AXES, KVCache
-from sharding.ops import Local
+from sharding.ops import Local, local_page_table
 from sharding.rules import DEFAULT_RULES, logical_to_spec, stage_mesh
-from sharding.tensor_parallel import param_specs
+from sharding.tensor_parallel import data_axis, param_specs
 
 STAGES = "stages"  # the logical axis of stacked per-stage tensors
 
@@ -158,15 +158,16 @@ def model_step(staged: Staged, params, tokens, positions, cache: KVCache, page_t
     """`Transformer.__call__` pipelined over the stages of `mesh` (and split over its
     "tensor" axis): float32 logits [B, V] (or [B, T, V] without `logits_at`) on every
     device and the cache."""
-    stage_axis, tensor_axis = rules[STAGES], rules["q_heads"]
+    stage_axis, tensor_axis, data = rules[STAGES], rules["q_heads"], data_axis(mesh, rules)
     S = staged.stages
     B, T = tokens.shape
+    B //= mesh.shape[data] if data else 1  # the rows of one data-parallel group
     # Decode: the configured groups (ecfg.pipeline_microbatches). Prefill: one per stage.
     M = microbatches_for(B, staged.microbatches if T == 1 else S)
     b = B // M
     pspecs = param_specs(params, mesh, rules)
     cspecs = jax.tree.map(lambda x: logical_to_spec((STAGES, *KV_AXES), x.shape, mesh, rules), cache)
-    rep = PartitionSpec()
+    rows = PartitionSpec(data)
     has_at = logits_at is not None
     logits_at = jnp.zeros((B,), jnp.int32) if logits_at is None else logits_at
 
@@ -176,6 +177,7 @@ def model_step(staged: Staged, params, tokens, positions, cache: KVCache, page_t
         shell = nnx.merge(staged.shell, params["outer"])
         layers = [jax.tree.map(lambda x: x[0], p) for p in params["layers"]]
         ks, vs = [x[0] for x in cache.k], [x[0] for x in cache.v]
+        page_table = local_page_table(page_table, ks[0].shape[0], data)
         x = shell.embed(tokens, local)
         D = x.shape[-1]
         mb = lambda a: a.reshape(M, b, *a.shape[1:])  # noqa: E731
@@ -203,5 +205,6 @@ def model_step(staged: Staged, params, tokens, positions, cache: KVCache, page_t
         return logits, KVCache(k=tuple(k[None] for k in ks), v=tuple(v[None] for v in vs))
 
     return jax.shard_map(
-        body, mesh=mesh, in_specs=(pspecs, cspecs, rep, rep, rep, rep, rep), out_specs=(rep, cspecs), check_vma=False,
+        body, mesh=mesh, in_specs=(pspecs, cspecs, rows, rows, rows, rows, rows), out_specs=(rows, cspecs),
+        check_vma=False,
     )(params, cache, tokens, positions, page_table, kv_lens, logits_at)

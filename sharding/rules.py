@@ -16,7 +16,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 # Megatron-style tensor parallelism: heads, ffw and vocab split over "tensor"; the
-# batch over "data". Pipeline stages own whole layers (sharding/pipeline.py).
+# batch (decode slots, prefill rows) and the KV pages over "data". Pipeline stages own
+# whole layers (sharding/pipeline.py).
 DEFAULT_RULES: Mapping[str, str | None] = {
     "batch": "data",
     "seq": None,
@@ -26,7 +27,7 @@ DEFAULT_RULES: Mapping[str, str | None] = {
     "head_dim": None,
     "ffw": "tensor",
     "vocab": "tensor",
-    "pages": None,
+    "pages": "data",  # each data-parallel group holds its own pages of the KV cache
     "page": None,
     "layers": None,
     "stages": "stage",  # stacked per-stage tensors (sharding/pipeline.py)

@@ -3,8 +3,6 @@ gives the tokens of --attention=reference."""
 
 from __future__ import annotations
 
-import importlib.metadata
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp

@@ -132,17 +132,18 @@ def test_unset_sampling_flags_take_the_checkpoint_defaults(checkpoint, tmp_path)
 
 
 def test_sharded_generate_equals_one_device(checkpoint):
-    """--tensor_parallel_size=2 and --pipeline_parallel_size=2 on 2 simulated CPU devices:
+    """--tensor_parallel_size=2, --pipeline_parallel_size=2 and --data_parallel_size=2 on 2 simulated CPU devices:
     restored into shardings, the same greedy tokens; asking for more devices than present is one line, exit 2."""
     args = (f"--checkpoint={checkpoint}", "--prompt=Hello there", "--prompt=A second, longer prompt here",
             "--max_tokens=6", "--ignore_eos", "--format=jsonl", "--logprobs=0", *COMMON)
     devices = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
     one = generate(*args, **devices)
     assert one.returncode == 0, one.stderr[-2000:]
-    for layout in ("--tensor_parallel_size=2", "--pipeline_parallel_size=2"):
+    for layout in ("--tensor_parallel_size=2", "--pipeline_parallel_size=2", "--data_parallel_size=2"):
         two = generate(*args, layout, **devices)
         assert two.returncode == 0, two.stderr[-2000:]
-        assert "per device of 2" in two.stderr
+        assert "per device of 2" in two.stderr or "per data-parallel group of 2" in two.stderr
+        assert "tensor_parallel_size=" not in two.stderr  # nothing was left to choose
         for a, b in zip(map(json.loads, one.stdout.splitlines()), map(json.loads, two.stdout.splitlines())):
             assert a["token_ids"] == b["token_ids"], layout
             assert max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"])) < 1e-4, layout

@@ -34,16 +34,16 @@ from sharding.mesh import (  # noqa: E402
 )
 
 BASE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, max_position_embeddings=256)
-# name: (HF config, layouts (tensor, pipeline, attention, decode microbatches)); "pallas"
+# name: (HF config, layouts (tensor, pipeline, attention, decode microbatches[, data])); "pallas"
 # is the GPU kernels in Pallas' interpreter, inside shard_map on local heads.
 R, PL = "reference", "pallas"
 CONFIGS = {
     # GQA, 8 query heads over 2 kv heads; a vocabulary not divisible by 4 or 8 (replicated there).
     "llama_gqa": (dict(model_type="llama", vocab_size=510, num_attention_heads=8, num_key_value_heads=2),
-                  ((2, 1, R, 1), (4, 1, R, 1), (8, 1, R, 1), (2, 1, PL, 1), (1, 2, R, 1))),
+                  ((2, 1, R, 1), (4, 1, R, 1), (8, 1, R, 1), (2, 1, PL, 1), (1, 2, R, 1), (2, 1, R, 1, 2))),
     # Four layers: four stages, and tensor x pipeline with two decode microbatches.
     "llama_4layers": (dict(model_type="llama", vocab_size=512, num_attention_heads=8, num_key_value_heads=2,
-                           num_hidden_layers=4), ((1, 4, R, 1), (2, 2, R, 2))),
+                           num_hidden_layers=4), ((1, 4, R, 1), (2, 2, R, 2), (2, 2, R, 1, 2))),
     "mqa": (dict(model_type="llama", vocab_size=512, num_attention_heads=8, num_key_value_heads=1),
             ((4, 1, R, 1), (2, 2, R, 1))),
     "mistral_window": (dict(model_type="mistral", vocab_size=512, num_attention_heads=4, num_key_value_heads=2,
@@ -51,7 +51,8 @@ CONFIGS = {
     # Local then global layer: with two stages, each stage's layer differs (a switch on the stage).
     "gemma3": (dict(model_type="gemma3_text", vocab_size=512, num_attention_heads=4, num_key_value_heads=2,
                     head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
-                    layer_types=["sliding_attention", "full_attention"]), ((2, 1, R, 1), (1, 2, R, 1), (2, 2, PL, 1))),
+                    layer_types=["sliding_attention", "full_attention"]), ((2, 1, R, 1), (1, 2, R, 1), (2, 2, PL, 1),
+                                                                          (1, 1, PL, 1, 2))),
 }
 ECFG = EngineConfig(max_num_seqs=4, max_model_len=64, page_size=8, prefill_lengths=(16, 32),
                     prefill_batch_sizes=(1, 2), cache_dtype="float32", num_top_logprobs=2)
@@ -93,14 +94,18 @@ def main() -> None:
         base = run(one)
         total = bytes_per_device(nnx.state(model))
         layer_total = bytes_per_device(nnx.state(model)["layers"])
-        for tp, pp, attention, micro in sizes:
+        for tp, pp, attention, micro, *data in sizes:
+            dp = data[0] if data else 1
             ecfg = dataclasses.replace(ECFG, attention=attention, pipeline_microbatches=micro)
-            mc = MeshConfig(tensor=tp, pipeline=pp)
+            mc = MeshConfig(tensor=tp, pipeline=pp, data=dp)
             check_model(model.cfg, mc)
             mesh = make_mesh(mc)
             sharded = replicate_kv_heads(place_model(model, mesh), mesh)
-            engine = Engine(sharded, ecfg, num_pages=NUM_PAGES,
-                            cache_sharding=cache_sharding(sharded.cfg, NUM_PAGES, ECFG.page_size, mesh))
+            # Per data-parallel group fewer pages than one device has: two requests of a
+            # group outgrow them, so groups preempt too (one sequence needs at most 8).
+            pages = NUM_PAGES if dp == 1 else 10 * dp
+            engine = Engine(sharded, ecfg, num_pages=pages,
+                            cache_sharding=cache_sharding(sharded.cfg, pages, ECFG.page_size, mesh))
             got = run(engine)
             params = engine.params
             outer = params["outer"] if pp > 1 else params
@@ -109,7 +114,7 @@ def main() -> None:
                                        np.zeros((ECFG.max_num_seqs, ECFG.max_pages_per_seq), np.int32)).compile().as_text()
             diffs = [float(np.max(np.abs(np.array(base["res"][k][1]) - np.array(got["res"][k][1])))) for k in base["res"]]
             print(json.dumps(dict(
-                config=name, tp=tp, pp=pp, attention=attention, microbatches=micro,
+                config=name, tp=tp, pp=pp, dp=dp, attention=attention, microbatches=micro,
                 tokens_equal=all(base["res"][k][0] == got["res"][k][0] for k in base["res"]),
                 max_logprob_diff=max(diffs),
                 wq=spec(params["layers"][0]["attn"]["wq"]), wk=spec(params["layers"][0]["attn"]["wk"]),
@@ -118,6 +123,7 @@ def main() -> None:
                 param_bytes_per_device=bytes_per_device(params), param_bytes=total,
                 layer_bytes_per_device=bytes_per_device(params["layers"]), layer_bytes=layer_total,
                 cache_bytes_per_device=bytes_per_device(engine.cache), cache_bytes=bytes_per_device(one.cache),
+                group_pages=pages // dp, one_device_pages=NUM_PAGES,
                 kv_heads=model.cfg.num_kv_heads, sharded_kv_heads=sharded.cfg.num_kv_heads,
                 compiles_after_warmup=got["compiles"], preemptions=got["preemptions"], pages_used=got["pages_used"],
                 all_reduce="all-reduce" in hlo, collective_permute="collective-permute" in hlo,

@@ -42,32 +42,37 @@ def rows():
 
 
 def test_sharded_equals_one_device(rows):
-    assert {(r["config"], r["tp"], r["pp"], r["attention"]) for r in rows} == {
-        ("llama_gqa", 2, 1, "reference"), ("llama_gqa", 4, 1, "reference"), ("llama_gqa", 8, 1, "reference"),
-        ("llama_gqa", 2, 1, "pallas"), ("llama_gqa", 1, 2, "reference"),
-        ("llama_4layers", 1, 4, "reference"), ("llama_4layers", 2, 2, "reference"),
-        ("mqa", 4, 1, "reference"), ("mqa", 2, 2, "reference"),
-        ("mistral_window", 2, 1, "reference"), ("mistral_window", 1, 2, "reference"),
-        ("gemma3", 2, 1, "reference"), ("gemma3", 1, 2, "reference"), ("gemma3", 2, 2, "pallas")}
+    assert {(r["config"], r["tp"], r["pp"], r["dp"], r["attention"]) for r in rows} == {
+        ("llama_gqa", 2, 1, 1, "reference"), ("llama_gqa", 4, 1, 1, "reference"), ("llama_gqa", 8, 1, 1, "reference"),
+        ("llama_gqa", 2, 1, 1, "pallas"), ("llama_gqa", 1, 2, 1, "reference"), ("llama_gqa", 2, 1, 2, "reference"),
+        ("llama_4layers", 1, 4, 1, "reference"), ("llama_4layers", 2, 2, 1, "reference"),
+        ("llama_4layers", 2, 2, 2, "reference"),
+        ("mqa", 4, 1, 1, "reference"), ("mqa", 2, 2, 1, "reference"),
+        ("mistral_window", 2, 1, 1, "reference"), ("mistral_window", 1, 2, 1, "reference"),
+        ("gemma3", 2, 1, 1, "reference"), ("gemma3", 1, 2, 1, "reference"), ("gemma3", 2, 2, 1, "pallas"),
+        ("gemma3", 1, 1, 2, "pallas")}
     assert any(r["microbatches"] > 1 for r in rows)
     for r in rows:
-        where = f"{r['config']} TP {r['tp']} PP {r['pp']} {r['attention']}"
+        where = f"{r['config']} TP {r['tp']} PP {r['pp']} DP {r['dp']} {r['attention']}"
         assert r["tokens_equal"], where
         assert r["max_logprob_diff"] < LOGPROB_ATOL, where
         assert r["compiles_after_warmup"] == 0 and r["pages_used"] == 0, where
         assert r["preemptions"] > 0, where  # the workload preempts and recomputes
-        assert r["all_reduce"], f"{where}: the decode step has no cross-device reduction"
+        assert r["all_reduce"] or r["tp"] * r["pp"] == 1, f"{where}: the decode step has no cross-device reduction"
         # Stages hand activations on with a collective permute; without stages there is none.
-        assert r["collective_permute"] == (r["pp"] > 1), where
+        # (With data-parallel groups the partitioner may also move rows with one.)
+        assert r["collective_permute"] == (r["pp"] > 1) or r["dp"] > 1, where
 
 
 def test_large_tensors_are_split_not_replicated(rows):
     for r in rows:
-        where = f"{r['config']} TP {r['tp']} PP {r['pp']} {r['attention']}"
+        where = f"{r['config']} TP {r['tp']} PP {r['pp']} DP {r['dp']} {r['attention']}"
         if r["tp"] > 1:
             assert "'tensor'" in r["wq"] and "'tensor'" in r["w_down"], where  # heads and ffw split
         if r["pp"] > 1:  # layers stacked over stages
             assert "'stage'" in r["wq"] and "'stage'" in r["cache"], where
+        if r["dp"] > 1:  # each data-parallel group holds its own pages
+            assert "'data'" in r["cache"] and "'data'" not in r["wq"], where
         # kv heads split too: where fewer than the devices, repeated to one per device.
         if r["tp"] > 1:
             assert "'tensor'" in r["wk"] and "'tensor'" in r["cache"], where
@@ -75,12 +80,15 @@ def test_large_tensors_are_split_not_replicated(rows):
         # Each device holds its kv heads' share of the one-device cache: 1/TP of it, or
         # one head's worth where kv heads were repeated (MQA at TP 4: all of it).
         heads_per_device = r["sharded_kv_heads"] // r["tp"]
-        assert r["cache_bytes_per_device"] * r["kv_heads"] * r["pp"] == r["cache_bytes"] * heads_per_device, where
+        # Data-parallel layouts: each group's pages only (`group_pages` of them).
+        assert (r["cache_bytes_per_device"] * r["kv_heads"] * r["pp"] * r["one_device_pages"]
+                == r["cache_bytes"] * heads_per_device * r["group_pages"]), where
         # Every device holds 1/(TP x PP) of the layers (more where kv heads are repeated).
         assert r["layer_bytes_per_device"] * r["tp"] * r["pp"] <= 1.3 * r["layer_bytes"], where
         # Each device holds well under the whole model (the embedding and output
         # projection are replicated over stages, and at these tiny sizes they weigh).
-        assert r["param_bytes_per_device"] < 0.8 * r["param_bytes"], where
+        # (Data-parallel groups each hold a whole copy of their split.)
+        assert r["param_bytes_per_device"] < 0.8 * r["param_bytes"] or r["tp"] * r["pp"] == 1, where
 
 
 def _cfg(**kw) -> ModelConfig:
@@ -98,7 +106,7 @@ def test_bad_splits_fail_with_what_would_work():
         check_model(_cfg(num_attention_heads=8, num_key_value_heads=8, intermediate_size=100), MeshConfig(tensor=8))
     with pytest.raises(ConfigError, match=r"2 devices, but 1 are present"):
         make_mesh(MeshConfig(tensor=2))
-    for kw, what in ((dict(tensor=0), "tensor_parallel_size=0"),                      (dict(data=2), "data parallelism")):
+    for kw, what in ((dict(tensor=0), "tensor_parallel_size=0"), (dict(data=0), "data_parallel_size=0")):
         with pytest.raises(ConfigError, match=what):
             MeshConfig(**kw)
     with pytest.raises(ConfigError, match=r"num_layers=1 is not divisible by pipeline_parallel_size=2; use "
