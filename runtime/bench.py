@@ -56,8 +56,9 @@ def bench_batch(model, batch: int, bandwidth: float, mesh=None) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from runtime.config import EngineConfig
+    from flax import nnx
 
+    from runtime.config import EngineConfig
     from runtime.engine import attention_impl
     from runtime.kv_cache import KVCache
     from runtime.orchestrator import Orchestrator, Request
@@ -164,7 +165,7 @@ def bench_batch(model, batch: int, bandwidth: float, mesh=None) -> dict:
     from sharding import pipeline
     from sharding.mesh import bytes_per_device
 
-    param_bytes = pipeline.param_bytes_per_device(model, mesh)
+    param_bytes = bytes_per_device(nnx.state(model))  # layers already on their stage's devices only
     if not cfg.tie_embeddings:  # only B rows of it are read
         param_bytes -= bytes_per_device(model.embedding.get_value())
     ctx = FLAGS.prompt_len + FLAGS.gen_len / 2

@@ -62,6 +62,22 @@ def distributed_config_from_flags():
         raise ConfigError(str(e)) from None
 
 
+def join_cluster(dist, mesh_config):
+    """(cluster, mesh config) after jax.distributed start-up (sharding.distributed); the
+    cluster is None for one process. A cluster that cannot form: one line, exit 1; a
+    mesh that does not span it: one line, exit 2."""
+    from sharding import distributed
+
+    try:
+        cluster = distributed.initialize(dist)
+        return cluster, distributed.mesh_config_for(cluster, mesh_config)
+    except distributed.ClusterError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except ValueError as e:
+        usage_error(str(e))
+
+
 def _ints(name: str, values) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in values)

@@ -101,14 +101,7 @@ def main(argv: list[str]) -> None:
     from runtime.startup import CapacityError, load_engine
     from sharding import distributed
 
-    try:
-        cluster = distributed.initialize(dist)
-        mesh_config = distributed.mesh_config_for(cluster, mesh_config)
-    except distributed.ClusterError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except ValueError as e:
-        xflags.usage_error(str(e))
+    cluster, mesh_config = xflags.join_cluster(dist, mesh_config)
     if cluster is not None and not cluster.is_leader:
         def report(e):
             print(f"error: {e}", file=sys.stderr, flush=True)

@@ -199,14 +199,7 @@ def main(argv: list[str]) -> None:
         xflags.usage_error(f"--drain_timeout_s={FLAGS.drain_timeout_s} must be >= 0")
     from sharding import distributed
 
-    try:
-        cluster = distributed.initialize(dist)
-        mesh_config = distributed.mesh_config_for(cluster, mesh_config)
-    except distributed.ClusterError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except ValueError as e:
-        xflags.usage_error(str(e))
+    cluster, mesh_config = xflags.join_cluster(dist, mesh_config)
     load = _loader(FLAGS.checkpoint, ecfg, FLAGS.dtype, xflags.auto_num_seqs(), mesh_config)
     leader = None
     if cluster is not None:

@@ -20,6 +20,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 import checkpoints
 from checkpoints.aliases import resolve_checkpoint
@@ -30,7 +31,7 @@ from runtime.sampling import read_sampling_defaults
 from runtime.tokenizer import Tokenizer, load_tokenizer
 from sharding import pipeline, tensor_parallel
 from sharding.mesh import (
-    MeshConfig, cache_sharding, check_model, kv_replication, make_mesh, replicate_kv_heads,
+    MeshConfig, bytes_per_device, cache_sharding, check_model, kv_replication, make_mesh, replicate_kv_heads,
 )
 
 log = logging.getLogger(__name__)
@@ -152,7 +153,7 @@ def build_engine(model, ecfg: EngineConfig, *, auto_num_seqs: bool = False, mesh
     builds the engine."""
     model = replicate_kv_heads(model, mesh)
     cfg = model.cfg
-    param_bytes = pipeline.param_bytes_per_device(model, mesh)
+    param_bytes = bytes_per_device(nnx.state(model))  # layers already on their stage's devices only
     shards = cache_kv_shards(cfg, ecfg, mesh)
     # Data-parallel groups each hold a copy of the model and 1/D of the slots and pages:
     # plan one group's devices, then multiply.

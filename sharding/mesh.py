@@ -119,7 +119,7 @@ def replicate_kv_heads(model, mesh: Mesh | None, rules=DEFAULT_RULES):
             return var
         axes = var.get_metadata()["logical_axes"]
         value = jnp.repeat(var.get_value(), r, axis=axes.index("kv_heads"))
-        return var.replace(jax.device_put(value, named_sharding(axes, value.shape, mesh, rules)))
+        return var.replace(jax.device_put(value, param_sharding(path, axes, value.shape, mesh, cfg.num_layers, rules)))
 
     graphdef, state = nnx.split(model)
     flat = [(path, repeat(path, var)) for path, var in nnx.to_flat_state(state)]

@@ -34,7 +34,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from runtime.kv_cache import KV_AXES, KVCache
 from sharding.ops import Local, local_page_table
-from sharding.rules import DEFAULT_RULES, logical_to_spec, stage_mesh
+from sharding.rules import DEFAULT_RULES, logical_to_spec
 from sharding.tensor_parallel import data_axis, param_specs
 
 STAGES = "stages"  # the logical axis of stacked per-stage tensors
@@ -71,28 +71,19 @@ def stage_model(model, mesh: Mesh, microbatches: int, rules: Mapping[str, str | 
     {"outer": the non-layer weights over the whole mesh, "layers": per index in a stage
     the stacked weights of that layer of every stage}. Weights already on their stage's
     devices (sharding.rules.param_sharding, as loading places them) are not moved."""
-    from sharding.rules import named_sharding
+    from sharding.mesh import place_model
 
     S = stage_size(mesh, rules)
     L = model.cfg.num_layers
     if L % S:
         raise ValueError(f"num_layers={L} is not divisible by {S} stages")
     Ls = L // S
-    graphdef, state = nnx.split(model)
+    graphdef, state = nnx.split(place_model(model, mesh, rules))  # layers on their stage's devices
     layer_states = state["layers"]
     outer = nnx.State({k: v for k, v in state.items() if k != "layers"})
-
-    def place(var, m):
-        value = var.get_value()
-        axes = var.get_metadata().get("logical_axes", (None,) * value.ndim)
-        return var.replace(jax.device_put(value, named_sharding(axes, value.shape, m, rules)))
-
-    outer = jax.tree.map(lambda v: place(v, mesh), outer, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    stage_meshes = [stage_mesh(mesh, s, rules) for s in range(S)]
     layers = []
     for i in range(Ls):
-        per_stage = [jax.tree.map(lambda v, m=stage_meshes[s]: place(v, m), layer_states[s * Ls + i],
-                                  is_leaf=lambda x: isinstance(x, nnx.Variable)) for s in range(S)]
+        per_stage = [layer_states[s * Ls + i] for s in range(S)]
 
         def stack(*vars_):
             axes = vars_[0].get_metadata().get("logical_axes", (None,) * vars_[0].get_value().ndim)
@@ -104,19 +95,6 @@ def stage_model(model, mesh: Mesh, microbatches: int, rules: Mapping[str, str | 
     shell.layers = nnx.List([])
     blocks = tuple(tuple(nnx.split(model.layers[s * Ls + i])[0] for s in range(S)) for i in range(Ls))
     return Staged(nnx.split(shell)[0], blocks, S, microbatches), {"outer": outer, "layers": tuple(layers)}
-
-
-def param_bytes_per_device(model, mesh: Mesh | None, rules=DEFAULT_RULES) -> int:
-    """Bytes of weights the most loaded device will hold once `model` (placed over the
-    whole mesh, so far replicated over stages) is staged: its share of the layers."""
-    from sharding.mesh import bytes_per_device
-
-    state = nnx.state(model)
-    S = stage_size(mesh, rules)
-    if S == 1:
-        return bytes_per_device(state)
-    outer = nnx.State({k: v for k, v in state.items() if k != "layers"})
-    return bytes_per_device(outer) + bytes_per_device(state["layers"]) // S
 
 
 def cache_sharding(cfg, num_pages: int, page_size: int, mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:

@@ -27,6 +27,7 @@ from flax import nnx
 from jax.sharding import Mesh, PartitionSpec
 
 from runtime.kv_cache import KV_AXES, KVCache
+from sharding.mesh import tensor_size
 from sharding.ops import Local, local_page_table
 from sharding.rules import DEFAULT_RULES, logical_to_spec
 
@@ -51,11 +52,6 @@ def cache_specs(cache: KVCache, mesh: Mesh, rules: Mapping[str, str | None] = DE
     return KVCache(k=tuple(spec(x) for x in cache.k), v=tuple(spec(x) for x in cache.v))
 
 
-def is_tensor_parallel(mesh: Mesh | None, rules: Mapping[str, str | None] = DEFAULT_RULES) -> bool:
-    axis = rules.get("q_heads")
-    return mesh is not None and axis in mesh.shape and mesh.shape[axis] > 1
-
-
 def data_axis(mesh: Mesh | None, rules: Mapping[str, str | None] = DEFAULT_RULES) -> str | None:
     """The mesh axis that splits rows and pages into data-parallel groups, when it does."""
     axis = rules.get("batch")
@@ -64,7 +60,7 @@ def data_axis(mesh: Mesh | None, rules: Mapping[str, str | None] = DEFAULT_RULES
 
 def is_sharded(mesh: Mesh | None, rules: Mapping[str, str | None] = DEFAULT_RULES) -> bool:
     """Whether the model step runs per device (`model_step`): split by tensor or data."""
-    return is_tensor_parallel(mesh, rules) or data_axis(mesh, rules) is not None
+    return tensor_size(mesh, rules) > 1 or data_axis(mesh, rules) is not None
 
 
 def model_step(graphdef, params, tokens, positions, cache: KVCache, page_table, kv_lens, logits_at, *, mesh: Mesh,

@@ -121,6 +121,8 @@ def main() -> None:
                 w_down=spec(params["layers"][0]["mlp"]["w_down"]), embedding=spec(outer["embedding"]),
                 cache=str(jax.tree.leaves(engine.cache)[0].sharding.spec),
                 param_bytes_per_device=bytes_per_device(params), param_bytes=total,
+                # What the memory planner counts (runtime.startup.build_engine): the placed model.
+                planned_param_bytes=bytes_per_device(nnx.state(sharded)),
                 layer_bytes_per_device=bytes_per_device(params["layers"]), layer_bytes=layer_total,
                 cache_bytes_per_device=bytes_per_device(engine.cache), cache_bytes=bytes_per_device(one.cache),
                 group_pages=pages // dp, one_device_pages=NUM_PAGES,

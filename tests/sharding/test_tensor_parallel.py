@@ -83,6 +83,10 @@ def test_large_tensors_are_split_not_replicated(rows):
         # Data-parallel layouts: each group's pages only (`group_pages` of them).
         assert (r["cache_bytes_per_device"] * r["kv_heads"] * r["pp"] * r["one_device_pages"]
                 == r["cache_bytes"] * heads_per_device * r["group_pages"]), where
+        # The planner sizes the KV cache from the placed model's bytes: they must be what
+        # the engine holds once staged (a layer or repeated kv head left on every stage
+        # would make them differ).
+        assert r["planned_param_bytes"] == r["param_bytes_per_device"], where
         # Every device holds 1/(TP x PP) of the layers (more where kv heads are repeated).
         assert r["layer_bytes_per_device"] * r["tp"] * r["pp"] <= 1.3 * r["layer_bytes"], where
         # Each device holds well under the whole model (the embedding and output
