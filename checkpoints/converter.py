@@ -254,7 +254,7 @@ def convert(source: str | os.PathLike, output: str | os.PathLike, dtype="bfloat1
         params = {}
         for path, array in convert_tensors(src.config, src.tensors(dt)):
             params[path] = array.astype(dt, copy=False)
-        orbax_io.save_params(tmp / PARAMS_DIR, params)
+        orbax_io.save_params(tmp / PARAMS_DIR, params, axes=orbax_io.param_axes(src.config))
         (tmp / CONFIG_FILE).write_text(src.config.to_json() + "\n")
         write_manifest(tmp, src, dt, params)
         del params

@@ -9,6 +9,12 @@ handler deep-copies every host array before writing (a guard against concurrent
 mutation), which would double the peak host memory of a conversion, so we save through
 a handler registry whose numpy handler does not (where the installed Orbax can say so).
 
+Each parameter is stored in chunks split along the axis tensor parallelism splits
+(`chunk_shape`: heads, ffw columns, vocabulary rows, into up to MAX_BLOCKS blocks of at
+least MIN_CHUNK_BYTES), so a host restoring its shards reads those chunks and not the
+whole tensor; Orbax's own chunking (SaveArgs.chunk_byte_size) splits the largest axis
+instead, which every tensor-parallel rank would read in full.
+
 Restoring gives each parameter a ShapeDtypeStruct with the sharding that
 `sharding.rules.param_shardings` derives from its logical axes, so every device reads
 only its own shard, and the dtype cast happens in the read.
@@ -16,6 +22,7 @@ only its own shard, and the dtype cast happens in the read.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -34,6 +41,40 @@ from runtime.models.transformer import Transformer, abstract_model
 from sharding.rules import DEFAULT_RULES, param_shardings
 
 ParamPath = tuple  # ('layers', 3, 'attn', 'wq')
+
+MAX_BLOCKS = 64  # tensor-parallel sizes up to this read only their own chunks
+MIN_CHUNK_BYTES = 1 << 20  # smaller chunks cost more in index and requests than they save
+
+
+def chunk_shape(shape: tuple[int, ...], axes: tuple[str | None, ...], itemsize: int,
+                rules: Mapping[str, str | None] = DEFAULT_RULES) -> tuple[int, ...]:
+    """The chunk a parameter of `shape` with logical `axes` is stored in: the first axis
+    that `rules` split over "tensor" cut into the most blocks (a power of two dividing it,
+    at most MAX_BLOCKS) whose chunks stay at least MIN_CHUNK_BYTES; else the whole shape."""
+    for i, name in enumerate(axes):
+        if name is None or rules.get(name) != "tensor":
+            continue
+        blocks = 1
+        while (blocks * 2 <= MAX_BLOCKS and shape[i] % (blocks * 2) == 0
+               and math.prod(shape) * itemsize // (blocks * 2) >= MIN_CHUNK_BYTES):
+            blocks *= 2
+        return tuple(d // blocks if j == i else d for j, d in enumerate(shape))
+    return tuple(shape)
+
+
+class _ChunkedNumpyHandler(type_handlers.NumpyHandler):
+    """Orbax's numpy handler, writing each array in the chunks `chunks[name]` gives."""
+
+    def __init__(self, chunks: Mapping[str, tuple[int, ...]], **kwargs):
+        super().__init__(**kwargs)
+        self._chunks = chunks
+
+    async def _open_and_write(self, value, tspec, ts_context):
+        chunks = self._chunks.get(str(tspec.get("kvstore", {}).get("path", "")).strip("/"))
+        metadata = tspec.get("metadata", {})
+        if chunks is not None and "chunks" in metadata:  # zarr (v2): one key per chunk
+            tspec = {**tspec, "metadata": {**metadata, "chunks": list(chunks)}}
+        return await super()._open_and_write(value, tspec, ts_context)
 
 
 def path_key(path: ParamPath) -> str:
@@ -57,12 +98,27 @@ def _lookup(tree: Mapping[str, Any], path: ParamPath) -> Any:
     return tree
 
 
-def save_params(directory: str | os.PathLike, params: Mapping[ParamPath, np.ndarray]) -> None:
-    """Writes {path: host array} as an Orbax checkpoint at `directory` (which must not exist)."""
+def param_axes(cfg: ModelConfig) -> dict[ParamPath, tuple]:
+    """{parameter path: logical axes} of the model `cfg` describes."""
+    _, state = nnx.split(abstract_model(cfg, np.float32))
+    return {tuple(path): var.get_metadata().get("logical_axes", ()) for path, var in nnx.to_flat_state(state)}
+
+
+def save_params(directory: str | os.PathLike, params: Mapping[ParamPath, np.ndarray],
+                axes: Mapping[ParamPath, tuple] | None = None) -> None:
+    """Writes {path: host array} as an Orbax checkpoint at `directory` (which must not
+    exist), each array chunked along its tensor-parallel axis where `axes` (logical axes
+    by path, `param_axes(cfg)`) names one."""
+    chunks = {}
+    for path, value in params.items():
+        if axes is not None and path in axes and len(axes[path]) == value.ndim:
+            chunk = chunk_shape(value.shape, axes[path], value.dtype.itemsize)
+            if chunk != value.shape:
+                chunks[".".join(map(str, path))] = chunk  # the array's key in the checkpoint
     try:
-        numpy_handler = type_handlers.NumpyHandler(deepcopy_host_arrays=False)
+        numpy_handler = _ChunkedNumpyHandler(chunks, deepcopy_host_arrays=False)
     except TypeError:  # older orbax (0.12.4 has no such option) always copies: peak ~2x
-        numpy_handler = type_handlers.NumpyHandler()
+        numpy_handler = _ChunkedNumpyHandler(chunks)
     registry = type_handlers.create_type_handler_registry(
         (np.ndarray, numpy_handler), (jax.Array, type_handlers.ArrayHandler())
     )

@@ -19,6 +19,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 import checkpoints  # noqa: E402
+from checkpoints import orbax_io  # noqa: E402
 from checkpoints.converter import convert  # noqa: E402
 from checkpoints.errors import CheckpointError  # noqa: E402
 from checkpoints.mapping import MappingError  # noqa: E402
@@ -43,13 +44,17 @@ def hf_dirs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def converted(hf_dirs, tmp_path_factory):
-    """Each tiny model converted once to float32 and once to bfloat16."""
+    """Each tiny model converted once to float32 and once to bfloat16, stored in chunks
+    along the tensor-parallel axes as a real model's are (tiny arrays are otherwise
+    stored whole), so the round trips read chunked arrays."""
     root = tmp_path_factory.mktemp("converted")
-    return {
-        (kind, dtype): convert(src, root / f"{kind}-{dtype}", dtype)
-        for kind, src in hf_dirs.items()
-        for dtype in ("float32", "bfloat16")
-    }
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(orbax_io, "MIN_CHUNK_BYTES", 0)
+        return {
+            (kind, dtype): convert(src, root / f"{kind}-{dtype}", dtype)
+            for kind, src in hf_dirs.items()
+            for dtype in ("float32", "bfloat16")
+        }
 
 
 def _config(model_dir: Path) -> ModelConfig:

@@ -51,6 +51,7 @@ def checkpoint(tmp_path_factory):
     with a word-level tokenizer, converted."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
+    from checkpoints import orbax_io
     from checkpoints.converter import convert
     from tests.checkpoints.helpers import VOCAB, write_word_tokenizer
 
@@ -65,7 +66,9 @@ def checkpoint(tmp_path_factory):
             p.add_(torch.randn_like(p) * 0.05)  # peaked enough that greedy picks are far from ties
     model.save_pretrained(hf_dir)
     write_word_tokenizer(hf_dir)
-    return convert(hf_dir, tmp_path_factory.mktemp("ckpt") / "tiny", "float32")
+    with pytest.MonkeyPatch.context() as mp:  # chunked along the tensor axes, as a real model's are
+        mp.setattr(orbax_io, "MIN_CHUNK_BYTES", 0)
+        return convert(hf_dir, tmp_path_factory.mktemp("ckpt") / "tiny", "float32")
 
 
 def _free_port() -> int:
