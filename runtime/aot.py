@@ -224,7 +224,9 @@ def step_fn(engine: AbstractEngine, kind: str, shape: tuple = ()):
     """The jitted step that serves one manifest entry (what Engine calls for it)."""
     if kind == "prefill":
         return engine.steps.prefill["fresh" in shape[2:]]
-    return engine.steps.decode if kind == "decode" else engine.steps.release
+    if kind == "decode":
+        return engine.steps.decode[shape[1] if len(shape) > 1 else "filter"]
+    return engine.steps.release
 
 
 def compile_step(engine: AbstractEngine, kind: str, shape: tuple = ()) -> CompiledStep:

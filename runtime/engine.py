@@ -30,7 +30,7 @@ from pallas_kernels import dispatch
 from runtime.config import ConfigError, EngineConfig, ModelConfig
 from runtime.kv_cache import KVCache
 from runtime.models.transformer import Transformer
-from runtime.sampling import SlotSampling, sample
+from runtime.sampling import SAMPLING_MODES, SlotSampling, sample
 from sharding import pipeline, tensor_parallel
 
 log = logging.getLogger(__name__)
@@ -139,8 +139,11 @@ def _prefill(
     mask_rows = jnp.zeros((Bp, V), bool).at[jnp.arange(Bp)[:, None], tokens].max(valid_tok)
     earlier = slots.prompt_mask.at[slot_ids].get(mode="fill", fill_value=False)
     mask_rows = mask_rows | (earlier & (starts > 0)[:, None])
+    # "filter" serves every row with no branch on the device (runtime.sampling.SAMPLING_MODES);
+    # its sort over the vocabulary is small next to a prefill, so one variant is enough.
     out = sample(
-        logits, sampling, kv_lens, mask_rows, jnp.zeros((Bp, V), jnp.int32), num_top_logprobs=num_top_logprobs
+        logits, sampling, kv_lens, mask_rows, jnp.zeros((Bp, V), jnp.int32), num_top_logprobs=num_top_logprobs,
+        mode="filter",
     )
     tok = out["tokens"]
     # The slot decodes after the prompt's last chunk unless the sampled token already ends it.
@@ -161,7 +164,7 @@ def _prefill(
 
 
 def _decode_one(graphdef, params, cache: KVCache, slots: DecodeSlots, page_table, *, attn_impl, num_top_logprobs,
-                mesh=None):
+                sampling_mode: str, mesh=None):
     B = slots.tokens.shape[0]
     active = slots.lengths > 0
     kv_lens = jnp.where(active, slots.lengths + 1, 0)
@@ -170,7 +173,8 @@ def _decode_one(graphdef, params, cache: KVCache, slots: DecodeSlots, page_table
         jnp.zeros((B,), jnp.int32), attn_impl, mesh=mesh,
     )
     out = sample(
-        logits, slots.sampling, kv_lens, slots.prompt_mask, slots.output_counts, num_top_logprobs=num_top_logprobs
+        logits, slots.sampling, kv_lens, slots.prompt_mask, slots.output_counts, num_top_logprobs=num_top_logprobs,
+        mode=sampling_mode,
     )
     tok = jnp.where(active, out["tokens"], 0)
     # A slot that emits a stop id or spends its budget goes idle here, so later steps of
@@ -222,13 +226,13 @@ def prefill_variants(ecfg: EngineConfig) -> tuple[bool, ...]:
 
 def bucket_manifest(ecfg: EngineConfig) -> dict[str, list[tuple]]:
     """Every program an engine with this config compiles: prefill (batch, length[, "fresh"])
-    and decode (slots,). Warm-up compiles exactly these."""
+    and decode (slots, sampling mode). Warm-up compiles exactly these."""
     tag = {True: ("fresh",), False: ()}
     return {
         "prefill": [
             (b, t, *tag[f]) for f in prefill_variants(ecfg) for b in ecfg.prefill_batch_sizes for t in ecfg.prefill_lengths
         ],
-        "decode": [(ecfg.max_num_seqs,)],
+        "decode": [(ecfg.max_num_seqs, mode) for mode in SAMPLING_MODES],
     }
 
 
@@ -237,7 +241,7 @@ class Steps:
     """The jitted step functions of an engine: what its manifest compiles."""
 
     prefill: dict[bool, Callable]  # by "fresh" (prefill_variants); (params, cache, slots, *batch)
-    decode: Callable  # (params, cache, slots, page_table)
+    decode: dict[str, Callable]  # by sampling mode (SAMPLING_MODES); (params, cache, slots, page_table)
     release: Callable  # (slots, slot)
 
 
@@ -260,8 +264,13 @@ def build_steps(graphdef, ecfg: EngineConfig, *, cache_shardings, replicated, me
                        out_shardings=outs)
         for fresh in prefill_variants(ecfg)
     }
-    decode = jax.jit(functools.partial(_decode, graphdef, steps=ecfg.decode_steps_per_call, **static),
-                     donate_argnums=(1, 2), out_shardings=outs)
+    # Decode variants by sampling mode: the host knows every slot's sampling parameters
+    # and picks the cheapest exact one per call (runtime.sampling.sampling_mode).
+    decode = {
+        mode: jax.jit(functools.partial(_decode, graphdef, steps=ecfg.decode_steps_per_call, sampling_mode=mode,
+                                        **static), donate_argnums=(1, 2), out_shardings=outs)
+        for mode in SAMPLING_MODES
+    }
     release = jax.jit(_release, donate_argnums=(0,), out_shardings=replicated)
     return Steps(prefill, decode, release)
 
@@ -343,7 +352,8 @@ class Engine:
                 sampling=SlotSampling.pack([None] * b, [0] * b),
                 stop_ids=np.full((b, MAX_STOP_IDS), -1, np.int32), remaining=np.zeros(b, np.int32),
             )
-        self.decode(np.zeros((self.ecfg.max_num_seqs, self.ecfg.max_pages_per_seq), np.int32))
+        for _, mode in self.manifest()["decode"]:
+            self.decode(np.zeros((self.ecfg.max_num_seqs, self.ecfg.max_pages_per_seq), np.int32), mode=mode)
         self.release(self.ecfg.max_num_seqs)  # out of range: changes nothing
         jax.block_until_ready(self.slots)
         return compile_counter.count - before
@@ -366,10 +376,14 @@ class Engine:
         )
         return out
 
-    def decode(self, page_table) -> dict[str, jax.Array]:
+    def decode(self, page_table, mode: str = "filter") -> dict[str, jax.Array]:
         """`decode_steps_per_call` steps for every slot (idle slots compute but change
-        nothing). Outputs are [steps, B, ...]; `valid` marks the tokens that count."""
-        self.cache, self.slots, out = self._decode(self.params, self.cache, self.slots, jnp.asarray(page_table))
+        nothing). Outputs are [steps, B, ...]; `valid` marks the tokens that count.
+        `mode` (runtime.sampling.SAMPLING_MODES) must cover every active slot's sampling
+        (`sampling_mode` of their parameters); "filter" covers any."""
+        if mode not in self._decode:
+            raise ValueError(f"decode mode {mode!r}; choose from {', '.join(self._decode)}")
+        self.cache, self.slots, out = self._decode[mode](self.params, self.cache, self.slots, jnp.asarray(page_table))
         return out
 
     def release(self, slot: int) -> None:

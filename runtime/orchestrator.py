@@ -25,7 +25,7 @@ import numpy as np
 from runtime.detokenize import IncrementalDetokenizer
 from runtime.engine import MAX_STOP_IDS, Engine, compile_counter
 from runtime.page_allocator import PageAllocator
-from runtime.sampling import SamplingParams, SlotSampling
+from runtime.sampling import SamplingParams, SlotSampling, sampling_mode
 from runtime.scheduler import PrefillChunk, Scheduler, Sequence, Status
 from runtime.tokenizer import Tokenizer
 
@@ -319,7 +319,10 @@ class Orchestrator:
         for seq in self.scheduler.running.values():
             pages = self.allocator.pages(seq.seq_id)
             table[seq.slot, : len(pages)] = pages
-        out = self.engine.decode(table)
+        # Every slot the call decodes is a running sequence's (slots of finished or
+        # preempted ones are idle on the device): their parameters pick the variant.
+        mode = sampling_mode([seq.sampling for seq in self.scheduler.running.values()])
+        out = self.engine.decode(table, mode=mode)
         for seq in decoding:
             seq.num_inflight += ecfg.decode_steps_per_call
         _start_copy(out)

@@ -181,6 +181,28 @@ def _filter(logits: jax.Array, s: SlotSampling) -> jax.Array:
     return jnp.where(keep, logits, -jnp.inf)
 
 
+# What a compiled step computes to sample (static; the host picks per call with
+# `sampling_mode`, so the step has no data-dependent branch): "greedy" only argmax,
+# "sample" temperature + Gumbel draw, "filter" also top-k/top-p/min-p (a sort over the
+# vocabulary). Each gives every row the same token "filter" would: a row the host
+# counts as greedy is greedy on the device too. Deciding on the device instead (a
+# lax.cond on "any row samples") costs, on GPUs, a device-to-host read of the
+# predicate: the host waits for the step's forward pass and cannot dispatch ahead
+# (one-step decode calls went from 12.4 to 6.0 ms on an H200, runtime/BENCHMARKS.md).
+SAMPLING_MODES = ("greedy", "sample", "filter")
+
+
+def sampling_mode(rows) -> str:
+    """The cheapest of SAMPLING_MODES that samples `rows` (SamplingParams or None for
+    idle rows) exactly."""
+    drawn = [r for r in rows if r is not None and r.temperature > 0]
+    if not drawn:
+        return "greedy"
+    if any(r.top_k > 0 or r.top_p < 1.0 or r.min_p > 0.0 for r in drawn):
+        return "filter"
+    return "sample"
+
+
 def sample(
     logits: jax.Array,  # [B, V] f32 raw
     s: SlotSampling,
@@ -189,18 +211,21 @@ def sample(
     output_counts: jax.Array,
     *,
     num_top_logprobs: int = 0,
+    mode: str = "filter",  # static: one of SAMPLING_MODES (see there); "filter" serves any rows
 ) -> dict[str, jax.Array]:
     """Draws one token per slot. Returns tokens [B], logprob [B] and, when asked,
     top_ids/top_logprobs [B, num_top_logprobs]."""
+    if mode not in SAMPLING_MODES:
+        raise ValueError(f"sampling mode {mode!r}; choose from {', '.join(SAMPLING_MODES)}")
     raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
     x = apply_penalties(logits, s, prompt_mask, output_counts)
     greedy_tok = jnp.argmax(x, axis=-1).astype(jnp.int32)
 
-    def draw(x):
+    def draw(x, filtered: bool):
         temp = jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None]
         x = x / temp
-        needs_filter = jnp.any((s.top_k > 0) | (s.top_p < 1.0) | (s.min_p > 0.0))
-        x = jax.lax.cond(needs_filter, _filter, lambda l, _: l, x, s)
+        if filtered:
+            x = _filter(x, s)  # the identity on rows that ask for no filtering
         keys = jax.vmap(lambda k, p: jax.random.fold_in(jax.random.wrap_key_data(k, impl="threefry2x32"), p))(
             s.key, positions
         )
@@ -208,8 +233,7 @@ def sample(
         drawn = jnp.argmax(x + gumbel, axis=-1).astype(jnp.int32)
         return jnp.where(s.temperature > 0, drawn, greedy_tok)
 
-    # An all-greedy batch skips the noise over the whole vocabulary.
-    tokens = jax.lax.cond(jnp.any(s.temperature > 0), draw, lambda _: greedy_tok, x)
+    tokens = greedy_tok if mode == "greedy" else draw(x, mode == "filter")
     out = dict(tokens=tokens, logprob=jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0])
     if num_top_logprobs:
         top_lp, top_ids = jax.lax.top_k(raw_logprobs, num_top_logprobs)

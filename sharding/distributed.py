@@ -444,9 +444,9 @@ class LeaderEngine:
         self._leader.publish([("prefill", kwargs)])
         return self._engine.prefill(**kwargs)
 
-    def decode(self, page_table):
-        self._leader.publish([("decode", {"page_table": page_table})])
-        return self._engine.decode(page_table)
+    def decode(self, page_table, mode: str = "filter"):
+        self._leader.publish([("decode", {"page_table": page_table, "mode": mode})])
+        return self._engine.decode(page_table, mode=mode)
 
     def release(self, slot: int) -> None:
         self._leader.defer(("release", {"slot": int(slot)}))

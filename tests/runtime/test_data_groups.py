@@ -319,7 +319,8 @@ class FakeEngine:
         z = np.zeros(n, np.float32)
         return _out(tokens=out, logprob=z, top_ids=np.zeros((n, 1), np.int32), top_logprobs=np.zeros((n, 1)))
 
-    def decode(self, page_table):
+    def decode(self, page_table, mode="filter"):
+        assert mode in ("greedy", "sample", "filter"), mode
         steps, b = self.ecfg.decode_steps_per_call, self.ecfg.max_num_seqs
         assert page_table.shape == (b, self.ecfg.max_pages_per_seq)
         out, valid = np.zeros((steps, b), np.int32), np.zeros((steps, b), bool)

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from runtime.config import ConfigError, EngineConfig
-from runtime.engine import Engine
+from runtime.engine import MAX_STOP_IDS, Engine
 from runtime.orchestrator import Orchestrator, Request, RequestError
-from runtime.sampling import SamplingParams
+from runtime.sampling import SAMPLING_MODES, SamplingParams, SlotSampling
 from tests.utils import peaked_tiny_llama, smollm2_tokenizer
 
 
@@ -210,3 +210,48 @@ def test_attention_auto_resolves_by_backend():
     assert attention_impl(EngineConfig(attention="reference")) == "reference"
     with pytest.raises(ConfigError, match="attention='flash'"):
         EngineConfig(attention="flash")
+
+
+def test_decode_steps_have_no_data_dependent_branch(model, tokenizer):
+    """On a GPU a lax.cond reads its predicate back to the host, which then waits for the
+    step's forward pass before it can dispatch anything more (runtime.sampling.SAMPLING_MODES):
+    no decode variant or prefill may contain one."""
+    engine = make_orchestrator(model, tokenizer).engine
+    table = jnp.zeros((engine.ecfg.max_num_seqs, engine.ecfg.max_pages_per_seq), jnp.int32)
+    assert set(engine._decode) == set(SAMPLING_MODES)
+    programs = {mode: engine._decode[mode].lower(engine.params, engine.cache, engine.slots, table)
+                for mode in SAMPLING_MODES}
+    b, t = engine.manifest()["prefill"][0][:2]
+    i32 = lambda *shape: jnp.zeros(shape, jnp.int32)  # noqa: E731
+    sampling = SlotSampling(**{k: jnp.asarray(v) for k, v in SlotSampling.pack([None] * b, [0] * b).items()})
+    programs["prefill"] = engine._prefill[False].lower(
+        engine.params, engine.cache, engine.slots, i32(b, t), i32(b), i32(b), i32(b, table.shape[1]), i32(b),
+        jnp.zeros(b, bool), sampling, i32(b, MAX_STOP_IDS), i32(b))
+    for name, lowered in programs.items():
+        text = lowered.as_text()
+        assert "stablehlo.case" not in text and "stablehlo.if" not in text, name
+    with pytest.raises(ValueError, match="decode mode 'auto'"):
+        engine.decode(np.asarray(table), mode="auto")
+
+
+def test_each_decode_call_takes_the_variant_its_slots_need(model, tokenizer):
+    """Greedy requests decode in the "greedy" variant; a sampled request joining makes
+    the calls that decode it "sample" or "filter", and the variant drops back once it ends."""
+    orc = make_orchestrator(model, tokenizer)
+    modes = []
+    decode = orc.engine.decode
+    orc.engine.decode = lambda table, mode="filter": (modes.append(mode), decode(table, mode=mode))[1]
+    try:
+        prompt = [5, 6, 7, 8, 9]
+        run(orc, [Request("g", prompt, SamplingParams(temperature=0.0), max_tokens=6, ignore_eos=True)])
+        assert modes and set(modes) == {"greedy"}
+        modes.clear()
+        run(orc, [Request("g", prompt, SamplingParams(temperature=0.0), max_tokens=12, ignore_eos=True),
+                  Request("t", prompt, SamplingParams(temperature=0.8, seed=1), max_tokens=3, ignore_eos=True)])
+        assert modes[0] == "sample" and modes[-1] == "greedy", modes
+        modes.clear()
+        run(orc, [Request("p", prompt, SamplingParams(temperature=0.8, top_p=0.9, seed=1), max_tokens=4,
+                          ignore_eos=True)])
+        assert set(modes) == {"filter"}, modes
+    finally:
+        del orc.engine.decode  # the instance attribute: Engine.decode again

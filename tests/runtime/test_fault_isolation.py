@@ -64,13 +64,13 @@ class FlakyEngine:
     def __getattr__(self, name):
         return getattr(self._engine, name)
 
-    def decode(self, page_table):
+    def decode(self, page_table, mode="filter"):
         if self.fail_decodes <= 0:
-            return self._engine.decode(page_table)
+            return self._engine.decode(page_table, mode=mode)
         self.fail_decodes -= 1
         if not self.at_read:
             raise RuntimeError("injected fault in the decode call")
-        out = self._engine.decode(page_table)
+        out = self._engine.decode(page_table, mode=mode)
         return {**out, "tokens": _FailsOnRead()}
 
 

@@ -7,7 +7,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from runtime.sampling import SamplingError, SamplingParams, SlotSampling, _filter, apply_penalties, sample
+from runtime.sampling import (
+    SAMPLING_MODES,
+    SamplingError,
+    SamplingParams,
+    SlotSampling,
+    _filter,
+    apply_penalties,
+    sample,
+    sampling_mode,
+)
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -136,3 +145,44 @@ def test_greedy_ignores_seed_and_logprobs_are_raw():
 def test_bad_sampling_values_name_the_field(kwargs):
     with pytest.raises(SamplingError, match=next(iter(kwargs))):
         SamplingParams(**kwargs)
+
+
+def test_sampling_mode_is_the_cheapest_exact_variant():
+    greedy, temp = SamplingParams(temperature=0.0), SamplingParams(temperature=0.7, repetition_penalty=1.2)
+    assert sampling_mode([]) == sampling_mode([None, None]) == sampling_mode([greedy, None]) == "greedy"
+    # A greedy row's filter settings do not matter: it is never drawn.
+    assert sampling_mode([SamplingParams(temperature=0.0, top_p=0.5, top_k=3)]) == "greedy"
+    assert sampling_mode([greedy, temp, None]) == "sample"
+    for filtered in (dict(top_k=5), dict(top_p=0.9), dict(min_p=0.01)):
+        assert sampling_mode([greedy, temp, SamplingParams(temperature=1.0, **filtered)]) == "filter"
+    # Values float32 turns into "off" still count as on: "filter" is exact for any rows.
+    assert sampling_mode([SamplingParams(temperature=1.0, top_p=1.0 - 1e-12)]) == "filter"
+    assert sampling_mode([SamplingParams(temperature=1e-45)]) == "sample"  # 0 in float32: greedy there
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_every_sampling_mode_draws_what_the_on_device_branches_draw(seed):
+    """sample(mode=sampling_mode(rows)) gives the tokens of "filter" (which serves any
+    rows) for random mixes of rows; "greedy" is the argmax of the penalized logits."""
+    rng = np.random.default_rng(seed)
+    B, V = 6, 257
+    logits = jnp.asarray(rng.normal(size=(B, V)).astype(np.float32) * 3)
+    prompt = jnp.asarray(rng.random((B, V)) < 0.05)
+    counts = jnp.asarray(rng.integers(0, 2, (B, V)).astype(np.int32))
+    pool = [None, SamplingParams(temperature=0.0, repetition_penalty=1.5),
+            SamplingParams(temperature=0.8, presence_penalty=0.3), SamplingParams(temperature=1.3),
+            SamplingParams(temperature=0.9, top_k=7), SamplingParams(temperature=1.1, top_p=0.7, min_p=0.02)]
+    positions = jnp.asarray(rng.integers(0, 100, B).astype(np.int32))
+    for _ in range(8):
+        rows = [pool[i] for i in rng.integers(0, len(pool), B)]
+        s = slots(rows, list(rng.integers(0, 1000, B)))
+        mode = sampling_mode(rows)
+        got = {m: np.asarray(sample(logits, s, positions, prompt, counts, mode=m)["tokens"]) for m in (mode, "filter")}
+        np.testing.assert_array_equal(got[mode], got["filter"], err_msg=f"{mode} {rows}")
+        drawn = np.array([r is not None and r.temperature > 0 for r in rows])
+        assert mode != "greedy" or not drawn.any()
+        if mode == "greedy":
+            np.testing.assert_array_equal(got[mode], np.argmax(apply_penalties(logits, s, prompt, counts), -1))
+    with pytest.raises(ValueError, match="sampling mode 'fast'"):
+        sample(logits, slots([None] * B), positions, prompt, counts, mode="fast")
+    assert SAMPLING_MODES == ("greedy", "sample", "filter")

@@ -186,8 +186,8 @@ class FakeEngine:
         self.calls.append(("prefill", int(kw["tokens"][0, 0])))
         return {"tokens": np.zeros(2, np.int32)}
 
-    def decode(self, page_table):
-        self.calls.append(("decode", int(page_table[0, 0])))
+    def decode(self, page_table, mode="filter"):
+        self.calls.append(("decode", int(page_table[0, 0]), mode))
         return {"tokens": np.zeros((1, 2), np.int32)}
 
     def release(self, slot):
@@ -207,7 +207,7 @@ def test_the_follower_makes_the_leaders_calls_in_order_and_stops(exits, make_lea
         engine.warmup()
         engine.prefill(tokens=np.full((1, 4), 5, np.int32), starts=np.zeros(1, np.int32))
         engine.release(0)  # goes out with the next call
-        engine.decode(np.full((2, 3), 9, np.int32))
+        engine.decode(np.full((2, 3), 9, np.int32), mode="greedy")
         for i in range(BLOCK):  # a block's worth: read, then deleted
             engine.decode(np.full((2, 3), i, np.int32))
         _wait(lambda: not any(k.startswith("xlserve/calls/0/") for k in kv.data))
@@ -217,7 +217,8 @@ def test_the_follower_makes_the_leaders_calls_in_order_and_stops(exits, make_lea
         leader.close()
     assert result == {"code": 0} and not exits
     assert theirs.calls == mine.calls
-    assert theirs.calls[:4] == [("warmup",), ("prefill", 5), ("release", 0), ("decode", 9)]
+    assert theirs.calls[:5] == [("warmup",), ("prefill", 5), ("release", 0), ("decode", 9, "greedy"),
+                                ("decode", 0, "filter")]
     assert leader.stats.count == 4 + BLOCK  # the release rode with a decode; stop counted
     assert "publish p50" in leader.stats.summary()
 
