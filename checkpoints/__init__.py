@@ -52,12 +52,15 @@ def load(
     manifest = read_manifest(directory)
     cfg = read_config(directory)
     stored = manifest.get("params", {})
+    version = int(manifest.get("format_version", 1))
     for path, want in expected_params(cfg).items():
         got = stored.get(orbax_io.path_key(path))
-        if got is None or tuple(got) != want.shape:
+        shape = want.shape if version >= 2 else orbax_io.legacy_shape(path, want.shape)
+        if got is None or tuple(got) != shape:
             raise CheckpointError(
                 f"{directory}: parameter {orbax_io.path_key(path)} is stored with shape {got}, "
-                f"but {CONFIG_FILE} needs {list(want.shape)}; convert the source again"
+                f"but {CONFIG_FILE} needs {list(shape)}; convert the source again"
             )
-    model = orbax_io.restore_model(directory / PARAMS_DIR, cfg, dtype or manifest["dtype"], mesh=mesh, rules=rules)
+    model = orbax_io.restore_model(directory / PARAMS_DIR, cfg, dtype or manifest["dtype"], mesh=mesh, rules=rules,
+                                   format_version=version)
     return cfg, model

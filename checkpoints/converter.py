@@ -43,7 +43,7 @@ from runtime.config import ConfigError, ModelConfig
 log = logging.getLogger(__name__)
 
 FORMAT = "xlserve-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: k and v stored [K, H, D] (1: [D, K, H])
 MANIFEST_FILE = "manifest.json"
 CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"

@@ -53,8 +53,8 @@ def _layer_table(cfg: ModelConfig) -> dict[str, tuple[tuple, Transform]]:
     N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     table = {
         "self_attn.q_proj.weight": (("attn", "wq"), _linear_in((N, H))),
-        "self_attn.k_proj.weight": (("attn", "wk"), _linear_in((K, H))),
-        "self_attn.v_proj.weight": (("attn", "wv"), _linear_in((K, H))),
+        "self_attn.k_proj.weight": (("attn", "wk"), _reshape((K, H, cfg.embed_dim))),  # [out, in] as is
+        "self_attn.v_proj.weight": (("attn", "wv"), _reshape((K, H, cfg.embed_dim))),
         "self_attn.o_proj.weight": (("attn", "wo"), _linear_out((N, H))),
         "mlp.gate_proj.weight": (("mlp", "w_gate"), _transpose),
         "mlp.up_proj.weight": (("mlp", "w_up"), _transpose),

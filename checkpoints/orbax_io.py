@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -38,7 +39,7 @@ from orbax.checkpoint import type_handlers
 from checkpoints.errors import CheckpointError
 from runtime.config import ModelConfig
 from runtime.models.transformer import Transformer, abstract_model
-from sharding.rules import DEFAULT_RULES, param_shardings
+from sharding.rules import DEFAULT_RULES, param_sharding, param_shardings
 
 ParamPath = tuple  # ('layers', 3, 'attn', 'wq')
 
@@ -129,6 +130,21 @@ def save_params(directory: str | os.PathLike, params: Mapping[ParamPath, np.ndar
         checkpointer.save(Path(directory).absolute(), args=ocp.args.PyTreeSave(_nested(params)))
 
 
+# Checkpoint format 1 stored k and v [D, K, H] (like wq); the model now keeps them
+# [K, H, D]. Restoring a format-1 checkpoint reads them as stored and transposes.
+LEGACY_KV = ("wk", "wv")
+LEGACY_KV_AXES = ("embed", "kv_heads", "head_dim")
+
+
+def is_legacy_kv(path: ParamPath) -> bool:
+    return len(path) >= 2 and path[-2] == "attn" and path[-1] in LEGACY_KV
+
+
+def legacy_shape(path: ParamPath, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """How format 1 stored a parameter of the current model's `shape`."""
+    return (shape[2], shape[0], shape[1]) if is_legacy_kv(path) else tuple(shape)
+
+
 def restore_model(
     directory: str | os.PathLike,
     cfg: ModelConfig,
@@ -136,22 +152,34 @@ def restore_model(
     *,
     mesh: Mesh | None = None,
     rules: Mapping[str, str | None] | None = None,
+    format_version: int = 2,
 ) -> Transformer:
     """The model with parameters read from `directory`, cast to `dtype`.
 
     With a mesh, each parameter is sharded by its logical axes under `rules` (default
     sharding.rules.DEFAULT_RULES); without one it lands whole on the first device.
+    `format_version` 1: k and v are stored [D, K, H] and transposed after reading.
     """
+    rules = rules or DEFAULT_RULES
     graphdef, state = nnx.split(abstract_model(cfg, dtype))
     if mesh is not None:
-        targets = nnx.to_flat_state(param_shardings(state, mesh, rules or DEFAULT_RULES))
+        targets = nnx.to_flat_state(param_shardings(state, mesh, rules))
     else:
         device = SingleDeviceSharding(jax.devices()[0])
         targets = [
             (path, jax.ShapeDtypeStruct(var.get_value().shape, var.get_value().dtype, sharding=device))
             for path, var in nnx.to_flat_state(state)
         ]
-    target_tree = _nested({tuple(p): t for p, t in targets})
+    final = {tuple(p): t for p, t in targets}
+    reads = dict(final)
+    if format_version < 2:
+        for path, t in final.items():
+            if is_legacy_kv(path):
+                shape = legacy_shape(path, t.shape)
+                sharding = t.sharding if mesh is None else param_sharding(
+                    [str(k) for k in path], LEGACY_KV_AXES, shape, mesh, cfg.num_layers, rules)
+                reads[path] = jax.ShapeDtypeStruct(shape, t.dtype, sharding=sharding)
+    target_tree = _nested(reads)
     restore_args = jax.tree.map(
         lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding, global_shape=t.shape, dtype=t.dtype), target_tree
     )
@@ -165,5 +193,8 @@ def restore_model(
         raise CheckpointError(f"{directory}: cannot restore the parameters: {e}") from None
     flat = nnx.to_flat_state(state)
     for path, var in flat:
-        var.set_value(_lookup(restored, tuple(path)))
+        value = _lookup(restored, tuple(path))
+        if reads[tuple(path)] is not final[tuple(path)]:  # format 1's [D, K, H] -> [K, H, D]
+            value = jax.jit(lambda x: jnp.transpose(x, (1, 2, 0)), out_shardings=final[tuple(path)].sharding)(value)
+        var.set_value(value)
     return nnx.merge(graphdef, nnx.from_flat_state(flat))

@@ -120,8 +120,11 @@ class Attention(nnx.Module):
         self.head_dim = H
         self.num_heads = N
         self.wq = param(rngs, (D, N, H), ("embed", "q_heads", "head_dim"), dtype)
-        self.wk = param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), dtype)
-        self.wv = param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), dtype)
+        # k and v as [K, H, D] (D contiguous): a decode step reads them as row reductions.
+        # Stored [D, K, H] like wq, XLA's GPU GEMV wanted them transposed and did that on
+        # every call (checkpoint format 1 has them so: checkpoints.orbax_io).
+        self.wk = param(rngs, (K, H, D), ("kv_heads", "head_dim", "embed"), dtype)
+        self.wv = param(rngs, (K, H, D), ("kv_heads", "head_dim", "embed"), dtype)
         self.wo = param(rngs, (N, H, D), ("q_heads", "head_dim", "embed"), dtype)
         if cfg.qkv_bias:
             self.bq = param(rngs, (N, H), ("q_heads", "head_dim"), dtype, init="zeros")
@@ -141,8 +144,8 @@ class Attention(nnx.Module):
                  local: Local | None = None):
         with jax.named_scope("qkv"):
             q = jnp.einsum("BTD,DNH->BTNH", x, self.wq[...])
-            k = jnp.einsum("BTD,DKH->BTKH", x, self.wk[...])
-            v = jnp.einsum("BTD,DKH->BTKH", x, self.wv[...])
+            k = jnp.einsum("BTD,KHD->BTKH", x, self.wk[...])
+            v = jnp.einsum("BTD,KHD->BTKH", x, self.wv[...])
             if self.bq is not None:
                 q, k, v = q + self.bq[...], k + self.bk[...], v + self.bv[...]
             if self.q_norm is not None:

@@ -27,14 +27,14 @@ CFG = ModelConfig(family="llama", model_type="llama", vocab_size=2048, embed_dim
 def test_chunk_shapes_of_real_llama_weights():
     bf16 = 2
     assert orbax_io.chunk_shape((4096, 32, 128), ("embed", "q_heads", "head_dim"), bf16) == (4096, 1, 128)
-    assert orbax_io.chunk_shape((4096, 8, 128), ("embed", "kv_heads", "head_dim"), bf16) == (4096, 1, 128)
+    assert orbax_io.chunk_shape((8, 128, 4096), ("kv_heads", "head_dim", "embed"), bf16) == (1, 128, 4096)
     assert orbax_io.chunk_shape((32, 128, 4096), ("q_heads", "head_dim", "embed"), bf16) == (1, 128, 4096)
     assert orbax_io.chunk_shape((4096, 14336), ("embed", "ffw"), bf16) == (4096, 224)  # 64 blocks of 1.75 MiB
     assert orbax_io.chunk_shape((14336, 4096), ("ffw", "embed"), bf16) == (224, 4096)
     assert orbax_io.chunk_shape((128256, 4096), ("vocab", "embed"), bf16) == (2004, 4096)  # 128256 = 2^8 * 501
     assert orbax_io.chunk_shape((4096,), ("embed",), bf16) == (4096,)  # replicated: whole
     # Never below MIN_CHUNK_BYTES: Gemma 3 270M's single kv head, a small bias.
-    assert orbax_io.chunk_shape((640, 1, 256), ("embed", "kv_heads", "head_dim"), bf16) == (640, 1, 256)
+    assert orbax_io.chunk_shape((1, 256, 640), ("kv_heads", "head_dim", "embed"), bf16) == (1, 256, 640)
     assert orbax_io.chunk_shape((14336,), ("ffw",), bf16) == (14336,)
     # An odd split axis is kept whole rather than cut unevenly.
     assert orbax_io.chunk_shape((4096, 4099), ("embed", "vocab"), bf16) == (4096, 4099)

@@ -313,7 +313,8 @@ def test_cli_error_and_success(hf_dirs, tmp_path):
     assert json.loads((tmp_path / "ok" / "manifest.json").read_text())["dtype"] == "bfloat16"
 
 
-def test_sharded_restore_reads_shards(converted):
+def test_sharded_restore_reads_shards(converted, tmp_path):
+    legacy = _as_format_1(converted[("gemma3", "float32")], tmp_path / "v1")
     script = textwrap.dedent(
         f"""
         import jax, numpy as np
@@ -322,6 +323,11 @@ def test_sharded_restore_reads_shards(converted):
         mesh = Mesh(np.array(jax.devices()).reshape(2, 2), ("data", "tensor"))
         _, plain = checkpoints.load({str(converted[("gemma3", "float32")])!r})
         _, sharded = checkpoints.load({str(converted[("gemma3", "float32")])!r}, mesh=mesh)
+        _, legacy = checkpoints.load({str(legacy)!r}, mesh=mesh)  # format 1: k, v transposed after reading
+        wk = legacy.layers[0].attn.wk[...]  # [K, H, D]: kv heads split over "tensor"
+        assert wk.sharding.spec == jax.sharding.PartitionSpec("tensor", None, None), wk.sharding
+        for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(legacy)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
         wq = sharded.layers[0].attn.wq[...]  # [D, N, H]: heads split over "tensor"
         assert wq.sharding.spec == jax.sharding.PartitionSpec(None, "tensor", None), wq.sharding
         assert {{s.data.shape for s in wq.addressable_shards}} == {{(64, 2, 32)}}
@@ -334,3 +340,48 @@ def test_sharded_restore_reads_shards(converted):
     )
     r = _run(["-c", script], {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"})
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+
+
+def _as_format_1(src: Path, dst: Path) -> Path:
+    """A copy of checkpoint `src` as format 1 wrote it: k and v stored [D, K, H]."""
+    import orbax.checkpoint as ocp
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("params"))
+    raw = ocp.PyTreeCheckpointer().restore((src / "params").absolute())
+    flat = {}
+
+    def walk(node, path):
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(v, (*path, int(k) if k.isdigit() else k))
+            else:
+                p = (*path, k)
+                flat[p] = np.transpose(np.asarray(v), (2, 0, 1)) if orbax_io.is_legacy_kv(p) else np.asarray(v)
+
+    walk(raw, ())
+    orbax_io.save_params(dst / "params", flat)
+    manifest = json.loads((src / "manifest.json").read_text())
+    manifest["format_version"] = 1
+    manifest["params"] = {orbax_io.path_key(p): list(a.shape) for p, a in flat.items()}
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    return dst
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_format_1_checkpoints_load_with_k_and_v_transposed(kind, converted, tmp_path):
+    """Checkpoints converted before k/v moved to [K, H, D] load to the same model."""
+    new = converted[(kind, "float32")]
+    old = _as_format_1(new, tmp_path / "v1")
+    stored = json.loads((old / "manifest.json").read_text())["params"]
+    assert stored["layers/0/attn/wk"] != json.loads((new / "manifest.json").read_text())["params"]["layers/0/attn/wk"]
+    _, want = checkpoints.load(new)
+    _, got = checkpoints.load(old)
+    import jax
+
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(path))
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["params"]["layers/0/attn/wk"] = manifest["params"]["layers/0/attn/wq"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="layers/0/attn/wk is stored with shape"):
+        checkpoints.load(old)

@@ -148,7 +148,7 @@ def test_expand_kv_heads_repeats_each_head_for_its_query_group():
     q_per_device, q_per_kv = cfg.num_heads // 8, cfg.num_heads // cfg.num_kv_heads
     for i in range(8):
         orig = (i * q_per_device) // q_per_kv
-        np.testing.assert_array_equal(new_wk[:, i], wk[:, orig])
+        np.testing.assert_array_equal(new_wk[i], wk[orig])
         np.testing.assert_array_equal(new_bv[i], np.asarray(model.layers[0].attn.bv[...])[orig])
 
 
