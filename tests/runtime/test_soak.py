@@ -29,8 +29,10 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "XLSERVE_COMPILE_CACHE": "/tmp/xls
 def test_soak_in_process_all_invariants_hold(engine, tokenizer):
     # The slowed loop (20 ms a step) keeps streams in flight long enough to be cancelled,
     # aborted and timed out mid-way; 24 workers keep the 8 slots full, and their tokens
-    # outgrow the 40 KV pages, so running requests are preempted too.
-    config = SoakConfig(duration_s=10.0, concurrency=24, seed=1, max_tokens=48, warmup_s=2.0, settle_s=10.0)
+    # outgrow the 40 KV pages, so running requests are preempted too. max_tokens up to 96
+    # (the context's budget caps it): with 48, a model that stops early left the pages
+    # unfilled in some runs.
+    config = SoakConfig(duration_s=10.0, concurrency=24, seed=1, max_tokens=96, warmup_s=2.0, settle_s=10.0)
     with serve(engine, tokenizer, slow=True) as h:
         port = h.server.metrics.serve(0, addr="127.0.0.1")
         report = asyncio.run(run_soak(h.target, config, metrics_url=f"http://127.0.0.1:{port}/metrics"))
