@@ -318,6 +318,8 @@ def _from_hf(hf: dict[str, Any]) -> ModelConfig:
 
 ATTENTION_CHOICES = ("auto", "reference", "pallas")  # auto: pallas on GPU, else reference
 CACHE_DTYPES = ("bfloat16", "float32")
+# Decode variants by what sampling they compute, cheapest first (runtime.sampling).
+SAMPLING_MODES = ("greedy", "sample", "filter")
 
 
 def _default_prefill_lengths(max_len: int) -> tuple[int, ...]:
@@ -354,6 +356,9 @@ class EngineConfig:
     attention: str = "auto"
     cache_dtype: str = "bfloat16"
     num_top_logprobs: int = 0  # top-N logprobs computed per step (0: only the chosen token's)
+    # Decode variants compiled (SAMPLING_MODES; "filter" serves any request): fewer
+    # compile faster, and a call whose mode is missing runs the next stronger one.
+    decode_sampling_modes: tuple[str, ...] = SAMPLING_MODES
     seed: int = 0  # base of per-request seeds when a request gives none
     # Pipeline stages only: decode slots are run through the stages in this many groups
     # (sharding/pipeline.py). Prefill uses one group per stage.
@@ -384,6 +389,11 @@ class EngineConfig:
             raise ConfigError(f"cache_dtype={self.cache_dtype!r}; choose from {', '.join(CACHE_DTYPES)}")
         if self.pipeline_microbatches <= 0:
             raise ConfigError(f"pipeline_microbatches={self.pipeline_microbatches} must be positive")
+        modes = tuple(self.decode_sampling_modes)
+        if not set(modes) <= set(SAMPLING_MODES) or "filter" not in modes:
+            raise ConfigError(f"decode_sampling_modes={','.join(modes)} must be among {','.join(SAMPLING_MODES)} "
+                              "and include filter (it serves any request)")
+        object.__setattr__(self, "decode_sampling_modes", tuple(m for m in SAMPLING_MODES if m in modes))
         if not (0 <= self.num_top_logprobs <= 20):
             raise ConfigError(f"num_top_logprobs={self.num_top_logprobs} must be in [0, 20]")
 

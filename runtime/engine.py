@@ -30,7 +30,7 @@ from pallas_kernels import dispatch
 from runtime.config import ConfigError, EngineConfig, ModelConfig
 from runtime.kv_cache import KVCache
 from runtime.models.transformer import Transformer
-from runtime.sampling import SAMPLING_MODES, SlotSampling, sample
+from runtime.sampling import SlotSampling, sample
 from sharding import pipeline, tensor_parallel
 
 log = logging.getLogger(__name__)
@@ -232,7 +232,7 @@ def bucket_manifest(ecfg: EngineConfig) -> dict[str, list[tuple]]:
         "prefill": [
             (b, t, *tag[f]) for f in prefill_variants(ecfg) for b in ecfg.prefill_batch_sizes for t in ecfg.prefill_lengths
         ],
-        "decode": [(ecfg.max_num_seqs, mode) for mode in SAMPLING_MODES],
+        "decode": [(ecfg.max_num_seqs, mode) for mode in ecfg.decode_sampling_modes],
     }
 
 
@@ -241,7 +241,7 @@ class Steps:
     """The jitted step functions of an engine: what its manifest compiles."""
 
     prefill: dict[bool, Callable]  # by "fresh" (prefill_variants); (params, cache, slots, *batch)
-    decode: dict[str, Callable]  # by sampling mode (SAMPLING_MODES); (params, cache, slots, page_table)
+    decode: dict[str, Callable]  # by sampling mode (ecfg.decode_sampling_modes); (params, cache, slots, page_table)
     release: Callable  # (slots, slot)
 
 
@@ -269,7 +269,7 @@ def build_steps(graphdef, ecfg: EngineConfig, *, cache_shardings, replicated, me
     decode = {
         mode: jax.jit(functools.partial(_decode, graphdef, steps=ecfg.decode_steps_per_call, sampling_mode=mode,
                                         **static), donate_argnums=(1, 2), out_shardings=outs)
-        for mode in SAMPLING_MODES
+        for mode in ecfg.decode_sampling_modes
     }
     release = jax.jit(_release, donate_argnums=(0,), out_shardings=replicated)
     return Steps(prefill, decode, release)

@@ -29,6 +29,10 @@ def define_engine_flags() -> None:
     flags.DEFINE_enum("attention", "auto", list(ATTENTION_CHOICES),
                       "Attention: the Pallas kernels, the jnp reference, or auto (Pallas on GPU).")
     flags.DEFINE_integer("num_top_logprobs", 0, "Top-N logprobs computed per step (max a request may ask).")
+    flags.DEFINE_list("decode_sampling_modes", ["greedy", "sample", "filter"],
+                      "Decode variants to compile: greedy (argmax only), sample (temperature), filter (also "
+                      "top-k/top-p/min-p; required: serves any request). Each call runs the cheapest that fits its "
+                      "requests; fewer variants start faster.")
     flags.DEFINE_integer("tensor_parallel_size", None, "Devices that split every layer (heads, MLP, vocabulary); "
                          "default: 1 where the model fits one device, else every device.")
     flags.DEFINE_integer("pipeline_parallel_size", 1, "Pipeline stages: contiguous layers per group of devices.")
@@ -105,6 +109,7 @@ def engine_config_from_flags(**overrides) -> EngineConfig:
         attention=FLAGS.attention,
         cache_dtype=FLAGS.cache_dtype or FLAGS.dtype,
         num_top_logprobs=FLAGS.num_top_logprobs,
+        decode_sampling_modes=tuple(FLAGS.decode_sampling_modes),
         pipeline_microbatches=FLAGS.pipeline_microbatches,
     )
     kwargs.update(overrides)

@@ -321,7 +321,7 @@ class Orchestrator:
             table[seq.slot, : len(pages)] = pages
         # Every slot the call decodes is a running sequence's (slots of finished or
         # preempted ones are idle on the device): their parameters pick the variant.
-        mode = sampling_mode([seq.sampling for seq in self.scheduler.running.values()])
+        mode = sampling_mode([seq.sampling for seq in self.scheduler.running.values()], ecfg.decode_sampling_modes)
         out = self.engine.decode(table, mode=mode)
         for seq in decoding:
             seq.num_inflight += ecfg.decode_steps_per_call

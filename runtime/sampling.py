@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from runtime.config import SAMPLING_MODES
+
 MAX_TOP_LOGPROBS = 20
 # The sampling rows are float32 on the device, which may also flush subnormals to zero:
 # a temperature or penalty past these bounds becomes inf or 0 there, and an inf or 0
@@ -189,18 +191,20 @@ def _filter(logits: jax.Array, s: SlotSampling) -> jax.Array:
 # lax.cond on "any row samples") costs, on GPUs, a device-to-host read of the
 # predicate: the host waits for the step's forward pass and cannot dispatch ahead
 # (one-step decode calls went from 12.4 to 6.0 ms on an H200, runtime/BENCHMARKS.md).
-SAMPLING_MODES = ("greedy", "sample", "filter")
+# The names live in runtime.config (SAMPLING_MODES, EngineConfig.decode_sampling_modes).
 
 
-def sampling_mode(rows) -> str:
-    """The cheapest of SAMPLING_MODES that samples `rows` (SamplingParams or None for
-    idle rows) exactly."""
+def sampling_mode(rows, available: tuple[str, ...] = SAMPLING_MODES) -> str:
+    """The cheapest mode of `available` (which has "filter") that samples `rows`
+    (SamplingParams or None for idle rows) exactly."""
     drawn = [r for r in rows if r is not None and r.temperature > 0]
     if not drawn:
-        return "greedy"
-    if any(r.top_k > 0 or r.top_p < 1.0 or r.min_p > 0.0 for r in drawn):
-        return "filter"
-    return "sample"
+        need = "greedy"
+    elif any(r.top_k > 0 or r.top_p < 1.0 or r.min_p > 0.0 for r in drawn):
+        need = "filter"
+    else:
+        need = "sample"
+    return next(m for m in SAMPLING_MODES[SAMPLING_MODES.index(need):] if m in available)
 
 
 def sample(

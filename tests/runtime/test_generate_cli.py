@@ -75,6 +75,7 @@ def test_jsonl_output_and_logprobs(checkpoint):
     (("--no_such_flag=1",), "no_such_flag"),
     (("--prompt=" + "word " * 200,), "context holds"),
     (("--prompts_file=/nonexistent/prompts.txt",), "prompts_file"),
+    (("--decode_sampling_modes=greedy",), "decode_sampling_modes=greedy must be among"),
 ])
 def test_bad_input_is_one_line_and_exit_2(checkpoint, args, message):
     argv = [f"--checkpoint={checkpoint}", *COMMON]

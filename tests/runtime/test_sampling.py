@@ -158,6 +158,16 @@ def test_sampling_mode_is_the_cheapest_exact_variant():
     # Values float32 turns into "off" still count as on: "filter" is exact for any rows.
     assert sampling_mode([SamplingParams(temperature=1.0, top_p=1.0 - 1e-12)]) == "filter"
     assert sampling_mode([SamplingParams(temperature=1e-45)]) == "sample"  # 0 in float32: greedy there
+    # Only some variants compiled (EngineConfig.decode_sampling_modes): the next stronger one.
+    assert sampling_mode([greedy], ("filter",)) == "filter"
+    assert sampling_mode([greedy, temp], ("greedy", "filter")) == "filter"
+    assert sampling_mode([greedy], ("greedy", "filter")) == "greedy"
+    from runtime.config import ConfigError, EngineConfig
+
+    assert EngineConfig(decode_sampling_modes=("filter", "greedy")).decode_sampling_modes == ("greedy", "filter")
+    for bad in (("greedy",), ("filter", "fast")):
+        with pytest.raises(ConfigError, match="decode_sampling_modes=.* include filter"):
+            EngineConfig(decode_sampling_modes=bad)
 
 
 @pytest.mark.parametrize("seed", range(3))

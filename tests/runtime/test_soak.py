@@ -193,7 +193,7 @@ def test_soak_cli_against_smollm2_server(tokenizer):  # the fixture skips withou
     ) as srv:
         found, lines = {"port": srv.port, "metrics": srv.metrics_port}, srv.lines
         p = subprocess.run(
-            [sys.executable, "-m", "runtime.soak", f"--target=127.0.0.1:{found['port']}", "--duration_s=60",
+            [sys.executable, "-m", "runtime.soak", f"--target=127.0.0.1:{found['port']}", "--duration_s=30",
              f"--metrics_url=http://127.0.0.1:{found['metrics']}/metrics", "--concurrency=8", "--max_tokens=32"],
             capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=400,
         )

@@ -55,7 +55,10 @@ CONFIGS = {
                                                                           (1, 1, PL, 1, 2))),
 }
 ECFG = EngineConfig(max_num_seqs=4, max_model_len=64, page_size=8, prefill_lengths=(16, 32),
-                    prefill_batch_sizes=(1, 2), cache_dtype="float32", num_top_logprobs=2)
+                    prefill_batch_sizes=(1, 2), cache_dtype="float32", num_top_logprobs=2,
+                    # One decode variant (serves the greedy requests too): sampling modes do
+                    # not touch the sharding, and each variant is a compile per layout.
+                    decode_sampling_modes=("filter",))
 NUM_PAGES = 12  # three requests admitted together outgrow it: preempted and recomputed
 PROMPTS = [list(range(3, 12)), list(range(40, 61)), list(range(100, 140)), list(range(200, 233))]  # 40 > 32: chunked
 
