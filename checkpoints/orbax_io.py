@@ -22,6 +22,7 @@ only its own shard, and the dtype cast happens in the read.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Mapping
@@ -145,6 +146,13 @@ def legacy_shape(path: ParamPath, shape: tuple[int, ...]) -> tuple[int, ...]:
     return (shape[2], shape[0], shape[1]) if is_legacy_kv(path) else tuple(shape)
 
 
+@functools.lru_cache
+def _legacy_kv_transpose(sharding):
+    """[D, K, H] -> [K, H, D] placed on `sharding`: one jitted function (one compile) for
+    every layer's k and v."""
+    return jax.jit(lambda x: jnp.transpose(x, (1, 2, 0)), out_shardings=sharding)
+
+
 def restore_model(
     directory: str | os.PathLike,
     cfg: ModelConfig,
@@ -195,6 +203,6 @@ def restore_model(
     for path, var in flat:
         value = _lookup(restored, tuple(path))
         if reads[tuple(path)] is not final[tuple(path)]:  # format 1's [D, K, H] -> [K, H, D]
-            value = jax.jit(lambda x: jnp.transpose(x, (1, 2, 0)), out_shardings=final[tuple(path)].sharding)(value)
+            value = _legacy_kv_transpose(final[tuple(path)].sharding)(value)
         var.set_value(value)
     return nnx.merge(graphdef, nnx.from_flat_state(flat))

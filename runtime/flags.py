@@ -7,7 +7,14 @@ import sys
 
 from absl import flags
 
-from runtime.config import AUTO_MIN_NUM_SEQS, ATTENTION_CHOICES, CACHE_DTYPES, ConfigError, EngineConfig
+from runtime.config import (
+    ATTENTION_CHOICES,
+    AUTO_MIN_NUM_SEQS,
+    CACHE_DTYPES,
+    SAMPLING_MODES,
+    ConfigError,
+    EngineConfig,
+)
 
 FLAGS = flags.FLAGS
 
@@ -29,7 +36,7 @@ def define_engine_flags() -> None:
     flags.DEFINE_enum("attention", "auto", list(ATTENTION_CHOICES),
                       "Attention: the Pallas kernels, the jnp reference, or auto (Pallas on GPU).")
     flags.DEFINE_integer("num_top_logprobs", 0, "Top-N logprobs computed per step (max a request may ask).")
-    flags.DEFINE_list("decode_sampling_modes", ["greedy", "sample", "filter"],
+    flags.DEFINE_list("decode_sampling_modes", list(SAMPLING_MODES),
                       "Decode variants to compile: greedy (argmax only), sample (temperature), filter (also "
                       "top-k/top-p/min-p; required: serves any request). Each call runs the cheapest that fits its "
                       "requests; fewer variants start faster.")
