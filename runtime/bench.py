@@ -40,7 +40,7 @@ flags.DEFINE_integer("peer_timeout_s", 300, "Give up on the peer after this long
 flags.DEFINE_string("json_out", None, "Write the results here as JSON.")
 flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Parameter and KV cache dtype.")
 flags.DEFINE_integer("page_size", 16, "Tokens per KV page.")
-flags.DEFINE_integer("decode_steps_per_call", 4, "Decode steps per dispatch.")
+flags.DEFINE_integer("decode_steps_per_call", 1, "Decode steps per dispatch (1, the engine default, streams every token).")
 flags.DEFINE_enum("attention", "auto", ["auto", "reference", "pallas"], "Attention (auto: Pallas on GPU).")
 flags.DEFINE_integer("max_prefill_tokens", 16384, "Prompt tokens per prefill call at most (activation memory).")
 flags.DEFINE_integer("tensor_parallel_size", 1, "Devices that split every layer; the roofline is per device.")
@@ -51,7 +51,17 @@ flags.DEFINE_string("profile_dir", None, "Trace 3 decode calls per batch size he
 FLAGS = flags.FLAGS
 
 
-def bench_batch(model, batch: int, bandwidth: float, mesh=None) -> dict:
+def prefill_flops(cfg, T: int) -> float:
+    """FLOPs of one T-token prefill of one prompt: every layer's projections on T rows,
+    causal attention (QK^T and PV over the lower triangle), and the output projection on
+    the one row whose logits are sampled."""
+    d, f, n, k, h = cfg.embed_dim, cfg.ffw_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    linear = d * (n + 2 * k) * h + n * h * d + 3 * d * f
+    attention = 2 * n * h * T * (T + 1) / 2  # QK^T and PV, each 2 flops per multiply-add, half the pairs
+    return cfg.num_layers * (2 * T * linear + attention) + 2 * d * cfg.vocab_size
+
+
+def bench_batch(model, batch: int, bandwidth: float, matmul_flops: float, mesh=None) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -181,6 +191,7 @@ def bench_batch(model, batch: int, bandwidth: float, mesh=None) -> dict:
     ttft = sorted(first_token.values())
     return dict(
         batch=batch, attention=attention_impl(engine.ecfg), compile_s=compile_s, prefill_tok_s=FLAGS.prompt_len / prefill_s,
+        prefill_ms=prefill_s * 1e3, prefill_matmul_frac=prefill_flops(cfg, FLAGS.prompt_len) / prefill_s / matmul_flops,
         ttft_mean_s=statistics.mean(ttft), ttft_p50_s=statistics.median(ttft),
         decode_tok_s=agg, decode_tok_s_per_seq=agg / batch, step_ms=per_step_s * 1e3,
         roofline_step_ms=floor_s * 1e3, roofline_frac=floor_s / per_step_s,
@@ -221,7 +232,11 @@ def main(argv):
     t = time.perf_counter()
     from pallas_kernels.bench import copy_bandwidth
 
+    from pallas_kernels.bench import FULL, SMOKE, matmul_rate
+
     bandwidth = copy_bandwidth(4 << 30 if jax.default_backend() != "cpu" else 256 << 20)
+    # The prefill ceiling: an 8192^3 bf16 matmul (cuBLAS) measured now, in FLOP/s.
+    matmul_flops = matmul_rate(FULL if jax.default_backend() != "cpu" else SMOKE, reps=5) * 1e12
     from runtime.config import ConfigError
     from runtime.random_weights import random_model
     from runtime.startup import mesh_for
@@ -233,19 +248,19 @@ def main(argv):
         xflags.usage_error(str(e))
     model = random_model(cfg, FLAGS.dtype, mesh)
     jax.block_until_ready(model)
-    print(f"bandwidth {bandwidth / 1e12:.2f} TB/s; random weights in {time.perf_counter() - t:.0f} s", flush=True)
+    print(f"bandwidth {bandwidth / 1e12:.2f} TB/s, bf16 matmul {matmul_flops / 1e12:.0f} TFLOP/s; random weights in {time.perf_counter() - t:.0f} s", flush=True)
     device = jax.devices()[0].device_kind
     rows = []
     for b in batches:
-        rows.append(bench_batch(model, b, bandwidth, mesh))
+        rows.append(bench_batch(model, b, bandwidth, matmul_flops, mesh))
         print(json.dumps(rows[-1]), flush=True)
     print(f"\n{FLAGS.model} ({cfg.num_params() / 1e9:.2f}B params, {FLAGS.dtype}) on {device} "
           f"x TP {FLAGS.tensor_parallel_size} x PP {FLAGS.pipeline_parallel_size} (roofline per device), "
           f"jax {jax.__version__}, prompt {FLAGS.prompt_len}, gen {FLAGS.gen_len}, "
           f"{FLAGS.decode_steps_per_call} steps/call, attention={rows[0]['attention'] if rows else FLAGS.attention}, "
-          f"copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+          f"copy bandwidth {bandwidth / 1e12:.2f} TB/s, bf16 matmul {matmul_flops / 1e12:.0f} TFLOP/s")
     head = ("batch", "decode tok/s", "per seq", "step ms", "roofline ms", "% roofline", "HBM TB/s",
-            "prefill tok/s", "TTFT mean s", "HF tok/s", "vs HF", "call ms: device/synced/loop",
+            "prefill tok/s", "prefill ms (% matmul rate)", "TTFT mean s", "HF tok/s", "vs HF", "call ms: device/synced/loop",
             "device tok/s")
     print(" | ".join(head))
     print(" | ".join("---" for _ in head))
@@ -254,14 +269,15 @@ def main(argv):
         print(" | ".join([
             str(r["batch"]), f"{r['decode_tok_s']:.1f}", f"{r['decode_tok_s_per_seq']:.1f}", f"{r['step_ms']:.2f}",
             f"{r['roofline_step_ms']:.2f}", f"{100 * r['roofline_frac']:.1f}%", f"{r['hbm_tb_s']:.2f}",
-            f"{r['prefill_tok_s']:.0f}", f"{r['ttft_mean_s']:.3f}",
+            f"{r['prefill_tok_s']:.0f}", f"{r['prefill_ms']:.2f} ({100 * r['prefill_matmul_frac']:.1f}%)",
+            f"{r['ttft_mean_s']:.3f}",
             f"{p['decode_tok_s']:.1f}" if p else "-", f"{r['decode_tok_s'] / p['decode_tok_s']:.2f}x" if p else "-",
             f"{r['call_device_ms']:.2f}/{r['call_synced_ms']:.2f}/{r['call_orchestrated_ms']:.2f}",
             f"{r['device_tok_s']:.1f}",
         ]))
     if FLAGS.json_out:
         with open(FLAGS.json_out, "w") as f:
-            json.dump(dict(model=FLAGS.model, device=device, bandwidth=bandwidth, rows=rows, peer=peer), f, indent=1)
+            json.dump(dict(model=FLAGS.model, device=device, bandwidth=bandwidth, matmul_flops=matmul_flops, rows=rows, peer=peer), f, indent=1)
 
 
 if __name__ == "__main__":
