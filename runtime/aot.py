@@ -194,7 +194,7 @@ def abstract_engine(cfg: ModelConfig, ecfg: EngineConfig, mesh: Mesh, num_pages:
     platform = mesh.devices.flat[0].platform
     with dispatch.target_platform(platform):
         steps = build_steps(graphdef, ecfg, cache_shardings=jax.tree.map(lambda x: x.sharding, cache),
-                            replicated=replicated, mesh=mesh)
+                            replicated=replicated, mesh=mesh, params_treedef=jax.tree.structure(params))
     return AbstractEngine(cfg, ecfg, mesh, num_pages, capacity, graphdef, params, cache, slots, steps, platform)
 
 
@@ -204,17 +204,18 @@ def _sds(x) -> jax.ShapeDtypeStruct:
 
 
 def step_args(engine: AbstractEngine, kind: str, shape: tuple = ()) -> tuple:
-    """The abstract arguments of one manifest entry, as Engine passes them (warmup's
-    host arrays: their shapes and dtypes, uncommitted)."""
+    """The abstract arguments of one manifest entry, as Engine passes them (the params
+    as their list of leaves; warmup's host arrays: their shapes and dtypes, uncommitted)."""
     ecfg, MP = engine.ecfg, engine.ecfg.max_pages_per_seq
     if kind == "prefill":
         b, t = shape[:2]
         i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731
         sampling = SlotSampling(**{k: _sds(v) for k, v in SlotSampling.pack([None] * b, [0] * b).items()})
-        return (engine.params, engine.cache, engine.slots, i32(b, t), i32(b), i32(b), i32(b, MP), i32(b),
+        return (jax.tree.leaves(engine.params), engine.cache, engine.slots, i32(b, t), i32(b), i32(b), i32(b, MP), i32(b),
                 jax.ShapeDtypeStruct((b,), jnp.bool_), sampling, i32(b, MAX_STOP_IDS), i32(b))
     if kind == "decode":
-        return engine.params, engine.cache, engine.slots, jax.ShapeDtypeStruct((ecfg.max_num_seqs, MP), jnp.int32)
+        return (jax.tree.leaves(engine.params), engine.cache, engine.slots,
+                jax.ShapeDtypeStruct((ecfg.max_num_seqs, MP), jnp.int32))
     if kind == "release":
         return engine.slots, jax.ShapeDtypeStruct((), jnp.int32)
     raise ValueError(f"step kind {kind!r}; choose from prefill, decode, release")

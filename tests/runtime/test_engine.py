@@ -219,13 +219,13 @@ def test_decode_steps_have_no_data_dependent_branch(model, tokenizer):
     engine = make_orchestrator(model, tokenizer).engine
     table = jnp.zeros((engine.ecfg.max_num_seqs, engine.ecfg.max_pages_per_seq), jnp.int32)
     assert set(engine._decode) == set(SAMPLING_MODES)
-    programs = {mode: engine._decode[mode].lower(engine.params, engine.cache, engine.slots, table)
+    programs = {mode: engine._decode[mode].lower(engine.param_leaves, engine.cache, engine.slots, table)
                 for mode in SAMPLING_MODES}
     b, t = engine.manifest()["prefill"][0][:2]
     i32 = lambda *shape: jnp.zeros(shape, jnp.int32)  # noqa: E731
     sampling = SlotSampling(**{k: jnp.asarray(v) for k, v in SlotSampling.pack([None] * b, [0] * b).items()})
     programs["prefill"] = engine._prefill[False].lower(
-        engine.params, engine.cache, engine.slots, i32(b, t), i32(b), i32(b), i32(b, table.shape[1]), i32(b),
+        engine.param_leaves, engine.cache, engine.slots, i32(b, t), i32(b), i32(b), i32(b, table.shape[1]), i32(b),
         jnp.zeros(b, bool), sampling, i32(b, MAX_STOP_IDS), i32(b))
     for name, lowered in programs.items():
         text = lowered.as_text()

@@ -113,7 +113,7 @@ def main() -> None:
             params = engine.params
             outer = params["outer"] if pp > 1 else params
             spec = lambda v: str(v.get_value().sharding.spec)  # noqa: E731
-            hlo = engine._decode["filter"].lower(engine.params, engine.cache, engine.slots,
+            hlo = engine._decode["filter"].lower(engine.param_leaves, engine.cache, engine.slots,
                                                  np.zeros((ECFG.max_num_seqs, ECFG.max_pages_per_seq), np.int32)).compile().as_text()
             diffs = [float(np.max(np.abs(np.array(base["res"][k][1]) - np.array(got["res"][k][1])))) for k in base["res"]]
             print(json.dumps(dict(

@@ -121,7 +121,7 @@ def match_engine() -> None:
     abstract = aot.abstract_engine(cfg, ecfg, mesh, num_pages=8)
     MP, B = ecfg.max_pages_per_seq, ecfg.max_num_seqs
     z = lambda *shape: jnp.zeros(shape, jnp.int32)  # noqa: E731
-    state = (engine.params, engine.cache, engine.slots)
+    state = (engine.param_leaves, engine.cache, engine.slots)
     rows = []
     for kind, shapes in {**engine.manifest(), "release": [()]}.items():
         for shape in shapes:
@@ -133,7 +133,7 @@ def match_engine() -> None:
                     *state, z(b, t), z(b), z(b), z(b, MP), z(b) + B, jnp.zeros(b, bool), sampling,
                     z(b, MAX_STOP_IDS) - 1, z(b))
             elif kind == "decode":
-                real = engine._decode[shape[1]].lower(*state, jnp.asarray(np.zeros((B, MP), np.int32)))
+                real = engine._decode[shape[1]].lower(*state, np.zeros((B, MP), np.int32))
             else:
                 real = engine._release.lower(engine.slots, jnp.asarray(B, jnp.int32))
             step = aot.step_fn(abstract, kind, shape)
