@@ -39,7 +39,7 @@ from pallas_kernels import dispatch
 from runtime.config import EngineConfig, ModelConfig
 from runtime.engine import MAX_STOP_IDS, DecodeSlots, Steps, bucket_manifest, build_steps
 from runtime.kv_cache import KVCache
-from runtime.models.transformer import abstract_model
+from runtime.models.transformer import abstract_model, fuse_projections
 from runtime.sampling import SlotSampling
 from runtime.startup import Capacity, cache_kv_shards, plan_capacity
 from sharding import pipeline
@@ -153,7 +153,7 @@ def abstract_params(cfg: ModelConfig, mesh: Mesh, dtype="bfloat16"):
     place of weights, its kv heads expanded to the tensor size where fewer (as
     sharding.mesh.replicate_kv_heads does to real weights; `cfg` says so)."""
     cfg = expand_kv_heads(cfg, tensor_size(mesh))
-    graphdef, state = nnx.split(abstract_model(cfg, jnp.dtype(dtype)))
+    graphdef, state = nnx.split(fuse_projections(abstract_model(cfg, jnp.dtype(dtype))))  # as Engine holds it
     targets = dict(nnx.to_flat_state(param_shardings(state, mesh)))
     flat = nnx.to_flat_state(state)
     for path, var in flat:

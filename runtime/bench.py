@@ -16,6 +16,7 @@ attention implementations at any shape. --profile_dir adds a kernel-level breakd
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -61,7 +62,7 @@ def prefill_flops(cfg, T: int) -> float:
     return cfg.num_layers * (2 * T * linear + attention) + 2 * d * cfg.vocab_size
 
 
-def bench_batch(model, batch: int, bandwidth: float, matmul_flops: float, mesh=None) -> dict:
+def bench_batch(model, batch: int, bandwidth: float, matmul_flops: float, mesh=None, profile_prefill=False) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -117,8 +118,22 @@ def bench_batch(model, batch: int, bandwidth: float, matmul_flops: float, mesh=N
         orc.add_request(Request(str(i), prompt, SamplingParams(temperature=0.0), max_tokens=FLAGS.gen_len,
                                 ignore_eos=True))
     first_token, steady = {}, []
+    # With --profile_dir, steps 10-19 of the steady window are traced (device and host).
+    from runtime import profile
+
+    loop_dir = FLAGS.profile_dir and os.path.join(FLAGS.profile_dir, f"loop{batch}")
+    loop_trace, tracing = contextlib.ExitStack(), False
     while orc.has_work():
         decoding_before = sum(1 for s in orc.scheduler.running.values() if s.status.value == "running")
+        if loop_dir and len(steady) == 10 and not tracing:
+            loop_trace.enter_context(profile.trace(loop_dir))
+            tracing = True
+        elif tracing and len(steady) == 20:
+            loop_trace.close()
+            tracing = False
+            print(f"profile, batch {batch}, 10 orchestrated steps:\n{profile.summarize(loop_dir)}\n"
+                  f"{profile.host_summary(loop_dir)}", flush=True)
+            loop_dir = None
         t = time.perf_counter()
         outs = orc.step()
         dt = time.perf_counter() - t
@@ -157,8 +172,6 @@ def bench_batch(model, batch: int, bandwidth: float, matmul_flops: float, mesh=N
         np.asarray(decode_call()["tokens"])
     call_sync_s = (time.perf_counter() - t) / 10
     if FLAGS.profile_dir:
-        from runtime import profile
-
         log_dir = os.path.join(FLAGS.profile_dir, f"batch{batch}")
         with profile.trace(log_dir):
             for _ in range(3):
@@ -166,6 +179,15 @@ def bench_batch(model, batch: int, bandwidth: float, matmul_flops: float, mesh=N
             jax.block_until_ready(out)
         print(f"profile, batch {batch}, 3 decode calls of {steps} steps:\n{profile.summarize(log_dir)}", flush=True)
         profile.keep_flat(log_dir, f"{log_dir}.perfetto.json.gz")
+        if profile_prefill:
+            log_dir = os.path.join(FLAGS.profile_dir, "prefill")
+            with profile.trace(log_dir):
+                for _ in range(3):
+                    out = engine.prefill(**args)
+                jax.block_until_ready(out)
+            print(f"profile, 3 prefill calls of 1 x {FLAGS.prompt_len} tokens:\n{profile.summarize(log_dir)}",
+                  flush=True)
+            profile.keep_flat(log_dir, f"{log_dir}.perfetto.json.gz")
     step_s = sum(d for d, _ in steady)
     tokens = sum(n for _, n in steady)
     agg = tokens / step_s if step_s else float("nan")
@@ -252,7 +274,8 @@ def main(argv):
     device = jax.devices()[0].device_kind
     rows = []
     for b in batches:
-        rows.append(bench_batch(model, b, bandwidth, matmul_flops, mesh))
+        # Prefill does not depend on the batch size: profiled once.
+        rows.append(bench_batch(model, b, bandwidth, matmul_flops, mesh, profile_prefill=b == batches[0]))
         print(json.dumps(rows[-1]), flush=True)
     print(f"\n{FLAGS.model} ({cfg.num_params() / 1e9:.2f}B params, {FLAGS.dtype}) on {device} "
           f"x TP {FLAGS.tensor_parallel_size} x PP {FLAGS.pipeline_parallel_size} (roofline per device), "

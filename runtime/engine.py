@@ -29,7 +29,7 @@ from flax import nnx
 from pallas_kernels import dispatch
 from runtime.config import ConfigError, EngineConfig, ModelConfig
 from runtime.kv_cache import KVCache
-from runtime.models.transformer import Transformer
+from runtime.models.transformer import Transformer, fuse_projections
 from runtime.sampling import SlotSampling, sample
 from sharding import pipeline, tensor_parallel
 
@@ -308,12 +308,14 @@ class Engine:
         # The checkpoint's generation_config.json sampling defaults (runtime.startup sets
         # them): front ends apply them to the fields a request leaves unset.
         self.sampling_defaults: dict[str, float | int] = {}
-        self.graphdef, self.params = nnx.split(model)
         self.num_pages = num_pages
         # Committed placements from the start: the step outputs are committed, and inputs
         # that differ only in commitment would compile the steps a second time.
-        device = jax.tree.leaves(self.params)[0].sharding
+        device = jax.tree.leaves(nnx.state(model))[0].sharding
         mesh = device.mesh if isinstance(device, jax.sharding.NamedSharding) else None
+        # q/k/v and gate/up as one weight each, in place (the caller's model is this one).
+        fuse_projections(model, mesh)
+        self.graphdef, self.params = nnx.split(model)
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()) if mesh is not None else (
             jax.sharding.SingleDeviceSharding(list(device.device_set)[0]))
         # Data-parallel groups: group g owns slots [g*B/D, (g+1)*B/D), pages [g*P/D, (g+1)*P/D)

@@ -54,6 +54,34 @@ def device_events(path: str) -> list[dict]:
     return sorted((e for e in events if e.get("ph") == "X" and e.get("pid") in devices), key=lambda e: e["ts"])
 
 
+def host_summary(log_dir: str, top: int = 25) -> str:
+    """Host time by event name on the thread that dispatches (the one with the most
+    PjRt Execute time): where a step's host work goes (Python frames the profiler
+    records, dispatch, command-buffer update and launch). Nested events each count."""
+    with gzip.open(_newest_trace(log_dir), "rt") as f:
+        data = json.load(f)
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    hosts = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+             and not e["args"]["name"].startswith("/device:")}
+    spans = [e for e in events if e.get("ph") == "X" and e.get("pid") in hosts]
+    executes = collections.Counter()
+    for e in spans:
+        if "Execute" in e["name"]:
+            executes[(e["pid"], e["tid"])] += e["dur"]
+    if not executes:
+        return "no host dispatch events in the trace"
+    thread = executes.most_common(1)[0][0]
+    mine = [e for e in spans if (e["pid"], e["tid"]) == thread]
+    span = max(e["ts"] + e["dur"] for e in mine) - min(e["ts"] for e in mine)
+    groups: dict[str, list[float]] = collections.defaultdict(list)
+    for e in mine:
+        groups[e["name"]].append(e["dur"])
+    lines = [f"host: dispatching thread, span {span / 1e3:.2f} ms", f"{'total ms':>9} {'count':>6} {'mean us':>9}  event"]
+    for name, durs in sorted(groups.items(), key=lambda x: -sum(x[1]))[:top]:
+        lines.append(f"{sum(durs) / 1e3:9.3f} {len(durs):6d} {sum(durs) / len(durs):9.1f}  {name[:100]}")
+    return "\n".join(lines)
+
+
 def _op(e: dict) -> str:
     args = e.get("args") or {}
     return args.get("hlo_op") or args.get("long_name") or e["name"]

@@ -108,6 +108,8 @@ def replicate_kv_heads(model, mesh: Mesh | None, rules=DEFAULT_RULES):
     kv head j becomes heads j*r .. j*r + r-1 (r = tensor / kv_heads): device i, whose
     query heads are the i-th of `tensor` equal groups, holds head i, a copy of the kv
     head those query heads read. The given model is left as it was."""
+    from runtime.models.layers import repeat_fused_kv_heads
+
     cfg = model.cfg
     new_cfg = expand_kv_heads(cfg, tensor_size(mesh, rules))
     if new_cfg is cfg:
@@ -115,10 +117,13 @@ def replicate_kv_heads(model, mesh: Mesh | None, rules=DEFAULT_RULES):
     r = new_cfg.num_kv_heads // cfg.num_kv_heads
 
     def repeat(path, var):
-        if len(path) < 2 or path[-2] != "attn" or path[-1] not in ("wk", "wv", "bk", "bv"):
+        if len(path) < 2 or path[-2] != "attn" or path[-1] not in ("wk", "wv", "bk", "bv", "wqkv", "bqkv"):
             return var
         axes = var.get_metadata()["logical_axes"]
-        value = jnp.repeat(var.get_value(), r, axis=axes.index("kv_heads"))
+        if path[-1] in ("wqkv", "bqkv"):  # fused (runtime.models.transformer.fuse_projections)
+            value = repeat_fused_kv_heads(var.get_value(), r, axes.index("kv_heads"))
+        else:
+            value = jnp.repeat(var.get_value(), r, axis=axes.index("kv_heads"))
         return var.replace(jax.device_put(value, param_sharding(path, axes, value.shape, mesh, cfg.num_layers, rules)))
 
     graphdef, state = nnx.split(model)

@@ -25,7 +25,9 @@ DEFAULT_RULES: Mapping[str, str | None] = {
     "q_heads": "tensor",
     "kv_heads": "tensor",
     "head_dim": None,
+    "qkv": None,  # fused projections (runtime.models.transformer.fuse_projections): q heads of a kv head, k, v
     "ffw": "tensor",
+    "gate_up": None,
     "vocab": "tensor",
     "pages": "data",  # each data-parallel group holds its own pages of the KV cache
     "page": None,

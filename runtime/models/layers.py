@@ -10,6 +10,8 @@ those names onto mesh axes, so this code never names a mesh axis.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -110,6 +112,63 @@ def attention(
     return paged_reference.paged_attention(q, k_pages, v_pages, page_table, positions, kv_lens, **kw)
 
 
+def _fused_param(fn, parts: list, axes: tuple[str, ...], sharding_of) -> nnx.Param:
+    """The Param fn(*parts) with logical `axes`, placed by `sharding_of(axes, shape)`
+    (None: where the first part lives); for an abstract model (ShapeDtypeStruct parts)
+    its shape and dtype."""
+    out = jax.eval_shape(fn, *parts)
+    sharding = sharding_of(axes, out.shape)
+    if any(isinstance(p, jax.ShapeDtypeStruct) for p in parts):
+        value = jax.ShapeDtypeStruct(out.shape, out.dtype, sharding=sharding)
+    else:
+        value = _jit_fuse(fn, sharding or parts[0].sharding)(*parts)
+    return nnx.Param(value, logical_axes=axes)
+
+
+@functools.cache
+def _jit_fuse(fn, sharding):
+    return jax.jit(fn, out_shardings=sharding)
+
+
+def _qkv_weight(wq, wk, wv):
+    """[D, K, G + 2, H]: per kv head its G query heads, then k, then v (D leading, like
+    gate/up: one GEMV whose output is contiguous)."""
+    D, N, H = wq.shape
+    K = wk.shape[0]
+    q = wq.reshape(D, K, N // K, H)
+    return jnp.concatenate([q, wk.transpose(2, 0, 1)[:, :, None], wv.transpose(2, 0, 1)[:, :, None]], axis=2)
+
+
+def _qkv_bias(bq, bk, bv):
+    N, H = bq.shape
+    K = bk.shape[0]
+    return jnp.concatenate([bq.reshape(K, N // K, H), bk[:, None], bv[:, None]], axis=1)
+
+
+def repeat_fused_kv_heads(wqkv, r: int, kv_axis: int):
+    """A fused q/k/v weight or bias (`_qkv_weight`: [..., K, G + 2, H] from `kv_axis`)
+    with each kv head repeated r times, as sharding.mesh.replicate_kv_heads repeats wk
+    and wv: kv head j becomes heads j*r .. j*r + r-1, and the G query heads that read
+    it are dealt out to them in order, G / r each."""
+    shape = wqkv.shape
+    K, J, H = shape[kv_axis: kv_axis + 3]
+    G = J - 2
+    lead = shape[:kv_axis]
+    q = wqkv[..., :G, :].reshape(*lead, K * r, G // r, H)
+    k = jnp.repeat(wqkv[..., G:G + 1, :], r, axis=kv_axis)
+    v = jnp.repeat(wqkv[..., G + 1:, :], r, axis=kv_axis)
+    return jnp.concatenate([q, k, v], axis=kv_axis + 1)
+
+
+def _gate_up_weight(w_gate, w_up):
+    """[D, 2, F]: gate and up side by side per input row."""
+    return jnp.stack([w_gate, w_up], axis=1)
+
+
+def _gate_up_bias(b_gate, b_up):
+    return jnp.stack([b_gate, b_up], axis=0)
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, layer: int, *, dtype, rngs: nnx.Rngs | None):
         D, N, K, H = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -139,15 +198,43 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(H, "head_dim", **norm)
         else:
             self.q_norm = self.k_norm = None
+        # The serving form (`fuse`): q, k and v as one weight, read by one GEMV.
+        self.wqkv = self.bqkv = nnx.data(None)
 
-    def __call__(self, x, positions, k_pages, v_pages, page_table, kv_lens, *, impl: str, fresh: bool = False,
-                 local: Local | None = None):
-        with jax.named_scope("qkv"):
+    def fuse(self, sharding_of) -> None:
+        """Replaces wq, wk, wv (and their biases) by one weight wqkv [D, K, G + 2, H]
+        (`_qkv_weight`), in place: a decode step then reads them in one GEMV instead of
+        three. `sharding_of(axes, shape)` places the new weight. Checkpoints keep the
+        three (the converter and restore never see this form)."""
+        if self.wqkv is not None:
+            return
+        axes = ("embed", "kv_heads", "qkv", "head_dim")
+        self.wqkv = _fused_param(_qkv_weight, [self.wq.get_value(), self.wk.get_value(), self.wv.get_value()],
+                                 axes, sharding_of)
+        if self.bq is not None:
+            self.bqkv = _fused_param(_qkv_bias, [self.bq.get_value(), self.bk.get_value(), self.bv.get_value()],
+                                     axes[1:], sharding_of)
+        self.wq = self.wk = self.wv = self.bq = self.bk = self.bv = None
+
+    def _project(self, x):
+        """q [B, T, N, H], k and v [B, T, K, H] of the normed input x [B, T, D]."""
+        if self.wqkv is None:
             q = jnp.einsum("BTD,DNH->BTNH", x, self.wq[...])
             k = jnp.einsum("BTD,KHD->BTKH", x, self.wk[...])
             v = jnp.einsum("BTD,KHD->BTKH", x, self.wv[...])
             if self.bq is not None:
                 q, k, v = q + self.bq[...], k + self.bk[...], v + self.bv[...]
+            return q, k, v
+        qkv = jnp.einsum("BTD,DKJH->BTKJH", x, self.wqkv[...])  # J = G + 2
+        if self.bqkv is not None:
+            qkv = qkv + self.bqkv[...]
+        B, T, K, J, H = qkv.shape
+        return qkv[:, :, :, : J - 2].reshape(B, T, K * (J - 2), H), qkv[:, :, :, J - 2], qkv[:, :, :, J - 1]
+
+    def __call__(self, x, positions, k_pages, v_pages, page_table, kv_lens, *, impl: str, fresh: bool = False,
+                 local: Local | None = None):
+        with jax.named_scope("qkv"):
+            q, k, v = self._project(x)
             if self.q_norm is not None:
                 q, k = self.q_norm(q), self.k_norm(k)
             cos, sin = rope_tables(self.rope, self.head_dim, positions, x.dtype)
@@ -183,13 +270,34 @@ class MLP(nnx.Module):
             self.b_down = param(rngs, (D,), ("embed",), dtype, init="zeros")
         else:
             self.b_gate = self.b_up = self.b_down = None
+        # The serving form (`fuse`): gate and up as one weight, read by one GEMV.
+        self.w_gate_up = self.b_gate_up = nnx.data(None)
+
+    def fuse(self, sharding_of) -> None:
+        """Replaces w_gate and w_up (and their biases) by one weight w_gate_up [D, 2, F],
+        in place (see Attention.fuse)."""
+        if self.w_gate_up is not None:
+            return
+        axes = ("embed", "gate_up", "ffw")
+        self.w_gate_up = _fused_param(_gate_up_weight, [self.w_gate.get_value(), self.w_up.get_value()], axes,
+                                      sharding_of)
+        if self.b_gate is not None:
+            self.b_gate_up = _fused_param(_gate_up_bias, [self.b_gate.get_value(), self.b_up.get_value()], axes[1:],
+                                          sharding_of)
+        self.w_gate = self.w_up = self.b_gate = self.b_up = None
 
     def __call__(self, x: jax.Array, local: Local | None = None) -> jax.Array:
         with jax.named_scope("mlp"):
-            gate = jnp.einsum("BTD,DF->BTF", x, self.w_gate[...])
-            up = jnp.einsum("BTD,DF->BTF", x, self.w_up[...])
-            if self.b_gate is not None:
-                gate, up = gate + self.b_gate[...], up + self.b_up[...]
+            if self.w_gate_up is None:
+                gate = jnp.einsum("BTD,DF->BTF", x, self.w_gate[...])
+                up = jnp.einsum("BTD,DF->BTF", x, self.w_up[...])
+                if self.b_gate is not None:
+                    gate, up = gate + self.b_gate[...], up + self.b_up[...]
+            else:
+                gate_up = jnp.einsum("BTD,DJF->BTJF", x, self.w_gate_up[...])
+                if self.b_gate_up is not None:
+                    gate_up = gate_up + self.b_gate_up[...]
+                gate, up = gate_up[:, :, 0], gate_up[:, :, 1]
             if self.activation == "silu":
                 act = jax.nn.silu(gate)
             else:

@@ -107,6 +107,25 @@ class Transformer(nnx.Module):
         return logits
 
 
+def fuse_projections(model: Transformer, mesh=None) -> Transformer:
+    """The serving form of `model`, made in place (the unfused weights are dropped, so
+    memory does not double): every layer's q/k/v weights as one (Attention.fuse) and its
+    gate/up weights as one (MLP.fuse). A decode step then runs two GEMVs fewer per
+    layer. Fused weights are split by their logical axes on `mesh` (a layer's on its
+    pipeline stage's devices) or, without one, stay where the weights were; an abstract
+    model (ShapeDtypeStruct weights) gets the fused shapes. Running it twice changes
+    nothing. Checkpoints hold the unfused form: this runs when an engine is built."""
+    from sharding.rules import param_sharding
+
+    for i, block in enumerate(model.layers):
+        def sharding_of(axes, shape, path=("layers", i)):
+            return None if mesh is None else param_sharding(path, axes, shape, mesh, model.cfg.num_layers)
+
+        block.attn.fuse(sharding_of)
+        block.mlp.fuse(sharding_of)
+    return model
+
+
 def abstract_model(cfg: ModelConfig, dtype=jnp.bfloat16) -> Transformer:
     """The model with ShapeDtypeStruct leaves: shapes, dtypes and logical axes, no memory."""
     return nnx.eval_shape(lambda: Transformer(cfg, dtype=dtype, rngs=nnx.Rngs(0)))

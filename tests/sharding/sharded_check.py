@@ -120,7 +120,7 @@ def main() -> None:
                 config=name, tp=tp, pp=pp, dp=dp, attention=attention, microbatches=micro,
                 tokens_equal=all(base["res"][k][0] == got["res"][k][0] for k in base["res"]),
                 max_logprob_diff=max(diffs),
-                wq=spec(params["layers"][0]["attn"]["wq"]), wk=spec(params["layers"][0]["attn"]["wk"]),
+                wqkv=spec(params["layers"][0]["attn"]["wqkv"]), w_gate_up=spec(params["layers"][0]["mlp"]["w_gate_up"]),
                 w_down=spec(params["layers"][0]["mlp"]["w_down"]), embedding=spec(outer["embedding"]),
                 cache=str(jax.tree.leaves(engine.cache)[0].sharding.spec),
                 param_bytes_per_device=bytes_per_device(params), param_bytes=total,

@@ -67,15 +67,14 @@ def test_sharded_equals_one_device(rows):
 def test_large_tensors_are_split_not_replicated(rows):
     for r in rows:
         where = f"{r['config']} TP {r['tp']} PP {r['pp']} DP {r['dp']} {r['attention']}"
+        # Heads and ffw split: q/k/v fused per kv head (runtime.models.transformer.fuse_projections),
+        # so kv heads split too (where fewer than the devices, repeated to one per device).
         if r["tp"] > 1:
-            assert "'tensor'" in r["wq"] and "'tensor'" in r["w_down"], where  # heads and ffw split
+            assert all("'tensor'" in r[k] for k in ("wqkv", "w_gate_up", "w_down", "cache")), where
         if r["pp"] > 1:  # layers stacked over stages
-            assert "'stage'" in r["wq"] and "'stage'" in r["cache"], where
+            assert "'stage'" in r["wqkv"] and "'stage'" in r["cache"], where
         if r["dp"] > 1:  # each data-parallel group holds its own pages
-            assert "'data'" in r["cache"] and "'data'" not in r["wq"], where
-        # kv heads split too: where fewer than the devices, repeated to one per device.
-        if r["tp"] > 1:
-            assert "'tensor'" in r["wk"] and "'tensor'" in r["cache"], where
+            assert "'data'" in r["cache"] and "'data'" not in r["wqkv"], where
         assert r["sharded_kv_heads"] == max(r["kv_heads"], r["tp"]), where
         # Each device holds its kv heads' share of the one-device cache: 1/TP of it, or
         # one head's worth where kv heads were repeated (MQA at TP 4: all of it).
