@@ -37,7 +37,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pallas_kernels import dispatch
 from runtime.config import EngineConfig, ModelConfig
-from runtime.engine import MAX_STOP_IDS, DecodeSlots, Steps, bucket_manifest, build_steps
+from runtime.engine import MAX_STOP_IDS, DecodeIO, DecodeSlots, Steps, bucket_manifest, build_steps
 from runtime.kv_cache import KVCache
 from runtime.models.transformer import abstract_model, fuse_projections
 from runtime.sampling import SlotSampling
@@ -214,8 +214,11 @@ def step_args(engine: AbstractEngine, kind: str, shape: tuple = ()) -> tuple:
         return (jax.tree.leaves(engine.params), engine.cache, engine.slots, i32(b, t), i32(b), i32(b), i32(b, MP), i32(b),
                 jax.ShapeDtypeStruct((b,), jnp.bool_), sampling, i32(b, MAX_STOP_IDS), i32(b))
     if kind == "decode":
-        return (jax.tree.leaves(engine.params), engine.cache, engine.slots,
-                jax.ShapeDtypeStruct((ecfg.max_num_seqs, MP), jnp.int32))
+        io = jax.eval_shape(lambda: DecodeIO.create(ecfg.max_num_seqs, MP, ecfg.decode_steps_per_call,
+                                                    ecfg.num_top_logprobs))
+        replicated = NamedSharding(engine.mesh, PartitionSpec())
+        io = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), io)
+        return jax.tree.leaves(engine.params), engine.cache, engine.slots, io
     if kind == "release":
         return engine.slots, jax.ShapeDtypeStruct((), jnp.int32)
     raise ValueError(f"step kind {kind!r}; choose from prefill, decode, release")
@@ -226,7 +229,8 @@ def step_fn(engine: AbstractEngine, kind: str, shape: tuple = ()):
     if kind == "prefill":
         return engine.steps.prefill["fresh" in shape[2:]]
     if kind == "decode":
-        return engine.steps.decode[shape[1] if len(shape) > 1 else "filter"]
+        rows, mode = shape if len(shape) > 1 else (engine.ecfg.max_num_seqs, "filter")
+        return engine.steps.decode[(rows, mode)]
     return engine.steps.release
 
 

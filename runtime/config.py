@@ -331,6 +331,11 @@ def _default_prefill_lengths(max_len: int) -> tuple[int, ...]:
     return tuple(sorted(set(min(x, 2048) for x in lengths)))
 
 
+# Decode buckets when none are given: a decode call runs the slots below the smallest
+# bucket that holds every decoding slot (slots are handed out lowest first), so one
+# stream does not pay for the rows of 64 idle ones (runtime.engine, issue 13).
+DEFAULT_DECODE_BATCH_SIZES = (1, 8, 64, 512)
+
 # Decode slots when start-up sizes them from the KV cache (runtime/startup.py says why).
 AUTO_MIN_NUM_SEQS = 8
 AUTO_MAX_NUM_SEQS = 64
@@ -341,8 +346,9 @@ class EngineConfig:
     """How the engine lays out work: slots, pages, buckets. Built from flags in entry points.
 
     The compiled shapes are exactly: prefill (batch in `prefill_batch_sizes`) x (length in
-    `prefill_lengths`), and decode at `max_num_seqs` slots. Prompts longer than the
-    largest prefill length are prefilled in chunks of it.
+    `prefill_lengths`), and decode over the first b slots for b in `decode_buckets` (each
+    in every sampling mode of `decode_sampling_modes`). Prompts longer than the largest
+    prefill length are prefilled in chunks of it.
     """
 
     max_num_seqs: int = AUTO_MIN_NUM_SEQS
@@ -353,6 +359,8 @@ class EngineConfig:
     prefill_lengths: tuple[int, ...] = ()  # () -> powers of two from 32 up to min(max_model_len, 2048)
     prefill_batch_sizes: tuple[int, ...] = (1,)
     decode_steps_per_call: int = 1
+    # Decode buckets (`decode_buckets`); () -> DEFAULT_DECODE_BATCH_SIZES. max_num_seqs is always one.
+    decode_batch_sizes: tuple[int, ...] = ()
     attention: str = "auto"
     cache_dtype: str = "bfloat16"
     num_top_logprobs: int = 0  # top-N logprobs computed per step (0: only the chosen token's)
@@ -383,6 +391,10 @@ class EngineConfig:
             raise ConfigError(f"prefill_batch_sizes={self.prefill_batch_sizes} must be positive")
         if self.decode_steps_per_call <= 0:
             raise ConfigError(f"decode_steps_per_call={self.decode_steps_per_call} must be positive")
+        sizes = tuple(self.decode_batch_sizes)
+        if sizes and (sorted(set(sizes)) != list(sizes) or sizes[0] <= 0):
+            raise ConfigError(f"decode_batch_sizes={','.join(map(str, sizes))} must be positive and increasing")
+        object.__setattr__(self, "decode_batch_sizes", sizes)
         if self.attention not in ATTENTION_CHOICES:
             raise ConfigError(f"attention={self.attention!r}; choose from {', '.join(ATTENTION_CHOICES)}")
         if self.cache_dtype not in CACHE_DTYPES:
@@ -396,6 +408,13 @@ class EngineConfig:
         object.__setattr__(self, "decode_sampling_modes", tuple(m for m in SAMPLING_MODES if m in modes))
         if not (0 <= self.num_top_logprobs <= 20):
             raise ConfigError(f"num_top_logprobs={self.num_top_logprobs} must be in [0, 20]")
+
+    @property
+    def decode_buckets(self) -> tuple[int, ...]:
+        """The slot counts decode is compiled for: `decode_batch_sizes` (default
+        DEFAULT_DECODE_BATCH_SIZES) below max_num_seqs, and max_num_seqs."""
+        given = self.decode_batch_sizes or DEFAULT_DECODE_BATCH_SIZES
+        return tuple(sorted({b for b in given if b < self.max_num_seqs} | {self.max_num_seqs}))
 
     @property
     def max_pages_per_seq(self) -> int:

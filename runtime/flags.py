@@ -33,6 +33,9 @@ def define_engine_flags() -> None:
     flags.DEFINE_list("prefill_lengths", [], "Prefill length buckets (default: powers of two up to 2048).")
     flags.DEFINE_list("prefill_batch_sizes", ["1"], "Prompts per prefill call buckets.")
     flags.DEFINE_integer("decode_steps_per_call", 1, "Decode steps per dispatch.")
+    flags.DEFINE_list("decode_batch_sizes", [], "Decode buckets: a call runs the first b slots, b the smallest bucket "
+                      "holding every decoding slot (default: 1,8,64,512 below --max_num_seqs; --max_num_seqs is "
+                      "always one).")
     flags.DEFINE_enum("attention", "auto", list(ATTENTION_CHOICES),
                       "Attention: the Pallas kernels, the jnp reference, or auto (Pallas on GPU).")
     flags.DEFINE_integer("num_top_logprobs", 0, "Top-N logprobs computed per step (max a request may ask).")
@@ -113,6 +116,7 @@ def engine_config_from_flags(**overrides) -> EngineConfig:
         prefill_lengths=_ints("prefill_lengths", FLAGS.prefill_lengths),
         prefill_batch_sizes=_ints("prefill_batch_sizes", FLAGS.prefill_batch_sizes),
         decode_steps_per_call=FLAGS.decode_steps_per_call,
+        decode_batch_sizes=_ints("decode_batch_sizes", FLAGS.decode_batch_sizes),
         attention=FLAGS.attention,
         cache_dtype=FLAGS.cache_dtype or FLAGS.dtype,
         num_top_logprobs=FLAGS.num_top_logprobs,

@@ -315,13 +315,17 @@ class Orchestrator:
 
     def _dispatch_decode(self, decoding: list[Sequence]) -> dict:
         ecfg = self.engine.ecfg
-        table = np.zeros((ecfg.max_num_seqs, ecfg.max_pages_per_seq), np.int32)
-        for seq in self.scheduler.running.values():
+        # The call runs the first `rows` slots: the smallest bucket holding every decoding
+        # slot (the scheduler hands out the lowest free slot; the others are idle on the device).
+        top = max(seq.slot for seq in decoding) + 1
+        rows = next(b for b in ecfg.decode_buckets if b >= top)
+        table = np.zeros((rows, ecfg.max_pages_per_seq), np.int32)
+        for seq in decoding:
             pages = self.allocator.pages(seq.seq_id)
             table[seq.slot, : len(pages)] = pages
         # Every slot the call decodes is a running sequence's (slots of finished or
         # preempted ones are idle on the device): their parameters pick the variant.
-        mode = sampling_mode([seq.sampling for seq in self.scheduler.running.values()], ecfg.decode_sampling_modes)
+        mode = sampling_mode([seq.sampling for seq in decoding], ecfg.decode_sampling_modes)
         out = self.engine.decode(table, mode=mode)
         for seq in decoding:
             seq.num_inflight += ecfg.decode_steps_per_call

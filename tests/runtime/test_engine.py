@@ -218,8 +218,9 @@ def test_decode_steps_have_no_data_dependent_branch(model, tokenizer):
     no decode variant or prefill may contain one."""
     engine = make_orchestrator(model, tokenizer).engine
     table = jnp.zeros((engine.ecfg.max_num_seqs, engine.ecfg.max_pages_per_seq), jnp.int32)
-    assert set(engine._decode) == set(SAMPLING_MODES)
-    programs = {mode: engine._decode[mode].lower(engine.param_leaves, engine.cache, engine.slots, table)
+    B = engine.ecfg.max_num_seqs
+    assert set(engine._decode) == {(rows, mode) for rows in engine.ecfg.decode_buckets for mode in SAMPLING_MODES}
+    programs = {mode: engine._decode[(B, mode)].lower(engine.param_leaves, engine.cache, engine.slots, engine.io)
                 for mode in SAMPLING_MODES}
     b, t = engine.manifest()["prefill"][0][:2]
     i32 = lambda *shape: jnp.zeros(shape, jnp.int32)  # noqa: E731

@@ -58,7 +58,10 @@ ECFG = EngineConfig(max_num_seqs=4, max_model_len=64, page_size=8, prefill_lengt
                     prefill_batch_sizes=(1, 2), cache_dtype="float32", num_top_logprobs=2,
                     # One decode variant (serves the greedy requests too): sampling modes do
                     # not touch the sharding, and each variant is a compile per layout.
-                    decode_sampling_modes=("filter",))
+                    decode_sampling_modes=("filter",),
+                    # One decode bucket (all slots) too: buckets slice the slots the same way
+                    # on any mesh (tests/sharding/test_tpu_compile.py lowers them all).
+                    decode_batch_sizes=(4,))
 NUM_PAGES = 12  # three requests admitted together outgrow it: preempted and recomputed
 PROMPTS = [list(range(3, 12)), list(range(40, 61)), list(range(100, 140)), list(range(200, 233))]  # 40 > 32: chunked
 
@@ -113,8 +116,8 @@ def main() -> None:
             params = engine.params
             outer = params["outer"] if pp > 1 else params
             spec = lambda v: str(v.get_value().sharding.spec)  # noqa: E731
-            hlo = engine._decode["filter"].lower(engine.param_leaves, engine.cache, engine.slots,
-                                                 np.zeros((ECFG.max_num_seqs, ECFG.max_pages_per_seq), np.int32)).compile().as_text()
+            hlo = engine._decode[(ECFG.max_num_seqs, "filter")].lower(engine.param_leaves, engine.cache, engine.slots,
+                                                                     engine.io).compile().as_text()
             diffs = [float(np.max(np.abs(np.array(base["res"][k][1]) - np.array(got["res"][k][1])))) for k in base["res"]]
             print(json.dumps(dict(
                 config=name, tp=tp, pp=pp, dp=dp, attention=attention, microbatches=micro,
