@@ -43,6 +43,7 @@ flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Parameter and K
 flags.DEFINE_integer("page_size", 16, "Tokens per KV page.")
 flags.DEFINE_integer("decode_steps_per_call", 1, "Decode steps per dispatch (1, the engine default, streams every token).")
 flags.DEFINE_enum("attention", "auto", ["auto", "reference", "pallas"], "Attention (auto: Pallas on GPU).")
+flags.DEFINE_enum("command_buffers", "all", ["all", "decode", "none"], "GPU: steps run as CUDA graphs (EngineConfig).")
 flags.DEFINE_integer("max_prefill_tokens", 16384, "Prompt tokens per prefill call at most (activation memory).")
 flags.DEFINE_integer("tensor_parallel_size", 1, "Devices that split every layer; the roofline is per device.")
 flags.DEFINE_integer("pipeline_parallel_size", 1, "Pipeline stages (contiguous layers per group of devices).")
@@ -85,7 +86,7 @@ def bench_batch(model, batch: int, bandwidth: float, matmul_flops: float, mesh=N
     ecfg = EngineConfig(
         max_num_seqs=batch, max_model_len=max_len, page_size=page, prefill_lengths=(FLAGS.prompt_len,),
         prefill_batch_sizes=tuple(sorted({1, min(8, batch), rows})), decode_steps_per_call=steps,
-        attention=FLAGS.attention, cache_dtype=FLAGS.dtype, pipeline_microbatches=FLAGS.pipeline_microbatches,
+        attention=FLAGS.attention, command_buffers=FLAGS.command_buffers, cache_dtype=FLAGS.dtype, pipeline_microbatches=FLAGS.pipeline_microbatches,
     )
     from runtime.startup import build_engine
 

@@ -317,6 +317,10 @@ def _from_hf(hf: dict[str, Any]) -> ModelConfig:
 
 
 ATTENTION_CHOICES = ("auto", "reference", "pallas")  # auto: pallas on GPU, else reference
+# Which steps run as CUDA graphs (XLA command buffers) on a GPU: a graph launches a whole
+# step at once but is re-recorded when a buffer it touches moves (prefill's inputs do on
+# every call), and that happens before the device starts. Elsewhere this changes nothing.
+COMMAND_BUFFER_CHOICES = ("all", "decode", "none")
 CACHE_DTYPES = ("bfloat16", "float32")
 # Decode variants by what sampling they compute, cheapest first (runtime.sampling).
 SAMPLING_MODES = ("greedy", "sample", "filter")
@@ -362,6 +366,7 @@ class EngineConfig:
     # Decode buckets (`decode_buckets`); () -> DEFAULT_DECODE_BATCH_SIZES. max_num_seqs is always one.
     decode_batch_sizes: tuple[int, ...] = ()
     attention: str = "auto"
+    command_buffers: str = "all"  # COMMAND_BUFFER_CHOICES: the steps XLA runs as CUDA graphs on a GPU
     cache_dtype: str = "bfloat16"
     num_top_logprobs: int = 0  # top-N logprobs computed per step (0: only the chosen token's)
     # Decode variants compiled (SAMPLING_MODES; "filter" serves any request): fewer
@@ -397,6 +402,8 @@ class EngineConfig:
         object.__setattr__(self, "decode_batch_sizes", sizes)
         if self.attention not in ATTENTION_CHOICES:
             raise ConfigError(f"attention={self.attention!r}; choose from {', '.join(ATTENTION_CHOICES)}")
+        if self.command_buffers not in COMMAND_BUFFER_CHOICES:
+            raise ConfigError(f"command_buffers={self.command_buffers!r}; choose from {', '.join(COMMAND_BUFFER_CHOICES)}")
         if self.cache_dtype not in CACHE_DTYPES:
             raise ConfigError(f"cache_dtype={self.cache_dtype!r}; choose from {', '.join(CACHE_DTYPES)}")
         if self.pipeline_microbatches <= 0:

@@ -316,7 +316,8 @@ def build_steps(graphdef, ecfg: EngineConfig, *, cache_shardings, replicated, me
     # need the paged path. The reference serves both in one variant.
     prefill = {
         fresh: jax.jit(_from_leaves(functools.partial(_prefill, graphdef, **static, fresh=fresh), params_treedef),
-                       donate_argnums=(1, 2), out_shardings=outs)
+                       donate_argnums=(1, 2), out_shardings=outs,
+                       compiler_options=_command_buffer_options(ecfg, "prefill"))
         for fresh in prefill_variants(ecfg)
     }
     # Decode variants by sampling mode: the host knows every slot's sampling parameters
@@ -326,13 +327,23 @@ def build_steps(graphdef, ecfg: EngineConfig, *, cache_shardings, replicated, me
         (rows, mode): jax.jit(
             _from_leaves(functools.partial(_decode, graphdef, steps=ecfg.decode_steps_per_call, rows=rows,
                                            sampling_mode=mode, **static), params_treedef),
-            donate_argnums=(1, 2, 3), out_shardings=(cache_shardings, replicated, replicated))
+            donate_argnums=(1, 2, 3), out_shardings=(cache_shardings, replicated, replicated),
+            compiler_options=_command_buffer_options(ecfg, "decode"))
         for rows, mode in bucket_manifest(ecfg)["decode"]
     }
     release = jax.jit(_release, donate_argnums=(0,), out_shardings=replicated)
     set_table = jax.jit(_set_table, donate_argnums=(0,), out_shardings=replicated)
     snapshot = jax.jit(_snapshot, static_argnums=(1,), out_shardings=replicated)
     return Steps(prefill, decode, release, set_table, snapshot)
+
+
+def _command_buffer_options(ecfg: EngineConfig, step: str) -> dict | None:
+    """XLA options that keep a step out of CUDA graphs (EngineConfig.command_buffers);
+    None where XLA's default applies (and off a GPU, whose compilers do not know them)."""
+    keep = {"all": ("prefill", "decode"), "decode": ("decode",), "none": ()}[ecfg.command_buffers]
+    if step in keep or dispatch.platform() != "gpu":
+        return None
+    return {"xla_gpu_enable_command_buffer": ""}
 
 
 def _set_table(io: DecodeIO, page_table) -> DecodeIO:

@@ -11,6 +11,7 @@ from runtime.config import (
     ATTENTION_CHOICES,
     AUTO_MIN_NUM_SEQS,
     CACHE_DTYPES,
+    COMMAND_BUFFER_CHOICES,
     SAMPLING_MODES,
     ConfigError,
     EngineConfig,
@@ -38,6 +39,9 @@ def define_engine_flags() -> None:
                       "always one).")
     flags.DEFINE_enum("attention", "auto", list(ATTENTION_CHOICES),
                       "Attention: the Pallas kernels, the jnp reference, or auto (Pallas on GPU).")
+    flags.DEFINE_enum("command_buffers", "all", list(COMMAND_BUFFER_CHOICES),
+                      "GPU: the steps XLA runs as CUDA graphs (all; decode only; none). A graph is re-recorded "
+                      "when its buffers move, as prefill's inputs do on every call.")
     flags.DEFINE_integer("num_top_logprobs", 0, "Top-N logprobs computed per step (max a request may ask).")
     flags.DEFINE_list("decode_sampling_modes", list(SAMPLING_MODES),
                       "Decode variants to compile: greedy (argmax only), sample (temperature), filter (also "
@@ -118,6 +122,7 @@ def engine_config_from_flags(**overrides) -> EngineConfig:
         decode_steps_per_call=FLAGS.decode_steps_per_call,
         decode_batch_sizes=_ints("decode_batch_sizes", FLAGS.decode_batch_sizes),
         attention=FLAGS.attention,
+        command_buffers=FLAGS.command_buffers,
         cache_dtype=FLAGS.cache_dtype or FLAGS.dtype,
         num_top_logprobs=FLAGS.num_top_logprobs,
         decode_sampling_modes=tuple(FLAGS.decode_sampling_modes),

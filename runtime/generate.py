@@ -3,8 +3,8 @@
 Generates for every prompt through the same orchestrator loop the server uses.
 --format=text prints the first prompt and streams its completion as it is generated
 (further prompts print in turn after it); --format=jsonl prints one JSON object per prompt.
-Without --max_num_seqs there is one decode slot per prompt, up to 8 (a decode step
-computes every slot, so one prompt decodes fastest on one). Sampling flags left unset
+Without --max_num_seqs there is one decode slot per prompt, up to 8 (fewer slots, fewer
+decode programs to compile). Sampling flags left unset
 take the checkpoint's generation_config.json defaults where it has them, as in serve.
 A prompt that fails on its own prints its error; the others finish; exit code 1.
 Several processes (hosts): as runtime.serve (--coordinator_address, --num_processes,

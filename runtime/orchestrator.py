@@ -317,7 +317,8 @@ class Orchestrator:
         ecfg = self.engine.ecfg
         # The call runs the first `rows` slots: the smallest bucket holding every decoding
         # slot (the scheduler hands out the lowest free slot; the others are idle on the device).
-        top = max(seq.slot for seq in decoding) + 1
+        # Data-parallel groups own slot ranges: their calls run every slot (as Engine compiles them).
+        top = max(seq.slot for seq in decoding) + 1 if self.data_groups == 1 else ecfg.max_num_seqs
         rows = next(b for b in ecfg.decode_buckets if b >= top)
         table = np.zeros((rows, ecfg.max_pages_per_seq), np.int32)
         for seq in decoding:

@@ -5,11 +5,12 @@ weights and an activation reserve (or `num_pages` when given). If the weights pl
 full-length sequence cannot fit, start-up fails at once with the numbers.
 
 Decode slots (`max_num_seqs`), when the user leaves them to us, follow the cache: as
-many as it holds sequences of max_model_len, between 8 and AUTO_MAX_NUM_SEQS. The
-decode step computes every slot, idle or not, so the cap bounds what a lone request
-pays for capacity it does not use (measured on an H200, Llama-3.1-8B, Pallas attention:
-a step at 64 slots takes 8.05 ms against 6.50 ms at 1 slot, runtime/BENCHMARKS.md), and
-the per-slot vocabulary rows (logits, penalty counts) stay small.
+many as it holds sequences of max_model_len, between 8 and AUTO_MAX_NUM_SEQS. A decode
+call runs the smallest bucket of slots holding every decoding one (EngineConfig.
+decode_buckets), so a lone request no longer pays for idle slots (before the buckets, a
+step at 64 slots took 8.05 ms against 6.50 ms at 1 slot on an H200, runtime/BENCHMARKS.md).
+The cap bounds the largest bucket (compiled in every sampling mode) and the per-slot
+vocabulary rows (logits, penalty counts); 64 streams is what the serving benchmarks load.
 """
 
 from __future__ import annotations
@@ -140,7 +141,7 @@ def auto_max_num_seqs(cfg: ModelConfig, ecfg: EngineConfig, param_bytes: int, de
     n = min(AUTO_MAX_NUM_SEQS, max(AUTO_MIN_NUM_SEQS, fits))
     why = f"the KV cache holds {fits} sequences of max_model_len={ecfg.max_model_len}"
     if n == AUTO_MAX_NUM_SEQS and fits > n:
-        why += f"; capped at {AUTO_MAX_NUM_SEQS} (every decode step computes every slot)"
+        why += f"; capped at {AUTO_MAX_NUM_SEQS} (the largest decode bucket)"
     elif n > fits:
         why += f"; at least {AUTO_MIN_NUM_SEQS} (shorter sequences share the cache; the scheduler preempts)"
     return n, why

@@ -27,6 +27,9 @@ from tests.utils import peaked_tiny_llama
 ECFG = EngineConfig(
     max_num_seqs=8, max_model_len=128, page_size=8, prefill_lengths=(16, 32, 64), prefill_batch_sizes=(1, 4),
     cache_dtype="float32", num_top_logprobs=3,
+    # One decode bucket: these servers test the front end; buckets are the engine's
+    # (tests/runtime/test_engine.py), and each is a compile per sampling mode.
+    decode_batch_sizes=(8,),
 )
 NUM_PAGES = 40
 

@@ -33,7 +33,7 @@ def _tiny(model_type: str, dtype=jnp.float32, **extra):
 
 def _run(model, attention: str, requests, cache_dtype="float32"):
     ecfg = EngineConfig(max_num_seqs=3, max_model_len=96, page_size=16, prefill_lengths=(16, 32),
-                        prefill_batch_sizes=(1, 2), cache_dtype=cache_dtype, attention=attention)
+                        prefill_batch_sizes=(1, 2), cache_dtype=cache_dtype, attention=attention, decode_batch_sizes=(3,))
     orc = Orchestrator(Engine(model, ecfg, num_pages=24), None)
     for r in requests:
         orc.add_request(r)

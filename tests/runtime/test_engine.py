@@ -256,3 +256,66 @@ def test_each_decode_call_takes_the_variant_its_slots_need(model, tokenizer):
         assert set(modes) == {"filter"}, modes
     finally:
         del orc.engine.decode  # the instance attribute: Engine.decode again
+
+
+def test_decode_runs_the_smallest_bucket_holding_its_slots(model, tokenizer, alone_results):
+    """Slots are handed out lowest first and a call runs slots [0, b) for the smallest
+    bucket b (EngineConfig.decode_buckets: 1 and 4 here) that holds every decoding slot:
+    a lone request runs one row, a full batch all four, and the tokens are the same as
+    alone (test_batched_equals_alone_any_order runs both buckets too)."""
+    orc = make_orchestrator(model, tokenizer)
+    assert orc.engine.ecfg.decode_buckets == (1, 4)
+    rows = []
+    decode = orc.engine.decode
+    orc.engine.decode = lambda table, mode="filter": (rows.append(len(table)), decode(table, mode=mode))[1]
+    try:
+        reqs = mixed_requests()
+        got = run(orc, [reqs[0]])
+        assert set(rows) == {1}, rows
+        rows.clear()
+        got.update(run(orc, reqs[1:5]))
+        assert 4 in rows and rows[-1] in (1, 4), rows
+    finally:
+        del orc.engine.decode
+    for r in reqs[:5]:
+        assert got[r.request_id]["ids"] == alone_results[r.request_id]["ids"], r.request_id
+    with pytest.raises(ValueError, match="decode over 3 slots; the buckets are 1, 4"):
+        orc.engine.decode(np.zeros((3, orc.engine.ecfg.max_pages_per_seq), np.int32), mode="greedy")
+
+
+def test_decode_state_keeps_its_buffers(model, tokenizer):
+    """Every decode call updates the cache, the slots and its page table and outputs
+    (runtime.engine.DecodeIO) in place: on a GPU a step is a command buffer that records
+    buffer addresses, and one that moved would be updated (and its next launch wait for
+    the previous one) on every call. Prefill and slot release keep them too."""
+    orc = make_orchestrator(model, tokenizer)
+    engine = orc.engine
+    state = lambda: [x.unsafe_buffer_pointer() for x in jax.tree.leaves((engine.cache, engine.slots, engine.io))]  # noqa: E731
+    before = state()
+    run(orc, mixed_requests()[:6])
+    assert state() == before
+
+
+def test_decode_buckets_config():
+    assert EngineConfig(max_num_seqs=64).decode_buckets == (1, 8, 64)
+    assert EngineConfig(max_num_seqs=300).decode_buckets == (1, 8, 64, 300)
+    assert EngineConfig(max_num_seqs=5, decode_batch_sizes=(2, 16)).decode_buckets == (2, 5)
+    with pytest.raises(ConfigError, match="decode_batch_sizes=4,2 must be positive and increasing"):
+        EngineConfig(decode_batch_sizes=(4, 2))
+
+
+def test_command_buffers_option():
+    """--command_buffers keeps prefill (or every step) out of CUDA graphs on a GPU, and
+    asks nothing of other compilers (libtpu rejects options it does not know)."""
+    from pallas_kernels import dispatch
+    from runtime.engine import _command_buffer_options
+
+    off = {"xla_gpu_enable_command_buffer": ""}
+    with dispatch.target_platform("gpu"):
+        got = {c: [_command_buffer_options(EngineConfig(command_buffers=c), s) for s in ("prefill", "decode")]
+               for c in ("all", "decode", "none")}
+    assert got == {"all": [None, None], "decode": [off, None], "none": [off, off]}
+    with dispatch.target_platform("tpu"):
+        assert _command_buffer_options(EngineConfig(command_buffers="none"), "decode") is None
+    with pytest.raises(ConfigError, match="command_buffers='some'"):
+        EngineConfig(command_buffers="some")

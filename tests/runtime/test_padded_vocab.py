@@ -116,7 +116,7 @@ def test_our_tokenizer_matches_and_decodes_padding_ids_to_nothing(padded):
     assert ours.decode(mixed) == padded.tok.decode(mixed) == padded.tok.decode([262, 352])
 
 
-COMMON = ("--max_model_len=64", "--prefill_lengths=16,32", "--max_num_seqs=4", "--dtype=float32")
+COMMON = ("--max_model_len=64", "--prefill_lengths=16,32", "--max_num_seqs=4", "--decode_batch_sizes=4", "--dtype=float32")
 
 
 def test_generate_jsonl_matches_transformers(padded):
@@ -139,7 +139,7 @@ def served(padded):
     from tests.runtime.server_harness import serve
 
     ecfg = EngineConfig(max_num_seqs=4, max_model_len=64, page_size=8, prefill_lengths=(16, 32),
-                        prefill_batch_sizes=(1, 4), cache_dtype="float32")
+                        prefill_batch_sizes=(1, 4), cache_dtype="float32", decode_batch_sizes=(4,))
     engine, tokenizer = load_engine(str(padded.ckpt), ecfg, dtype="float32")
     engine.warmup()
     with serve(engine, tokenizer) as h:

@@ -108,7 +108,8 @@ def test_engine_greedy_matches_transformers(converted):
 
     tok = converted["tokenizer"]
     ecfg = EngineConfig(max_num_seqs=2, max_model_len=128, page_size=16, prefill_lengths=(16, 32),
-                        prefill_batch_sizes=(1, 2), decode_steps_per_call=3, cache_dtype="float32")
+                        prefill_batch_sizes=(1, 2), decode_steps_per_call=3, cache_dtype="float32",
+                        decode_batch_sizes=(2,))
     orc = Orchestrator(Engine(converted["model"], ecfg, num_pages=16), tok)
     prompts = [tok.encode(p) for p in PROMPTS]
     for i, ids in enumerate(prompts):
@@ -137,7 +138,7 @@ def test_engine_pallas_attention_matches_reference(converted):
     for attention in ("reference", "pallas"):
         ecfg = EngineConfig(max_num_seqs=3, max_model_len=64, page_size=16, prefill_lengths=(16,),
                             prefill_batch_sizes=(1, 2, 3), decode_steps_per_call=4, cache_dtype="float32",
-                            attention=attention)
+                            attention=attention, decode_batch_sizes=(3,))
         orc = Orchestrator(Engine(converted["model"], ecfg, num_pages=12), tok)
         for i, ids in enumerate(prompts):
             orc.add_request(Request(str(i), ids, SamplingParams(temperature=0.0), max_tokens=16, ignore_eos=True))

@@ -338,8 +338,8 @@ def test_serve_client_and_bench_over_tls_with_a_key(pki, tmp_path):
     keys.write_text(f"{KEY}\n")
     with serve_subprocess(
         "--checkpoint=preset:tiny-llama", "--port=0", "--metrics_port=0", "--max_model_len=256",
-        "--prefill_lengths=16,64", "--max_num_seqs=4", "--dtype=float32", "--page_size=8",
-        f"--tls_cert_file={pki['server.pem']}", f"--tls_key_file={pki['server.key']}", f"--api_key_file={keys}",
+        "--prefill_lengths=16,64", "--max_num_seqs=4", "--decode_batch_sizes=4", "--dtype=float32",
+        "--page_size=8", f"--tls_cert_file={pki['server.pem']}", f"--tls_key_file={pki['server.key']}", f"--api_key_file={keys}",
         "--max_streams_per_connection=2", env=ENV, cwd=ROOT,
     ) as srv:
         proc, lines, found = srv.proc, srv.lines, {"port": srv.port, "metrics": srv.metrics_port}

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "XLSERVE_COMPILE_CACHE": "/tmp/xlserve-test-jax-cache"}
 ENGINE_FLAGS = ("--checkpoint=smollm2-135m", "--dtype=float32", "--max_model_len=256", "--prefill_lengths=32,128",
-                "--prefill_batch_sizes=1,4", "--max_num_seqs=4")
+                "--prefill_batch_sizes=1,4", "--max_num_seqs=4", "--decode_batch_sizes=4")
 PROMPT = "The capital of France is"
 
 

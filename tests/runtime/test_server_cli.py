@@ -37,7 +37,8 @@ def _run(module: str, *args: str, timeout: float = 300) -> subprocess.CompletedP
 def server():
     with serve_subprocess(
         "--checkpoint=preset:tiny-llama", "--port=0", "--metrics_port=0", "--max_model_len=256",
-        "--prefill_lengths=16,64", "--max_num_seqs=4", "--dtype=float32", "--page_size=8", "--max_queue=8",
+        "--prefill_lengths=16,64", "--max_num_seqs=4", "--decode_batch_sizes=4", "--dtype=float32", "--page_size=8",
+        "--max_queue=8",
         env=ENV, cwd=ROOT, wait_serving=False, timeout=120,
     ) as srv:
         yield srv.proc, {"port": srv.port, "metrics": srv.metrics_port}, srv.lines

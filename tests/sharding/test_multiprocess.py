@@ -30,7 +30,7 @@ from runtime.client import Client
 from tests.runtime.server_harness import collect, serve_subprocess
 
 ROOT = Path(__file__).resolve().parents[2]
-FLAGS = ("--dtype=float32", "--max_model_len=128", "--prefill_lengths=16,32", "--max_num_seqs=2", "--page_size=8")
+FLAGS = ("--dtype=float32", "--max_model_len=128", "--prefill_lengths=16,32", "--max_num_seqs=2", "--decode_batch_sizes=2", "--page_size=8")
 PROMPT = "w5 w6 w7 w8 w9 w10 w11"
 WORKER_TIMEOUT_S = 2.0
 # From the kill: the heartbeat timeout, one heartbeat period, NOT_SERVING for
