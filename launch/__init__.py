@@ -1,0 +1,1 @@
+"""Launching xlserve on Cloud TPU VMs (launch.tpu_vm)."""
