@@ -59,13 +59,20 @@ HBM_BYTES = {
 def topology_devices(topology: str) -> list:
     """Compile-only devices of a TPU topology ("v5e:2x4", "v6e:2x4", "v5e:4x4", ...),
     described by libtpu; no TPU needed. libtpu is loaded into this process: callers that
-    must keep a plain CPU process (tests) run this in a subprocess. v6e:1x1 is rejected
-    by libtpu 0.0.42 (use v6e:2x2)."""
+    must keep a plain CPU process (tests) run this in a subprocess. Slices smaller than
+    libtpu's default host (2x2 chips: v5e:1x1, v6e:1x1) are one host of their own size."""
     # Compile-only use: other processes may hold libtpu's lockfile.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies
 
-    return list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
+    kwargs = {}
+    try:
+        dims = [int(d) for d in topology.split(":", 1)[1].split("x")]
+    except (IndexError, ValueError):
+        dims = []
+    if dims and math.prod(dims) < 4:
+        kwargs["chips_per_host_bounds"] = tuple(dims + [1] * (3 - len(dims)))
+    return list(topologies.get_topology_desc(platform="tpu", topology_name=topology, **kwargs).devices)
 
 
 def hbm_bytes(device) -> int:

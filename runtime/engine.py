@@ -106,12 +106,12 @@ class DecodeIO:
 
     On a GPU a step runs as a command buffer (a CUDA graph) that records the address of
     every buffer its kernels touch. A fresh page table per call and fresh output arrays
-    moved those addresses, so XLA updated the graph on every call, and the launch of an
-    updated graph waited for the previous call to finish: the host's work for the next
-    step no longer overlapped the device's (H200, 8B, batch 64: 9.4 ms per step for 6.2
-    ms of kernels, 2026-11-29). Here the table changes only through `Engine._set_table`
-    (a small program of its own) and the host reads the outputs from copies made after
-    each call (`Engine._snapshot`)."""
+    moved those addresses, so XLA updated the graph on every call: 1.37 ms of the host's
+    time per call (H200, 8B, batch 64, 2026-11-29). Here the table changes only through
+    `Engine._set_table` (a small program of its own) and the host reads the outputs from
+    copies made after each call (`Engine._snapshot`). At batch 64 the update is gone;
+    the step time did not change (the graph launch, ~2 ms of host time, and the
+    scheduler bound it), and batch 1 still showed updates (runtime/BENCHMARKS.md)."""
 
     page_table: jax.Array  # [B, MP] i32: the decode slots' pages
     out: dict  # tokens, logprob, valid [S, B] and top_ids, top_logprobs [S, B, N]: the last call's

@@ -4,6 +4,15 @@ Compiles the engine's whole bucket manifest into the persistent compilation cach
 ($XLSERVE_COMPILE_CACHE or ~/.cache/xlserve/jax), so that a server or generate run
 with the same flags starts without compiling. --list prints the manifest and exits.
 Prints one JSON line: the manifest, backend compilations and seconds.
+
+--target_topology=v5e:2x4 (any libtpu topology name) compiles the same manifest on this
+machine, CPU only, for that TPU slice: the model's config is read, no weights. Progress
+goes to stderr ("[n/m] kind shape: seconds"); the JSON line adds a memory report per chip
+(weights, KV cache, the largest step's temporaries, against the chip's HBM), and a plan
+that does not fit fails with the numbers (exit 2). --aot_dir=DIR also writes each
+serialized executable and a manifest.json keyed by the jax/jaxlib/libtpu versions, the
+topology, the mesh, the model and the engine config. (Loading them in serve, and a real
+TPU loading one, are still to come: issue 14.)
 """
 
 from __future__ import annotations
@@ -19,6 +28,9 @@ from runtime import flags as xflags
 from runtime.config import ConfigError
 
 flags.DEFINE_bool("list", False, "Print the bucket manifest and exit without compiling.")
+flags.DEFINE_string("target_topology", None, "Compile for this TPU topology (e.g. v5e:2x4, v6e:2x4) on this machine, "
+                    "without a TPU: reads the model's config, not its weights.")
+flags.DEFINE_string("aot_dir", None, "With --target_topology: write the serialized executables and manifest.json here.")
 xflags.define_engine_flags()
 FLAGS = flags.FLAGS
 
@@ -34,6 +46,12 @@ def main(argv: list[str]) -> None:
         mesh_config = xflags.mesh_config_from_flags()
     except ConfigError as e:
         xflags.usage_error(str(e))
+    if FLAGS.aot_dir and not FLAGS.target_topology:
+        xflags.usage_error("--aot_dir goes with --target_topology")
+    if FLAGS.target_topology and not FLAGS.list:
+        print(json.dumps(warm_topology(ecfg, mesh_config)))
+        sys.stdout.flush()
+        return
     if FLAGS.list:
         from runtime.engine import bucket_manifest
 
@@ -56,6 +74,94 @@ def main(argv: list[str]) -> None:
     print(json.dumps({"manifest": engine.manifest(), "backend_compilations": compiled,
                       "seconds": round(time.perf_counter() - t, 2)}))
     sys.stdout.flush()
+
+
+def warm_topology(ecfg, mesh_config) -> dict:
+    """Compiles the manifest for --target_topology (see the module docstring)."""
+    import dataclasses
+    import importlib.metadata
+    import os
+
+    import jax
+
+    import checkpoints
+    from checkpoints.aliases import resolve_checkpoint
+    from checkpoints.errors import CheckpointError
+    from runtime import aot
+    from runtime.startup import CapacityError, auto_max_num_seqs
+    from sharding.mesh import MeshConfig, check_model, make_mesh
+
+    from runtime import random_weights
+    from runtime.presets import preset_config
+
+    try:
+        if random_weights.is_preset(FLAGS.checkpoint):  # random weights of a preset's shapes
+            cfg = preset_config(random_weights.preset_name(FLAGS.checkpoint))
+        else:
+            cfg = checkpoints.read_config(resolve_checkpoint(FLAGS.checkpoint, dtype=FLAGS.dtype))
+    except (CheckpointError, ValueError) as e:
+        xflags.usage_error(str(e))
+    try:
+        devices = aot.topology_devices(FLAGS.target_topology)
+    except Exception as e:  # noqa: BLE001 -- libtpu's message names what it knows
+        xflags.usage_error(f"--target_topology={FLAGS.target_topology}: {e}")
+    hbm = aot.hbm_bytes(devices[0])
+    # One process drives every chip of the slice: tensor parallelism over all of them unless given.
+    mesh_config = MeshConfig(tensor=mesh_config.tensor or len(devices) // (mesh_config.pipeline * mesh_config.data),
+                             pipeline=mesh_config.pipeline, data=mesh_config.data)
+    try:
+        check_model(cfg, mesh_config)
+        mesh = make_mesh(mesh_config, devices=devices)
+        if xflags.auto_num_seqs():  # as serve would choose them on these chips
+            params = aot.abstract_engine(cfg, ecfg, mesh, dtype=FLAGS.dtype, limit_bytes=hbm)
+            n, why = auto_max_num_seqs(params.cfg, ecfg, params.param_bytes_per_device,
+                                       kv_shards=aot.cache_kv_shards(params.cfg, ecfg, mesh), limit_bytes=hbm)
+            print(f"max_num_seqs={n} ({why})", file=sys.stderr, flush=True)
+            ecfg = dataclasses.replace(ecfg, max_num_seqs=n)
+        engine = aot.abstract_engine(cfg, ecfg, mesh, dtype=FLAGS.dtype, limit_bytes=hbm)
+    except (CapacityError, ConfigError, NotImplementedError) as e:
+        xflags.usage_error(f"{FLAGS.target_topology} ({len(devices)} x {devices[0].device_kind}, "
+                           f"{hbm / 2**30:.1f} GiB each): {e}")
+    manifest = engine.manifest()
+    entries = [(kind, tuple(shape)) for kind, shapes in manifest.items() for shape in shapes] + [("release", ())]
+    t0 = time.perf_counter()
+    steps = []
+    for i, (kind, shape) in enumerate(entries, 1):
+        try:
+            step = aot.compile_step(engine, kind, shape)
+        except jax.errors.JaxRuntimeError as e:  # libtpu's own memory check
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            xflags.usage_error(f"{kind} {list(shape)} does not fit a {devices[0].device_kind} chip "
+                               f"({hbm / 2**30:.2f} GiB): {str(e).splitlines()[0]}")
+        steps.append(step)
+        print(f"[{i}/{len(entries)}] {kind} {list(shape)}: {step.lower_s + step.compile_s:.1f} s", file=sys.stderr,
+              flush=True)
+    temp = max(s.memory.temp for s in steps)
+    memory = dict(hbm=hbm, weights=engine.param_bytes_per_device, kv_cache=engine.cache_bytes_per_device, temp=temp)
+    total = memory["weights"] + memory["kv_cache"] + temp
+    if total > hbm:
+        xflags.usage_error(f"does not fit a {devices[0].device_kind} chip: weights {memory['weights'] / 2**30:.2f} GiB "
+                           f"+ KV cache {memory['kv_cache'] / 2**30:.2f} GiB + temporaries {temp / 2**30:.2f} GiB "
+                           f"> HBM {hbm / 2**30:.2f} GiB")
+    key = dict(jax=jax.__version__, jaxlib=importlib.metadata.version("jaxlib"),
+               libtpu=importlib.metadata.version("libtpu"), topology=FLAGS.target_topology,
+               mesh=dict(mesh.shape), dtype=FLAGS.dtype, model=json.loads(cfg.to_json()),
+               engine=dataclasses.asdict(engine.ecfg))
+    if FLAGS.aot_dir:
+        from jax.experimental.serialize_executable import serialize
+
+        os.makedirs(FLAGS.aot_dir, exist_ok=True)
+        files = []
+        for step in steps:
+            name = "-".join([step.kind, *map(str, step.shape)]) + ".xla"
+            with open(os.path.join(FLAGS.aot_dir, name), "wb") as f:
+                f.write(serialize(step.compiled)[0])
+            files.append(dict(kind=step.kind, shape=list(step.shape), file=name))
+        with open(os.path.join(FLAGS.aot_dir, "manifest.json"), "w") as f:
+            json.dump(dict(key=key, executables=files, memory=memory), f, indent=1)
+    return dict(manifest=manifest, topology=FLAGS.target_topology, compiled=f"{len(steps)} of {len(entries)}",
+                seconds=round(time.perf_counter() - t0, 2), memory_per_chip=memory, key=key)
 
 
 if __name__ == "__main__":
