@@ -320,6 +320,7 @@ class Workers:
             if clock() - start > timeout_s:
                 raise LaunchError(f"{self.name} is not SERVING after {timeout_s:.0f} s (--health_timeout_s); "
                                   "see `logs`")
+            self.sleep(poll_s)  # the probe may fail at once (ssh): do not hammer gcloud
 
     def status(self) -> str:
         proc = self.ssh(f'if {ALIVE}; then echo "xlserve-worker $(hostname): serving"; '

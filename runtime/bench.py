@@ -59,7 +59,8 @@ def prefill_flops(cfg, T: int) -> float:
     the one row whose logits are sampled."""
     d, f, n, k, h = cfg.embed_dim, cfg.ffw_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     linear = d * (n + 2 * k) * h + n * h * d + 3 * d * f
-    attention = 2 * n * h * T * (T + 1) / 2  # QK^T and PV, each 2 flops per multiply-add, half the pairs
+    # Causal pairs T(T+1)/2 per head; per pair QK^T and PV are H multiply-adds each: 4H flops.
+    attention = 4 * n * h * T * (T + 1) / 2
     return cfg.num_layers * (2 * T * linear + attention) + 2 * d * cfg.vocab_size
 
 

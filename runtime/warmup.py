@@ -113,9 +113,9 @@ def warm_topology(ecfg, mesh_config) -> dict:
         check_model(cfg, mesh_config)
         mesh = make_mesh(mesh_config, devices=devices)
         if xflags.auto_num_seqs():  # as serve would choose them on these chips
-            params = aot.abstract_engine(cfg, ecfg, mesh, dtype=FLAGS.dtype, limit_bytes=hbm)
-            n, why = auto_max_num_seqs(params.cfg, ecfg, params.param_bytes_per_device,
-                                       kv_shards=aot.cache_kv_shards(params.cfg, ecfg, mesh), limit_bytes=hbm)
+            expanded, _, params = aot.abstract_params(cfg, mesh, FLAGS.dtype)
+            n, why = auto_max_num_seqs(expanded, ecfg, aot.abstract_bytes_per_device(params),
+                                       kv_shards=aot.cache_kv_shards(expanded, ecfg, mesh), limit_bytes=hbm)
             print(f"max_num_seqs={n} ({why})", file=sys.stderr, flush=True)
             ecfg = dataclasses.replace(ecfg, max_num_seqs=n)
         engine = aot.abstract_engine(cfg, ecfg, mesh, dtype=FLAGS.dtype, limit_bytes=hbm)

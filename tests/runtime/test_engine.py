@@ -274,7 +274,7 @@ def test_decode_runs_the_smallest_bucket_holding_its_slots(model, tokenizer, alo
         assert set(rows) == {1}, rows
         rows.clear()
         got.update(run(orc, reqs[1:5]))
-        assert 4 in rows and rows[-1] in (1, 4), rows
+        assert 4 in rows, rows  # several decoding slots: the full bucket
     finally:
         del orc.engine.decode
     for r in reqs[:5]:
