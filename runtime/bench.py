@@ -122,7 +122,7 @@ def bench_batch(model, batch: int, bandwidth: float, matmul_flops: float, mesh=N
         prompt = rng.integers(1, min(1000, cfg.vocab_size), FLAGS.prompt_len).tolist()
         orc.add_request(Request(str(i), prompt, SamplingParams(temperature=0.0), max_tokens=FLAGS.gen_len,
                                 ignore_eos=True))
-    first_token, steady = {}, []
+    first_token, steady, all_decoding_before = {}, [], False
     # With --profile_dir, steps 10-19 of the steady window are traced (device and host).
     from runtime import profile
 
@@ -147,8 +147,14 @@ def bench_batch(model, batch: int, bandwidth: float, matmul_flops: float, mesh=N
         for o in outs:
             first_token.setdefault(o.request_id, now - submit)
             produced += len(o.token_ids)
-        if decoding_before == batch and not any(o.finished for o in outs):
+        # The steady window: every slot decoding in this step and the one before. The
+        # first step with every slot decoding also reads the last prefill call's results,
+        # so it waits for that prefill (366 ms at batch 64 x 512 tokens on an H200): it
+        # is not a decode step. Traced steps count (their host work runs under the Python
+        # tracer, so --profile_dir runs read a little slow).
+        if decoding_before == batch and all_decoding_before and not any(o.finished for o in outs):
             steady.append((dt, produced))
+        all_decoding_before = decoding_before == batch
     assert orc.num_compiles_since_ready == 0, "the benchmark compiled after warm-up"
 
     # Where a decode call's time goes: device throughput (calls queued back to back),
@@ -216,6 +222,7 @@ def bench_batch(model, batch: int, bandwidth: float, matmul_flops: float, mesh=N
     floor_s = ((micro + stages - 1) * param_bytes + kv_bytes) / bandwidth
     per_step_s = batch / agg if agg == agg else float("nan")
     ttft = sorted(first_token.values())
+    step_ms = [1e3 * d for d, _ in steady]
     return dict(
         batch=batch, attention=attention_impl(engine.ecfg), compile_s=compile_s, prefill_tok_s=FLAGS.prompt_len / prefill_s,
         prefill_ms=prefill_s * 1e3, prefill_matmul_frac=prefill_flops(cfg, FLAGS.prompt_len) / prefill_s / matmul_flops,
@@ -225,6 +232,8 @@ def bench_batch(model, batch: int, bandwidth: float, matmul_flops: float, mesh=N
         hbm_tb_s=(param_bytes + kv_bytes) / per_step_s / 1e12,
         call_device_ms=call_async_s * 1e3, device_tok_s=batch * steps / call_async_s, call_synced_ms=call_sync_s * 1e3,
         call_orchestrated_ms=per_step_s * steps * 1e3,
+        # The loop's calls one by one: a mean far above the median is stalls, not steady cost.
+        loop_call_ms=step_ms,
     )
 
 
@@ -303,6 +312,12 @@ def main(argv):
             f"{r['call_device_ms']:.2f}/{r['call_synced_ms']:.2f}/{r['call_orchestrated_ms']:.2f}",
             f"{r['device_tok_s']:.1f}",
         ]))
+    for r in rows:
+        calls = sorted(r["loop_call_ms"])
+        if calls:
+            q = lambda p: calls[min(len(calls) - 1, int(p * len(calls)))]  # noqa: E731
+            print(f"batch {r['batch']}: {len(calls)} orchestrated calls, ms p10 {q(0.1):.2f} p50 {q(0.5):.2f} "
+                  f"p90 {q(0.9):.2f} max {calls[-1]:.2f}; slowest: {', '.join(f'{c:.1f}' for c in calls[-5:])}")
     if FLAGS.json_out:
         with open(FLAGS.json_out, "w") as f:
             json.dump(dict(model=FLAGS.model, device=device, bandwidth=bandwidth, matmul_flops=matmul_flops, rows=rows, peer=peer), f, indent=1)

@@ -109,7 +109,7 @@ class DecodeIO:
     moved those addresses, so XLA updated the graph on every call: 1.37 ms of the host's
     time per call (H200, 8B, batch 64, 2026-11-29). Here the table changes only through
     `Engine._set_table` (a small program of its own) and the host reads the outputs from
-    copies made after each call (`Engine._snapshot`). At batch 64 the update is gone;
+    copies made after each call into buffers of their own (`Engine._snapshot`, decode()). At batch 64 the update is gone;
     the step time did not change (the graph launch, ~2 ms of host time, and the
     scheduler bound it), and batch 1 still showed updates (runtime/BENCHMARKS.md)."""
 
@@ -281,7 +281,7 @@ class Steps:
     decode: dict[tuple[int, str], Callable]  # by (rows, sampling mode): the manifest's; (params, cache, slots, io)
     release: Callable  # (slots, slot)
     set_table: Callable  # (io, page_table [B, MP]): io with that table
-    snapshot: Callable  # (io, rows) -> copies of io.out's first rows, for the host to read while io is reused
+    snapshot: Callable  # (io, dst) -> dst (donated) holding io.out's first rows, for the host to read
 
 
 def _from_leaves(fn: Callable, params_treedef) -> Callable:
@@ -333,7 +333,7 @@ def build_steps(graphdef, ecfg: EngineConfig, *, cache_shardings, replicated, me
     }
     release = jax.jit(_release, donate_argnums=(0,), out_shardings=replicated)
     set_table = jax.jit(_set_table, donate_argnums=(0,), out_shardings=replicated)
-    snapshot = jax.jit(_snapshot, static_argnums=(1,), out_shardings=replicated)
+    snapshot = jax.jit(_snapshot, donate_argnums=(1,), out_shardings=replicated)
     return Steps(prefill, decode, release, set_table, snapshot)
 
 
@@ -351,8 +351,9 @@ def _set_table(io: DecodeIO, page_table) -> DecodeIO:
     return dataclasses.replace(io, page_table=io.page_table.at[:].set(page_table))
 
 
-def _snapshot(io: DecodeIO, rows: int) -> dict:
-    return {k: jnp.copy(v[:, :rows]) for k, v in io.out.items()}
+def _snapshot(io: DecodeIO, dst: dict) -> dict:
+    # Written into the donated dst, so it keeps its address (Engine.decode says why).
+    return {k: dst[k].at[:].set(v[:, : dst[k].shape[1]]) for k, v in io.out.items()}
 
 
 def _release(slots: DecodeSlots, slot) -> DecodeSlots:
@@ -406,6 +407,13 @@ class Engine:
         self.io = jax.device_put(DecodeIO.create(ecfg.max_num_seqs, ecfg.max_pages_per_seq, ecfg.decode_steps_per_call,
                                                  ecfg.num_top_logprobs), replicated)
         self._table_sent = np.zeros((ecfg.max_num_seqs, ecfg.max_pages_per_seq), np.int32)  # what io holds
+        # Per decode bucket, two sets of output buffers the host reads, used in turn (decode()).
+        self._readback = {
+            rows: [jax.device_put(DecodeIO.create(rows, 1, ecfg.decode_steps_per_call, ecfg.num_top_logprobs).out,
+                                  replicated) for _ in range(2)]
+            for rows in ecfg.decode_buckets
+        }
+        self._readback_turn = 0
         self.prefill_variants = prefill_variants(ecfg)
         # The steps take the params as a flat list (build_steps), flattened once here.
         self.param_leaves, treedef = jax.tree.flatten(self.params)
@@ -476,7 +484,8 @@ class Engine:
         """`decode_steps_per_call` steps for slots [0, b), b = the rows of `page_table`
         [b, MP] (a bucket of `ecfg.decode_buckets`; slots past b must be idle). Idle slots
         compute but change nothing. Outputs are [steps, b, ...]; `valid` marks the tokens
-        that count. `mode` (runtime.sampling.SAMPLING_MODES) must cover every active slot's
+        that count. They stay readable until the decode call after next, whose copy reuses
+        their buffers: a caller may read them after dispatching the next call. `mode` (runtime.sampling.SAMPLING_MODES) must cover every active slot's
         sampling (`sampling_mode` of their parameters); "filter" covers any."""
         rows = len(page_table)
         step = self._decode.get((rows, mode))
@@ -492,7 +501,15 @@ class Engine:
             self._table_sent[:rows] = table
             self.io = self._set_table(self.io, self._table_sent)
         self.cache, self.slots, self.io = step(self.param_leaves, self.cache, self.slots, self.io)
-        return self._snapshot(self.io, rows)
+        # The outputs the host reads are copied into buffers that alternate between calls
+        # (io.out itself is overwritten by the next call, which may run before the host
+        # reads this one's). A fresh array per call was a device allocation between
+        # decode calls, and on a GPU it moved the next call's temporary buffer: the
+        # step's CUDA graph then had to be updated on every call (runtime/BENCHMARKS.md).
+        turn = self._readback[rows]
+        out = turn[self._readback_turn] = self._snapshot(self.io, turn[self._readback_turn])
+        self._readback_turn ^= 1
+        return out
 
     def release(self, slot: int) -> None:
         """Marks a slot idle (its pages are freed by the scheduler)."""

@@ -287,10 +287,12 @@ def test_decode_state_keeps_its_buffers(model, tokenizer):
     """Every decode call updates the cache, the slots and its page table and outputs
     (runtime.engine.DecodeIO) in place: on a GPU a step is a command buffer that records
     buffer addresses, and one that moved would be updated (and its next launch wait for
-    the previous one) on every call. Prefill and slot release keep them too."""
+    the previous one) on every call. Prefill and slot release keep them too, and so do
+    the buffers the host reads the outputs from."""
     orc = make_orchestrator(model, tokenizer)
     engine = orc.engine
-    state = lambda: [x.unsafe_buffer_pointer() for x in jax.tree.leaves((engine.cache, engine.slots, engine.io))]  # noqa: E731
+    state = lambda: [x.unsafe_buffer_pointer()  # noqa: E731
+                     for x in jax.tree.leaves((engine.cache, engine.slots, engine.io, engine._readback))]
     before = state()
     run(orc, mixed_requests()[:6])
     assert state() == before
