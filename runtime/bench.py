@@ -315,9 +315,9 @@ def main(argv):
     for r in rows:
         calls = sorted(r["loop_call_ms"])
         if calls:
-            q = lambda p: calls[min(len(calls) - 1, int(p * len(calls)))]  # noqa: E731
-            print(f"batch {r['batch']}: {len(calls)} orchestrated calls, ms p10 {q(0.1):.2f} p50 {q(0.5):.2f} "
-                  f"p90 {q(0.9):.2f} max {calls[-1]:.2f}; slowest: {', '.join(f'{c:.1f}' for c in calls[-5:])}")
+            p10, p50, p90 = (calls[min(len(calls) - 1, int(p * len(calls)))] for p in (0.1, 0.5, 0.9))
+            print(f"batch {r['batch']}: {len(calls)} orchestrated calls, ms p10 {p10:.2f} p50 {p50:.2f} "
+                  f"p90 {p90:.2f} max {calls[-1]:.2f}; slowest: {', '.join(f'{c:.1f}' for c in calls[-5:])}")
     if FLAGS.json_out:
         with open(FLAGS.json_out, "w") as f:
             json.dump(dict(model=FLAGS.model, device=device, bandwidth=bandwidth, matmul_flops=matmul_flops, rows=rows, peer=peer), f, indent=1)
