@@ -317,7 +317,7 @@ def build_steps(graphdef, ecfg: EngineConfig, *, cache_shardings, replicated, me
     prefill = {
         fresh: jax.jit(_from_leaves(functools.partial(_prefill, graphdef, **static, fresh=fresh), params_treedef),
                        donate_argnums=(1, 2), out_shardings=outs,
-                       compiler_options=_command_buffer_options(ecfg, "prefill"))
+                       compiler_options=_compiler_options(ecfg, "prefill"))
         for fresh in prefill_variants(ecfg)
     }
     # Decode variants by sampling mode: the host knows every slot's sampling parameters
@@ -328,7 +328,7 @@ def build_steps(graphdef, ecfg: EngineConfig, *, cache_shardings, replicated, me
             _from_leaves(functools.partial(_decode, graphdef, steps=ecfg.decode_steps_per_call, rows=rows,
                                            sampling_mode=mode, **static), params_treedef),
             donate_argnums=(1, 2, 3), out_shardings=(cache_shardings, replicated, replicated),
-            compiler_options=_command_buffer_options(ecfg, "decode"))
+            compiler_options=_compiler_options(ecfg, "decode", rows))
         for rows, mode in bucket_manifest(ecfg)["decode"]
     }
     release = jax.jit(_release, donate_argnums=(0,), out_shardings=replicated)
@@ -337,13 +337,30 @@ def build_steps(graphdef, ecfg: EngineConfig, *, cache_shardings, replicated, me
     return Steps(prefill, decode, release, set_table, snapshot)
 
 
-def _command_buffer_options(ecfg: EngineConfig, step: str) -> dict | None:
-    """XLA options that keep a step out of CUDA graphs (EngineConfig.command_buffers);
-    None where XLA's default applies (and off a GPU, whose compilers do not know them)."""
-    keep = {"all": ("prefill", "decode"), "decode": ("decode",), "none": ()}[ecfg.command_buffers]
-    if step in keep or dispatch.platform() != "gpu":
+# Decode buckets of at least this many rows take their matmuls from cuBLAS, not XLA's
+# Triton GEMMs. H200, Llama-3.1-8B shapes, batch 64, prompt 512 (2026-11-29, one device
+# call, two processes, --xla_gpu_enable_triton_gemm=false in the second): 6.18 ms per step
+# against 6.40, device time per call 6.11 against 6.43; the q/k/v and o projections at
+# M=64 were where Triton fell furthest below the copy rate (~2.7 TB/s). At batch 1 cuBLAS
+# was slower (5.80 ms against 4.45-4.55: the vocabulary projection became a float32 GEMV
+# behind a 0.75 ms conversion of its weight), and so was the 512-token prefill (14.97 ms
+# against 14.00), so smaller buckets and prefill keep Triton.
+_CUBLAS_DECODE_ROWS = 64
+
+
+def _compiler_options(ecfg: EngineConfig, step: str, rows: int = 0) -> dict | None:
+    """Per-program XLA options on a GPU: out of CUDA graphs (EngineConfig.command_buffers),
+    and cuBLAS matmuls for the large decode buckets (_CUBLAS_DECODE_ROWS). None where XLA's
+    defaults apply, and off a GPU, whose compilers do not know these options."""
+    if dispatch.platform() != "gpu":
         return None
-    return {"xla_gpu_enable_command_buffer": ""}
+    options = {}
+    keep = {"all": ("prefill", "decode"), "decode": ("decode",), "none": ()}[ecfg.command_buffers]
+    if step not in keep:
+        options["xla_gpu_enable_command_buffer"] = ""
+    if step == "decode" and rows >= _CUBLAS_DECODE_ROWS:
+        options["xla_gpu_enable_triton_gemm"] = False
+    return options or None
 
 
 def _set_table(io: DecodeIO, page_table) -> DecodeIO:

@@ -306,18 +306,24 @@ def test_decode_buckets_config():
         EngineConfig(decode_batch_sizes=(4, 2))
 
 
-def test_command_buffers_option():
+def test_gpu_compiler_options():
     """--command_buffers keeps prefill (or every step) out of CUDA graphs on a GPU, and
-    asks nothing of other compilers (libtpu rejects options it does not know)."""
+    decode buckets of 64+ rows take cuBLAS matmuls; other compilers are asked nothing
+    (libtpu rejects options it does not know)."""
     from pallas_kernels import dispatch
-    from runtime.engine import _command_buffer_options
+    from runtime.engine import _compiler_options
 
     off = {"xla_gpu_enable_command_buffer": ""}
     with dispatch.target_platform("gpu"):
-        got = {c: [_command_buffer_options(EngineConfig(command_buffers=c), s) for s in ("prefill", "decode")]
+        got = {c: [_compiler_options(EngineConfig(command_buffers=c), s) for s in ("prefill", "decode")]
                for c in ("all", "decode", "none")}
-    assert got == {"all": [None, None], "decode": [off, None], "none": [off, off]}
+        assert got == {"all": [None, None], "decode": [off, None], "none": [off, off]}
+        cublas = {"xla_gpu_enable_triton_gemm": False}
+        assert [_compiler_options(EngineConfig(), "decode", rows) for rows in (1, 8, 63, 64, 512)] == [
+            None, None, None, cublas, cublas]
+        assert _compiler_options(EngineConfig(command_buffers="none"), "decode", 64) == {**off, **cublas}
+        assert _compiler_options(EngineConfig(), "prefill", 64) is None  # prefill keeps Triton
     with dispatch.target_platform("tpu"):
-        assert _command_buffer_options(EngineConfig(command_buffers="none"), "decode") is None
+        assert _compiler_options(EngineConfig(command_buffers="none"), "decode", 512) is None
     with pytest.raises(ConfigError, match="command_buffers='some'"):
         EngineConfig(command_buffers="some")
