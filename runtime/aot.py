@@ -37,7 +37,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pallas_kernels import dispatch
 from runtime.config import EngineConfig, ModelConfig
-from runtime.engine import MAX_STOP_IDS, DecodeIO, DecodeSlots, Steps, bucket_manifest, build_steps
+from runtime.engine import MAX_STOP_IDS, DecodeIO, DecodeSlots, Steps, bucket_manifest, build_steps, pack_prefill
 from runtime.kv_cache import KVCache
 from runtime.models.transformer import abstract_model, fuse_projections
 from runtime.sampling import SlotSampling
@@ -216,10 +216,12 @@ def step_args(engine: AbstractEngine, kind: str, shape: tuple = ()) -> tuple:
     ecfg, MP = engine.ecfg, engine.ecfg.max_pages_per_seq
     if kind == "prefill":
         b, t = shape[:2]
-        i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731
-        sampling = SlotSampling(**{k: _sds(v) for k, v in SlotSampling.pack([None] * b, [0] * b).items()})
-        return (jax.tree.leaves(engine.params), engine.cache, engine.slots, i32(b, t), i32(b), i32(b), i32(b, MP), i32(b),
-                jax.ShapeDtypeStruct((b,), jnp.bool_), sampling, i32(b, MAX_STOP_IDS), i32(b))
+        ints, floats = pack_prefill(
+            tokens=np.zeros((b, t), np.int32), starts=np.zeros(b, np.int32), lens=np.zeros(b, np.int32),
+            page_table=np.zeros((b, MP), np.int32), slot_ids=np.zeros(b, np.int32), is_last=np.zeros(b, bool),
+            sampling=SlotSampling.pack([None] * b, [0] * b), stop_ids=np.zeros((b, MAX_STOP_IDS), np.int32),
+            remaining=np.zeros(b, np.int32))
+        return jax.tree.leaves(engine.params), engine.cache, engine.slots, _sds(ints), _sds(floats)
     if kind == "decode":
         io = jax.eval_shape(lambda: DecodeIO.create(ecfg.max_num_seqs, MP, ecfg.decode_steps_per_call,
                                                     ecfg.num_top_logprobs))

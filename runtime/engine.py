@@ -193,6 +193,48 @@ def _prefill(
     return cache, slots, out
 
 
+# A prefill call's host arguments travel as one int32 and one float32 array: on a GPU
+# each argument was a host-to-device copy of its own (12 per call, ~1 ms of host time
+# before the step's graph could launch; H200 trace, runtime/BENCHMARKS.md).
+_PREFILL_FLOATS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+# Columns of the int32 array after the chunk's T tokens and the page table's MP entries.
+_PREFILL_INT_COLS = (("starts", 1), ("lens", 1), ("slot_ids", 1), ("is_last", 1), ("top_k", 1), ("key", 2),
+                     ("stop_ids", MAX_STOP_IDS), ("remaining", 1))
+
+
+def pack_prefill(*, tokens, starts, lens, page_table, slot_ids, is_last, sampling: dict, stop_ids,
+                 remaining) -> tuple[np.ndarray, np.ndarray]:
+    """The prefill step's host arguments: ints [Bp, T + MP + 9 + MAX_STOP_IDS] (tokens,
+    page table, then _PREFILL_INT_COLS; the PRNG key's uint32 words as their bits) and
+    floats [Bp, 6] (_PREFILL_FLOATS)."""
+    b = len(tokens)
+    col = lambda x: np.asarray(x).reshape(b, -1)  # noqa: E731
+    named = dict(starts=starts, lens=lens, slot_ids=slot_ids, is_last=is_last, top_k=sampling["top_k"],
+                 key=np.asarray(sampling["key"], np.uint32).view(np.int32), stop_ids=stop_ids, remaining=remaining)
+    ints = np.concatenate([col(tokens), col(page_table)] + [col(named[k]) for k, _ in _PREFILL_INT_COLS],
+                          axis=1, dtype=np.int32)
+    floats = np.stack([np.asarray(sampling[k], np.float32) for k in _PREFILL_FLOATS], axis=1)
+    return ints, floats
+
+
+def _unpack_prefill(ints, floats, max_pages: int) -> dict:
+    """pack_prefill's arrays back into _prefill's arguments (static slices, in the step)."""
+    T = ints.shape[1] - max_pages - sum(n for _, n in _PREFILL_INT_COLS)
+    out = dict(tokens=ints[:, :T], page_table=ints[:, T : T + max_pages])
+    at = T + max_pages
+    for name, n in _PREFILL_INT_COLS:
+        out[name] = ints[:, at : at + n] if n > 1 else ints[:, at]
+        at += n
+    key = jax.lax.bitcast_convert_type(out.pop("key"), jnp.uint32)
+    sampling = SlotSampling(top_k=out.pop("top_k"), key=key,
+                            **{k: floats[:, i] for i, k in enumerate(_PREFILL_FLOATS)})
+    return dict(out, is_last=out["is_last"] != 0, sampling=sampling)
+
+
+def _prefill_packed(graphdef, params, cache: KVCache, slots: DecodeSlots, ints, floats, *, max_pages: int, **static):
+    return _prefill(graphdef, params, cache, slots, **_unpack_prefill(ints, floats, max_pages), **static)
+
+
 def _decode_one(graphdef, params, cache: KVCache, slots: DecodeSlots, page_table, *, attn_impl, num_top_logprobs,
                 sampling_mode: str, mesh=None):
     B = slots.tokens.shape[0]
@@ -277,7 +319,7 @@ def bucket_manifest(ecfg: EngineConfig) -> dict[str, list[tuple]]:
 class Steps:
     """The jitted step functions of an engine: what its manifest compiles."""
 
-    prefill: dict[bool, Callable]  # by "fresh" (prefill_variants); (params, cache, slots, *batch)
+    prefill: dict[bool, Callable]  # by "fresh" (prefill_variants); (params, cache, slots, *pack_prefill(...))
     decode: dict[tuple[int, str], Callable]  # by (rows, sampling mode): the manifest's; (params, cache, slots, io)
     release: Callable  # (slots, slot)
     set_table: Callable  # (io, page_table [B, MP]): io with that table
@@ -315,7 +357,8 @@ def build_steps(graphdef, ecfg: EngineConfig, *, cache_shardings, replicated, me
     # ("fresh") runs flash attention over the chunk; chunks continuing a long prompt
     # need the paged path. The reference serves both in one variant.
     prefill = {
-        fresh: jax.jit(_from_leaves(functools.partial(_prefill, graphdef, **static, fresh=fresh), params_treedef),
+        fresh: jax.jit(_from_leaves(functools.partial(_prefill_packed, graphdef, **static, fresh=fresh,
+                                                      max_pages=ecfg.max_pages_per_seq), params_treedef),
                        donate_argnums=(1, 2), out_shardings=outs,
                        compiler_options=_compiler_options(ecfg, "prefill"))
         for fresh in prefill_variants(ecfg)
@@ -488,13 +531,10 @@ class Engine:
     ) -> dict[str, jax.Array]:
         # Host arrays go to the step as they are: jit moves them (uncommitted, like the
         # abstract arguments runtime/aot.py lowers with) in its C++ dispatch, where a
-        # jnp.asarray per argument cost ~25 us each (CPU, 2026-11-29).
-        self.cache, self.slots, out = self._prefill[fresh](
-            self.param_leaves, self.cache, self.slots, *map(np.asarray, (tokens, starts, lens, page_table, slot_ids,
-                                                                         is_last)),
-            SlotSampling(**{k: np.asarray(v) for k, v in sampling.items()}), np.asarray(stop_ids),
-            np.asarray(remaining),
-        )
+        # jnp.asarray per argument cost ~25 us each (CPU, 2026-11-29). Two arrays in all.
+        ints, floats = pack_prefill(tokens=tokens, starts=starts, lens=lens, page_table=page_table, slot_ids=slot_ids,
+                                    is_last=is_last, sampling=sampling, stop_ids=stop_ids, remaining=remaining)
+        self.cache, self.slots, out = self._prefill[fresh](self.param_leaves, self.cache, self.slots, ints, floats)
         return out
 
     def decode(self, page_table, mode: str = "filter") -> dict[str, jax.Array]:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from runtime.config import ConfigError, EngineConfig
-from runtime.engine import MAX_STOP_IDS, Engine
+from runtime.engine import MAX_STOP_IDS, Engine, pack_prefill
 from runtime.orchestrator import Orchestrator, Request, RequestError
 from runtime.sampling import SAMPLING_MODES, SamplingParams, SlotSampling
 from tests.utils import peaked_tiny_llama, smollm2_tokenizer
@@ -223,11 +223,11 @@ def test_decode_steps_have_no_data_dependent_branch(model, tokenizer):
     programs = {mode: engine._decode[(B, mode)].lower(engine.param_leaves, engine.cache, engine.slots, engine.io)
                 for mode in SAMPLING_MODES}
     b, t = engine.manifest()["prefill"][0][:2]
-    i32 = lambda *shape: jnp.zeros(shape, jnp.int32)  # noqa: E731
-    sampling = SlotSampling(**{k: jnp.asarray(v) for k, v in SlotSampling.pack([None] * b, [0] * b).items()})
-    programs["prefill"] = engine._prefill[False].lower(
-        engine.param_leaves, engine.cache, engine.slots, i32(b, t), i32(b), i32(b), i32(b, table.shape[1]), i32(b),
-        jnp.zeros(b, bool), sampling, i32(b, MAX_STOP_IDS), i32(b))
+    i32 = lambda *shape: np.zeros(shape, np.int32)  # noqa: E731
+    packed = pack_prefill(tokens=i32(b, t), starts=i32(b), lens=i32(b), page_table=i32(b, table.shape[1]),
+                          slot_ids=i32(b), is_last=np.zeros(b, bool), sampling=SlotSampling.pack([None] * b, [0] * b),
+                          stop_ids=i32(b, MAX_STOP_IDS), remaining=i32(b))
+    programs["prefill"] = engine._prefill[False].lower(engine.param_leaves, engine.cache, engine.slots, *packed)
     for name, lowered in programs.items():
         text = lowered.as_text()
         assert "stablehlo.case" not in text and "stablehlo.if" not in text, name
@@ -327,3 +327,30 @@ def test_gpu_compiler_options():
         assert _compiler_options(EngineConfig(command_buffers="none"), "decode", 512) is None
     with pytest.raises(ConfigError, match="command_buffers='some'"):
         EngineConfig(command_buffers="some")
+
+def test_prefill_arguments_pack_into_two_arrays():
+    """pack_prefill / _unpack_prefill round-trip every argument exactly, including a PRNG
+    key word with its top bit set (carried as int32 bits) and negative stop ids."""
+    from runtime.engine import _unpack_prefill
+    from runtime.sampling import SamplingParams
+
+    rng = np.random.default_rng(0)
+    b, t, mp = 3, 5, 4
+    params = [SamplingParams(temperature=0.7, top_k=40, top_p=0.9, min_p=0.05, repetition_penalty=1.1,
+                             presence_penalty=0.2, frequency_penalty=-0.3), None, SamplingParams(temperature=0.0)]
+    host = dict(tokens=rng.integers(0, 1000, (b, t)).astype(np.int32), starts=np.array([0, 7, 3], np.int32),
+                lens=np.array([5, 0, 2], np.int32), page_table=rng.integers(0, 50, (b, mp)).astype(np.int32),
+                slot_ids=np.array([2, 9, 0], np.int32), is_last=np.array([True, False, True]),
+                sampling=SlotSampling.pack(params, [2**64 - 1, 0, 12345]),
+                stop_ids=np.full((b, MAX_STOP_IDS), -1, np.int32), remaining=np.array([4, 0, 1], np.int32))
+    host["stop_ids"][0, :2] = [2, 128001]
+    ints, floats = pack_prefill(**host)
+    assert ints.dtype == np.int32 and floats.dtype == np.float32 and floats.shape == (b, 6)
+    got = jax.jit(_unpack_prefill, static_argnums=2)(ints, floats, mp)
+    for name in ("tokens", "starts", "lens", "page_table", "slot_ids", "is_last", "stop_ids", "remaining"):
+        np.testing.assert_array_equal(np.asarray(got[name]), host[name], err_msg=name)
+        assert got[name].dtype == (jnp.bool_ if name == "is_last" else jnp.int32), name
+    for name, want in host["sampling"].items():
+        value = getattr(got["sampling"], name)
+        assert value.dtype == want.dtype, name
+        np.testing.assert_array_equal(np.asarray(value), want, err_msg=name)

@@ -108,7 +108,7 @@ def match_engine() -> None:
 
     from runtime import aot
     from runtime.config import EngineConfig
-    from runtime.engine import MAX_STOP_IDS, Engine
+    from runtime.engine import MAX_STOP_IDS, Engine, pack_prefill
     from runtime.models.transformer import Transformer
     from runtime.presets import preset_config
     from runtime.sampling import SlotSampling
@@ -122,18 +122,18 @@ def match_engine() -> None:
     engine = Engine(model, ecfg, num_pages=8, cache_sharding=cache_sharding(model.cfg, 8, ecfg.page_size, mesh))
     abstract = aot.abstract_engine(cfg, ecfg, mesh, num_pages=8)
     MP, B = ecfg.max_pages_per_seq, ecfg.max_num_seqs
-    z = lambda *shape: jnp.zeros(shape, jnp.int32)  # noqa: E731
+    z = lambda *shape: np.zeros(shape, np.int32)  # noqa: E731
     state = (engine.param_leaves, engine.cache, engine.slots)
     rows = []
     for kind, shapes in {**engine.manifest(), "release": [()]}.items():
         for shape in shapes:
             if kind == "prefill":
                 b, t = shape[:2]
-                host = SlotSampling.pack([None] * b, [0] * b)
-                sampling = SlotSampling(**{k: jnp.asarray(v) for k, v in host.items()})
-                real = engine._prefill["fresh" in shape].lower(
-                    *state, z(b, t), z(b), z(b), z(b, MP), z(b) + B, jnp.zeros(b, bool), sampling,
-                    z(b, MAX_STOP_IDS) - 1, z(b))
+                packed = pack_prefill(
+                    tokens=z(b, t), starts=z(b), lens=z(b), page_table=z(b, MP), slot_ids=z(b) + B,
+                    is_last=np.zeros(b, bool), sampling=SlotSampling.pack([None] * b, [0] * b),
+                    stop_ids=z(b, MAX_STOP_IDS) - 1, remaining=z(b))
+                real = engine._prefill["fresh" in shape].lower(*state, *packed)
             elif kind == "decode":
                 real = engine._decode[tuple(shape)].lower(*state, engine.io)
             else:
