@@ -46,6 +46,15 @@ class KVCache:
         return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
 
 
+def cache_rows(page_table: jax.Array, positions: jax.Array, kv_lens: jax.Array, page_size: int) -> jax.Array:
+    """The cache row (page * page_size + offset, in the pages flattened to rows) of each
+    token at `positions` [B, T]; -1 for padding tokens (positions >= kv_lens [B])."""
+    MP = page_table.shape[1]
+    page_idx = jnp.clip(positions // page_size, 0, MP - 1)
+    page = jnp.take_along_axis(page_table, page_idx, axis=1)  # [B, T]
+    return jnp.where(positions < kv_lens[:, None], page * page_size + positions % page_size, -1)
+
+
 def write_kv(
     k_pages: jax.Array,
     v_pages: jax.Array,
@@ -61,12 +70,8 @@ def write_kv(
     never lands in a page (not even page 0, which may belong to someone else).
     """
     P, S, K, H = k_pages.shape
-    MP = page_table.shape[1]
-    valid = positions < kv_lens[:, None]
-    page_idx = jnp.clip(positions // S, 0, MP - 1)
-    page = jnp.take_along_axis(page_table, page_idx, axis=1)  # [B, T]
-    slot = jnp.where(valid, page * S + positions % S, P * S)  # P*S is out of range: dropped
-    slot = slot.reshape(-1)
+    slot = cache_rows(page_table, positions, kv_lens, S)
+    slot = jnp.where(slot >= 0, slot, P * S).reshape(-1)  # P*S is out of range: dropped
     k_flat = k_pages.reshape(P * S, K, H).at[slot].set(k_new.reshape(-1, K, H).astype(k_pages.dtype), mode="drop")
     v_flat = v_pages.reshape(P * S, K, H).at[slot].set(v_new.reshape(-1, K, H).astype(v_pages.dtype), mode="drop")
     return k_flat.reshape(P, S, K, H), v_flat.reshape(P, S, K, H)

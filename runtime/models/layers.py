@@ -20,7 +20,7 @@ from flax import nnx
 from pallas_kernels import dispatch
 from pallas_kernels.paged_attention import reference as paged_reference
 from runtime.config import ModelConfig, RopeConfig
-from runtime.kv_cache import write_kv
+from runtime.kv_cache import cache_rows, write_kv
 from sharding.ops import Local
 
 ATTENTION_IMPLS = ("reference", "pallas")
@@ -66,6 +66,13 @@ def rope_tables(rope: RopeConfig, head_dim: int, positions: jax.Array, dtype) ->
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)  # [B, T, H]
     return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def rope_half_tables(rope: RopeConfig, head_dim: int, positions: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [B, H / 2] at integer positions [B]: rope_tables' halves (which are equal)."""
+    inv_freq = jnp.asarray(rope.inv_freq(head_dim), jnp.float32)  # [H/2]
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.cos(freqs).astype(dtype), jnp.sin(freqs).astype(dtype)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -225,22 +232,54 @@ class Attention(nnx.Module):
             if self.bq is not None:
                 q, k, v = q + self.bq[...], k + self.bk[...], v + self.bv[...]
             return q, k, v
-        qkv = jnp.einsum("BTD,DKJH->BTKJH", x, self.wqkv[...])  # J = G + 2
-        if self.bqkv is not None:
-            qkv = qkv + self.bqkv[...]
+        qkv = self._qkv(x)
         B, T, K, J, H = qkv.shape
         return qkv[:, :, :, : J - 2].reshape(B, T, K * (J - 2), H), qkv[:, :, :, J - 2], qkv[:, :, :, J - 1]
 
+    def _qkv(self, x):
+        """The fused projection's output [B, T, K, G + 2, H] (`_qkv_weight`'s layout)."""
+        qkv = jnp.einsum("BTD,DKJH->BTKJH", x, self.wqkv[...])  # J = G + 2
+        if self.bqkv is not None:
+            qkv = qkv + self.bqkv[...]
+        return qkv
+
+    def _decode_kernel(self, x, k_pages, impl: str):
+        """The fused rope + cache-write kernel (pallas_kernels/rope_kv) serves this call:
+        a decode step (T == 1) through the GPU kernels, on the fused projection, without
+        q/k norms (they sit between the projection and the rotation)."""
+        if impl != "pallas" or x.shape[1] != 1 or self.wqkv is None or self.q_norm is not None:
+            return None
+        if dispatch.engine_kernel_impl() != "gpu":
+            return None  # TPU: XLA's fusion of the jnp path (no per-kernel launch cost to save)
+        from pallas_kernels.rope_kv import gpu as rope_kv
+
+        D, K, J, H = self.wqkv.shape
+        if not rope_kv.supports(jax.ShapeDtypeStruct((x.shape[0], K, J, H), x.dtype), k_pages):
+            return None
+        return rope_kv
+
     def __call__(self, x, positions, k_pages, v_pages, page_table, kv_lens, *, impl: str, fresh: bool = False,
                  local: Local | None = None):
-        with jax.named_scope("qkv"):
-            q, k, v = self._project(x)
-            if self.q_norm is not None:
-                q, k = self.q_norm(q), self.k_norm(k)
-            cos, sin = rope_tables(self.rope, self.head_dim, positions, x.dtype)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        with jax.named_scope("attn"):
+        rope_kv = self._decode_kernel(x, k_pages, impl)
+        if rope_kv is not None:
+            with jax.named_scope("qkv_rope_kv"):
+                # One kernel rotates q and k and writes k and v into their cache rows:
+                # the same values as the path below up to one rounding of the rotation
+                # (float32 inside the kernel, rounded once; pallas_kernels/rope_kv).
+                cos, sin = rope_half_tables(self.rope, self.head_dim, positions[:, 0], x.dtype)
+                rows = cache_rows(page_table, positions, kv_lens, k_pages.shape[1])[:, 0]
+                q, k_pages, v_pages = rope_kv.rope_kv_write(
+                    self._qkv(x)[:, 0], cos, sin, rows, k_pages, v_pages, interpret=dispatch.platform() != "gpu")
+                q, k, v = q[:, None], None, None  # decode attention reads k and v from the pages
+        else:
+            with jax.named_scope("qkv"):
+                q, k, v = self._project(x)
+                if self.q_norm is not None:
+                    q, k = self.q_norm(q), self.k_norm(k)
+                cos, sin = rope_tables(self.rope, self.head_dim, positions, x.dtype)
+                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             k_pages, v_pages = write_kv(k_pages, v_pages, k, v, page_table, positions, kv_lens)
+        with jax.named_scope("attn"):
             o = attention(
                 q, k, v, k_pages, v_pages, page_table, positions, kv_lens,
                 scale=self.scale, window=self.window, softcap=self.softcap, impl=impl, fresh=fresh,

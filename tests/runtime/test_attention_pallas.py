@@ -84,3 +84,31 @@ def test_pallas_engine_matches_reference(model_type, extra, dtype):
         atol = 0.25 if dtype == "bfloat16" else 0.03
         n = next((i for i, (x, y) in enumerate(zip(a["ids"], b["ids"])) if x != y), len(a["ids"]))
         np.testing.assert_allclose(b["lp"][: n + 1], a["lp"][: n + 1], atol=atol, err_msg=r.request_id)
+
+@pytest.mark.parametrize("model_type, extra, fused", [
+    ("llama", {}, True),
+    ("qwen3", {}, False),  # q/k norms sit between the projection and the rotation
+])
+def test_decode_fuses_rope_and_cache_write(model_type, extra, fused):
+    """With --attention=pallas a decode step rotates q/k and writes the cache in one
+    kernel (pallas_kernels/rope_kv) wherever the kernel's conditions hold."""
+    model = _tiny(model_type, **extra)
+    ecfg = EngineConfig(max_num_seqs=2, max_model_len=64, page_size=16, prefill_lengths=(16,), attention="pallas",
+                        decode_batch_sizes=(2,))
+    engine = Engine(model, ecfg, num_pages=8)
+    text = engine._decode[(2, "greedy")].lower(engine.param_leaves, engine.cache, engine.slots,
+                                               engine.io).as_text(debug_info=True)
+    assert ("qkv_rope_kv" in text) == fused
+    assert ("qkv_rope_kv" not in engine._prefill[True].lower(
+        engine.param_leaves, engine.cache, engine.slots,
+        *_prefill_args(ecfg)).as_text(debug_info=True))  # prefill keeps the jnp path
+
+
+def _prefill_args(ecfg):
+    from runtime.engine import pack_prefill
+    from runtime.sampling import SlotSampling
+
+    z = lambda *shape: np.zeros(shape, np.int32)  # noqa: E731
+    return pack_prefill(tokens=z(1, 16), starts=z(1), lens=z(1), page_table=z(1, ecfg.max_pages_per_seq),
+                        slot_ids=z(1), is_last=np.zeros(1, bool), sampling=SlotSampling.pack([None], [0]),
+                        stop_ids=z(1, 16), remaining=z(1))
