@@ -253,7 +253,7 @@ class Attention(nnx.Module):
             return None  # TPU: XLA's fusion of the jnp path (no per-kernel launch cost to save)
         from pallas_kernels.rope_kv import gpu as rope_kv
 
-        D, K, J, H = self.wqkv.shape
+        _, K, J, H = self.wqkv.shape
         if not rope_kv.supports(jax.ShapeDtypeStruct((x.shape[0], K, J, H), x.dtype), k_pages):
             return None
         return rope_kv
