@@ -15,10 +15,13 @@ compiles exactly it, and every compilation afterwards is counted in
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import functools
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 import jax
@@ -65,6 +68,12 @@ class _CompileCounter:
     def count(self) -> int:
         with self._lock:
             return self._built - self._cache_hits
+
+    @property
+    def cache_hits(self) -> int:
+        """Executables loaded from the persistent compilation cache."""
+        with self._lock:
+            return self._cache_hits
 
 
 compile_counter = _CompileCounter()
@@ -500,24 +509,48 @@ class Engine:
         return b, t
 
     def warmup(self) -> int:
-        """Compiles the whole manifest (on scratch rows: slots stay idle). Returns compilations."""
+        """Compiles the whole manifest (on scratch rows: slots stay idle). Returns compilations.
+        `warmup_report` then lists each entry: (name, seconds, "compiled" | "cache" (loaded
+        from the persistent compilation cache) | "ready" (built earlier in this process))."""
         before = compile_counter.count
+        self.warmup_report: list[tuple[str, float, str]] = []
+
+        @contextlib.contextmanager
+        def entry(name):
+            built, hits, t = compile_counter.count, compile_counter.cache_hits, time.perf_counter()
+            yield
+            jax.block_until_ready(self.slots)
+            how = "compiled" if compile_counter.count > built else "cache" if compile_counter.cache_hits > hits else "ready"
+            self.warmup_report.append((name, time.perf_counter() - t, how))
+
         for b, t, *fresh in self.manifest()["prefill"]:
-            b *= self.data_groups  # b rows per data-parallel group
-            self._prefill_call(
-                bool(fresh),
-                tokens=np.zeros((b, t), np.int32), starts=np.zeros(b, np.int32), lens=np.zeros(b, np.int32),
-                page_table=np.zeros((b, self.ecfg.max_pages_per_seq), np.int32),
-                slot_ids=np.full(b, self.ecfg.max_num_seqs, np.int32), is_last=np.zeros(b, bool),
-                sampling=SlotSampling.pack([None] * b, [0] * b),
-                stop_ids=np.full((b, MAX_STOP_IDS), -1, np.int32), remaining=np.zeros(b, np.int32),
-            )
+            with entry(f"prefill {b}x{t}" + (" fresh" if fresh else "")):
+                b *= self.data_groups  # b rows per data-parallel group
+                self._prefill_call(
+                    bool(fresh),
+                    tokens=np.zeros((b, t), np.int32), starts=np.zeros(b, np.int32), lens=np.zeros(b, np.int32),
+                    page_table=np.zeros((b, self.ecfg.max_pages_per_seq), np.int32),
+                    slot_ids=np.full(b, self.ecfg.max_num_seqs, np.int32), is_last=np.zeros(b, bool),
+                    sampling=SlotSampling.pack([None] * b, [0] * b),
+                    stop_ids=np.full((b, MAX_STOP_IDS), -1, np.int32), remaining=np.zeros(b, np.int32),
+                )
         for rows, mode in self.manifest()["decode"]:
-            self.decode(np.zeros((rows, self.ecfg.max_pages_per_seq), np.int32), mode=mode)
-        self.io = self._set_table(self.io, self._table_sent)  # compiled; changes nothing
-        self.release(self.ecfg.max_num_seqs)  # out of range: changes nothing
-        jax.block_until_ready(self.slots)
+            with entry(f"decode {rows} {mode}"):
+                self.decode(np.zeros((rows, self.ecfg.max_pages_per_seq), np.int32), mode=mode)
+        with entry("set_table, release"):
+            self.io = self._set_table(self.io, self._table_sent)  # compiled; changes nothing
+            self.release(self.ecfg.max_num_seqs)  # out of range: changes nothing
         return compile_counter.count - before
+
+    def warmup_summary(self) -> str:
+        """warmup_report in words: counts by how each entry was built, total and slowest."""
+        report = getattr(self, "warmup_report", [])
+        if not report:
+            return "no warm-up"
+        hows = collections.Counter(how for _, _, how in report)
+        slow = max(report, key=lambda r: r[1])
+        counts = ", ".join(f"{n} {how}" for how, n in sorted(hows.items()))
+        return f"{len(report)} programs: {counts}; slowest {slow[0]} {slow[1]:.1f} s"
 
     # --- steps -----------------------------------------------------------------------
 

@@ -31,6 +31,7 @@ from typing import Any
 
 import grpc
 
+from runtime import startup
 from runtime.metrics import ServerMetrics
 from runtime.orchestrator import Orchestrator, Request, RequestError, RequestOutput
 
@@ -150,7 +151,10 @@ class EngineLoop:
             if self._stop_requested.is_set():  # stopped while loading: no warm-up, no serving
                 return
             t = time.perf_counter()
-            engine.warmup()
+            with startup.clock.phase("warm-up") as detail:
+                engine.warmup()
+                summary = getattr(engine, "warmup_summary", None)  # a wrapper (LeaderEngine) may lack it
+                detail[0] = summary() if summary else ""
             self.orc = self._factory(engine, tokenizer)
             self.orc.mark_ready()
             log.info("warm-up took %.1f s", time.perf_counter() - t)

@@ -88,6 +88,10 @@ class ServerMetrics:
         # once none is in flight (runtime.soak checks it).
         self.admitted = Counter("xlserve_requests_admitted", "Requests admitted (past validation and admission).",
                                 registry=r)
+        self.startup = Gauge("xlserve_startup_seconds", "Seconds each start-up phase took (runtime.startup."
+                             "StartupClock; phase=\"total\": process start to SERVING).", ["phase"], registry=r)
+        self.startup_weight_bytes = Gauge("xlserve_startup_weight_bytes", "Bytes of weights loaded at start-up.",
+                                          registry=r)
         # process_resident_memory_bytes and friends: runtime.soak bounds the RSS growth under load.
         ProcessCollector(registry=r)
         for reason in ABORT_REASONS:  # every series exists from the start, at 0
@@ -96,6 +100,14 @@ class ServerMetrics:
             self.finished.labels(finish_reason=reason)
         for code in REJECT_CODES:
             self.rejected.labels(code=code)
+
+    def record_startup(self, clock, total_s: float | None) -> None:
+        """The start-up phases (runtime.startup.StartupClock) as gauges."""
+        for name, sec in clock.seconds().items():
+            self.startup.labels(phase=name).set(sec)
+        if total_s is not None:
+            self.startup.labels(phase="total").set(total_s)
+        self.startup_weight_bytes.set(clock.weight_bytes)
 
     def serve(self, port: int, addr: str = "0.0.0.0", *, security=None) -> int:
         """Serves /metrics on `port` (0: any free port) in a daemon thread; returns the port.

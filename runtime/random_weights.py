@@ -66,7 +66,24 @@ def load_random_engine(checkpoint: str, ecfg: EngineConfig, *, dtype: str = "bfl
     from runtime.presets import preset_config
     from runtime.startup import build_engine, enable_compilation_cache, mesh_for
 
+    import time
+
+    import jax
+    from flax import nnx
+
+    from runtime.startup import _weights_phase_detail, clock
+
     enable_compilation_cache()
+    with clock.phase("devices") as detail:
+        detail[0] = f"{len(jax.devices())} x {jax.devices()[0].device_kind}"
     cfg = preset_config(preset_name(checkpoint))
     mesh = mesh_for(cfg, mesh_config, ecfg, dtype)
-    return build_engine(random_model(cfg, dtype, mesh), ecfg, auto_num_seqs=auto_num_seqs, mesh=mesh)
+    t = time.perf_counter()
+    with clock.phase("weights") as detail:  # drawn at random on the devices, not read
+        model = random_model(cfg, dtype, mesh)
+        jax.block_until_ready(nnx.state(model))
+        detail[0] = "random, " + _weights_phase_detail(model, lambda: time.perf_counter() - t)
+    with clock.phase("engine") as detail:
+        engine = build_engine(model, ecfg, auto_num_seqs=auto_num_seqs, mesh=mesh)
+        detail[0] = f"{engine.num_pages} KV pages"
+    return engine

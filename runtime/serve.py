@@ -119,6 +119,11 @@ async def _serve(load, config, leader=None) -> int:
     waits = [stopped, asyncio.ensure_future(server.wait_settled())]
     await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     if server.ready and not stop.is_set():
+        from runtime.startup import clock, process_age_s
+
+        age = process_age_s()
+        metrics.record_startup(clock, age)
+        print(f"xlserve: {clock.summary(age)}", file=sys.stderr, flush=True)
         print(f"xlserve: SERVING {config.model_name}", file=sys.stderr, flush=True)
         waits.append(asyncio.ensure_future(server.wait_failed()))
         await asyncio.wait([stopped, waits[-1]], return_when=asyncio.FIRST_COMPLETED)

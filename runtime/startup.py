@@ -15,9 +15,12 @@ vocabulary rows (logits, penalty counts); 64 streams is what the serving benchma
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import os
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +40,66 @@ from sharding.mesh import (
 
 log = logging.getLogger(__name__)
 GiB = 1 << 30
+
+
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux /proc), or None where unknown."""
+    try:
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        with open("/proc/stat") as f:
+            boot = next(float(line.split()[1]) for line in f if line.startswith("btime "))
+        start = boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of stat: starttime
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+    return max(0.0, time.time() - start)
+
+
+@dataclasses.dataclass
+class StartupClock:
+    """Where a process's start-up goes: the phases in the order they ran, with seconds and
+    what each moved (runtime.serve logs `summary()` at SERVING and exports the phases as
+    Prometheus gauges). One per process: `clock`."""
+
+    phases: list[tuple[str, float, str]] = dataclasses.field(default_factory=list)  # (name, seconds, detail)
+    weight_bytes: int = 0
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        """Times the block as phase `name`; the block may set `detail[0]` (words, shown after the time)."""
+        detail = [""]
+        t = time.perf_counter()
+        try:
+            yield detail
+        finally:
+            self.phases.append((name, time.perf_counter() - t, detail[0]))
+
+    def seconds(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for name, sec, _ in self.phases:
+            out[name] = out.get(name, 0.0) + sec
+        return out
+
+    def summary(self, total_s: float | None = None) -> str:
+        parts = []
+        for name, sec, detail in self.phases:
+            parts.append(f"{name} {sec:.1f} s" + (f" ({detail})" if detail else ""))
+        if total_s is not None:
+            before = total_s - sum(sec for _, sec, _ in self.phases)
+            parts.insert(0, f"process start to loading {max(0.0, before):.1f} s")
+            parts.append(f"ready {total_s:.1f} s after the process started")
+        return "start-up: " + ", ".join(parts)
+
+
+clock = StartupClock()
+
+
+def _weights_phase_detail(model, seconds_fn) -> str:
+    nbytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
+    clock.weight_bytes = nbytes
+    sec = seconds_fn()
+    rate = f", {nbytes / sec / 1e9:.2f} GB/s" if sec > 0 else ""
+    return (f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.1f} MB") + rate
 
 
 class CapacityError(RuntimeError):
@@ -248,11 +311,19 @@ def load_engine(checkpoint: str, ecfg: EngineConfig, *, dtype: str = "bfloat16",
     weights restored straight into their shardings on the mesh of `mesh_config`. With
     `auto_num_seqs`, ecfg.max_num_seqs is replaced by `auto_max_num_seqs`'s choice."""
     enable_compilation_cache()
+    with clock.phase("devices") as detail:
+        detail[0] = f"{len(jax.devices())} x {jax.devices()[0].device_kind}"
     directory = resolve_checkpoint(checkpoint, dtype=dtype)
     mesh = mesh_for(checkpoints.read_config(directory), mesh_config, ecfg, dtype)
-    cfg, model = checkpoints.load(directory, dtype=dtype, mesh=mesh)
+    t = time.perf_counter()
+    with clock.phase("weights") as detail:
+        cfg, model = checkpoints.load(directory, dtype=dtype, mesh=mesh)
+        jax.block_until_ready(nnx.state(model))
+        detail[0] = _weights_phase_detail(model, lambda: time.perf_counter() - t)
     if ecfg.max_model_len > cfg.max_position:
         log.warning("max_model_len=%d exceeds the model's max_position=%d", ecfg.max_model_len, cfg.max_position)
-    engine = build_engine(model, ecfg, auto_num_seqs=auto_num_seqs, mesh=mesh)
+    with clock.phase("engine") as detail:  # KV cache, fused projections, step functions
+        engine = build_engine(model, ecfg, auto_num_seqs=auto_num_seqs, mesh=mesh)
+        detail[0] = f"{engine.num_pages} KV pages"
     engine.sampling_defaults = read_sampling_defaults(directory)
     return engine, load_tokenizer(directory)

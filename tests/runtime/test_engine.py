@@ -354,3 +354,19 @@ def test_prefill_arguments_pack_into_two_arrays():
         value = getattr(got["sampling"], name)
         assert value.dtype == want.dtype, name
         np.testing.assert_array_equal(np.asarray(value), want, err_msg=name)
+
+
+def test_warmup_reports_every_program(model, tokenizer):
+    """Engine.warmup lists each manifest entry with its time and how it was built; a second
+    warm-up of the same engine builds nothing ("ready")."""
+    orc = make_orchestrator(model, tokenizer)
+    engine = orc.engine
+    names = [name for name, _, _ in engine.warmup_report]
+    manifest = engine.manifest()
+    assert len(names) == len(manifest["prefill"]) + len(manifest["decode"]) + 1
+    assert names[0].startswith("prefill ") and any(n.startswith("decode ") for n in names)
+    assert {how for _, _, how in engine.warmup_report} <= {"compiled", "cache", "ready"}
+    assert engine.warmup() == 0
+    assert {how for _, _, how in engine.warmup_report} == {"ready"}
+    assert all(sec >= 0 for _, sec, _ in engine.warmup_report)
+    assert engine.warmup_summary().startswith(f"{len(names)} programs: {len(names)} ready; slowest ")

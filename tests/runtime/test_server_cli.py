@@ -75,6 +75,13 @@ def test_serve_client_bench_and_sigterm_drain(server):
 
         body = urllib.request.urlopen(f"http://localhost:{ports['metrics']}/metrics", timeout=5).read().decode()
         assert "xlserve_requests_finished_total" in body and "xlserve_ready 1.0" in body
+        # The start-up breakdown: logged at SERVING and exported per phase.
+        startup = next(line for line in lines if "xlserve: start-up: " in line)
+        for phase in ("devices", "weights", "engine", "warm-up"):
+            assert f" {phase} " in startup, startup
+            assert f'xlserve_startup_seconds{{phase="{phase}"}}' in body
+        assert "programs: " in startup and "GB/s" in startup and "after the process started" in startup
+        assert 'xlserve_startup_seconds{phase="total"}' in body and "xlserve_startup_weight_bytes" in body
 
         # SIGTERM while a stream runs: it finishes, then the server exits 0.
         stream = client.generate(token_ids=[1, 2, 3], max_tokens=250, temperature=0.0, ignore_eos=True)

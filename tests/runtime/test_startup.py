@@ -65,3 +65,23 @@ def test_auto_num_seqs_follows_the_cache_within_bounds():
     assert n == 8 and "at least 8" in why
     # CPU: no memory limit to size from; the given value stays.
     assert auto_max_num_seqs(CFG, EngineConfig(max_num_seqs=8), GiB, device=FakeDevice(None))[0] == 8
+
+
+def test_startup_clock_phases_and_summary():
+    from runtime.startup import StartupClock, process_age_s
+
+    clock = StartupClock()
+    with clock.phase("weights") as detail:
+        detail[0] = "1.00 GB, 2.00 GB/s"
+    with clock.phase("warm-up"):
+        pass
+    with clock.phase("warm-up"):
+        pass
+    assert [name for name, _, _ in clock.phases] == ["weights", "warm-up", "warm-up"]
+    assert set(clock.seconds()) == {"weights", "warm-up"}
+    text = clock.summary(10.0)
+    assert text.startswith("start-up: process start to loading ") and "weights 0.0 s (1.00 GB, 2.00 GB/s)" in text
+    assert text.endswith("ready 10.0 s after the process started")
+    assert clock.summary().startswith("start-up: weights ")
+    age = process_age_s()
+    assert age is None or 0 <= age < 24 * 3600
