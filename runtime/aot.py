@@ -25,8 +25,11 @@ here yet.
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
+import json
 import math
 import os
+import pickle
 import time
 
 import jax
@@ -269,3 +272,91 @@ def compile_manifest(engine: AbstractEngine, entries: dict[str, list[tuple]] | N
     if release:
         out.append(compile_step(engine, "release"))
     return out
+
+
+# --- serialized executables (runtime.warmup --aot_dir writes, runtime.serve --aot_dir loads) ---
+
+AOT_FORMAT = 1
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def executable_key(cfg: ModelConfig, ecfg: EngineConfig, mesh: Mesh | None, devices: list, dtype: str,
+                   num_pages: int) -> dict:
+    """What a set of serialized executables was built for. A server loads them only where
+    every field matches: versions, the devices (platform, kind, count), the mesh, the
+    model (kv heads as the engine holds them), the engine config and the KV cache size."""
+    return json.loads(json.dumps(dict(
+        format=AOT_FORMAT, jax=jax.__version__, jaxlib=_version("jaxlib"), libtpu=_version("libtpu"),
+        platform=devices[0].platform, device_kind=devices[0].device_kind, num_devices=len(devices),
+        mesh=dict(mesh.shape) if mesh is not None else {}, dtype=dtype, model=json.loads(cfg.to_json()),
+        engine=dataclasses.asdict(ecfg), num_pages=num_pages)))
+
+
+def _entry_name(kind: str, shape: tuple) -> str:
+    return "-".join([kind, *map(str, shape)]) + ".xla"
+
+
+def save_executables(directory: str, steps: list[tuple[str, tuple, jax.stages.Compiled]], key: dict,
+                     **extra) -> tuple[int, list[dict]]:
+    """Writes each (kind, shape, compiled) serialized with its argument and result tree
+    structures, and manifest.json (`key`, the entries, and `extra`). Returns how many were
+    written and the ones the backend could not serialize (with its error)."""
+    from jax.experimental.serialize_executable import serialize
+
+    os.makedirs(directory, exist_ok=True)
+    files, skipped = [], []
+    for kind, shape, compiled in steps:
+        try:
+            payload = serialize(compiled)  # (executable, in_tree, out_tree)
+        except jax.errors.JaxRuntimeError as e:
+            # XLA:CPU cannot serialize some programs (a sort's comparator: "`LessThan` is
+            # not serializable"); the server compiles those.
+            skipped.append(dict(kind=kind, shape=list(shape), error=str(e).splitlines()[0][:200]))
+            continue
+        name = _entry_name(kind, shape)
+        with open(os.path.join(directory, name), "wb") as f:
+            pickle.dump(payload, f)
+        files.append(dict(kind=kind, shape=list(shape), file=name))
+    with open(os.path.join(directory, "manifest.json"), "w") as f:
+        json.dump(dict(key=key, executables=files, not_serialized=skipped, **extra), f, indent=1)
+    return len(files), skipped
+
+
+def key_difference(want: dict, have: dict) -> str | None:
+    """The first field where two keys differ, in words; None when they match."""
+    for field in sorted(set(want) | set(have)):
+        if want.get(field) != have.get(field):
+            if isinstance(want.get(field), dict) and isinstance(have.get(field), dict):
+                inner = key_difference(want[field], have[field])
+                return f"{field}.{inner}" if inner else field
+            return f"{field}: this server {want.get(field)!r}, the executables {have.get(field)!r}"
+    return None
+
+
+def load_executables(directory: str, key: dict) -> tuple[dict[tuple[str, tuple], jax.stages.Compiled], str | None]:
+    """The executables of `directory` as {(kind, shape): compiled}, loaded onto this
+    process's devices, when its manifest's key matches `key`; else ({}, why not)."""
+    from jax.experimental.serialize_executable import deserialize_and_load
+
+    path = os.path.join(directory, "manifest.json")
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:
+        return {}, f"no readable {path}: {e}"
+    why = key_difference(key, manifest.get("key", {}))
+    if why is not None:
+        return {}, f"built for another configuration ({why})"
+    out = {}
+    for entry in manifest["executables"]:
+        with open(os.path.join(directory, entry["file"]), "rb") as f:
+            payload, in_tree, out_tree = pickle.load(f)
+        shape = tuple(entry["shape"])
+        out[(entry["kind"], shape)] = deserialize_and_load(payload, in_tree, out_tree)
+    return out, None

@@ -429,6 +429,17 @@ def _release(slots: DecodeSlots, slot) -> DecodeSlots:
     return dataclasses.replace(slots, lengths=slots.lengths.at[slot].set(0, mode="drop"))
 
 
+class _Installed:
+    """A step served by ahead-of-time executables for the argument shapes they were built
+    for (`key(args)` picks one) and by its jitted function otherwise."""
+
+    def __init__(self, jitted: Callable, table: dict, key: Callable):
+        self.jitted, self.table, self.key = jitted, table, key
+
+    def __call__(self, *args):
+        return self.table.get(self.key(args), self.jitted)(*args)
+
+
 class Engine:
     """Owns params, cache and slots on device; runs compiled prefill and decode.
 
@@ -446,6 +457,7 @@ class Engine:
         # that differ only in commitment would compile the steps a second time.
         device = jax.tree.leaves(nnx.state(model))[0].sharding
         mesh = device.mesh if isinstance(device, jax.sharding.NamedSharding) else None
+        self.mesh = mesh
         # q/k/v and gate/up as one weight each, in place (the caller's model is this one).
         fuse_projections(model, mesh)
         self.graphdef, self.params = nnx.split(model)
@@ -541,6 +553,67 @@ class Engine:
             self.io = self._set_table(self.io, self._table_sent)  # compiled; changes nothing
             self.release(self.ecfg.max_num_seqs)  # out of range: changes nothing
         return compile_counter.count - before
+
+    # --- ahead-of-time executables (runtime/aot.py) ------------------------------------
+
+    def programs(self) -> list[tuple[str, tuple, Callable, tuple]]:
+        """Every program the engine runs: (kind, shape, jitted step, the arguments it is
+        called with, as warmup passes them). The manifest's entries, the slot release,
+        the page-table write and the output copy per decode bucket."""
+        ecfg, MP = self.ecfg, self.ecfg.max_pages_per_seq
+        out = []
+        for b, t, *fresh in self.manifest()["prefill"]:
+            rows = b * self.data_groups
+            packed = pack_prefill(
+                tokens=np.zeros((rows, t), np.int32), starts=np.zeros(rows, np.int32), lens=np.zeros(rows, np.int32),
+                page_table=np.zeros((rows, MP), np.int32), slot_ids=np.full(rows, ecfg.max_num_seqs, np.int32),
+                is_last=np.zeros(rows, bool), sampling=SlotSampling.pack([None] * rows, [0] * rows),
+                stop_ids=np.full((rows, MAX_STOP_IDS), -1, np.int32), remaining=np.zeros(rows, np.int32))
+            out.append(("prefill", (b, t, *fresh), self._jit("prefill", bool(fresh)),
+                        (self.param_leaves, self.cache, self.slots, *packed)))
+        for rows, mode in self.manifest()["decode"]:
+            out.append(("decode", (rows, mode), self._jit("decode", (rows, mode)),
+                        (self.param_leaves, self.cache, self.slots, self.io)))
+        out.append(("release", (), self._jit("release"), (self.slots, np.int32(ecfg.max_num_seqs))))
+        out.append(("set_table", (), self._jit("set_table"), (self.io, self._table_sent)))
+        for rows, bufs in self._readback.items():
+            out.append(("snapshot", (rows,), self._jit("snapshot", rows), (self.io, bufs[0])))
+        return out
+
+    def _jit(self, kind: str, key=None):
+        """The jitted function of a program (under any executables installed over it)."""
+        fn = {"prefill": lambda: self._prefill[key], "decode": lambda: self._decode[key],
+              "release": lambda: self._release, "set_table": lambda: self._set_table,
+              "snapshot": lambda: self._snapshot}[kind]()
+        return getattr(fn, "jitted", fn)
+
+    def use_executables(self, executables: dict[tuple[str, tuple], Callable]) -> int:
+        """Runs the given compiled programs ({(kind, shape): compiled}, as `programs()`
+        names them) in place of compiling them. Returns how many of the engine's programs
+        they cover; the others compile as usual."""
+        by_program = {}
+        for kind, shape, _, args in self.programs():
+            if (kind, shape) in executables:
+                by_program[(kind, shape)] = (executables[(kind, shape)], args)
+        prefill_by_shape: dict[bool, dict] = {f: {} for f in self._prefill}
+        snapshot_by_rows = {}
+        for (kind, shape), (compiled, args) in by_program.items():
+            if kind == "prefill":
+                prefill_by_shape["fresh" in shape][args[3].shape] = compiled
+            elif kind == "decode":
+                self._decode[shape] = _Installed(self._jit("decode", shape), {(): compiled}, lambda a: ())
+            elif kind == "release":
+                self._release = _Installed(self._jit("release"), {(): compiled}, lambda a: ())
+            elif kind == "set_table":
+                self._set_table = _Installed(self._jit("set_table"), {(): compiled}, lambda a: ())
+            elif kind == "snapshot":
+                snapshot_by_rows[shape[0]] = compiled
+        for fresh, table in prefill_by_shape.items():
+            if table:
+                self._prefill[fresh] = _Installed(self._jit("prefill", fresh), table, lambda a: a[3].shape)
+        if snapshot_by_rows:
+            self._snapshot = _Installed(self._jit("snapshot"), snapshot_by_rows, lambda a: a[1]["tokens"].shape[1])
+        return len(by_program)
 
     def warmup_summary(self) -> str:
         """warmup_report in words: counts by how each entry was built, total and slowest."""

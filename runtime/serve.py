@@ -41,6 +41,8 @@ from runtime.config import ConfigError
 flags.DEFINE_string("host", "[::]", "Address to bind.")
 flags.DEFINE_integer("port", 50051, "gRPC port (0: any free port; the chosen one is printed).")
 flags.DEFINE_integer("metrics_port", None, "Serve Prometheus /metrics on this port (0: any free port).")
+flags.DEFINE_string("aot_dir", None, "Run the executables `runtime.warmup --aot_dir` wrote here instead of compiling, "
+                    "where they were built for this configuration (else compile, and say why).")
 flags.DEFINE_integer("max_queue", 128, "Requests admitted beyond --max_num_seqs (waiting); more: RESOURCE_EXHAUSTED.")
 flags.DEFINE_integer("max_pending_tokens", 0, "Budget of prompt + max_tokens over the requests in flight; 0: none.")
 flags.DEFINE_float("drain_timeout_s", 30.0, "On SIGTERM, how long requests in flight may take to finish.")
@@ -59,10 +61,36 @@ FLAGS = flags.FLAGS
 log = logging.getLogger("runtime.serve")
 
 
-def _loader(checkpoint: str, ecfg, dtype: str, auto_num_seqs: bool, mesh_config):
+def use_aot_dir(engine, directory: str, dtype: str) -> None:
+    """Installs the executables of `directory` (runtime.warmup --aot_dir) in the engine
+    where they match it; says on stderr how many, or why none."""
+    import jax
+
+    from runtime import aot
+    from runtime.startup import clock
+
+    with clock.phase("aot load") as detail:
+        key = aot.executable_key(engine.cfg, engine.ecfg, engine.mesh, jax.devices(), dtype, engine.num_pages)
+        executables, why = aot.load_executables(directory, key)
+        if why is not None:
+            detail[0] = "none"
+            print(f"xlserve: --aot_dir={directory} not used, compiling instead: {why}", file=sys.stderr, flush=True)
+            return
+        n = engine.use_executables(executables)
+        detail[0] = f"{n} of {len(engine.programs())} programs"
+        print(f"xlserve: --aot_dir={directory}: {detail[0]} loaded", file=sys.stderr, flush=True)
+
+
+def _loader(checkpoint: str, ecfg, dtype: str, auto_num_seqs: bool, mesh_config, aot_dir: str | None = None):
     """What the engine thread runs to build (engine, tokenizer)."""
 
     def load():
+        engine, tokenizer = _load()
+        if aot_dir:
+            use_aot_dir(engine, aot_dir, dtype)
+        return engine, tokenizer
+
+    def _load():
         from runtime.random_weights import is_preset, load_random_engine
 
         if is_preset(checkpoint):
@@ -205,7 +233,7 @@ def main(argv: list[str]) -> None:
     from sharding import distributed
 
     cluster, mesh_config = xflags.join_cluster(dist, mesh_config)
-    load = _loader(FLAGS.checkpoint, ecfg, FLAGS.dtype, xflags.auto_num_seqs(), mesh_config)
+    load = _loader(FLAGS.checkpoint, ecfg, FLAGS.dtype, xflags.auto_num_seqs(), mesh_config, FLAGS.aot_dir)
     leader = None
     if cluster is not None:
         if not cluster.is_leader:

@@ -11,8 +11,11 @@ goes to stderr ("[n/m] kind shape: seconds"); the JSON line adds a memory report
 (weights, KV cache, the largest step's temporaries, against the chip's HBM), and a plan
 that does not fit fails with the numbers (exit 2). --aot_dir=DIR also writes each
 serialized executable and a manifest.json keyed by the jax/jaxlib/libtpu versions, the
-topology, the mesh, the model and the engine config. (Loading them in serve, and a real
-TPU loading one, are still to come: issue 14.)
+devices (platform, kind, count), the mesh, the model, the engine config and the KV cache
+size (runtime.aot.executable_key). Without --target_topology, --aot_dir writes this
+machine's executables (every program the engine runs). `runtime.serve --aot_dir=DIR`
+loads them where the key matches, and compiles (saying why) where it does not. That a
+real TPU loads executables compiled here is not yet confirmed: no TPU has run one.
 """
 
 from __future__ import annotations
@@ -46,8 +49,6 @@ def main(argv: list[str]) -> None:
         mesh_config = xflags.mesh_config_from_flags()
     except ConfigError as e:
         xflags.usage_error(str(e))
-    if FLAGS.aot_dir and not FLAGS.target_topology:
-        xflags.usage_error("--aot_dir goes with --target_topology")
     if FLAGS.target_topology and not FLAGS.list:
         print(json.dumps(warm_topology(ecfg, mesh_config)))
         sys.stdout.flush()
@@ -62,25 +63,48 @@ def main(argv: list[str]) -> None:
         return
 
     from checkpoints.errors import CheckpointError
+    from runtime.random_weights import is_preset, load_random_engine
     from runtime.startup import CapacityError, load_engine
 
     try:
-        engine, _ = load_engine(FLAGS.checkpoint, ecfg, dtype=FLAGS.dtype, auto_num_seqs=xflags.auto_num_seqs(),
-                                mesh_config=mesh_config)
+        if is_preset(FLAGS.checkpoint):
+            engine = load_random_engine(FLAGS.checkpoint, ecfg, dtype=FLAGS.dtype,
+                                        auto_num_seqs=xflags.auto_num_seqs(), mesh_config=mesh_config)
+        else:
+            engine, _ = load_engine(FLAGS.checkpoint, ecfg, dtype=FLAGS.dtype,
+                                    auto_num_seqs=xflags.auto_num_seqs(), mesh_config=mesh_config)
     except (CheckpointError, CapacityError, ConfigError) as e:
         xflags.usage_error(str(e))
-    t = time.perf_counter()
-    compiled = engine.warmup()
-    print(json.dumps({"manifest": engine.manifest(), "backend_compilations": compiled,
-                      "seconds": round(time.perf_counter() - t, 2)}))
+    from runtime.engine import compile_counter
+
+    t, before = time.perf_counter(), compile_counter.count
+    result = {}
+    if FLAGS.aot_dir:  # this machine's executables, for runtime.serve --aot_dir on the same kind of machine
+        import jax
+
+        from runtime import aot
+
+        # Compiled here, not taken from the persistent cache: on XLA:CPU (jaxlib 0.10.2) an
+        # executable loaded from that cache serializes without its kernels, and the server's
+        # copy then fails when it runs ("Function copy_bitcast_fusion.4 not found").
+        jax.config.update("jax_enable_compilation_cache", False)
+        steps = [(kind, shape, fn.lower(*args).compile()) for kind, shape, fn, args in engine.programs()]
+        jax.config.update("jax_enable_compilation_cache", True)
+        key = aot.executable_key(engine.cfg, engine.ecfg, engine.mesh, jax.devices(), FLAGS.dtype, engine.num_pages)
+        written, skipped = aot.save_executables(FLAGS.aot_dir, steps, key)
+        result.update(aot_dir=FLAGS.aot_dir, executables=f"{written} of {len(steps)}")
+        for s in skipped:
+            print(f"not serialized (serve compiles it): {s['kind']} {s['shape']}: {s['error']}", file=sys.stderr)
+    engine.warmup()  # with --aot_dir: the programs just compiled, none again
+    result = {"manifest": engine.manifest(), "backend_compilations": compile_counter.count - before,
+              "seconds": round(time.perf_counter() - t, 2), **result}
+    print(json.dumps(result))
     sys.stdout.flush()
 
 
 def warm_topology(ecfg, mesh_config) -> dict:
     """Compiles the manifest for --target_topology (see the module docstring)."""
     import dataclasses
-    import importlib.metadata
-    import os
 
     import jax
 
@@ -144,22 +168,10 @@ def warm_topology(ecfg, mesh_config) -> dict:
         xflags.usage_error(f"does not fit a {devices[0].device_kind} chip: weights {memory['weights'] / 2**30:.2f} GiB "
                            f"+ KV cache {memory['kv_cache'] / 2**30:.2f} GiB + temporaries {temp / 2**30:.2f} GiB "
                            f"> HBM {hbm / 2**30:.2f} GiB")
-    key = dict(jax=jax.__version__, jaxlib=importlib.metadata.version("jaxlib"),
-               libtpu=importlib.metadata.version("libtpu"), topology=FLAGS.target_topology,
-               mesh=dict(mesh.shape), dtype=FLAGS.dtype, model=json.loads(cfg.to_json()),
-               engine=dataclasses.asdict(engine.ecfg))
+    key = aot.executable_key(engine.cfg, engine.ecfg, mesh, devices, FLAGS.dtype, engine.num_pages)
     if FLAGS.aot_dir:
-        from jax.experimental.serialize_executable import serialize
-
-        os.makedirs(FLAGS.aot_dir, exist_ok=True)
-        files = []
-        for step in steps:
-            name = "-".join([step.kind, *map(str, step.shape)]) + ".xla"
-            with open(os.path.join(FLAGS.aot_dir, name), "wb") as f:
-                f.write(serialize(step.compiled)[0])
-            files.append(dict(kind=step.kind, shape=list(step.shape), file=name))
-        with open(os.path.join(FLAGS.aot_dir, "manifest.json"), "w") as f:
-            json.dump(dict(key=key, executables=files, memory=memory), f, indent=1)
+        aot.save_executables(FLAGS.aot_dir, [(s.kind, s.shape, s.compiled) for s in steps], key,
+                             topology=FLAGS.target_topology, memory=memory)
     return dict(manifest=manifest, topology=FLAGS.target_topology, compiled=f"{len(steps)} of {len(entries)}",
                 seconds=round(time.perf_counter() - t0, 2), memory_per_chip=memory, key=key)
 

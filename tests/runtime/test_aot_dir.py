@@ -1,0 +1,116 @@
+"""Serialized executables (runtime.aot.save_executables / load_executables): an engine
+that runs them instead of compiling gives the same tokens and compiles nothing, a key
+that differs is refused with the field that differs, and runtime.warmup --aot_dir then
+runtime.serve --aot_dir serves from them."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+
+from runtime import aot
+from runtime.config import EngineConfig
+from runtime.engine import Engine, compile_counter
+from runtime.orchestrator import Orchestrator, Request
+from runtime.presets import preset_config
+from runtime.random_weights import random_model
+from runtime.sampling import SamplingParams
+
+ROOT = Path(__file__).resolve().parents[2]
+ECFG = EngineConfig(max_num_seqs=2, max_model_len=64, page_size=8, prefill_lengths=(8, 32), decode_batch_sizes=(1, 2),
+                    attention="reference", num_top_logprobs=2)
+
+
+def _engine(ecfg=ECFG) -> Engine:
+    return Engine(random_model(preset_config("tiny-llama"), "float32", None), ecfg, num_pages=16)
+
+
+def _generate(engine) -> dict[str, list[int]]:
+    orc = Orchestrator(engine, None)
+    requests = [Request("greedy", [5, 6, 7], SamplingParams(temperature=0.0), max_tokens=9, ignore_eos=True),
+                Request("sampled", list(range(1, 20)), SamplingParams(temperature=0.8, top_k=20, seed=3),
+                        max_tokens=7, ignore_eos=True)]
+    for r in requests:
+        orc.add_request(r)
+    got = {r.request_id: [] for r in requests}
+    while orc.has_work():
+        for out in orc.step():
+            got[out.request_id] += out.token_ids
+    return got
+
+
+def _key(engine):
+    return aot.executable_key(engine.cfg, engine.ecfg, engine.mesh, jax.devices(), "float32", engine.num_pages)
+
+
+@pytest.fixture(scope="module")
+def aot_dir(tmp_path_factory):
+    directory = str(tmp_path_factory.mktemp("aot"))
+    engine = _engine()
+    jax.config.update("jax_enable_compilation_cache", False)  # fresh executables (runtime.warmup says why)
+    try:
+        steps = [(kind, shape, fn.lower(*args).compile()) for kind, shape, fn, args in engine.programs()]
+    finally:
+        jax.config.update("jax_enable_compilation_cache", True)
+    written, skipped = aot.save_executables(directory, steps, _key(engine))
+    assert written == len(steps) and not skipped
+    return directory
+
+
+def test_engine_runs_loaded_executables_and_compiles_nothing(aot_dir):
+    want = _generate(_engine())
+    engine = _engine()
+    executables, why = aot.load_executables(aot_dir, _key(engine))
+    assert why is None
+    assert engine.use_executables(executables) == len(engine.programs())
+    # Kinds: prefill (2 lengths x fresh/continuation), decode (2 buckets x 3 modes),
+    # release, the page-table write and the output copy per bucket.
+    assert {kind for kind, _ in executables} == {"prefill", "decode", "release", "set_table", "snapshot"}
+    before = compile_counter.count
+    engine.warmup()
+    assert {how for _, _, how in engine.warmup_report} == {"ready"}
+    assert _generate(engine) == want
+    assert compile_counter.count == before
+
+
+def test_a_different_configuration_is_refused_with_the_field(aot_dir):
+    engine = _engine(dataclasses.replace(ECFG, max_model_len=128))
+    executables, why = aot.load_executables(aot_dir, _key(engine))
+    assert executables == {} and why.startswith("built for another configuration (engine.max_model_len: ")
+    assert "this server 128" in why and "the executables 64" in why
+    key = dict(_key(_engine()), jax="0.0.1")
+    assert "jax: this server '0.0.1'" in aot.load_executables(aot_dir, key)[1]
+    assert "no readable" in aot.load_executables(aot_dir + "/missing", key)[1]
+
+
+def test_warmup_then_serve_from_the_aot_dir(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "XLSERVE_COMPILE_CACHE": str(tmp_path / "cache")}
+    flags = ["--checkpoint=preset:tiny-llama", "--max_model_len=128", "--dtype=float32", "--max_num_seqs=2",
+             "--prefill_lengths=16,32", "--decode_batch_sizes=2", "--page_size=8"]
+    p = subprocess.run([sys.executable, "-m", "runtime.warmup", *flags, f"--aot_dir={tmp_path / 'aot'}"],
+                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert '"executables": "' in p.stdout
+    from tests.runtime.server_harness import serve_subprocess
+    from runtime.client import Client
+
+    for extra, expect in (([f"--aot_dir={tmp_path / 'aot'}"], "programs loaded"),
+                          ([f"--aot_dir={tmp_path / 'aot'}", "--max_num_seqs=1", "--decode_batch_sizes=1"],
+                           "not used, compiling instead: built for another configuration (engine.")):
+        with serve_subprocess(*flags, *extra, "--port=0", env=env, cwd=ROOT, wait_serving=False, timeout=120) as srv:
+            with Client(f"localhost:{srv.port}") as client:
+                client.wait_until_serving(120)
+                out = client.generate_unary(token_ids=[1, 2, 3], max_tokens=4, temperature=0.0, ignore_eos=True)
+                assert len(out.token_ids) == 4
+            assert any(expect in line for line in srv.lines), "".join(srv.lines)[-3000:]
+            startup = next(line for line in srv.lines if "xlserve: start-up: " in line)
+            if "programs loaded" in expect:  # every program came from the directory: warm-up built none
+                assert "aot load" in startup and " ready; slowest" in startup and "compiled" not in startup, startup
+            else:
+                assert "aot load" in startup and " compiled" in startup, startup
