@@ -68,6 +68,14 @@ def rope_tables(rope: RopeConfig, head_dim: int, positions: jax.Array, dtype) ->
     return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
 
 
+# The fused rope + cache-write kernel (pallas_kernels/rope_kv) on real GPUs. It is
+# tested in Pallas' interpreter and its Triton lowering exported for CUDA, but it has not
+# been compiled or timed on a GPU yet (2026-11-29: the session's device time was spent),
+# so GPUs keep XLA's path until `.gpu/next13b.sh` measures it. CPU runs of the engine with
+# --attention=pallas (the tests) use it interpreted.
+ROPE_KV_KERNEL_ON_GPU = False
+
+
 def rope_half_tables(rope: RopeConfig, head_dim: int, positions: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
     """cos, sin [B, H / 2] at integer positions [B]: rope_tables' halves (which are equal)."""
     inv_freq = jnp.asarray(rope.inv_freq(head_dim), jnp.float32)  # [H/2]
@@ -251,6 +259,8 @@ class Attention(nnx.Module):
             return None
         if dispatch.engine_kernel_impl() != "gpu":
             return None  # TPU: XLA's fusion of the jnp path (no per-kernel launch cost to save)
+        if dispatch.platform() == "gpu" and not ROPE_KV_KERNEL_ON_GPU:
+            return None
         from pallas_kernels.rope_kv import gpu as rope_kv
 
         _, K, J, H = self.wqkv.shape
