@@ -17,7 +17,7 @@ from flax import nnx
 
 from runtime.config import ModelConfig
 from runtime.kv_cache import KVCache
-from runtime.models.layers import MLP, Attention, RMSNorm, embed_scale, param
+from runtime.models.layers import MLP, Attention, RMSNorm, embed_scale, param, shapes_only
 from sharding.ops import Local, embedding_lookup
 
 
@@ -50,7 +50,8 @@ class Block(nnx.Module):
 
 class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype=jnp.bfloat16, rngs: nnx.Rngs | None = None):
-        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        if rngs is None and not shapes_only.active():  # shapes only: no key (no device, no backend)
+            rngs = nnx.Rngs(0)
         self.cfg = cfg
         self.embedding = param(rngs, (cfg.vocab_size, cfg.embed_dim), ("vocab", "embed"), dtype)
         self.layers = nnx.List([Block(cfg, i, dtype=dtype, rngs=rngs) for i in range(cfg.num_layers)])
@@ -128,4 +129,5 @@ def fuse_projections(model: Transformer, mesh=None) -> Transformer:
 
 def abstract_model(cfg: ModelConfig, dtype=jnp.bfloat16) -> Transformer:
     """The model with ShapeDtypeStruct leaves: shapes, dtypes and logical axes, no memory."""
-    return nnx.eval_shape(lambda: Transformer(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+    with shapes_only():
+        return Transformer(cfg, dtype=dtype)

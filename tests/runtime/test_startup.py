@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from runtime.config import EngineConfig, ModelConfig
@@ -85,3 +87,26 @@ def test_startup_clock_phases_and_summary():
     assert clock.summary().startswith("start-up: weights ")
     age = process_age_s()
     assert age is None or 0 <= age < 24 * 3600
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "gemma3-1b", "qwen3-8b"])
+def test_abstract_model_matches_eval_shape(name):
+    """abstract_model builds ShapeDtypeStructs directly (layers.shapes_only): the same
+    tree, shapes, dtypes and logical axes as nnx.eval_shape of the real constructor."""
+    import numpy as np
+    from flax import nnx
+
+    from runtime.models.transformer import Transformer, abstract_model
+    from runtime.presets import preset_config
+
+    cfg = preset_config(name)
+    for dtype in (jnp.bfloat16, np.float32):
+        new = nnx.state(abstract_model(cfg, dtype))
+        old = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, dtype=dtype, rngs=nnx.Rngs(0))))  # noqa: B023
+        is_var = lambda v: isinstance(v, nnx.Variable)  # noqa: E731
+        a = jax.tree.leaves_with_path(new, is_leaf=is_var)
+        b = jax.tree.leaves_with_path(old, is_leaf=is_var)
+        assert [p for p, _ in a] == [p for p, _ in b]
+        for (path, x), (_, y) in zip(a, b):
+            assert isinstance(x.get_value(), jax.ShapeDtypeStruct), path
+            assert (x.shape, x.dtype, x.logical_axes) == (y.shape, y.dtype, y.logical_axes), path
