@@ -311,9 +311,9 @@ def load_engine(checkpoint: str, ecfg: EngineConfig, *, dtype: str = "bfloat16",
     weights restored straight into their shardings on the mesh of `mesh_config`. With
     `auto_num_seqs`, ecfg.max_num_seqs is replaced by `auto_max_num_seqs`'s choice."""
     enable_compilation_cache()
+    directory = resolve_checkpoint(checkpoint, dtype=dtype)  # bad input fails before any backend starts
     with clock.phase("devices") as detail:
         detail[0] = f"{len(jax.devices())} x {jax.devices()[0].device_kind}"
-    directory = resolve_checkpoint(checkpoint, dtype=dtype)
     mesh = mesh_for(checkpoints.read_config(directory), mesh_config, ecfg, dtype)
     t = time.perf_counter()
     with clock.phase("weights") as detail:
