@@ -40,10 +40,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pallas_kernels import dispatch
 from runtime.config import EngineConfig, ModelConfig
-from runtime.engine import MAX_STOP_IDS, DecodeIO, DecodeSlots, Steps, bucket_manifest, build_steps, pack_prefill
+from runtime.engine import DecodeIO, DecodeSlots, Steps, bucket_manifest, build_steps, pack_prefill, scratch_prefill
 from runtime.kv_cache import KVCache
 from runtime.models.transformer import abstract_model, fuse_projections
-from runtime.sampling import SlotSampling
 from runtime.startup import Capacity, cache_kv_shards, plan_capacity
 from sharding import pipeline
 from sharding.mesh import cache_sharding, expand_kv_heads, tensor_size
@@ -219,11 +218,7 @@ def step_args(engine: AbstractEngine, kind: str, shape: tuple = ()) -> tuple:
     ecfg, MP = engine.ecfg, engine.ecfg.max_pages_per_seq
     if kind == "prefill":
         b, t = shape[:2]
-        ints, floats = pack_prefill(
-            tokens=np.zeros((b, t), np.int32), starts=np.zeros(b, np.int32), lens=np.zeros(b, np.int32),
-            page_table=np.zeros((b, MP), np.int32), slot_ids=np.zeros(b, np.int32), is_last=np.zeros(b, bool),
-            sampling=SlotSampling.pack([None] * b, [0] * b), stop_ids=np.zeros((b, MAX_STOP_IDS), np.int32),
-            remaining=np.zeros(b, np.int32))
+        ints, floats = pack_prefill(**scratch_prefill(b, t, MP, ecfg.max_num_seqs))
         return jax.tree.leaves(engine.params), engine.cache, engine.slots, _sds(ints), _sds(floats)
     if kind == "decode":
         io = jax.eval_shape(lambda: DecodeIO.create(ecfg.max_num_seqs, MP, ecfg.decode_steps_per_call,
@@ -355,8 +350,11 @@ def load_executables(directory: str, key: dict) -> tuple[dict[tuple[str, tuple],
         return {}, f"built for another configuration ({why})"
     out = {}
     for entry in manifest["executables"]:
-        with open(os.path.join(directory, entry["file"]), "rb") as f:
-            payload, in_tree, out_tree = pickle.load(f)
-        shape = tuple(entry["shape"])
-        out[(entry["kind"], shape)] = deserialize_and_load(payload, in_tree, out_tree)
+        path = os.path.join(directory, entry["file"])
+        try:
+            with open(path, "rb") as f:
+                payload, in_tree, out_tree = pickle.load(f)
+            out[(entry["kind"], tuple(entry["shape"]))] = deserialize_and_load(payload, in_tree, out_tree)
+        except Exception as e:  # noqa: BLE001 -- a damaged or foreign file: compile instead
+            return {}, f"{path} does not load: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
     return out, None

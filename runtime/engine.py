@@ -118,9 +118,9 @@ class DecodeIO:
     moved those addresses, so XLA updated the graph on every call: 1.37 ms of the host's
     time per call (H200, 8B, batch 64, 2026-11-29). Here the table changes only through
     `Engine._set_table` (a small program of its own) and the host reads the outputs from
-    copies made after each call into buffers of their own (`Engine._snapshot`, decode()). At batch 64 the update is gone;
-    the step time did not change (the graph launch, ~2 ms of host time, and the
-    scheduler bound it), and batch 1 still showed updates (runtime/BENCHMARKS.md)."""
+    copies made after each call into two alternating buffer sets (`Engine._snapshot`,
+    decode()), so nothing is allocated between decode calls and no graph is updated at
+    batch 64 or at batch 1 (runtime/BENCHMARKS.md)."""
 
     page_table: jax.Array  # [B, MP] i32: the decode slots' pages
     out: dict  # tokens, logprob, valid [S, B] and top_ids, top_logprobs [S, B, N]: the last call's
@@ -224,6 +224,17 @@ def pack_prefill(*, tokens, starts, lens, page_table, slot_ids, is_last, samplin
                           axis=1, dtype=np.int32)
     floats = np.stack([np.asarray(sampling[k], np.float32) for k in _PREFILL_FLOATS], axis=1)
     return ints, floats
+
+
+def scratch_prefill(rows: int, t: int, max_pages: int, num_slots: int) -> dict:
+    """A prefill call's arguments on scratch rows (slot ids out of range: no slot is
+    filled), for warm-up and ahead-of-time lowering."""
+    return dict(
+        tokens=np.zeros((rows, t), np.int32), starts=np.zeros(rows, np.int32), lens=np.zeros(rows, np.int32),
+        page_table=np.zeros((rows, max_pages), np.int32), slot_ids=np.full(rows, num_slots, np.int32),
+        is_last=np.zeros(rows, bool), sampling=SlotSampling.pack([None] * rows, [0] * rows),
+        stop_ids=np.full((rows, MAX_STOP_IDS), -1, np.int32), remaining=np.zeros(rows, np.int32),
+    )
 
 
 def _unpack_prefill(ints, floats, max_pages: int) -> dict:
@@ -537,15 +548,9 @@ class Engine:
 
         for b, t, *fresh in self.manifest()["prefill"]:
             with entry(f"prefill {b}x{t}" + (" fresh" if fresh else "")):
-                b *= self.data_groups  # b rows per data-parallel group
-                self._prefill_call(
-                    bool(fresh),
-                    tokens=np.zeros((b, t), np.int32), starts=np.zeros(b, np.int32), lens=np.zeros(b, np.int32),
-                    page_table=np.zeros((b, self.ecfg.max_pages_per_seq), np.int32),
-                    slot_ids=np.full(b, self.ecfg.max_num_seqs, np.int32), is_last=np.zeros(b, bool),
-                    sampling=SlotSampling.pack([None] * b, [0] * b),
-                    stop_ids=np.full((b, MAX_STOP_IDS), -1, np.int32), remaining=np.zeros(b, np.int32),
-                )
+                # b rows per data-parallel group
+                self._prefill_call(bool(fresh), **scratch_prefill(b * self.data_groups, t, self.ecfg.max_pages_per_seq,
+                                                                  self.ecfg.max_num_seqs))
         for rows, mode in self.manifest()["decode"]:
             with entry(f"decode {rows} {mode}"):
                 self.decode(np.zeros((rows, self.ecfg.max_pages_per_seq), np.int32), mode=mode)
@@ -560,15 +565,10 @@ class Engine:
         """Every program the engine runs: (kind, shape, jitted step, the arguments it is
         called with, as warmup passes them). The manifest's entries, the slot release,
         the page-table write and the output copy per decode bucket."""
-        ecfg, MP = self.ecfg, self.ecfg.max_pages_per_seq
+        ecfg = self.ecfg
         out = []
         for b, t, *fresh in self.manifest()["prefill"]:
-            rows = b * self.data_groups
-            packed = pack_prefill(
-                tokens=np.zeros((rows, t), np.int32), starts=np.zeros(rows, np.int32), lens=np.zeros(rows, np.int32),
-                page_table=np.zeros((rows, MP), np.int32), slot_ids=np.full(rows, ecfg.max_num_seqs, np.int32),
-                is_last=np.zeros(rows, bool), sampling=SlotSampling.pack([None] * rows, [0] * rows),
-                stop_ids=np.full((rows, MAX_STOP_IDS), -1, np.int32), remaining=np.zeros(rows, np.int32))
+            packed = pack_prefill(**scratch_prefill(b * self.data_groups, t, ecfg.max_pages_per_seq, ecfg.max_num_seqs))
             out.append(("prefill", (b, t, *fresh), self._jit("prefill", bool(fresh)),
                         (self.param_leaves, self.cache, self.slots, *packed)))
         for rows, mode in self.manifest()["decode"]:
@@ -648,8 +648,9 @@ class Engine:
         [b, MP] (a bucket of `ecfg.decode_buckets`; slots past b must be idle). Idle slots
         compute but change nothing. Outputs are [steps, b, ...]; `valid` marks the tokens
         that count. They stay readable until the decode call after next, whose copy reuses
-        their buffers: a caller may read them after dispatching the next call. `mode` (runtime.sampling.SAMPLING_MODES) must cover every active slot's
-        sampling (`sampling_mode` of their parameters); "filter" covers any."""
+        their buffers: a caller may read them after dispatching the next call. `mode`
+        (runtime.sampling.SAMPLING_MODES) must cover every active slot's sampling
+        (`sampling_mode` of their parameters); "filter" covers any."""
         rows = len(page_table)
         step = self._decode.get((rows, mode))
         if step is None:

@@ -64,26 +64,12 @@ def load_random_engine(checkpoint: str, ecfg: EngineConfig, *, dtype: str = "bfl
     its KV cache (and with `auto_num_seqs` its slots) sized as runtime.startup sizes them,
     on the mesh of `mesh_config`."""
     from runtime.presets import preset_config
-    from runtime.startup import build_engine, enable_compilation_cache, mesh_for
-
-    import time
-
-    import jax
-    from flax import nnx
-
-    from runtime.startup import _weights_phase_detail, clock
+    from runtime.startup import devices_phase, enable_compilation_cache, engine_phase, mesh_for, weights_phase
 
     enable_compilation_cache()
-    with clock.phase("devices") as detail:
-        detail[0] = f"{len(jax.devices())} x {jax.devices()[0].device_kind}"
     cfg = preset_config(preset_name(checkpoint))
+    devices_phase()
     mesh = mesh_for(cfg, mesh_config, ecfg, dtype)
-    t = time.perf_counter()
-    with clock.phase("weights") as detail:  # drawn at random on the devices, not read
-        model = random_model(cfg, dtype, mesh)
-        jax.block_until_ready(nnx.state(model))
-        detail[0] = "random, " + _weights_phase_detail(model, lambda: time.perf_counter() - t)
-    with clock.phase("engine") as detail:
-        engine = build_engine(model, ecfg, auto_num_seqs=auto_num_seqs, mesh=mesh)
-        detail[0] = f"{engine.num_pages} KV pages"
-    return engine
+    with weights_phase("random, ") as out:  # drawn on the devices, not read
+        out["model"] = random_model(cfg, dtype, mesh)
+    return engine_phase(out["model"], ecfg, auto_num_seqs=auto_num_seqs, mesh=mesh)

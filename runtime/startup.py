@@ -94,12 +94,35 @@ class StartupClock:
 clock = StartupClock()
 
 
-def _weights_phase_detail(model, seconds_fn) -> str:
-    nbytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
-    clock.weight_bytes = nbytes
-    sec = seconds_fn()
-    rate = f", {nbytes / sec / 1e9:.2f} GB/s" if sec > 0 else ""
-    return (f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.1f} MB") + rate
+def devices_phase() -> None:
+    """The backends' start, timed as the "devices" phase."""
+    with clock.phase("devices") as detail:
+        devices = jax.devices()
+        detail[0] = f"{len(devices)} x {devices[0].device_kind}"
+
+
+@contextlib.contextmanager
+def weights_phase(note: str = ""):
+    """Times the block that puts the weights on the devices (it sets `out["model"]`) as
+    the "weights" phase, with their size and rate."""
+    out = {}
+    t = time.perf_counter()
+    with clock.phase("weights") as detail:
+        yield out
+        state = nnx.state(out["model"])
+        jax.block_until_ready(state)
+        nbytes = clock.weight_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
+        sec = time.perf_counter() - t
+        size = f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.1f} MB"
+        detail[0] = note + size + (f", {nbytes / sec / 1e9:.2f} GB/s" if sec > 0 else "")
+
+
+def engine_phase(model, ecfg: EngineConfig, *, auto_num_seqs: bool, mesh) -> Engine:
+    """build_engine, timed as the "engine" phase (KV cache, fused projections, steps)."""
+    with clock.phase("engine") as detail:
+        engine = build_engine(model, ecfg, auto_num_seqs=auto_num_seqs, mesh=mesh)
+        detail[0] = f"{engine.num_pages} KV pages"
+    return engine
 
 
 class CapacityError(RuntimeError):
@@ -312,18 +335,12 @@ def load_engine(checkpoint: str, ecfg: EngineConfig, *, dtype: str = "bfloat16",
     `auto_num_seqs`, ecfg.max_num_seqs is replaced by `auto_max_num_seqs`'s choice."""
     enable_compilation_cache()
     directory = resolve_checkpoint(checkpoint, dtype=dtype)  # bad input fails before any backend starts
-    with clock.phase("devices") as detail:
-        detail[0] = f"{len(jax.devices())} x {jax.devices()[0].device_kind}"
+    devices_phase()
     mesh = mesh_for(checkpoints.read_config(directory), mesh_config, ecfg, dtype)
-    t = time.perf_counter()
-    with clock.phase("weights") as detail:
-        cfg, model = checkpoints.load(directory, dtype=dtype, mesh=mesh)
-        jax.block_until_ready(nnx.state(model))
-        detail[0] = _weights_phase_detail(model, lambda: time.perf_counter() - t)
+    with weights_phase() as out:
+        cfg, out["model"] = checkpoints.load(directory, dtype=dtype, mesh=mesh)
     if ecfg.max_model_len > cfg.max_position:
         log.warning("max_model_len=%d exceeds the model's max_position=%d", ecfg.max_model_len, cfg.max_position)
-    with clock.phase("engine") as detail:  # KV cache, fused projections, step functions
-        engine = build_engine(model, ecfg, auto_num_seqs=auto_num_seqs, mesh=mesh)
-        detail[0] = f"{engine.num_pages} KV pages"
+    engine = engine_phase(out["model"], ecfg, auto_num_seqs=auto_num_seqs, mesh=mesh)
     engine.sampling_defaults = read_sampling_defaults(directory)
     return engine, load_tokenizer(directory)

@@ -78,7 +78,7 @@ def main(argv: list[str]) -> None:
     from runtime.engine import compile_counter
 
     t, before = time.perf_counter(), compile_counter.count
-    result = {}
+    aot_info = {}
     if FLAGS.aot_dir:  # this machine's executables, for runtime.serve --aot_dir on the same kind of machine
         import jax
 
@@ -92,12 +92,12 @@ def main(argv: list[str]) -> None:
         jax.config.update("jax_enable_compilation_cache", True)
         key = aot.executable_key(engine.cfg, engine.ecfg, engine.mesh, jax.devices(), FLAGS.dtype, engine.num_pages)
         written, skipped = aot.save_executables(FLAGS.aot_dir, steps, key)
-        result.update(aot_dir=FLAGS.aot_dir, executables=f"{written} of {len(steps)}")
+        aot_info = dict(aot_dir=FLAGS.aot_dir, executables=f"{written} of {len(steps)}")
         for s in skipped:
             print(f"not serialized (serve compiles it): {s['kind']} {s['shape']}: {s['error']}", file=sys.stderr)
     engine.warmup()  # with --aot_dir: the programs just compiled, none again
     result = {"manifest": engine.manifest(), "backend_compilations": compile_counter.count - before,
-              "seconds": round(time.perf_counter() - t, 2), **result}
+              "seconds": round(time.perf_counter() - t, 2), **aot_info}
     print(json.dumps(result))
     sys.stdout.flush()
 

@@ -43,7 +43,9 @@ def shapes_only():
         _SHAPES_ONLY.reset(token)
 
 
-shapes_only.active = _SHAPES_ONLY.get  # whether modules are being built as shapes only
+def building_shapes_only() -> bool:
+    """Whether modules are being built inside `shapes_only()`."""
+    return _SHAPES_ONLY.get()
 
 
 def param(rngs: nnx.Rngs | None, shape, axes: tuple[str, ...], dtype, init: str = "normal") -> nnx.Param:

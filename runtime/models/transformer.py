@@ -17,7 +17,7 @@ from flax import nnx
 
 from runtime.config import ModelConfig
 from runtime.kv_cache import KVCache
-from runtime.models.layers import MLP, Attention, RMSNorm, embed_scale, param, shapes_only
+from runtime.models.layers import MLP, Attention, RMSNorm, building_shapes_only, embed_scale, param, shapes_only
 from sharding.ops import Local, embedding_lookup
 
 
@@ -50,7 +50,7 @@ class Block(nnx.Module):
 
 class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype=jnp.bfloat16, rngs: nnx.Rngs | None = None):
-        if rngs is None and not shapes_only.active():  # shapes only: no key (no device, no backend)
+        if rngs is None and not building_shapes_only():  # shapes only: no key (no device, no backend)
             rngs = nnx.Rngs(0)
         self.cfg = cfg
         self.embedding = param(rngs, (cfg.vocab_size, cfg.embed_dim), ("vocab", "embed"), dtype)

@@ -89,6 +89,17 @@ def test_a_different_configuration_is_refused_with_the_field(aot_dir):
     assert "no readable" in aot.load_executables(aot_dir + "/missing", key)[1]
 
 
+def test_a_damaged_executable_is_refused(aot_dir, tmp_path):
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(aot_dir, damaged)
+    victim = next(damaged.glob("decode-*.xla"))
+    victim.write_bytes(victim.read_bytes()[:100])
+    executables, why = aot.load_executables(str(damaged), _key(_engine()))
+    assert executables == {} and why.startswith(f"{victim} does not load: ")
+
+
 def test_warmup_then_serve_from_the_aot_dir(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "XLSERVE_COMPILE_CACHE": str(tmp_path / "cache")}
     flags = ["--checkpoint=preset:tiny-llama", "--max_model_len=128", "--dtype=float32", "--max_num_seqs=2",
