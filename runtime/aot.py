@@ -24,6 +24,7 @@ here yet.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.metadata
 import json
@@ -39,7 +40,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pallas_kernels import dispatch
-from runtime.config import EngineConfig, ModelConfig
+from runtime.config import HOST_ONLY_FIELDS, EngineConfig, ModelConfig
 from runtime.engine import DecodeIO, DecodeSlots, Steps, bucket_manifest, build_steps, pack_prefill, scratch_prefill
 from runtime.kv_cache import KVCache
 from runtime.models.transformer import abstract_model, fuse_projections
@@ -285,12 +286,14 @@ def executable_key(cfg: ModelConfig, ecfg: EngineConfig, mesh: Mesh | None, devi
                    num_pages: int) -> dict:
     """What a set of serialized executables was built for. A server loads them only where
     every field matches: versions, the devices (platform, kind, count), the mesh, the
-    model (kv heads as the engine holds them), the engine config and the KV cache size."""
+    model (kv heads as the engine holds them), the engine config (less the fields only the
+    host's scheduling reads) and the KV cache size."""
     return json.loads(json.dumps(dict(
         format=AOT_FORMAT, jax=jax.__version__, jaxlib=_version("jaxlib"), libtpu=_version("libtpu"),
         platform=devices[0].platform, device_kind=devices[0].device_kind, num_devices=len(devices),
         mesh=dict(mesh.shape) if mesh is not None else {}, dtype=dtype, model=json.loads(cfg.to_json()),
-        engine=dataclasses.asdict(ecfg), num_pages=num_pages)))
+        engine={k: v for k, v in dataclasses.asdict(ecfg).items() if k not in HOST_ONLY_FIELDS},
+        num_pages=num_pages)))
 
 
 def _entry_name(kind: str, shape: tuple) -> str:
@@ -348,6 +351,13 @@ def load_executables(directory: str, key: dict) -> tuple[dict[tuple[str, tuple],
     why = key_difference(key, manifest.get("key", {}))
     if why is not None:
         return {}, f"built for another configuration ({why})"
+    if key.get("platform") == "gpu":
+        # Importing Mosaic GPU points its custom call at the runtime library
+        # (MOSAIC_GPU_RUNTIME_LIB_PATH). A jit call does this while lowering; loading a
+        # saved executable skips lowering, and its Mosaic kernels then fail to link
+        # ("Failed to lookup host symbol ... anonymous_mosaic_gpu", H200, JAX 0.11.2).
+        with contextlib.suppress(ImportError):
+            import jax.experimental.mosaic.gpu  # noqa: F401
     out = {}
     for entry in manifest["executables"]:
         path = os.path.join(directory, entry["file"])

@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from pallas_kernels import dispatch
+from pallas_kernels.add_rmsnorm import reference as add_rmsnorm_reference
 from pallas_kernels.paged_attention import reference as paged_reference
 from runtime.config import ModelConfig, RopeConfig
 from runtime.kv_cache import cache_rows, write_kv
@@ -76,12 +77,16 @@ class RMSNorm(nnx.Module):
         self.scale = param(rngs, (dim,), (axis,), dtype, init="zeros" if plus_one else "ones")
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        w = self.scale[...]
-        if self.plus_one:
-            return (x32 * (1.0 + w.astype(jnp.float32))).astype(x.dtype)
-        return w * x32.astype(x.dtype)
+        return add_rmsnorm_reference.rmsnorm(x, self.scale[...], eps=self.eps, plus_one=self.plus_one)
+
+    def add(self, x: jax.Array, h: jax.Array | None, kernel=None) -> tuple[jax.Array, jax.Array]:
+        """(x + h, this norm of it); h None: (x, norm(x)). `kernel`: a module with
+        add_rmsnorm (pallas_kernels/add_rmsnorm/gpu.py) that runs both as one kernel."""
+        if kernel is None:
+            return add_rmsnorm_reference.add_rmsnorm(x, h, self.scale[...], eps=self.eps, plus_one=self.plus_one)
+        with jax.named_scope("add_rmsnorm_kernel"):
+            return kernel.add_rmsnorm(x, h, self.scale[...], eps=self.eps, plus_one=self.plus_one,
+                                      interpret=dispatch.platform() != "gpu")
 
 
 def rope_tables(rope: RopeConfig, head_dim: int, positions: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
@@ -90,14 +95,6 @@ def rope_tables(rope: RopeConfig, head_dim: int, positions: jax.Array, dtype) ->
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)  # [B, T, H]
     return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
-
-
-# The fused rope + cache-write kernel (pallas_kernels/rope_kv) on real GPUs. It is
-# tested in Pallas' interpreter and its Triton lowering exported for CUDA, but it has not
-# been compiled or timed on a GPU yet (2026-11-29: the session's device time was spent),
-# so GPUs keep XLA's path until `.gpu/next13b.sh` measures it. CPU runs of the engine with
-# --attention=pallas (the tests) use it interpreted.
-ROPE_KV_KERNEL_ON_GPU = False
 
 
 def rope_half_tables(rope: RopeConfig, head_dim: int, positions: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
@@ -283,8 +280,6 @@ class Attention(nnx.Module):
             return None
         if dispatch.engine_kernel_impl() != "gpu":
             return None  # TPU: XLA's fusion of the jnp path (no per-kernel launch cost to save)
-        if dispatch.platform() == "gpu" and not ROPE_KV_KERNEL_ON_GPU:
-            return None
         from pallas_kernels.rope_kv import gpu as rope_kv
 
         _, K, J, H = self.wqkv.shape

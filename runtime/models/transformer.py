@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pallas_kernels import dispatch
 from runtime.config import ModelConfig
 from runtime.kv_cache import KVCache
 from runtime.models.layers import MLP, Attention, RMSNorm, building_shapes_only, embed_scale, param, shapes_only
@@ -36,16 +37,48 @@ class Block(nnx.Module):
 
     def __call__(self, x, positions, k_pages, v_pages, page_table, kv_lens, *, impl: str, fresh: bool,
                  local: Local | None = None):
+        x, h, k_pages, v_pages = self.step(x, None, positions, k_pages, v_pages, page_table, kv_lens, impl=impl,
+                                           fresh=fresh, local=local)
+        return x + h, k_pages, v_pages
+
+    def step(self, x, h, positions, k_pages, v_pages, page_table, kv_lens, *, impl: str, fresh: bool,
+             local: Local | None = None):
+        """The layer with its residual adds deferred: x + h enters (h None: x), and the
+        layer returns (x', h', pages) with x' + h' its output, so each add runs with the
+        norm after it (the next layer's, or the final norm) as one kernel where
+        `norm_kernel` says so. Same values as __call__: the adds and norms are the same ops."""
+        kernel = norm_kernel(x, impl)
+        x, a = self.attn_norm.add(x, h, kernel)
         h, k_pages, v_pages = self.attn(
-            self.attn_norm(x), positions, k_pages, v_pages, page_table, kv_lens, impl=impl, fresh=fresh, local=local
+            a, positions, k_pages, v_pages, page_table, kv_lens, impl=impl, fresh=fresh, local=local
         )
         if self.post_attn_norm is not None:
             h = self.post_attn_norm(h)
-        x = x + h
-        h = self.mlp(self.mlp_norm(x), local)
+        x, m = self.mlp_norm.add(x, h, kernel)
+        h = self.mlp(m, local)
         if self.post_mlp_norm is not None:
             h = self.post_mlp_norm(h)
-        return x + h, k_pages, v_pages
+        return x, h, k_pages, v_pages
+
+
+# Decode calls of at least this many rows take their matmuls from cuBLAS, not XLA's
+# Triton GEMMs (runtime.engine._compiler_options has the measurement). cuBLAS adds the
+# residual in its GEMM epilogue and XLA's norm is then one kernel, so the fused add +
+# RMSNorm kernel serves the smaller calls only.
+CUBLAS_DECODE_ROWS = 64
+
+
+def norm_kernel(x: jax.Array, impl: str):
+    """pallas_kernels.add_rmsnorm's GPU kernel where it serves this call: a decode step
+    (T == 1) of fewer than CUBLAS_DECODE_ROWS rows through the GPU kernels; else None (XLA's
+    fusion of the jnp path: on TPU there is no per-kernel launch cost to save)."""
+    if impl != "pallas" or x.shape[1] != 1 or x.shape[0] >= CUBLAS_DECODE_ROWS:
+        return None
+    if dispatch.engine_kernel_impl() != "gpu":
+        return None
+    from pallas_kernels.add_rmsnorm import gpu as add_rmsnorm
+
+    return add_rmsnorm if add_rmsnorm.supports(x, x[0, 0]) else None
 
 
 class Transformer(nnx.Module):
@@ -74,17 +107,21 @@ class Transformer(nnx.Module):
         local: Local | None = None,  # static: runs per device on shards (sharding/tensor_parallel.py)
     ) -> tuple[jax.Array, KVCache]:
         """Returns float32 logits [B, T, V] (or [B, V] with `logits_at`) and the new cache."""
-        x = self.embed(tokens, local)
+        x, h = self.embed(tokens, local), None
         new_k, new_v = [], []
         for layer, k_pages, v_pages in zip(self.layers, cache.k, cache.v):
-            x, k_pages, v_pages = layer(
-                x, positions, k_pages, v_pages, page_table, kv_lens, impl=attn_impl, fresh=fresh_prefill, local=local
+            x, h, k_pages, v_pages = layer.step(
+                x, h, positions, k_pages, v_pages, page_table, kv_lens, impl=attn_impl, fresh=fresh_prefill,
+                local=local,
             )
             new_k.append(k_pages)
             new_v.append(v_pages)
-        if logits_at is not None:
-            x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)[:, 0]  # [B, T, D] -> [B, D]
-        return self.head(x, local), KVCache(k=tuple(new_k), v=tuple(new_v))
+        kernel = norm_kernel(x, attn_impl)  # as the layers chose (decode), before the take
+        if logits_at is not None:  # [B, T, D] -> [B, 1, D]
+            x, h = (jnp.take_along_axis(a, logits_at[:, None, None], axis=1) for a in (x, h))
+        _, x = self.final_norm.add(x, h, kernel)
+        logits = self.logits(x, local)
+        return (logits if logits_at is None else logits[:, 0]), KVCache(k=tuple(new_k), v=tuple(new_v))
 
     def embed(self, tokens: jax.Array, local: Local | None = None) -> jax.Array:
         """The scaled embeddings [B, T, D] of `tokens` [B, T]."""
@@ -95,7 +132,11 @@ class Transformer(nnx.Module):
     def head(self, x: jax.Array, local: Local | None = None) -> jax.Array:
         """float32 logits [..., V] of the last layer's output [..., D] (final norm, output
         projection, soft cap), whole on every device."""
-        x = self.final_norm(x)
+        return self.logits(self.final_norm(x), local)
+
+    def logits(self, x: jax.Array, local: Local | None = None) -> jax.Array:
+        """float32 logits [..., V] of the final norm's output [..., D]: the output
+        projection and soft cap, whole on every device."""
         with jax.named_scope("logits"):
             if self.lm_head is None:
                 logits = jnp.einsum("...D,VD->...V", x, self.embedding[...], preferred_element_type=jnp.float32)

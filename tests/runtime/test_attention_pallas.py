@@ -104,6 +104,31 @@ def test_decode_fuses_rope_and_cache_write(model_type, extra, fused):
         *_prefill_args(ecfg)).as_text(debug_info=True))  # prefill keeps the jnp path
 
 
+def test_small_decode_calls_fuse_residual_add_and_norm():
+    """Decode calls below CUBLAS_DECODE_ROWS run each residual add with the norm after it
+    as one kernel (pallas_kernels/add_rmsnorm); the 64-row bucket (cuBLAS adds the
+    residual in its GEMM epilogue), prefill and the reference path keep XLA's."""
+    from runtime.models.transformer import CUBLAS_DECODE_ROWS
+
+    model = _tiny("llama")
+
+    def decode_text(attention, rows):
+        ecfg = EngineConfig(max_num_seqs=rows, max_model_len=64, page_size=16, prefill_lengths=(16,),
+                            attention=attention, decode_batch_sizes=(rows,))
+        engine = Engine(model, ecfg, num_pages=8)
+        text = engine._decode[(rows, "greedy")].lower(engine.param_leaves, engine.cache, engine.slots,
+                                                      engine.io).as_text(debug_info=True)
+        return engine, text
+
+    engine, text = decode_text("pallas", 2)
+    # 2 layers x 2 norms + the final norm, one kernel each (the scope names each call site).
+    assert text.count("add_rmsnorm_kernel") >= 5
+    assert "add_rmsnorm_kernel" not in engine._prefill[True].lower(
+        engine.param_leaves, engine.cache, engine.slots, *_prefill_args(engine.ecfg)).as_text(debug_info=True)
+    assert "add_rmsnorm_kernel" not in decode_text("pallas", CUBLAS_DECODE_ROWS)[1]
+    assert "add_rmsnorm_kernel" not in decode_text("reference", 2)[1]
+
+
 def _prefill_args(ecfg):
     from runtime.engine import pack_prefill
     from runtime.sampling import SlotSampling
@@ -112,3 +137,39 @@ def _prefill_args(ecfg):
     return pack_prefill(tokens=z(1, 16), starts=z(1), lens=z(1), page_table=z(1, ecfg.max_pages_per_seq),
                         slot_ids=z(1), is_last=np.zeros(1, bool), sampling=SlotSampling.pack([None], [0]),
                         stop_ids=z(1, 16), remaining=z(1))
+
+
+def test_budget_split_prompts_get_the_continuation_program():
+    """Prompts that fit the largest prefill length are still split while others decode
+    (--max_num_batched_tokens), so the Pallas engine must compile the continuation
+    variant too (an H200 server without it failed every prompt that arrived mid-decode:
+    KeyError on the missing program). Tokens equal those of an unbudgeted run."""
+    from runtime.engine import prefill_variants
+
+    model = _tiny("llama")
+    rng = np.random.default_rng(7)
+    requests = [
+        Request("a", rng.integers(1, 256, 5).tolist(), SamplingParams(temperature=0.0), max_tokens=20, ignore_eos=True),
+        Request("b", rng.integers(1, 256, 40).tolist(), SamplingParams(temperature=0.0), max_tokens=4, ignore_eos=True),
+    ]
+
+    def run(budget):
+        ecfg = EngineConfig(max_num_seqs=2, max_model_len=64, page_size=16, prefill_lengths=(16, 64),
+                            attention="pallas", decode_batch_sizes=(2,), max_num_batched_tokens=budget)
+        orc = Orchestrator(Engine(model, ecfg, num_pages=12), None)
+        orc.add_request(requests[0])
+        got = {"a": [], "b": []}
+        steps = 0
+        while orc.has_work():
+            if steps == 2:  # "a" decodes when "b" arrives
+                orc.add_request(requests[1])
+            for out in orc.step():
+                assert out.error is None, out.error
+                got[out.request_id] += out.token_ids
+            steps += 1
+        return ecfg, got
+
+    split_cfg, split = run(20)
+    whole_cfg, whole = run(4096)
+    assert prefill_variants(split_cfg) == (True, False) and prefill_variants(whole_cfg) == (True,)
+    assert split == whole and len(split["b"]) == 4
