@@ -84,11 +84,15 @@ def bench_batch(model, batch: int, bandwidth: float, matmul_flops: float, mesh=N
     # Prompts per prefill call: all of them where they fit the token budget (so the
     # decode batch fills at once), else as many as fit.
     rows = max(1, min(batch, FLAGS.max_prefill_tokens // FLAGS.prompt_len))
+    prefill_batch_sizes = tuple(sorted({1, min(8, batch), rows}))
     # One decode bucket: the measured window has every slot decoding, which is the
-    # largest bucket whatever the smaller ones (they would only add compile time).
+    # largest bucket whatever the smaller ones (they would only add compile time). The
+    # token budget fits a full prefill call beside every slot decoding: prompts admitted
+    # after the first call (batch > rows) fill the batch at full speed, as the window needs.
     ecfg = EngineConfig(
         max_num_seqs=batch, max_model_len=max_len, page_size=page, prefill_lengths=(FLAGS.prompt_len,),
-        prefill_batch_sizes=tuple(sorted({1, min(8, batch), rows})), decode_steps_per_call=steps,
+        prefill_batch_sizes=prefill_batch_sizes, decode_steps_per_call=steps,
+        max_num_batched_tokens=max(prefill_batch_sizes) * FLAGS.prompt_len + batch * steps,
         decode_batch_sizes=(batch,), attention=FLAGS.attention, command_buffers=FLAGS.command_buffers,
         cache_dtype=FLAGS.dtype, pipeline_microbatches=FLAGS.pipeline_microbatches,
     )

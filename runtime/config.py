@@ -345,6 +345,13 @@ AUTO_MIN_NUM_SEQS = 8
 AUTO_MAX_NUM_SEQS = 64
 
 
+# EngineConfig fields that no compiled program depends on: runtime.aot leaves them out of
+# the key of serialized executables, so changing one does not refuse them. The budget only
+# decides whether prompts are ever split (runtime.engine.prefill_variants): a server that
+# splits where the saved set did not compiles the continuation programs at warm-up.
+HOST_ONLY_FIELDS = frozenset({"max_num_batched_tokens"})
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     """How the engine lays out work: slots, pages, buckets. Built from flags in entry points.
@@ -352,7 +359,9 @@ class EngineConfig:
     The compiled shapes are exactly: prefill (batch in `prefill_batch_sizes`) x (length in
     `prefill_lengths`), and decode over the first b slots for b in `decode_buckets` (each
     in every sampling mode of `decode_sampling_modes`). Prompts longer than the largest
-    prefill length are prefilled in chunks of it.
+    prefill length are prefilled in chunks of it; while sequences decode, a step's prefill
+    chunks hold at most `max_num_batched_tokens` tokens beside its decode tokens
+    (runtime.scheduler), so a long prompt does not stall every stream's next token.
     """
 
     max_num_seqs: int = AUTO_MIN_NUM_SEQS
@@ -363,6 +372,9 @@ class EngineConfig:
     prefill_lengths: tuple[int, ...] = ()  # () -> powers of two from 32 up to min(max_model_len, 2048)
     prefill_batch_sizes: tuple[int, ...] = (1,)
     decode_steps_per_call: int = 1
+    # Prefill plus decode tokens per step while sequences decode (runtime.scheduler); with
+    # nothing decoding, prefill runs at full chunk. Host only: no compiled shape depends on it.
+    max_num_batched_tokens: int = 512
     # Decode buckets (`decode_buckets`); () -> DEFAULT_DECODE_BATCH_SIZES. max_num_seqs is always one.
     decode_batch_sizes: tuple[int, ...] = ()
     attention: str = "auto"
@@ -396,6 +408,8 @@ class EngineConfig:
             raise ConfigError(f"prefill_batch_sizes={self.prefill_batch_sizes} must be positive")
         if self.decode_steps_per_call <= 0:
             raise ConfigError(f"decode_steps_per_call={self.decode_steps_per_call} must be positive")
+        if self.max_num_batched_tokens < 1:
+            raise ConfigError(f"max_num_batched_tokens={self.max_num_batched_tokens} must be at least 1")
         sizes = tuple(self.decode_batch_sizes)
         if sizes and (sorted(set(sizes)) != list(sizes) or sizes[0] <= 0):
             raise ConfigError(f"decode_batch_sizes={','.join(map(str, sizes))} must be positive and increasing")

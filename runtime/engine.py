@@ -32,7 +32,7 @@ from flax import nnx
 from pallas_kernels import dispatch
 from runtime.config import ConfigError, EngineConfig, ModelConfig
 from runtime.kv_cache import KVCache
-from runtime.models.transformer import Transformer, fuse_projections
+from runtime.models.transformer import CUBLAS_DECODE_ROWS, Transformer, fuse_projections
 from runtime.sampling import SlotSampling, sample
 from sharding import pipeline, tensor_parallel
 
@@ -315,11 +315,15 @@ def attention_impl(ecfg: EngineConfig) -> str:
 
 def prefill_variants(ecfg: EngineConfig) -> tuple[bool, ...]:
     """Prefill programs by "fresh" (every row starts at 0): the Pallas path compiles a
-    fresh variant (flash attention over the chunk) and, when prompts can be longer than
-    the largest prefill length, a continuation variant; the reference needs one."""
+    fresh variant (flash attention over the chunk) and, when a prompt can be split into
+    chunks, a continuation variant; the reference needs one. A prompt is split when it is
+    longer than the largest prefill length, or than the token budget leaves beside one
+    decoding sequence (runtime.scheduler, policy 4)."""
     if attention_impl(ecfg) == "reference":
         return (False,)
-    chunked = ecfg.max_model_len - 1 > max(ecfg.prefill_lengths)
+    longest = ecfg.max_model_len - 1
+    budget = ecfg.max_num_batched_tokens - ecfg.decode_steps_per_call
+    chunked = longest > max(ecfg.prefill_lengths) or longest > max(budget, min(ecfg.prefill_lengths))
     return (True, False) if chunked else (True,)
 
 
@@ -400,20 +404,21 @@ def build_steps(graphdef, ecfg: EngineConfig, *, cache_shardings, replicated, me
     return Steps(prefill, decode, release, set_table, snapshot)
 
 
-# Decode buckets of at least this many rows take their matmuls from cuBLAS, not XLA's
-# Triton GEMMs. H200, Llama-3.1-8B shapes, batch 64, prompt 512 (2026-11-29, one device
-# call, two processes, --xla_gpu_enable_triton_gemm=false in the second): 6.18 ms per step
-# against 6.40, device time per call 6.11 against 6.43; the q/k/v and o projections at
-# M=64 were where Triton fell furthest below the copy rate (~2.7 TB/s). At batch 1 cuBLAS
-# was slower (5.80 ms against 4.45-4.55: the vocabulary projection became a float32 GEMV
-# behind a 0.75 ms conversion of its weight), and so was the 512-token prefill (14.97 ms
-# against 14.00), so smaller buckets and prefill keep Triton.
-_CUBLAS_DECODE_ROWS = 64
+# Decode buckets of at least CUBLAS_DECODE_ROWS rows (runtime.models.transformer) take
+# their matmuls from cuBLAS, not XLA's Triton GEMMs. H200, Llama-3.1-8B shapes, batch 64,
+# prompt 512 (2026-11-29, one device call, two processes, --xla_gpu_enable_triton_gemm=false
+# in the second): 6.18 ms per step against 6.40, device time per call 6.11 against 6.43;
+# the q/k/v and o projections at M=64 were where Triton fell furthest below the copy rate
+# (~2.7 TB/s). At batch 1 cuBLAS was slower (5.80 ms against 4.45-4.55: the vocabulary
+# projection became a float32 GEMV behind a 0.75 ms conversion of its weight), and so was
+# the 512-token prefill (14.97 ms against 14.00), so smaller buckets and prefill keep
+# Triton. The per-program option was confirmed on the H200 the next day: the batch-64
+# trace runs nvjet (cuBLAS) kernels, the batch-1 trace Triton's gemm fusions.
 
 
 def _compiler_options(ecfg: EngineConfig, step: str, rows: int = 0) -> dict | None:
     """Per-program XLA options on a GPU: out of CUDA graphs (EngineConfig.command_buffers),
-    and cuBLAS matmuls for the large decode buckets (_CUBLAS_DECODE_ROWS). None where XLA's
+    and cuBLAS matmuls for the large decode buckets (CUBLAS_DECODE_ROWS). None where XLA's
     defaults apply, and off a GPU, whose compilers do not know these options."""
     if dispatch.platform() != "gpu":
         return None
@@ -421,7 +426,7 @@ def _compiler_options(ecfg: EngineConfig, step: str, rows: int = 0) -> dict | No
     keep = {"all": ("prefill", "decode"), "decode": ("decode",), "none": ()}[ecfg.command_buffers]
     if step not in keep:
         options["xla_gpu_enable_command_buffer"] = ""
-    if step == "decode" and rows >= _CUBLAS_DECODE_ROWS:
+    if step == "decode" and rows >= CUBLAS_DECODE_ROWS:
         options["xla_gpu_enable_triton_gemm"] = False
     return options or None
 

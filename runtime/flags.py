@@ -34,6 +34,10 @@ def define_engine_flags() -> None:
     flags.DEFINE_list("prefill_lengths", [], "Prefill length buckets (default: powers of two up to 2048).")
     flags.DEFINE_list("prefill_batch_sizes", ["1"], "Prompts per prefill call buckets.")
     flags.DEFINE_integer("decode_steps_per_call", 1, "Decode steps per dispatch.")
+    flags.DEFINE_integer("max_num_batched_tokens", 512, "Tokens per step (prefill chunks + decode) while sequences "
+                         "decode: a long prompt is prefilled over several steps instead of stalling every stream "
+                         "(at least one chunk of the smallest --prefill_lengths per step). With nothing decoding, "
+                         "prefill runs at full chunk.")
     flags.DEFINE_list("decode_batch_sizes", [], "Decode buckets: a call runs the first b slots, b the smallest bucket "
                       "holding every decoding slot (default: 1,8,64,512 below --max_num_seqs; --max_num_seqs is "
                       "always one).")
@@ -120,6 +124,7 @@ def engine_config_from_flags(**overrides) -> EngineConfig:
         prefill_lengths=_ints("prefill_lengths", FLAGS.prefill_lengths),
         prefill_batch_sizes=_ints("prefill_batch_sizes", FLAGS.prefill_batch_sizes),
         decode_steps_per_call=FLAGS.decode_steps_per_call,
+        max_num_batched_tokens=FLAGS.max_num_batched_tokens,
         decode_batch_sizes=_ints("decode_batch_sizes", FLAGS.decode_batch_sizes),
         attention=FLAGS.attention,
         command_buffers=FLAGS.command_buffers,

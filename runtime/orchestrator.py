@@ -108,7 +108,8 @@ class Orchestrator:
             self.allocator,
             num_slots=ecfg.max_num_seqs,
             max_prefill_batch=max(ecfg.prefill_batch_sizes),  # per data group
-            max_chunk=max(ecfg.prefill_lengths),
+            prefill_lengths=ecfg.prefill_lengths,
+            max_num_batched_tokens=ecfg.max_num_batched_tokens,
             decode_steps=ecfg.decode_steps_per_call,
             groups=self.data_groups,
         )

@@ -7,7 +7,20 @@ orchestrator carries it out on the engine. Policy, per step:
      far become its prompt, it waits at the head of the queue and is recomputed later).
   2. Sequences mid-prefill continue with their next chunk.
   3. Waiting sequences are admitted first come, first served while a decode slot, the
-     pages for their whole prompt (plus the first decode token) and a prefill row are free.
+     pages for their whole prompt (plus the first decode token), a prefill row and
+     prefill budget (4) are free.
+  4. While sequences decode, the token budget (`max_num_batched_tokens`) bounds the
+     step's prefill, so a long prompt is spread over steps instead of stalling every
+     stream's next token behind one long prefill call. A group's chunks hold at most
+     max(budget - its decode tokens, smallest prefill length) tokens, its decode tokens
+     being its RUNNING sequences (after 1) times `decode_steps`; the floor lets the oldest
+     prompt progress however many decode. A chunk is the rest of the prompt (up to the
+     largest length) where that fits what is left of the group's budget, else the largest
+     prefill length that does (calls are compiled per length: a chunk cut anywhere else
+     pads up to a longer one); where none fits, the sequence gets no chunk this step (at
+     the head of the queue, admission stops: FCFS). While nothing decodes (no RUNNING
+     sequence in any group), there is no budget: chunks up to the largest prefill length,
+     `max_prefill_batch` of them per group.
 After the prefill call, every sequence in RUNNING status decodes (the engine decodes
 every active slot), including those whose prompt completed in this step's prefill.
 
@@ -15,9 +28,12 @@ Data parallelism (`groups` = D > 1): slots and pages are split into D equal grou
 (slot s is in group s // (num_slots / D), pages as in `PageAllocator`), and a sequence's
 pages all lie in its slot's group. Shortage is per group: a short group preempts its own
 newest decoding sequence, never another group's. `max_prefill_batch` caps the chunks of
-one group in a call (a call holds up to D times that). Admission stays FCFS: the head of
-the queue goes to the group, among those with a free slot, a free prefill row and pages
-for its reservation, with the most free pages (ties: the lowest); if none, admission stops.
+one group in a call (a call holds up to D times that), and the token budget is per group
+(a group's own decode tokens count against it); while any group decodes, every group's
+budget holds, since the call's length bucket is shared by all of its rows. Admission
+stays FCFS: the head of the queue goes to the group, among those with a free slot, a free
+prefill row, budget for a chunk and pages for its reservation, with the most free pages
+(ties: the lowest); if none, admission stops.
 """
 
 from __future__ import annotations
@@ -26,6 +42,8 @@ import collections
 import dataclasses
 import enum
 import itertools
+import math
+from collections.abc import Iterable
 
 from runtime.page_allocator import PageAllocator
 from runtime.sampling import SamplingParams
@@ -91,10 +109,20 @@ class Scheduler:
         *,
         num_slots: int,
         max_prefill_batch: int,
-        max_chunk: int,
+        prefill_lengths: Iterable[int] = (),
+        max_chunk: int | None = None,
+        max_num_batched_tokens: int | None = None,
         decode_steps: int = 1,
         groups: int = 1,
     ):
+        """`prefill_lengths`: the prefill length buckets (`max_chunk=n` stands for the one
+        bucket n). `max_num_batched_tokens`: the per-step token budget; None: none."""
+        lengths = tuple(sorted(set(prefill_lengths)))
+        if bool(lengths) == (max_chunk is not None):
+            raise ValueError("give the scheduler prefill_lengths or max_chunk, one of them")
+        lengths = lengths or (max_chunk,)
+        if lengths[0] <= 0:
+            raise ValueError(f"prefill lengths {lengths} must be positive")
         if groups <= 0 or num_slots % groups:
             raise ValueError(f"num_slots={num_slots} must split into groups={groups} equal groups")
         if allocator.groups != groups:
@@ -104,7 +132,8 @@ class Scheduler:
         self.groups = groups
         self.slots_per_group = num_slots // groups
         self.max_prefill_batch = max_prefill_batch
-        self.max_chunk = max_chunk
+        self.prefill_lengths = lengths
+        self.max_num_batched_tokens = max_num_batched_tokens
         self.decode_steps = decode_steps
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: dict[int, Sequence] = {}  # slot -> sequence (prefilling or decoding)
@@ -141,6 +170,10 @@ class Scheduler:
 
     def group_of_slot(self, slot: int) -> int:
         return slot // self.slots_per_group
+
+    @property
+    def max_chunk(self) -> int:
+        return self.prefill_lengths[-1]
 
     # --- the plan ------------------------------------------------------------------
 
@@ -184,19 +217,22 @@ class Scheduler:
             released.append(victim.slot)
             self._preempt(victim)
             preempted.append(victim)
-        # 2. Continue prompts mid-prefill, oldest first, up to the cap per group.
+        # 2. Continue prompts mid-prefill, oldest first, up to the cap and the budget per group.
         chunks: list[PrefillChunk] = []
         rows = [0] * self.groups  # prefill chunks of each group in this call
+        budget = self._prefill_budgets(decoding)  # prefill tokens each group may still take
         prefilling = sorted(
             (s for s in self.running.values() if s.status == Status.PREFILLING), key=lambda s: s.arrival_order
         )
         for seq in prefilling:
             g = self.group_of_slot(seq.slot)
-            if rows[g] < self.max_prefill_batch:
+            length = self._chunk_length(seq, budget[g])
+            if rows[g] < self.max_prefill_batch and length:
                 rows[g] += 1
-                chunks.append(self._next_chunk(seq))
+                budget[g] -= length
+                chunks.append(self._chunk(seq, length))
         # 3. Admit waiting sequences, first come first served, while some group has a
-        #    slot, a prefill row and the pages free.
+        #    slot, a prefill row, the pages and budget for a chunk free.
         free_slots = [[] for _ in range(self.groups)]
         for i in range(self.num_slots):
             if i not in self.running:
@@ -208,7 +244,7 @@ class Scheduler:
             reserve = seq.token_cap(len(seq.tokens_to_prefill) + self.decode_steps)
             fits = [
                 g for g in range(self.groups)
-                if free_slots[g] and rows[g] < self.max_prefill_batch
+                if free_slots[g] and rows[g] < self.max_prefill_batch and self._chunk_length(seq, budget[g])
                 and self.allocator.can_grow(seq.seq_id, reserve, group=g)
             ]
             if not fits:
@@ -220,13 +256,32 @@ class Scheduler:
             seq.status = Status.PREFILLING
             self.running[seq.slot] = seq
             rows[g] += 1
-            chunks.append(self._next_chunk(seq))
+            length = self._chunk_length(seq, budget[g])
+            budget[g] -= length
+            chunks.append(self._chunk(seq, length))
         return Plan(prefill=chunks, preempted=preempted, released_slots=released)
 
-    def _next_chunk(self, seq: Sequence) -> PrefillChunk:
-        total = len(seq.tokens_to_prefill)
-        length = min(self.max_chunk, total - seq.num_cached)
-        return PrefillChunk(seq=seq, start=seq.num_cached, length=length, is_last=seq.num_cached + length == total)
+    def _prefill_budgets(self, decoding: list[Sequence]) -> list[float]:
+        """Prefill tokens each group may take this step (policy 4): unbounded while nothing
+        decodes, else the budget less the group's decode tokens, at least the smallest length."""
+        if self.max_num_batched_tokens is None or not decoding:
+            return [math.inf] * self.groups
+        decode_tokens = [0] * self.groups
+        for seq in decoding:
+            decode_tokens[self.group_of_slot(seq.slot)] += self.decode_steps
+        return [max(self.max_num_batched_tokens - n, self.prefill_lengths[0]) for n in decode_tokens]
+
+    def _chunk_length(self, seq: Sequence, budget: float) -> int:
+        """Tokens of the sequence's next chunk within `budget`: the rest of its prompt (at
+        most the largest length) if it fits, else the largest length that fits; 0 if none."""
+        rest = min(self.max_chunk, len(seq.tokens_to_prefill) - seq.num_cached)
+        if rest <= budget:
+            return rest
+        return max((n for n in self.prefill_lengths if n <= budget), default=0)
+
+    def _chunk(self, seq: Sequence, length: int) -> PrefillChunk:
+        start = seq.num_cached
+        return PrefillChunk(seq=seq, start=start, length=length, is_last=start + length == len(seq.tokens_to_prefill))
 
     def prefill_done(self, chunk: PrefillChunk) -> None:
         """Records that a chunk ran; after the last one the sequence decodes."""

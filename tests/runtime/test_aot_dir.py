@@ -89,6 +89,15 @@ def test_a_different_configuration_is_refused_with_the_field(aot_dir):
     assert "no readable" in aot.load_executables(aot_dir + "/missing", key)[1]
 
 
+def test_the_token_budget_leaves_the_key_alone():
+    """--max_num_batched_tokens only changes how the host schedules: executables built
+    under one budget serve any other."""
+    engine = _engine()
+    other = dataclasses.replace(ECFG, max_num_batched_tokens=7)
+    key = aot.executable_key(engine.cfg, other, engine.mesh, jax.devices(), "float32", engine.num_pages)
+    assert key == _key(engine)
+
+
 def test_a_damaged_executable_is_refused(aot_dir, tmp_path):
     import shutil
 

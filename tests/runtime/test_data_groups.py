@@ -394,12 +394,16 @@ def test_orchestrator_one_group_per_call_row_count():
 @pytest.mark.parametrize("groups,num_pages,pipeline,overrides", [
     (1, 24, True, {}), (2, 24, True, {}), (2, 24, False, dict(decode_steps_per_call=2)),
     (4, 44, True, dict(max_num_seqs=8)), (2, 64, True, dict(decode_steps_per_call=3, prefill_batch_sizes=(1, 2, 4))),
+    (2, 24, True, dict(max_num_batched_tokens=5, prefill_lengths=(2, 4, 8))),
 ])
 def test_orchestrator_outputs_match_the_reference(groups, num_pages, pipeline, overrides):
-    """Many requests through chunked prefill, per-group admission and (with few pages)
-    preemption: every token is what the model gives for that context alone."""
+    """Many requests through chunked prefill (cut smaller by a token budget), per-group
+    admission and (with few pages) preemption: every token is what the model gives for
+    that context alone."""
     engine = make_fake(groups, num_pages, **overrides)
     orc = Orchestrator(engine, None, pipeline=pipeline)
+    assert orc.scheduler.prefill_lengths == engine.ecfg.prefill_lengths
+    assert orc.scheduler.max_num_batched_tokens == engine.ecfg.max_num_batched_tokens
     rng = random.Random(groups * 100 + num_pages)
     requests = [Request(f"r{i}", [rng.randrange(1, VOCAB) for _ in range(rng.randint(1, 20))],
                         max_tokens=rng.randint(1, 24), ignore_eos=True) for i in range(16)]

@@ -15,6 +15,7 @@ from runtime.config import ConfigError, EngineConfig
 from runtime.engine import MAX_STOP_IDS, Engine, pack_prefill
 from runtime.orchestrator import Orchestrator, Request, RequestError
 from runtime.sampling import SAMPLING_MODES, SamplingParams, SlotSampling
+from runtime.scheduler import Status
 from tests.utils import peaked_tiny_llama, smollm2_tokenizer
 
 
@@ -128,6 +129,59 @@ def test_multi_step_decode_equals_single_step(model, tokenizer, alone_results):
         assert got[r.request_id]["ids"] == alone_results[r.request_id]["ids"], r.request_id
         assert got[r.request_id]["finals"] == 1
     assert orc.num_compiles_since_ready == 0
+
+
+def test_token_budget_splits_a_long_prompt_without_changing_tokens(model, tokenizer):
+    """A 60-token prompt arriving while three requests decode: under a budget of 12 tokens
+    a step its prefill chunks hold at most 12 - 3 = 9 tokens (chunks of 8, the largest
+    length <= 9, then the rest), under the default budget they are full chunks of 16; the
+    greedy tokens of every request are the same either way."""
+    rng = np.random.default_rng(5)
+    greedy = SamplingParams(temperature=0.0)
+    short = [Request(f"s{i}", rng.integers(3, 2000, 5 + i).tolist(), greedy, max_tokens=30, ignore_eos=True)
+             for i in range(3)]
+    long = Request("long", rng.integers(3, 2000, 60).tolist(), greedy, max_tokens=8, ignore_eos=True)
+
+    def serve(orc):
+        """Every request's tokens, and per prefill call the decoding sequences and the
+        (slot, length) of each chunk the engine ran."""
+        calls, prefill = [], orc.engine.prefill
+
+        def spy(**kwargs):
+            decoding = sum(s.status == Status.RUNNING for s in orc.scheduler.running.values())
+            chunks = [(int(s), int(n)) for s, n in zip(kwargs["slot_ids"], kwargs["lens"]) if n]
+            calls.append((decoding, chunks))
+            return prefill(**kwargs)
+
+        got = {}
+
+        def step():
+            for out in orc.step():
+                got.setdefault(out.request_id, []).extend(out.token_ids)
+
+        orc.engine.prefill = spy
+        try:
+            for r in short:
+                orc.add_request(r)
+            while sum(s.status == Status.RUNNING for s in orc.scheduler.running.values()) < len(short):
+                step()
+            orc.add_request(long)
+            while orc.has_work():
+                step()
+        finally:
+            del orc.engine.prefill  # the instance attribute: Engine.prefill again
+        assert orc.num_compiles_since_ready == 0
+        return got, calls
+
+    want, full_calls = serve(make_orchestrator(model, tokenizer))
+    got, calls = serve(make_orchestrator(model, tokenizer, max_num_batched_tokens=12))
+    assert got == want and all(len(got[r.request_id]) == r.max_tokens for r in [*short, long])
+    long_slot = len(short)  # the lowest slot free when it arrives
+    assert [n for _, chunks in full_calls for s, n in chunks if s == long_slot] == [16, 16, 16, 12]
+    assert [n for _, chunks in calls for s, n in chunks if s == long_slot] == [8] * 7 + [4]
+    for decoding, chunks in calls:
+        if decoding:
+            assert sum(n for _, n in chunks) <= max(12 - decoding, 8), (decoding, chunks)
 
 
 def test_greedy_matches_model_level_decode(model, tokenizer):

@@ -76,6 +76,7 @@ def test_jsonl_output_and_logprobs(checkpoint):
     (("--prompt=" + "word " * 200,), "context holds"),
     (("--prompts_file=/nonexistent/prompts.txt",), "prompts_file"),
     (("--decode_sampling_modes=greedy",), "decode_sampling_modes=greedy must be among"),
+    (("--max_num_batched_tokens=0",), "max_num_batched_tokens=0 must be at least 1"),
 ])
 def test_bad_input_is_one_line_and_exit_2(checkpoint, args, message):
     argv = [f"--checkpoint={checkpoint}", *COMMON]
