@@ -28,9 +28,11 @@ import contextlib
 import dataclasses
 import importlib.metadata
 import json
+import logging
 import math
 import os
 import pickle
+import sys
 import time
 
 import jax
@@ -48,6 +50,8 @@ from runtime.startup import Capacity, cache_kv_shards, plan_capacity
 from sharding import pipeline
 from sharding.mesh import cache_sharding, expand_kv_heads, tensor_size
 from sharding.rules import param_shardings
+
+log = logging.getLogger(__name__)
 
 GiB = 1 << 30
 
@@ -296,6 +300,27 @@ def executable_key(cfg: ModelConfig, ecfg: EngineConfig, mesh: Mesh | None, devi
         num_pages=num_pages)))
 
 
+def compile_programs(programs: list[tuple], threads: int = 1) -> dict[tuple[str, tuple], jax.stages.Compiled]:
+    """{(kind, shape): compiled} of (kind, shape, jitted, args) programs (Engine.programs).
+    They are lowered here one after another (tracing holds the GIL) and compiled on
+    `threads` threads (XLA compiles without it), so compiles overlap each other and the
+    next program's lowering. The persistent compilation cache serves as with jit."""
+    if threads <= 1:
+        return {(kind, shape): fn.lower(*args).compile() for kind, shape, fn, args in programs}
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(threads, thread_name_prefix="xlserve-compile") as pool:
+        futures = [((kind, shape), pool.submit(fn.lower(*args).compile)) for kind, shape, fn, args in programs]
+        return {name: future.result() for name, future in futures}
+
+
+def key_digest(key: dict) -> str:
+    """A short name for an executable key: the directory of its executables in a cache."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+
+
 def _entry_name(kind: str, shape: tuple) -> str:
     return "-".join([kind, *map(str, shape)]) + ".xla"
 
@@ -368,3 +393,102 @@ def load_executables(directory: str, key: dict) -> tuple[dict[tuple[str, tuple],
         except Exception as e:  # noqa: BLE001 -- a damaged or foreign file: compile instead
             return {}, f"{path} does not load: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
     return out, None
+
+
+def install_executables(engine, directory: str, key: dict, *, named: bool) -> dict:
+    """Installs the executables of `directory` in the engine where they match `key`;
+    returns them ({} if none). `named` (--aot_dir): say on stderr how many, or why none;
+    the executable cache says only when it serves."""
+    from runtime.startup import clock
+
+    with clock.phase("aot load") as detail:
+        executables, why = load_executables(directory, key)
+        if why is not None:
+            detail[0] = "none"
+            if named:
+                print(f"xlserve: --aot_dir={directory} not used, compiling instead: {why}", file=sys.stderr,
+                      flush=True)
+            else:
+                print(f"xlserve: executable cache {directory} not used, compiling instead: {why}", file=sys.stderr,
+                      flush=True)
+            return {}
+        n = engine.use_executables(executables)
+        detail[0] = f"{n} of {len(engine.programs())} programs"
+        where = f"--aot_dir={directory}" if named else f"executable cache {directory}"
+        print(f"xlserve: {where}: {detail[0]} loaded", file=sys.stderr, flush=True)
+    return executables
+
+
+def executable_cache_dir(key: dict) -> str | None:
+    """Where this configuration's executables live in the executable cache: beside a local
+    persistent compilation cache; None without one (a gs:// cache, or none)."""
+    root = jax.config.jax_compilation_cache_dir
+    if not root or "://" in root:
+        return None
+    return os.path.join(root, "executables", key_digest(key))
+
+
+def default_compile_threads(platform: str) -> int:
+    """1 on GPUs: XLA:GPU autotunes GEMM fusions by timing candidates on the device, and
+    compiles running together would time each other's kernels (choices baked into the
+    cached executables). Elsewhere one per core, up to 8."""
+    return 1 if platform == "gpu" else max(1, min(8, os.cpu_count() or 1))
+
+
+def prepare_programs(engine, dtype: str, *, aot_dir: str | None, executable_cache: str,
+                     compile_threads: int | None) -> None:
+    """Before warm-up: the engine's programs from --aot_dir, else from the executable
+    cache; the others compiled on `compile_threads` threads; then, with the cache, every
+    program saved to it for the next start (written aside and renamed into place, so a
+    reader never sees half a set). Warm-up then runs them and compiles nothing."""
+    import shutil
+
+    from runtime.engine import compile_counter
+    from runtime.startup import clock
+
+    key = executable_key(engine.cfg, engine.ecfg, engine.mesh, jax.devices(), dtype, engine.num_pages)
+    loaded = install_executables(engine, aot_dir, key, named=True) if aot_dir else {}
+    if jax.process_count() > 1:
+        return  # several processes: jit compiles at warm-up, in step on every process
+    platform = jax.devices()[0].platform
+    on = executable_cache == "on" or (executable_cache == "auto" and platform in ("gpu", "tpu"))
+    cache_dir = executable_cache_dir(key) if on else None
+    if cache_dir and not aot_dir and os.path.exists(os.path.join(cache_dir, "manifest.json")):
+        loaded = install_executables(engine, cache_dir, key, named=False)
+    threads = compile_threads or default_compile_threads(platform)
+    missing = [p for p in engine.programs() if (p[0], p[1]) not in loaded]
+    if not missing or (threads <= 1 and not cache_dir):
+        return  # nothing to compile, or jit compiles each program at warm-up as before
+    saving = cache_dir is not None and not aot_dir
+    with clock.phase("compile") as detail:
+        hits = compile_counter.cache_hits
+        # XLA:CPU executables taken from the persistent cache serialize without their
+        # kernels (runtime.warmup says more): a CPU server that saves compiles afresh.
+        fresh = saving and platform == "cpu"
+        if fresh:
+            jax.config.update("jax_enable_compilation_cache", False)
+        try:
+            compiled = compile_programs(missing, threads)
+        finally:
+            if fresh:
+                jax.config.update("jax_enable_compilation_cache", True)
+        engine.use_executables(compiled)
+        detail[0] = (f"{len(compiled)} programs on {threads} thread{'s' if threads > 1 else ''}, "
+                     f"{compile_counter.cache_hits - hits} from the persistent cache")
+    if not saving:
+        return
+    with clock.phase("executable cache write") as detail:
+        steps = [(kind, shape, c) for (kind, shape), c in {**loaded, **compiled}.items()]
+        tmp = f"{cache_dir}.tmp{os.getpid()}"
+        try:
+            written, skipped = save_executables(tmp, steps, key)
+            shutil.rmtree(cache_dir, ignore_errors=True)
+            os.replace(tmp, cache_dir)
+        except OSError as e:  # a full or read-only disk: serve anyway
+            shutil.rmtree(tmp, ignore_errors=True)
+            detail[0] = f"failed: {e}"
+            log.warning("could not write the executable cache %s: %s", cache_dir, e)
+            return
+        detail[0] = f"{written} of {len(steps)} programs" + (
+            f"; not serializable here, so compiled at every start: {', '.join(s['kind'] for s in skipped)}"
+            if skipped else "")

@@ -60,6 +60,23 @@ def define_engine_flags() -> None:
                          "with its own decode slots and KV pages (max_num_seqs is split among them).")
 
 
+def define_startup_flags() -> None:
+    """How a server (and the warm-up job that prepares one) gets its compiled programs."""
+    flags.DEFINE_enum("executable_cache", "auto", ["auto", "on", "off"], "Keep this server's compiled programs, "
+                      "serialized, beside the compile cache (XLSERVE_COMPILE_CACHE/executables/<configuration digest>) "
+                      "and run them at the next start with the same configuration: a warm start then neither traces, "
+                      "lowers nor compiles. auto: on GPUs and TPUs (XLA:CPU cannot serialize every program). One process "
+                      "and a local compile cache only.")
+    flags.DEFINE_integer("compile_threads", None, "Threads compiling the programs at start-up (default: 1 on GPUs, where "
+                         "XLA times candidate kernels on the device and concurrent compiles would time each other; "
+                         "else up to 8, one per core).")
+
+
+def check_startup_flags() -> None:
+    if FLAGS.compile_threads is not None and FLAGS.compile_threads < 1:
+        usage_error(f"--compile_threads={FLAGS.compile_threads} must be at least 1")
+
+
 def define_distributed_flags() -> None:
     """Flags of a multi-process run (sharding/distributed.py): the entry points that can
     span hosts (serve, generate) define them."""

@@ -55,39 +55,23 @@ flags.DEFINE_string("tls_client_ca_file", None, "PEM CA(s): require client certi
 flags.DEFINE_string("api_key_file", None, "API keys, one per line (# comments); every call but health's, and "
                     "/metrics, must send 'authorization: Bearer <key>'.")
 xflags.define_engine_flags()
+xflags.define_startup_flags()
 xflags.define_distributed_flags()
 FLAGS = flags.FLAGS
 
 log = logging.getLogger("runtime.serve")
 
 
-def use_aot_dir(engine, directory: str, dtype: str) -> None:
-    """Installs the executables of `directory` (runtime.warmup --aot_dir) in the engine
-    where they match it; says on stderr how many, or why none."""
-    import jax
-
-    from runtime import aot
-    from runtime.startup import clock
-
-    with clock.phase("aot load") as detail:
-        key = aot.executable_key(engine.cfg, engine.ecfg, engine.mesh, jax.devices(), dtype, engine.num_pages)
-        executables, why = aot.load_executables(directory, key)
-        if why is not None:
-            detail[0] = "none"
-            print(f"xlserve: --aot_dir={directory} not used, compiling instead: {why}", file=sys.stderr, flush=True)
-            return
-        n = engine.use_executables(executables)
-        detail[0] = f"{n} of {len(engine.programs())} programs"
-        print(f"xlserve: --aot_dir={directory}: {detail[0]} loaded", file=sys.stderr, flush=True)
-
-
-def _loader(checkpoint: str, ecfg, dtype: str, auto_num_seqs: bool, mesh_config, aot_dir: str | None = None):
+def _loader(checkpoint: str, ecfg, dtype: str, auto_num_seqs: bool, mesh_config, aot_dir: str | None = None,
+            executable_cache: str = "off", compile_threads: int | None = None):
     """What the engine thread runs to build (engine, tokenizer)."""
 
     def load():
         engine, tokenizer = _load()
-        if aot_dir:
-            use_aot_dir(engine, aot_dir, dtype)
+        from runtime.aot import prepare_programs
+
+        prepare_programs(engine, dtype, aot_dir=aot_dir, executable_cache=executable_cache,
+                         compile_threads=compile_threads)
         return engine, tokenizer
 
     def _load():
@@ -233,7 +217,9 @@ def main(argv: list[str]) -> None:
     from sharding import distributed
 
     cluster, mesh_config = xflags.join_cluster(dist, mesh_config)
-    load = _loader(FLAGS.checkpoint, ecfg, FLAGS.dtype, xflags.auto_num_seqs(), mesh_config, FLAGS.aot_dir)
+    xflags.check_startup_flags()
+    load = _loader(FLAGS.checkpoint, ecfg, FLAGS.dtype, xflags.auto_num_seqs(), mesh_config, FLAGS.aot_dir,
+                   FLAGS.executable_cache, FLAGS.compile_threads)
     leader = None
     if cluster is not None:
         if not cluster.is_leader:

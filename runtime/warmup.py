@@ -1,8 +1,10 @@
 """python -m runtime.warmup --checkpoint=DIR|ALIAS [engine flags] [--list]
 
 Compiles the engine's whole bucket manifest into the persistent compilation cache
-($XLSERVE_COMPILE_CACHE or ~/.cache/xlserve/jax), so that a server or generate run
-with the same flags starts without compiling. --list prints the manifest and exits.
+($XLSERVE_COMPILE_CACHE or ~/.cache/xlserve/jax), and where the executable cache is on
+(--executable_cache, as serve's) saves the executables there too, so that a server or
+generate run with the same flags starts without compiling (a server with the executable
+cache, without tracing either). --list prints the manifest and exits.
 Prints one JSON line: the manifest, backend compilations and seconds.
 
 --target_topology=v5e:2x4 (any libtpu topology name) compiles the same manifest on this
@@ -35,6 +37,7 @@ flags.DEFINE_string("target_topology", None, "Compile for this TPU topology (e.g
                     "without a TPU: reads the model's config, not its weights.")
 flags.DEFINE_string("aot_dir", None, "With --target_topology: write the serialized executables and manifest.json here.")
 xflags.define_engine_flags()
+xflags.define_startup_flags()
 FLAGS = flags.FLAGS
 
 
@@ -49,6 +52,7 @@ def main(argv: list[str]) -> None:
         mesh_config = xflags.mesh_config_from_flags()
     except ConfigError as e:
         xflags.usage_error(str(e))
+    xflags.check_startup_flags()
     if FLAGS.target_topology and not FLAGS.list:
         print(json.dumps(warm_topology(ecfg, mesh_config)))
         sys.stdout.flush()
@@ -95,7 +99,12 @@ def main(argv: list[str]) -> None:
         aot_info = dict(aot_dir=FLAGS.aot_dir, executables=f"{written} of {len(steps)}")
         for s in skipped:
             print(f"not serialized (serve compiles it): {s['kind']} {s['shape']}: {s['error']}", file=sys.stderr)
-    engine.warmup()  # with --aot_dir: the programs just compiled, none again
+    else:  # the programs into the persistent cache and, where on, the executable cache serve reads
+        from runtime import aot
+
+        aot.prepare_programs(engine, FLAGS.dtype, aot_dir=None, executable_cache=FLAGS.executable_cache,
+                             compile_threads=FLAGS.compile_threads)
+    engine.warmup()  # the programs just compiled (or loaded), none again
     result = {"manifest": engine.manifest(), "backend_compilations": compile_counter.count - before,
               "seconds": round(time.perf_counter() - t, 2), **aot_info}
     print(json.dumps(result))

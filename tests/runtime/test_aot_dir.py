@@ -132,5 +132,90 @@ def test_warmup_then_serve_from_the_aot_dir(tmp_path):
             startup = next(line for line in srv.lines if "xlserve: start-up: " in line)
             if "programs loaded" in expect:  # every program came from the directory: warm-up built none
                 assert "aot load" in startup and " ready; slowest" in startup and "compiled" not in startup, startup
-            else:
-                assert "aot load" in startup and " compiled" in startup, startup
+            else:  # compiled at start-up (on threads: the compile phase), none taken from the directory
+                assert "aot load" in startup and "(none)" in startup and "compile " in startup, startup
+
+
+def test_warmup_job_fills_the_executable_cache_serve_reads(tmp_path):
+    """`runtime.warmup` (the compile-cache warm-up job) with the executable cache on saves
+    every program; `runtime.serve` with the same flags then loads them all at start-up."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "XLSERVE_COMPILE_CACHE": str(tmp_path / "cache")}
+    flags = ["--checkpoint=preset:tiny-llama", "--max_model_len=64", "--dtype=float32", "--max_num_seqs=2",
+             "--prefill_lengths=16,32", "--decode_batch_sizes=2", "--page_size=8", "--executable_cache=on",
+             "--compile_threads=2"]
+    p = subprocess.run([sys.executable, "-m", "runtime.warmup", *flags], capture_output=True, text=True, cwd=ROOT,
+                       env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert len(list((tmp_path / "cache" / "executables").glob("*/manifest.json"))) == 1
+    from runtime.client import Client
+    from tests.runtime.server_harness import serve_subprocess
+
+    with serve_subprocess(*flags, "--port=0", env=env, cwd=ROOT, wait_serving=False, timeout=120) as srv:
+        with Client(f"localhost:{srv.port}") as client:
+            client.wait_until_serving(120)
+            out = client.generate_unary(token_ids=[1, 2, 3], max_tokens=4, temperature=0.0, ignore_eos=True)
+            assert len(out.token_ids) == 4
+        startup = next(line for line in srv.lines if "xlserve: start-up: " in line)
+        assert any("executable cache" in line and "programs loaded" in line for line in srv.lines), startup
+        assert "compile " not in startup and " ready; slowest" in startup, startup
+    bad = subprocess.run([sys.executable, "-m", "runtime.warmup", *flags, "--compile_threads=0"], capture_output=True,
+                         text=True, cwd=ROOT, env=env, timeout=120)
+    assert bad.returncode == 2 and "--compile_threads=0 must be at least 1" in bad.stderr
+
+
+def test_programs_compiled_on_threads_serve_the_same_tokens():
+    engine = _engine(dataclasses.replace(ECFG, num_top_logprobs=1))  # other programs: none in memory yet
+    want = _generate(_engine(engine.ecfg))
+    compiled = aot.compile_programs(engine.programs(), threads=2)
+    assert engine.use_executables(compiled) == len(engine.programs())
+    before = compile_counter.count
+    engine.warmup()
+    assert _generate(engine) == want and compile_counter.count == before
+
+
+@pytest.fixture
+def compile_cache(tmp_path):
+    old = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "jax"))
+    yield tmp_path / "jax"
+    jax.config.update("jax_compilation_cache_dir", old)
+
+
+def test_the_executable_cache_serves_the_next_start(compile_cache, capsys):
+    """A server's first start compiles and saves every program under the compile cache;
+    the next start with the same configuration loads them all (warm-up compiles nothing,
+    same tokens); a damaged set is refused, compiled again and rewritten."""
+    ecfg = dataclasses.replace(ECFG, max_model_len=48)
+    first = _engine(ecfg)
+    aot.prepare_programs(first, "float32", aot_dir=None, executable_cache="on", compile_threads=2)
+    directory = aot.executable_cache_dir(_key(first))
+    assert directory.startswith(str(compile_cache)) and os.path.exists(os.path.join(directory, "manifest.json"))
+    want = _generate(first)
+
+    second = _engine(ecfg)
+    before = compile_counter.count
+    aot.prepare_programs(second, "float32", aot_dir=None, executable_cache="on", compile_threads=2)
+    second.warmup()
+    assert compile_counter.count == before
+    assert {how for _, _, how in second.warmup_report} == {"ready"}
+    assert _generate(second) == want
+    assert f"executable cache {directory}: {len(second.programs())} of {len(second.programs())} programs loaded" \
+        in capsys.readouterr().err
+
+    victim = next(Path(directory).glob("decode-*.xla"))
+    victim.write_bytes(b"not an executable")
+    third = _engine(ecfg)
+    aot.prepare_programs(third, "float32", aot_dir=None, executable_cache="on", compile_threads=1)
+    assert "not used, compiling instead" in capsys.readouterr().err
+    assert _generate(third) == want
+    assert aot.load_executables(directory, _key(third))[1] is None  # rewritten whole
+
+
+def test_the_executable_cache_is_off_on_cpu_by_default_and_keyed(compile_cache):
+    engine = _engine(dataclasses.replace(ECFG, max_model_len=40))
+    aot.prepare_programs(engine, "float32", aot_dir=None, executable_cache="auto", compile_threads=1)
+    assert not (compile_cache / "executables").exists()  # XLA:CPU: off unless asked
+    other = _engine(dataclasses.replace(ECFG, max_model_len=41))
+    assert aot.executable_cache_dir(_key(engine)) != aot.executable_cache_dir(_key(other))
+    jax.config.update("jax_compilation_cache_dir", "gs://bucket/cache")
+    assert aot.executable_cache_dir(_key(engine)) is None  # a remote compile cache: no executable cache
