@@ -163,8 +163,12 @@ def test_warmup_job_fills_the_executable_cache_serve_reads(tmp_path):
     assert bad.returncode == 2 and "--compile_threads=0 must be at least 1" in bad.stderr
 
 
+# Fewer programs (7) for the tests that compile a whole set more than once.
+SMALL = dataclasses.replace(ECFG, prefill_lengths=(32,), decode_batch_sizes=(2,))
+
+
 def test_programs_compiled_on_threads_serve_the_same_tokens():
-    engine = _engine(dataclasses.replace(ECFG, num_top_logprobs=1))  # other programs: none in memory yet
+    engine = _engine(dataclasses.replace(SMALL, num_top_logprobs=1))  # other programs: none in memory yet
     want = _generate(_engine(engine.ecfg))
     compiled = aot.compile_programs(engine.programs(), threads=2)
     assert engine.use_executables(compiled) == len(engine.programs())
@@ -185,7 +189,7 @@ def test_the_executable_cache_serves_the_next_start(compile_cache, capsys):
     """A server's first start compiles and saves every program under the compile cache;
     the next start with the same configuration loads them all (warm-up compiles nothing,
     same tokens); a damaged set is refused, compiled again and rewritten."""
-    ecfg = dataclasses.replace(ECFG, max_model_len=48)
+    ecfg = dataclasses.replace(SMALL, max_model_len=48)
     first = _engine(ecfg)
     aot.prepare_programs(first, "float32", aot_dir=None, executable_cache="on", compile_threads=2)
     directory = aot.executable_cache_dir(_key(first))
