@@ -317,13 +317,15 @@ def prefill_variants(ecfg: EngineConfig) -> tuple[bool, ...]:
     """Prefill programs by "fresh" (every row starts at 0): the Pallas path compiles a
     fresh variant (flash attention over the chunk) and, when a prompt can be split into
     chunks, a continuation variant; the reference needs one. A prompt is split when it is
-    longer than the largest prefill length, or than the token budget leaves beside one
-    decoding sequence (runtime.scheduler, policy 4)."""
+    longer than the largest prefill length, or when the token budget (runtime.scheduler,
+    policy 4) can leave it less than its length: unless the budget holds a full call of
+    the longest prompts beside every slot's decode tokens, some step may."""
     if attention_impl(ecfg) == "reference":
         return (False,)
     longest = ecfg.max_model_len - 1
-    budget = ecfg.max_num_batched_tokens - ecfg.decode_steps_per_call
-    chunked = longest > max(ecfg.prefill_lengths) or longest > max(budget, min(ecfg.prefill_lengths))
+    full_step = max(ecfg.prefill_batch_sizes) * longest + ecfg.max_num_seqs * ecfg.decode_steps_per_call
+    chunked = longest > max(ecfg.prefill_lengths) or (
+        longest > min(ecfg.prefill_lengths) and ecfg.max_num_batched_tokens < full_step)
     return (True, False) if chunked else (True,)
 
 

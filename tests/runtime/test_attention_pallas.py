@@ -173,3 +173,39 @@ def test_budget_split_prompts_get_the_continuation_program():
     whole_cfg, whole = run(4096)
     assert prefill_variants(split_cfg) == (True, False) and prefill_variants(whole_cfg) == (True,)
     assert split == whole and len(split["b"]) == 4
+
+
+def test_prompts_sharing_a_step_budget_get_the_continuation_program():
+    """Two prompts admitted together share the step's budget: the second may be cut even
+    though each alone fits it, so the continuation program must exist whenever the budget
+    is short of a full call of the longest prompts beside every slot's decode tokens."""
+    from runtime.engine import prefill_variants
+
+    model = _tiny("llama")
+    rng = np.random.default_rng(8)
+    a = Request("a", rng.integers(1, 256, 5).tolist(), SamplingParams(temperature=0.0), max_tokens=12, ignore_eos=True)
+    late = [Request(r, rng.integers(1, 256, 60).tolist(), SamplingParams(temperature=0.0), max_tokens=3,
+                    ignore_eos=True) for r in "bc"]
+
+    def run(budget):
+        ecfg = EngineConfig(max_num_seqs=3, max_model_len=64, page_size=16, prefill_lengths=(16, 64),
+                            prefill_batch_sizes=(1, 2), attention="pallas", decode_batch_sizes=(3,),
+                            max_num_batched_tokens=budget)
+        orc = Orchestrator(Engine(model, ecfg, num_pages=16), None)
+        orc.add_request(a)
+        got, steps = {"a": [], "b": [], "c": []}, 0
+        while orc.has_work():
+            if steps == 2:  # "a" decodes when "b" and "c" arrive together
+                for r in late:
+                    orc.add_request(r)
+            for out in orc.step():
+                assert out.error is None, out.error
+                got[out.request_id] += out.token_ids
+            steps += 1
+        return ecfg, got
+
+    # 100 tokens: "b" takes 60, "c" gets the 16-token bucket of the 39 left, then continues.
+    split_cfg, split = run(100)
+    whole_cfg, whole = run(4096)
+    assert prefill_variants(split_cfg) == (True, False) and prefill_variants(whole_cfg) == (True,)
+    assert split == whole and len(split["c"]) == 3
