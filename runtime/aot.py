@@ -300,18 +300,28 @@ def executable_key(cfg: ModelConfig, ecfg: EngineConfig, mesh: Mesh | None, devi
         num_pages=num_pages)))
 
 
-def compile_programs(programs: list[tuple], threads: int = 1) -> dict[tuple[str, tuple], jax.stages.Compiled]:
+def compile_programs(programs: list[tuple], threads: int = 1, *,
+                     fresh: bool = False) -> dict[tuple[str, tuple], jax.stages.Compiled]:
     """{(kind, shape): compiled} of (kind, shape, jitted, args) programs (Engine.programs).
     They are lowered here one after another (tracing holds the GIL) and compiled on
     `threads` threads (XLA compiles without it), so compiles overlap each other and the
-    next program's lowering. The persistent compilation cache serves as with jit."""
-    if threads <= 1:
-        return {(kind, shape): fn.lower(*args).compile() for kind, shape, fn, args in programs}
-    from concurrent.futures import ThreadPoolExecutor
+    next program's lowering. The persistent compilation cache serves as with jit, unless
+    `fresh`: executables to be serialized must not come from it, since on XLA:CPU (jaxlib
+    0.10.2) one loaded from that cache serializes without its kernels and its copy fails
+    when it runs ("Function copy_bitcast_fusion.4 not found")."""
+    if fresh:
+        jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        if threads <= 1:
+            return {(kind, shape): fn.lower(*args).compile() for kind, shape, fn, args in programs}
+        from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(threads, thread_name_prefix="xlserve-compile") as pool:
-        futures = [((kind, shape), pool.submit(fn.lower(*args).compile)) for kind, shape, fn, args in programs]
-        return {name: future.result() for name, future in futures}
+        with ThreadPoolExecutor(threads, thread_name_prefix="xlserve-compile") as pool:
+            futures = [((kind, shape), pool.submit(fn.lower(*args).compile)) for kind, shape, fn, args in programs]
+            return {name: future.result() for name, future in futures}
+    finally:
+        if fresh:
+            jax.config.update("jax_enable_compilation_cache", True)
 
 
 def key_digest(key: dict) -> str:
@@ -397,24 +407,19 @@ def load_executables(directory: str, key: dict) -> tuple[dict[tuple[str, tuple],
 
 def install_executables(engine, directory: str, key: dict, *, named: bool) -> dict:
     """Installs the executables of `directory` in the engine where they match `key`;
-    returns them ({} if none). `named` (--aot_dir): say on stderr how many, or why none;
-    the executable cache says only when it serves."""
+    returns them ({} if none), and says on stderr how many, or why none. `named`: the
+    directory is --aot_dir's, else the executable cache's."""
     from runtime.startup import clock
 
     with clock.phase("aot load") as detail:
         executables, why = load_executables(directory, key)
+        where = f"--aot_dir={directory}" if named else f"executable cache {directory}"
         if why is not None:
             detail[0] = "none"
-            if named:
-                print(f"xlserve: --aot_dir={directory} not used, compiling instead: {why}", file=sys.stderr,
-                      flush=True)
-            else:
-                print(f"xlserve: executable cache {directory} not used, compiling instead: {why}", file=sys.stderr,
-                      flush=True)
+            print(f"xlserve: {where} not used, compiling instead: {why}", file=sys.stderr, flush=True)
             return {}
         n = engine.use_executables(executables)
         detail[0] = f"{n} of {len(engine.programs())} programs"
-        where = f"--aot_dir={directory}" if named else f"executable cache {directory}"
         print(f"xlserve: {where}: {detail[0]} loaded", file=sys.stderr, flush=True)
     return executables
 
@@ -462,16 +467,7 @@ def prepare_programs(engine, dtype: str, *, aot_dir: str | None, executable_cach
     saving = cache_dir is not None and not aot_dir
     with clock.phase("compile") as detail:
         hits = compile_counter.cache_hits
-        # XLA:CPU executables taken from the persistent cache serialize without their
-        # kernels (runtime.warmup says more): a CPU server that saves compiles afresh.
-        fresh = saving and platform == "cpu"
-        if fresh:
-            jax.config.update("jax_enable_compilation_cache", False)
-        try:
-            compiled = compile_programs(missing, threads)
-        finally:
-            if fresh:
-                jax.config.update("jax_enable_compilation_cache", True)
+        compiled = compile_programs(missing, threads, fresh=saving and platform == "cpu")  # fresh: see there
         engine.use_executables(compiled)
         detail[0] = (f"{len(compiled)} programs on {threads} thread{'s' if threads > 1 else ''}, "
                      f"{compile_counter.cache_hits - hits} from the persistent cache")

@@ -109,20 +109,16 @@ class Scheduler:
         *,
         num_slots: int,
         max_prefill_batch: int,
-        prefill_lengths: Iterable[int] = (),
-        max_chunk: int | None = None,
+        prefill_lengths: Iterable[int],
         max_num_batched_tokens: int | None = None,
         decode_steps: int = 1,
         groups: int = 1,
     ):
-        """`prefill_lengths`: the prefill length buckets (`max_chunk=n` stands for the one
-        bucket n). `max_num_batched_tokens`: the per-step token budget; None: none."""
+        """`prefill_lengths`: the prefill length buckets (chunks are cut at them).
+        `max_num_batched_tokens`: the per-step token budget; None: none."""
         lengths = tuple(sorted(set(prefill_lengths)))
-        if bool(lengths) == (max_chunk is not None):
-            raise ValueError("give the scheduler prefill_lengths or max_chunk, one of them")
-        lengths = lengths or (max_chunk,)
-        if lengths[0] <= 0:
-            raise ValueError(f"prefill lengths {lengths} must be positive")
+        if not lengths or lengths[0] <= 0:
+            raise ValueError(f"prefill lengths {lengths} must be given and positive")
         if groups <= 0 or num_slots % groups:
             raise ValueError(f"num_slots={num_slots} must split into groups={groups} equal groups")
         if allocator.groups != groups:

@@ -212,12 +212,12 @@ def main(argv: list[str]) -> None:
     if config.security.api_keys and not config.security.tls:
         log.warning("API keys without TLS cross the network in the clear: add --tls_cert_file/--tls_key_file "
                     "unless a TLS proxy or a private network carries them")
+    xflags.check_startup_flags()
     if FLAGS.drain_timeout_s < 0:
         xflags.usage_error(f"--drain_timeout_s={FLAGS.drain_timeout_s} must be >= 0")
     from sharding import distributed
 
     cluster, mesh_config = xflags.join_cluster(dist, mesh_config)
-    xflags.check_startup_flags()
     load = _loader(FLAGS.checkpoint, ecfg, FLAGS.dtype, xflags.auto_num_seqs(), mesh_config, FLAGS.aot_dir,
                    FLAGS.executable_cache, FLAGS.compile_threads)
     leader = None

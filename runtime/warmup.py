@@ -88,12 +88,11 @@ def main(argv: list[str]) -> None:
 
         from runtime import aot
 
-        # Compiled here, not taken from the persistent cache: on XLA:CPU (jaxlib 0.10.2) an
-        # executable loaded from that cache serializes without its kernels, and the server's
-        # copy then fails when it runs ("Function copy_bitcast_fusion.4 not found").
-        jax.config.update("jax_enable_compilation_cache", False)
-        steps = [(kind, shape, fn.lower(*args).compile()) for kind, shape, fn, args in engine.programs()]
-        jax.config.update("jax_enable_compilation_cache", True)
+        threads = FLAGS.compile_threads or aot.default_compile_threads(jax.devices()[0].platform)
+        # fresh: not from the persistent cache (compile_programs says why)
+        compiled = aot.compile_programs(engine.programs(), threads, fresh=True)
+        engine.use_executables(compiled)
+        steps = [(kind, shape, c) for (kind, shape), c in compiled.items()]
         key = aot.executable_key(engine.cfg, engine.ecfg, engine.mesh, jax.devices(), FLAGS.dtype, engine.num_pages)
         written, skipped = aot.save_executables(FLAGS.aot_dir, steps, key)
         aot_info = dict(aot_dir=FLAGS.aot_dir, executables=f"{written} of {len(steps)}")

@@ -53,11 +53,8 @@ def _key(engine):
 def aot_dir(tmp_path_factory):
     directory = str(tmp_path_factory.mktemp("aot"))
     engine = _engine()
-    jax.config.update("jax_enable_compilation_cache", False)  # fresh executables (runtime.warmup says why)
-    try:
-        steps = [(kind, shape, fn.lower(*args).compile()) for kind, shape, fn, args in engine.programs()]
-    finally:
-        jax.config.update("jax_enable_compilation_cache", True)
+    compiled = aot.compile_programs(engine.programs(), fresh=True)  # serializable (compile_programs says why)
+    steps = [(kind, shape, c) for (kind, shape), c in compiled.items()]
     written, skipped = aot.save_executables(directory, steps, _key(engine))
     assert written == len(steps) and not skipped
     return directory
@@ -117,8 +114,8 @@ def test_warmup_then_serve_from_the_aot_dir(tmp_path):
                        capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     assert '"executables": "' in p.stdout
-    from tests.runtime.server_harness import serve_subprocess
     from runtime.client import Client
+    from tests.runtime.server_harness import serve_subprocess
 
     for extra, expect in (([f"--aot_dir={tmp_path / 'aot'}"], "programs loaded"),
                           ([f"--aot_dir={tmp_path / 'aot'}", "--max_num_seqs=1", "--decode_batch_sizes=1"],

@@ -3,6 +3,7 @@ gives the tokens of --attention=reference."""
 
 from __future__ import annotations
 
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -139,6 +140,29 @@ def _prefill_args(ecfg):
                         stop_ids=z(1, 16), remaining=z(1))
 
 
+def _serve_with_late_arrivals(model, ecfg, first, late, num_pages):
+    """Greedy tokens per request: `first` alone, then `late` added at step 2 (while
+    `first` decodes). Every request must finish without an error."""
+    orc = Orchestrator(Engine(model, ecfg, num_pages=num_pages), None)
+    orc.add_request(first)
+    got = {r.request_id: [] for r in (first, *late)}
+    steps = 0
+    while orc.has_work():
+        if steps == 2:
+            for r in late:
+                orc.add_request(r)
+        for out in orc.step():
+            assert out.error is None, out.error
+            got[out.request_id] += out.token_ids
+        steps += 1
+    return got
+
+
+def _greedy(name, rng, n, max_tokens):
+    return Request(name, rng.integers(1, 256, n).tolist(), SamplingParams(temperature=0.0), max_tokens=max_tokens,
+                   ignore_eos=True)
+
+
 def test_budget_split_prompts_get_the_continuation_program():
     """Prompts that fit the largest prefill length are still split while others decode
     (--max_num_batched_tokens), so the Pallas engine must compile the continuation
@@ -148,31 +172,13 @@ def test_budget_split_prompts_get_the_continuation_program():
 
     model = _tiny("llama")
     rng = np.random.default_rng(7)
-    requests = [
-        Request("a", rng.integers(1, 256, 5).tolist(), SamplingParams(temperature=0.0), max_tokens=20, ignore_eos=True),
-        Request("b", rng.integers(1, 256, 40).tolist(), SamplingParams(temperature=0.0), max_tokens=4, ignore_eos=True),
-    ]
-
-    def run(budget):
-        ecfg = EngineConfig(max_num_seqs=2, max_model_len=64, page_size=16, prefill_lengths=(16, 64),
-                            attention="pallas", decode_batch_sizes=(2,), max_num_batched_tokens=budget)
-        orc = Orchestrator(Engine(model, ecfg, num_pages=12), None)
-        orc.add_request(requests[0])
-        got = {"a": [], "b": []}
-        steps = 0
-        while orc.has_work():
-            if steps == 2:  # "a" decodes when "b" arrives
-                orc.add_request(requests[1])
-            for out in orc.step():
-                assert out.error is None, out.error
-                got[out.request_id] += out.token_ids
-            steps += 1
-        return ecfg, got
-
-    split_cfg, split = run(20)
-    whole_cfg, whole = run(4096)
+    a, b = _greedy("a", rng, 5, 20), _greedy("b", rng, 40, 4)
+    ecfg = EngineConfig(max_num_seqs=2, max_model_len=64, page_size=16, prefill_lengths=(16, 64),
+                        attention="pallas", decode_batch_sizes=(2,))
+    split_cfg, whole_cfg = (dataclasses.replace(ecfg, max_num_batched_tokens=n) for n in (20, 4096))
     assert prefill_variants(split_cfg) == (True, False) and prefill_variants(whole_cfg) == (True,)
-    assert split == whole and len(split["b"]) == 4
+    split = _serve_with_late_arrivals(model, split_cfg, a, [b], num_pages=12)
+    assert split == _serve_with_late_arrivals(model, whole_cfg, a, [b], num_pages=12) and len(split["b"]) == 4
 
 
 def test_prompts_sharing_a_step_budget_get_the_continuation_program():
@@ -183,29 +189,11 @@ def test_prompts_sharing_a_step_budget_get_the_continuation_program():
 
     model = _tiny("llama")
     rng = np.random.default_rng(8)
-    a = Request("a", rng.integers(1, 256, 5).tolist(), SamplingParams(temperature=0.0), max_tokens=12, ignore_eos=True)
-    late = [Request(r, rng.integers(1, 256, 60).tolist(), SamplingParams(temperature=0.0), max_tokens=3,
-                    ignore_eos=True) for r in "bc"]
-
-    def run(budget):
-        ecfg = EngineConfig(max_num_seqs=3, max_model_len=64, page_size=16, prefill_lengths=(16, 64),
-                            prefill_batch_sizes=(1, 2), attention="pallas", decode_batch_sizes=(3,),
-                            max_num_batched_tokens=budget)
-        orc = Orchestrator(Engine(model, ecfg, num_pages=16), None)
-        orc.add_request(a)
-        got, steps = {"a": [], "b": [], "c": []}, 0
-        while orc.has_work():
-            if steps == 2:  # "a" decodes when "b" and "c" arrive together
-                for r in late:
-                    orc.add_request(r)
-            for out in orc.step():
-                assert out.error is None, out.error
-                got[out.request_id] += out.token_ids
-            steps += 1
-        return ecfg, got
-
+    a, late = _greedy("a", rng, 5, 12), [_greedy(r, rng, 60, 3) for r in "bc"]
+    ecfg = EngineConfig(max_num_seqs=3, max_model_len=64, page_size=16, prefill_lengths=(16, 64),
+                        prefill_batch_sizes=(1, 2), attention="pallas", decode_batch_sizes=(3,))
     # 100 tokens: "b" takes 60, "c" gets the 16-token bucket of the 39 left, then continues.
-    split_cfg, split = run(100)
-    whole_cfg, whole = run(4096)
+    split_cfg, whole_cfg = (dataclasses.replace(ecfg, max_num_batched_tokens=n) for n in (100, 4096))
     assert prefill_variants(split_cfg) == (True, False) and prefill_variants(whole_cfg) == (True,)
-    assert split == whole and len(split["c"]) == 3
+    split = _serve_with_late_arrivals(model, split_cfg, a, late, num_pages=16)
+    assert split == _serve_with_late_arrivals(model, whole_cfg, a, late, num_pages=16) and len(split["c"]) == 3

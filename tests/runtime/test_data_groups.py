@@ -89,7 +89,7 @@ def seq(name: str, n: int, max_tokens: int = 8) -> Sequence:
 
 def make_scheduler(num_pages=16, page_size=4, num_slots=4, groups=2, max_prefill_batch=4, max_chunk=64):
     alloc = PageAllocator(num_pages, page_size, groups=groups)
-    return Scheduler(alloc, num_slots=num_slots, max_prefill_batch=max_prefill_batch, max_chunk=max_chunk,
+    return Scheduler(alloc, num_slots=num_slots, max_prefill_batch=max_prefill_batch, prefill_lengths=(max_chunk,),
                      groups=groups)
 
 

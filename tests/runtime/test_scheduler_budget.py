@@ -193,15 +193,13 @@ def test_random_workload_respects_the_budget_and_finishes():
         sched.allocator.check_conserved()
 
 
-def test_prefill_lengths_or_max_chunk():
+def test_prefill_lengths_are_sorted_and_required():
     alloc = PageAllocator(8, 4)
     sched = Scheduler(alloc, num_slots=2, max_prefill_batch=1, prefill_lengths=[32, 8, 16])
-    assert sched.prefill_lengths == (8, 16, 32) and sched.max_chunk == 32
-    sched = Scheduler(alloc, num_slots=2, max_prefill_batch=1, max_chunk=64)
-    assert sched.prefill_lengths == (64,) and sched.max_chunk == 64 and sched.max_num_batched_tokens is None
-    for kwargs in ({}, dict(prefill_lengths=(8,), max_chunk=8)):
-        with pytest.raises(ValueError, match="prefill_lengths or max_chunk, one of them"):
-            Scheduler(alloc, num_slots=2, max_prefill_batch=1, **kwargs)
+    assert sched.prefill_lengths == (8, 16, 32) and sched.max_chunk == 32 and sched.max_num_batched_tokens is None
+    for lengths in ((), (0, 8)):
+        with pytest.raises(ValueError, match="must be given and positive"):
+            Scheduler(alloc, num_slots=2, max_prefill_batch=1, prefill_lengths=lengths)
 
 
 def test_the_engine_budget_is_at_least_one_token():
