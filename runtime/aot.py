@@ -43,7 +43,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pallas_kernels import dispatch
 from runtime.config import HOST_ONLY_FIELDS, EngineConfig, ModelConfig
-from runtime.engine import DecodeIO, DecodeSlots, Steps, bucket_manifest, build_steps, pack_prefill, scratch_prefill
+from runtime.engine import (
+    DecodeIO, DecodeSlots, Steps, bucket_manifest, build_steps, mesh_engine_config, pack_prefill, scratch_prefill,
+)
 from runtime.kv_cache import KVCache
 from runtime.models.transformer import abstract_model, fuse_projections
 from runtime.startup import Capacity, cache_kv_shards, plan_capacity
@@ -144,8 +146,8 @@ class AbstractEngine:
 
 @dataclasses.dataclass(frozen=True)
 class CompiledStep:
-    kind: str  # "prefill" | "decode" | "release"
-    shape: tuple  # the manifest entry: (batch, length[, "fresh"]) | (slots,) | ()
+    kind: str  # "prefill" | "decode" | "mixed" | "release"
+    shape: tuple  # the manifest entry: (batch, length[, "fresh"]) | (slots, mode) | (slots, batch, length[, "fresh"]) | ()
     compiled: jax.stages.Compiled
     memory: MemoryStats
     lower_s: float
@@ -190,6 +192,7 @@ def abstract_engine(cfg: ModelConfig, ecfg: EngineConfig, mesh: Mesh, num_pages:
     if mesh.shape.get("data", 1) > 1:
         raise NotImplementedError(f"ahead-of-time compilation with data-parallel groups ({mesh.shape['data']} on "
                                   "the mesh) is not implemented")
+    ecfg = mesh_engine_config(ecfg, mesh)  # as the Engine runs it
     cfg, graphdef, params = abstract_params(cfg, mesh, dtype)
     capacity = None
     if num_pages is None:
@@ -221,19 +224,25 @@ def step_args(engine: AbstractEngine, kind: str, shape: tuple = ()) -> tuple:
     """The abstract arguments of one manifest entry, as Engine passes them (the params
     as their list of leaves; warmup's host arrays: their shapes and dtypes, uncommitted)."""
     ecfg, MP = engine.ecfg, engine.ecfg.max_pages_per_seq
-    if kind == "prefill":
-        b, t = shape[:2]
+    def packed(b, t):
         ints, floats = pack_prefill(**scratch_prefill(b, t, MP, ecfg.max_num_seqs))
-        return jax.tree.leaves(engine.params), engine.cache, engine.slots, _sds(ints), _sds(floats)
-    if kind == "decode":
+        return _sds(ints), _sds(floats)
+
+    def io():
         io = jax.eval_shape(lambda: DecodeIO.create(ecfg.max_num_seqs, MP, ecfg.decode_steps_per_call,
                                                     ecfg.num_top_logprobs))
         replicated = NamedSharding(engine.mesh, PartitionSpec())
-        io = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), io)
-        return jax.tree.leaves(engine.params), engine.cache, engine.slots, io
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), io)
+
+    if kind == "prefill":
+        return jax.tree.leaves(engine.params), engine.cache, engine.slots, *packed(*shape[:2])
+    if kind == "decode":
+        return jax.tree.leaves(engine.params), engine.cache, engine.slots, io()
+    if kind == "mixed":
+        return jax.tree.leaves(engine.params), engine.cache, engine.slots, io(), *packed(*shape[1:3])
     if kind == "release":
         return engine.slots, jax.ShapeDtypeStruct((), jnp.int32)
-    raise ValueError(f"step kind {kind!r}; choose from prefill, decode, release")
+    raise ValueError(f"step kind {kind!r}; choose from prefill, decode, mixed, release")
 
 
 def step_fn(engine: AbstractEngine, kind: str, shape: tuple = ()):
@@ -243,6 +252,8 @@ def step_fn(engine: AbstractEngine, kind: str, shape: tuple = ()):
     if kind == "decode":
         rows, mode = shape if len(shape) > 1 else (engine.ecfg.max_num_seqs, "filter")
         return engine.steps.decode[(rows, mode)]
+    if kind == "mixed":
+        return engine.steps.mixed[(shape[0], "fresh" in shape[3:])]
     return engine.steps.release
 
 

@@ -347,8 +347,9 @@ AUTO_MAX_NUM_SEQS = 64
 
 # EngineConfig fields that no compiled program depends on: runtime.aot leaves them out of
 # the key of serialized executables, so changing one does not refuse them. The budget only
-# decides whether prompts are ever split (runtime.engine.prefill_variants): a server that
-# splits where the saved set did not compiles the continuation programs at warm-up.
+# decides which programs there are (runtime.engine.prefill_variants, mixed_lengths), not
+# what any of them computes: a server whose budget needs programs the saved set lacks
+# compiles them at warm-up.
 HOST_ONLY_FIELDS = frozenset({"max_num_batched_tokens"})
 
 
@@ -375,6 +376,9 @@ class EngineConfig:
     # Prefill plus decode tokens per step while sequences decode (runtime.scheduler); with
     # nothing decoding, prefill runs at full chunk. Host only: no compiled shape depends on it.
     max_num_batched_tokens: int = 512
+    # While sequences decode, a step's prefill chunk and its decode step run as one forward
+    # pass (runtime.engine._mixed; one device, decode_steps_per_call 1, else two calls).
+    mixed_calls: bool = True
     # Decode buckets (`decode_buckets`); () -> DEFAULT_DECODE_BATCH_SIZES. max_num_seqs is always one.
     decode_batch_sizes: tuple[int, ...] = ()
     attention: str = "auto"

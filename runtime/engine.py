@@ -32,6 +32,7 @@ from flax import nnx
 from pallas_kernels import dispatch
 from runtime.config import ConfigError, EngineConfig, ModelConfig
 from runtime.kv_cache import KVCache
+from runtime.models.layers import Segment
 from runtime.models.transformer import CUBLAS_DECODE_ROWS, Transformer, fuse_projections
 from runtime.sampling import SlotSampling, sample
 from sharding import pipeline, tensor_parallel
@@ -164,13 +165,29 @@ def _prefill(
     remaining,  # [Bp] tokens the sequence may generate after the one this call samples
     *, attn_impl: str, num_top_logprobs: int, fresh: bool, mesh=None,
 ):
-    Bp, T = tokens.shape
-    positions = starts[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
-    kv_lens = jnp.where(lens > 0, starts + lens, 0)
+    positions, kv_lens = _chunk_positions(tokens, starts, lens)
     logits, cache = _model_step(
         graphdef, params, tokens, positions, cache, page_table, kv_lens, jnp.maximum(lens - 1, 0), attn_impl, fresh,
         mesh,
     )
+    slots, out = _prefill_sample(slots, logits, tokens, starts, lens, kv_lens, slot_ids, is_last, sampling, stop_ids,
+                                 remaining, num_top_logprobs=num_top_logprobs)
+    return cache, slots, out
+
+
+def _chunk_positions(tokens, starts, lens):
+    """Positions [Bp, T] of a prefill call's tokens, and the rows' cache lengths [Bp]
+    after it (0 for padding rows)."""
+    T = tokens.shape[1]
+    positions = starts[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+    return positions, jnp.where(lens > 0, starts + lens, 0)
+
+
+def _prefill_sample(slots: DecodeSlots, logits, tokens, starts, lens, kv_lens, slot_ids, is_last,
+                    sampling: SlotSampling, stop_ids, remaining, *, num_top_logprobs: int):
+    """Samples each prefill row's token from its last position's logits [Bp, V] and
+    fills the rows' decode slots."""
+    Bp, T = tokens.shape
     V = logits.shape[-1]
     # Which tokens the prompt holds (repetition penalty): this chunk's, merged with the
     # earlier chunks' that their calls left in the slot's row.
@@ -199,7 +216,7 @@ def _prefill(
         stop_ids=slots.stop_ids.at[slot_ids].set(stop_ids, mode="drop"),
         remaining=slots.remaining.at[slot_ids].set(remaining, mode="drop"),
     )
-    return cache, slots, out
+    return slots, out
 
 
 # A prefill call's host arguments travel as one int32 and one float32 array: on a GPU
@@ -258,12 +275,19 @@ def _prefill_packed(graphdef, params, cache: KVCache, slots: DecodeSlots, ints, 
 def _decode_one(graphdef, params, cache: KVCache, slots: DecodeSlots, page_table, *, attn_impl, num_top_logprobs,
                 sampling_mode: str, mesh=None):
     B = slots.tokens.shape[0]
-    active = slots.lengths > 0
-    kv_lens = jnp.where(active, slots.lengths + 1, 0)
+    kv_lens = jnp.where(slots.lengths > 0, slots.lengths + 1, 0)
     logits, cache = _model_step(
         graphdef, params, slots.tokens[:, None], slots.lengths[:, None], cache, page_table, kv_lens,
         jnp.zeros((B,), jnp.int32), attn_impl, mesh=mesh,
     )
+    slots, out = _decode_sample(slots, logits, kv_lens, num_top_logprobs=num_top_logprobs, sampling_mode=sampling_mode)
+    return cache, slots, out
+
+
+def _decode_sample(slots: DecodeSlots, logits, kv_lens, *, num_top_logprobs: int, sampling_mode: str):
+    """Samples every active slot's next token from its logits [B, V] and advances the slots."""
+    B = slots.tokens.shape[0]
+    active = slots.lengths > 0
     out = sample(
         logits, slots.sampling, kv_lens, slots.prompt_mask, slots.output_counts, num_top_logprobs=num_top_logprobs,
         mode=sampling_mode,
@@ -279,7 +303,7 @@ def _decode_one(graphdef, params, cache: KVCache, slots: DecodeSlots, page_table
         output_counts=slots.output_counts.at[jnp.arange(B), tok].add(active.astype(jnp.int32)),
         remaining=slots.remaining - active.astype(jnp.int32),
     )
-    return cache, slots, dict(out, tokens=tok, valid=active)
+    return slots, dict(out, tokens=tok, valid=active)
 
 
 def _decode(graphdef, params, cache: KVCache, slots: DecodeSlots, io: DecodeIO, *, steps: int, rows: int,
@@ -301,6 +325,40 @@ def _decode(graphdef, params, cache: KVCache, slots: DecodeSlots, io: DecodeIO, 
     slots = part if rows == B else jax.tree.map(lambda x, p: x.at[:rows].set(p), slots, part)
     out = {k: io.out[k].at[:, :rows].set(outs[k].astype(io.out[k].dtype)) for k in io.out}
     return cache, slots, DecodeIO(page_table=io.page_table, out=out)
+
+
+def _mixed(graphdef, params, cache: KVCache, slots: DecodeSlots, io: DecodeIO, ints, floats, *, rows: int,
+           max_pages: int, fresh: bool, attn_impl: str, num_top_logprobs: int, mesh=None):
+    """One decode step over slots [0, rows) and one prefill call (pack_prefill's arrays)
+    as a single forward pass: the decode rows and the chunk's tokens share every weight
+    read (runtime.models.layers.Segment). The same tokens as a prefill call followed by a
+    decode call, except that a prompt completed here starts decoding in the next step
+    (its slot is idle while this step decodes). Decode outputs go to io.out[0] as
+    _decode's; the prefill's are returned."""
+    if mesh is not None and tensor_parallel.is_sharded(mesh):
+        raise NotImplementedError("mixed calls run on one device (mixed_calls_enabled)")
+    p = _unpack_prefill(ints, floats, max_pages)
+    B = slots.tokens.shape[0]
+    part = slots if rows == B else jax.tree.map(lambda x: x[:rows], slots)
+    Bp, T = p["tokens"].shape
+    d_kv = jnp.where(part.lengths > 0, part.lengths + 1, 0)
+    p_pos, p_kv = _chunk_positions(p["tokens"], p["starts"], p["lens"])
+    segments = (Segment(io.page_table[:rows], part.lengths[:, None], d_kv, rows, 1, False),
+                Segment(p["page_table"], p_pos, p_kv, Bp, T, fresh))
+    tokens = jnp.concatenate([part.tokens, p["tokens"].reshape(-1)])[None]
+    positions = jnp.concatenate([part.lengths, p_pos.reshape(-1)])[None]
+    logits_at = jnp.concatenate([jnp.arange(rows, dtype=jnp.int32),
+                                 rows + jnp.arange(Bp, dtype=jnp.int32) * T + jnp.maximum(p["lens"] - 1, 0)])
+    model: Transformer = nnx.merge(graphdef, params)
+    logits, cache = model(tokens, positions, cache, None, None, attn_impl=attn_impl, logits_at=logits_at,
+                          segments=segments)
+    part, d_out = _decode_sample(part, logits[:rows], d_kv, num_top_logprobs=num_top_logprobs, sampling_mode="filter")
+    slots = part if rows == B else jax.tree.map(lambda x, q: x.at[:rows].set(q), slots, part)
+    slots, p_out = _prefill_sample(slots, logits[rows:], p["tokens"], p["starts"], p["lens"], p_kv, p["slot_ids"],
+                                   p["is_last"], p["sampling"], p["stop_ids"], p["remaining"],
+                                   num_top_logprobs=num_top_logprobs)
+    out = {k: io.out[k].at[0, :rows].set(d_out[k].astype(io.out[k].dtype)) for k in io.out}
+    return cache, slots, DecodeIO(page_table=io.page_table, out=out), p_out
 
 
 def attention_impl(ecfg: EngineConfig) -> str:
@@ -329,15 +387,34 @@ def prefill_variants(ecfg: EngineConfig) -> tuple[bool, ...]:
     return (True, False) if chunked else (True,)
 
 
+def mixed_lengths(ecfg: EngineConfig) -> tuple[int, ...]:
+    """The chunk lengths of the mixed calls (`_mixed`): while sequences decode, the token
+    budget caps a step's chunks (runtime.scheduler, policy 4) at the budget or the smallest
+    length, and a chunk pads up to a length; () where mixed calls are off
+    (`EngineConfig.mixed_calls`, or several decode steps per call)."""
+    if not ecfg.mixed_calls or ecfg.decode_steps_per_call != 1:
+        return ()
+    cap = max(ecfg.max_num_batched_tokens, ecfg.prefill_lengths[0])
+    top = next((t for t in ecfg.prefill_lengths if t >= cap), ecfg.prefill_lengths[-1])
+    return tuple(t for t in ecfg.prefill_lengths if t <= top)
+
+
 def bucket_manifest(ecfg: EngineConfig) -> dict[str, list[tuple]]:
-    """Every program an engine with this config compiles: prefill (batch, length[, "fresh"])
-    and decode (slots it runs, sampling mode). Warm-up compiles exactly these."""
+    """Every program an engine with this config compiles: prefill (batch, length[, "fresh"]),
+    decode (slots it runs, sampling mode) and mixed (decode slots, prefill batch, length[,
+    "fresh"]; a decode step beside a prefill call). Warm-up compiles exactly these."""
     tag = {True: ("fresh",), False: ()}
     return {
         "prefill": [
             (b, t, *tag[f]) for f in prefill_variants(ecfg) for b in ecfg.prefill_batch_sizes for t in ecfg.prefill_lengths
         ],
         "decode": [(rows, mode) for rows in ecfg.decode_buckets for mode in ecfg.decode_sampling_modes],
+        # One prefill batch size: while sequences decode, the budget leaves room for few chunks
+        # (a step with more runs as two calls).
+        "mixed": [
+            (rows, min(ecfg.prefill_batch_sizes), t, *tag[f]) for f in prefill_variants(ecfg)
+            for rows in ecfg.decode_buckets for t in mixed_lengths(ecfg)
+        ],
     }
 
 
@@ -347,9 +424,25 @@ class Steps:
 
     prefill: dict[bool, Callable]  # by "fresh" (prefill_variants); (params, cache, slots, *pack_prefill(...))
     decode: dict[tuple[int, str], Callable]  # by (rows, sampling mode): the manifest's; (params, cache, slots, io)
+    mixed: dict[tuple[int, bool], Callable]  # by (decode rows, fresh); (params, cache, slots, io, *pack_prefill(...))
     release: Callable  # (slots, slot)
     set_table: Callable  # (io, page_table [B, MP]): io with that table
     snapshot: Callable  # (io, dst) -> dst (donated) holding io.out's first rows, for the host to read
+
+
+def mesh_engine_config(ecfg: EngineConfig, mesh) -> EngineConfig:
+    """The config an engine on `mesh` runs. Data-parallel groups and pipeline stages decode
+    every slot in each call: decode buckets take the first slots, but groups own slot
+    ranges and stages run the slots in microbatches. Mixed calls run on one device (the
+    sharded step functions take one rectangular call), so sharded engines make two calls."""
+    if mesh is None:
+        return ecfg
+    if tensor_parallel.data_axis(mesh) and mesh.shape[tensor_parallel.data_axis(mesh)] > 1 or (
+            pipeline.stage_size(mesh) > 1):
+        ecfg = dataclasses.replace(ecfg, decode_batch_sizes=(ecfg.max_num_seqs,))
+    if tensor_parallel.is_sharded(mesh) or pipeline.stage_size(mesh) > 1:
+        ecfg = dataclasses.replace(ecfg, mixed_calls=False)
+    return ecfg
 
 
 def _from_leaves(fn: Callable, params_treedef) -> Callable:
@@ -400,10 +493,19 @@ def build_steps(graphdef, ecfg: EngineConfig, *, cache_shardings, replicated, me
             compiler_options=_compiler_options(ecfg, "decode", rows))
         for rows, mode in bucket_manifest(ecfg)["decode"]
     }
+    # Mixed calls by decode bucket and prefill variant (the chunk's shape is traced per call).
+    mixed = {
+        (rows, fresh): jax.jit(
+            _from_leaves(functools.partial(_mixed, graphdef, rows=rows, fresh=fresh, max_pages=ecfg.max_pages_per_seq,
+                                           **static), params_treedef),
+            donate_argnums=(1, 2, 3), out_shardings=(cache_shardings, replicated, replicated, replicated),
+            compiler_options=_compiler_options(ecfg, "prefill"))
+        for rows, _, _, *fresh_tag in bucket_manifest(ecfg)["mixed"] for fresh in [bool(fresh_tag)]
+    }
     release = jax.jit(_release, donate_argnums=(0,), out_shardings=replicated)
     set_table = jax.jit(_set_table, donate_argnums=(0,), out_shardings=replicated)
     snapshot = jax.jit(_snapshot, donate_argnums=(1,), out_shardings=replicated)
-    return Steps(prefill, decode, release, set_table, snapshot)
+    return Steps(prefill, decode, mixed, release, set_table, snapshot)
 
 
 # Decode buckets of at least CUBLAS_DECODE_ROWS rows (runtime.models.transformer) take
@@ -488,10 +590,7 @@ class Engine:
         for name, n in (("max_num_seqs", ecfg.max_num_seqs), ("num_pages", num_pages)):
             if n % self.data_groups:
                 raise ConfigError(f"{name}={n} is not a multiple of data_parallel_size={self.data_groups}")
-        if self.data_groups > 1 or pipeline.stage_size(mesh) > 1:
-            # Decode buckets take the first slots; groups own slot ranges and stages run the
-            # slots in microbatches, so these run every slot in each call.
-            ecfg = self.ecfg = dataclasses.replace(ecfg, decode_batch_sizes=(ecfg.max_num_seqs,))
+        ecfg = self.ecfg = mesh_engine_config(ecfg, mesh)
         if pipeline.stage_size(mesh) > 1:
             # Layers in stages: each stage's weights and pages stacked over "stage" (sharding/pipeline.py).
             self.graphdef, self.params = pipeline.stage_model(model, mesh, ecfg.pipeline_microbatches)
@@ -519,6 +618,8 @@ class Engine:
         steps = build_steps(self.graphdef, ecfg, cache_shardings=jax.tree.map(lambda x: x.sharding, self.cache),
                             replicated=replicated, mesh=mesh, params_treedef=treedef)
         self._prefill, self._decode, self._release = steps.prefill, steps.decode, steps.release
+        self._mixed = steps.mixed
+        self._mixed_shapes = {tuple(e) for e in self.manifest()["mixed"]}
         self._set_table, self._snapshot = steps.set_table, steps.snapshot
 
     # --- the bucket manifest ---------------------------------------------------------
@@ -561,6 +662,10 @@ class Engine:
         for rows, mode in self.manifest()["decode"]:
             with entry(f"decode {rows} {mode}"):
                 self.decode(np.zeros((rows, self.ecfg.max_pages_per_seq), np.int32), mode=mode)
+        for rows, b, t, *fresh in self.manifest()["mixed"]:
+            with entry(f"mixed {rows}+{b}x{t}" + (" fresh" if fresh else "")):
+                self._mixed_call(bool(fresh), np.zeros((rows, self.ecfg.max_pages_per_seq), np.int32),
+                                 **scratch_prefill(b, t, self.ecfg.max_pages_per_seq, self.ecfg.max_num_seqs))
         with entry("set_table, release"):
             self.io = self._set_table(self.io, self._table_sent)  # compiled; changes nothing
             self.release(self.ecfg.max_num_seqs)  # out of range: changes nothing
@@ -581,6 +686,10 @@ class Engine:
         for rows, mode in self.manifest()["decode"]:
             out.append(("decode", (rows, mode), self._jit("decode", (rows, mode)),
                         (self.param_leaves, self.cache, self.slots, self.io)))
+        for rows, b, t, *fresh in self.manifest()["mixed"]:
+            packed = pack_prefill(**scratch_prefill(b, t, ecfg.max_pages_per_seq, ecfg.max_num_seqs))
+            out.append(("mixed", (rows, b, t, *fresh), self._jit("mixed", (rows, bool(fresh))),
+                        (self.param_leaves, self.cache, self.slots, self.io, *packed)))
         out.append(("release", (), self._jit("release"), (self.slots, np.int32(ecfg.max_num_seqs))))
         out.append(("set_table", (), self._jit("set_table"), (self.io, self._table_sent)))
         for rows, bufs in self._readback.items():
@@ -590,6 +699,7 @@ class Engine:
     def _jit(self, kind: str, key=None):
         """The jitted function of a program (under any executables installed over it)."""
         fn = {"prefill": lambda: self._prefill[key], "decode": lambda: self._decode[key],
+              "mixed": lambda: self._mixed[key],
               "release": lambda: self._release, "set_table": lambda: self._set_table,
               "snapshot": lambda: self._snapshot}[kind]()
         return getattr(fn, "jitted", fn)
@@ -603,12 +713,15 @@ class Engine:
             if (kind, shape) in executables:
                 by_program[(kind, shape)] = (executables[(kind, shape)], args)
         prefill_by_shape: dict[bool, dict] = {f: {} for f in self._prefill}
+        mixed_by_shape: dict[tuple[int, bool], dict] = {k: {} for k in self._mixed}
         snapshot_by_rows = {}
         for (kind, shape), (compiled, args) in by_program.items():
             if kind == "prefill":
                 prefill_by_shape["fresh" in shape][args[3].shape] = compiled
             elif kind == "decode":
                 self._decode[shape] = _Installed(self._jit("decode", shape), {(): compiled}, lambda a: ())
+            elif kind == "mixed":
+                mixed_by_shape[(shape[0], "fresh" in shape)][args[4].shape] = compiled
             elif kind == "release":
                 self._release = _Installed(self._jit("release"), {(): compiled}, lambda a: ())
             elif kind == "set_table":
@@ -618,6 +731,9 @@ class Engine:
         for fresh, table in prefill_by_shape.items():
             if table:
                 self._prefill[fresh] = _Installed(self._jit("prefill", fresh), table, lambda a: a[3].shape)
+        for key, table in mixed_by_shape.items():
+            if table:
+                self._mixed[key] = _Installed(self._jit("mixed", key), table, lambda a: a[4].shape)
         if snapshot_by_rows:
             self._snapshot = _Installed(self._jit("snapshot"), snapshot_by_rows, lambda a: a[1]["tokens"].shape[1])
         return len(by_program)
@@ -665,13 +781,47 @@ class Engine:
             if rows not in buckets:
                 raise ValueError(f"decode over {rows} slots; the buckets are {', '.join(map(str, buckets))}")
             raise ValueError(f"decode mode {mode!r}; choose from {', '.join(sorted({m for _, m in self._decode}))}")
+        self._send_table(page_table)
+        self.cache, self.slots, self.io = step(self.param_leaves, self.cache, self.slots, self.io)
+        return self._decode_outputs(rows)
+
+    def mixes(self, rows: int, num_prompts: int, chunk_len: int, fresh: bool) -> bool:
+        """Whether a mixed call (`mixed`) is compiled for a decode step over `rows` slots
+        beside a prefill call of that shape (`prefill_shape`'s buckets)."""
+        fresh = fresh and any(k[1] for k in self._mixed)
+        return (rows, num_prompts, chunk_len, *(("fresh",) if fresh else ())) in self._mixed_shapes
+
+    def mixed(self, decode_table, *, starts, **prefill) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+        """A prefill call (`prefill`'s arguments) and one decode step over slots [0, b)
+        (decode_table [b, MP], as `decode` takes it) in one forward pass
+        (runtime.engine._mixed); `mixes` says which shapes are compiled. Returns (prefill
+        outputs, decode outputs), each as its own call returns them. A prompt this call
+        completes decodes from the next step on."""
+        fresh = any(k[1] for k in self._mixed) and not np.any(np.asarray(starts))
+        return self._mixed_call(fresh, decode_table, starts=starts, **prefill)
+
+    def _mixed_call(self, fresh: bool, decode_table, **prefill) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+        rows = len(decode_table)
+        step = self._mixed.get((rows, fresh))
+        if step is None:
+            raise ValueError(f"no mixed call over {rows} slots{' (fresh)' if fresh else ''}; "
+                             f"compiled: {sorted(self._mixed_shapes)}")
+        ints, floats = pack_prefill(**prefill)
+        self._send_table(decode_table)
+        self.cache, self.slots, self.io, out = step(self.param_leaves, self.cache, self.slots, self.io, ints, floats)
+        return out, self._decode_outputs(rows)
+
+    def _send_table(self, page_table) -> None:
+        """The decode page table [rows, MP] into io (rewritten only when it changed)."""
+        rows = len(page_table)
         table = np.asarray(page_table, np.int32)
         if not np.array_equal(table, self._table_sent[:rows]):
             # Rows past the bucket belong to idle slots: they keep their old pages, unread.
             self._table_sent = self._table_sent.copy()
             self._table_sent[:rows] = table
             self.io = self._set_table(self.io, self._table_sent)
-        self.cache, self.slots, self.io = step(self.param_leaves, self.cache, self.slots, self.io)
+
+    def _decode_outputs(self, rows: int) -> dict[str, jax.Array]:
         # The outputs the host reads are copied into buffers that alternate between calls
         # (io.out itself is overwritten by the next call, which may run before the host
         # reads this one's). A fresh array per call was a device allocation between

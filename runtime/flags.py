@@ -38,6 +38,9 @@ def define_engine_flags() -> None:
                          "decode: a long prompt is prefilled over several steps instead of stalling every stream "
                          "(at least one chunk of the smallest --prefill_lengths per step). With nothing decoding, "
                          "prefill runs at full chunk.")
+    flags.DEFINE_boolean("mixed_calls", True, "While sequences decode, run a step's prefill chunk and its decode "
+                         "step as one forward pass (weights read once for both; one device call). One device only, "
+                         "one decode step per call; --nomixed_calls runs them as two calls.")
     flags.DEFINE_list("decode_batch_sizes", [], "Decode buckets: a call runs the first b slots, b the smallest bucket "
                       "holding every decoding slot (default: 1,8,64,512 below --max_num_seqs; --max_num_seqs is "
                       "always one).")
@@ -142,6 +145,7 @@ def engine_config_from_flags(**overrides) -> EngineConfig:
         prefill_batch_sizes=_ints("prefill_batch_sizes", FLAGS.prefill_batch_sizes),
         decode_steps_per_call=FLAGS.decode_steps_per_call,
         max_num_batched_tokens=FLAGS.max_num_batched_tokens,
+        mixed_calls=FLAGS.mixed_calls,
         decode_batch_sizes=_ints("decode_batch_sizes", FLAGS.decode_batch_sizes),
         attention=FLAGS.attention,
         command_buffers=FLAGS.command_buffers,

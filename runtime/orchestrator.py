@@ -4,7 +4,9 @@
 slots of preempted sequences, run one prefill call (if the plan has chunks) and one
 decode call (if any slot is decoding), then turn the sampled ids (one device-to-host
 copy per call) into per-request outputs: token ids, text deltas, logprobs and, at the
-end, a finish reason. Only this loop touches the engine; front ends talk to it through
+end, a finish reason. Where the engine compiled it (Engine.mixes), a step with both
+runs them as one mixed call: the sequences that were decoding and the chunks share one
+forward pass, and a prompt completed in it decodes from the next step. Only this loop touches the engine; front ends talk to it through
 `add_request` / `abort` and the outputs `step()` returns (the server wraps this in a
 thread with queues).
 
@@ -118,9 +120,9 @@ class Orchestrator:
         self._inflight: _InFlight | None = None  # the last dispatched calls, results not yet read
         self.eos_ids = frozenset(engine.cfg.eos_ids) | frozenset(tokenizer.eos_ids if tokenizer else ())
         self.compiles_at_ready = compile_counter.count
-        # Per kind of engine call ("prefill", "decode"): calls that raised since the last
+        # Per kind of engine call ("prefill", "decode", "mixed"): calls that raised since the last
         # one of that kind that worked.
-        self._call_failures = {"prefill": 0, "decode": 0}
+        self._call_failures = {"prefill": 0, "decode": 0, "mixed": 0}
 
     # --- requests ------------------------------------------------------------------
 
@@ -220,12 +222,21 @@ class Orchestrator:
         for slot in plan.released_slots:
             self.engine.release(slot)  # preempted: its tokens are kept and recomputed later
         record = _InFlight()
-        if plan.prefill:
+        decoding = [s for s in self.scheduler.running.values() if s.status == Status.RUNNING]
+        if plan.prefill and decoding and self._mixes(plan.prefill, decoding):
+            # One call: the chunks' prompts that complete here decode from the next step.
+            out = self._call("mixed", [c.seq for c in plan.prefill] + decoding, self._dispatch_mixed, plan.prefill,
+                             decoding)
+            if out is not None:
+                record.prefill, record.decoding = plan.prefill, decoding
+                (record.prefill_out, record.prefill_rows), record.decode_out = out
+            decoding = []
+        elif plan.prefill:
             out = self._call("prefill", [c.seq for c in plan.prefill], self._dispatch_prefill, plan.prefill)
             if out is not None:
                 record.prefill = plan.prefill
                 record.prefill_out, record.prefill_rows = out
-        decoding = [s for s in self.scheduler.running.values() if s.status == Status.RUNNING]
+            decoding = [s for s in self.scheduler.running.values() if s.status == Status.RUNNING]
         if decoding:
             out = self._call("decode", decoding, self._dispatch_decode, decoding)
             if out is not None:
@@ -279,8 +290,39 @@ class Orchestrator:
         b, t = self.engine.prefill_shape(max(counts), max(c.length for c in chunks))
         return [g * b + k for g, k in index], b, t
 
+    def _mixes(self, chunks: list[PrefillChunk], decoding: list[Sequence]) -> bool:
+        """Whether this step's chunks and decode step run as one mixed call (Engine.mixes)."""
+        if self.data_groups != 1:
+            return False
+        _, b, t = self._prefill_layout(chunks)
+        return self.engine.mixes(self._decode_rows(decoding), b, t, all(c.start == 0 for c in chunks))
+
+    def _dispatch_mixed(self, chunks: list[PrefillChunk], decoding: list[Sequence]) -> tuple[tuple[dict, list[int]], dict]:
+        """Runs the chunks and one decode step as one call; returns ((prefill outputs,
+        each chunk's row in them), decode outputs)."""
+        args, rows = self._prefill_args(chunks)
+        table, _ = self._decode_args(decoding)
+        p_out, d_out = self.engine.mixed(table, **args)
+        self._prefill_dispatched(chunks, p_out)
+        self._decode_dispatched(decoding, d_out)
+        return (p_out, rows), d_out
+
     def _dispatch_prefill(self, chunks: list[PrefillChunk]) -> tuple[dict, list[int]]:
         """Runs the prefill call; returns its outputs and each chunk's row in them."""
+        args, rows = self._prefill_args(chunks)
+        out = self.engine.prefill(**args)
+        self._prefill_dispatched(chunks, out)
+        return out, rows
+
+    def _prefill_dispatched(self, chunks: list[PrefillChunk], out: dict) -> None:
+        for c in chunks:
+            self.scheduler.prefill_done(c)  # in the cache once dispatched: the device runs calls in order
+            if c.is_last:
+                c.seq.num_inflight += 1
+        _start_copy(out)
+
+    def _prefill_args(self, chunks: list[PrefillChunk]) -> tuple[dict, list[int]]:
+        """The prefill call's arguments (Engine.prefill) and each chunk's row in it."""
         ecfg = self.engine.ecfg
         rows, b_group, t = self._prefill_layout(chunks)
         b = self.data_groups * b_group  # rows [g*b_group, (g+1)*b_group) are group g's
@@ -303,36 +345,40 @@ class Orchestrator:
             ids = sorted(self._tracks[seq.seq_id].stop_ids)
             stop_ids[i, : len(ids)] = ids
             remaining[i] = seq.max_tokens - len(seq.output_ids) - 1
-        out = self.engine.prefill(
-            tokens=tokens, starts=starts, lens=lens, page_table=table, slot_ids=slot_ids, is_last=is_last,
-            sampling=SlotSampling.pack(params, seeds), stop_ids=stop_ids, remaining=remaining,
-        )
-        for c in chunks:
-            self.scheduler.prefill_done(c)  # in the cache once dispatched: the device runs calls in order
-            if c.is_last:
-                c.seq.num_inflight += 1
-        _start_copy(out)
-        return out, rows
+        args = dict(tokens=tokens, starts=starts, lens=lens, page_table=table, slot_ids=slot_ids, is_last=is_last,
+                    sampling=SlotSampling.pack(params, seeds), stop_ids=stop_ids, remaining=remaining)
+        return args, rows
 
     def _dispatch_decode(self, decoding: list[Sequence]) -> dict:
+        table, mode = self._decode_args(decoding)
+        out = self.engine.decode(table, mode=mode)
+        self._decode_dispatched(decoding, out)
+        return out
+
+    def _decode_rows(self, decoding: list[Sequence]) -> int:
+        """The slots a decode call runs: the first `rows`, the smallest bucket holding every
+        decoding slot (the scheduler hands out the lowest free slot; the others are idle on
+        the device). Data-parallel groups own slot ranges: their calls run every slot (as
+        Engine compiles them)."""
         ecfg = self.engine.ecfg
-        # The call runs the first `rows` slots: the smallest bucket holding every decoding
-        # slot (the scheduler hands out the lowest free slot; the others are idle on the device).
-        # Data-parallel groups own slot ranges: their calls run every slot (as Engine compiles them).
         top = max(seq.slot for seq in decoding) + 1 if self.data_groups == 1 else ecfg.max_num_seqs
-        rows = next(b for b in ecfg.decode_buckets if b >= top)
-        table = np.zeros((rows, ecfg.max_pages_per_seq), np.int32)
+        return next(b for b in ecfg.decode_buckets if b >= top)
+
+    def _decode_args(self, decoding: list[Sequence]) -> tuple[np.ndarray, str]:
+        """The decode call's page table [rows, MP] and sampling mode."""
+        ecfg = self.engine.ecfg
+        table = np.zeros((self._decode_rows(decoding), ecfg.max_pages_per_seq), np.int32)
         for seq in decoding:
             pages = self.allocator.pages(seq.seq_id)
             table[seq.slot, : len(pages)] = pages
         # Every slot the call decodes is a running sequence's (slots of finished or
         # preempted ones are idle on the device): their parameters pick the variant.
-        mode = sampling_mode([seq.sampling for seq in decoding], ecfg.decode_sampling_modes)
-        out = self.engine.decode(table, mode=mode)
+        return table, sampling_mode([seq.sampling for seq in decoding], ecfg.decode_sampling_modes)
+
+    def _decode_dispatched(self, decoding: list[Sequence], out: dict) -> None:
         for seq in decoding:
-            seq.num_inflight += ecfg.decode_steps_per_call
+            seq.num_inflight += self.engine.ecfg.decode_steps_per_call
         _start_copy(out)
-        return out
 
     def _process(self, record: "_InFlight") -> None:
         """Host side of a finished call: accept tokens of sequences still running."""

@@ -62,7 +62,7 @@ def main(argv: list[str]) -> None:
 
         manifest = bucket_manifest(ecfg)
         if xflags.auto_num_seqs():  # the decode batch is chosen from the device's memory at start-up
-            manifest["decode"] = "auto: pass --max_num_seqs to list it"
+            manifest["decode"] = manifest["mixed"] = "auto: pass --max_num_seqs to list it"
         print(json.dumps({"manifest": manifest}))
         return
 

@@ -448,6 +448,9 @@ class LeaderEngine:
         self._leader.publish([("decode", {"page_table": page_table, "mode": mode})])
         return self._engine.decode(page_table, mode=mode)
 
+    def mixes(self, *shape) -> bool:
+        return False  # followers make prefill and decode calls (sharded engines compile no mixed calls)
+
     def release(self, slot: int) -> None:
         self._leader.defer(("release", {"slot": int(slot)}))
         self._engine.release(slot)

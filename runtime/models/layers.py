@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import functools
 
 import jax
@@ -146,6 +147,25 @@ def attention(
     if q.shape[1] == 1:
         return dispatch.load("paged_attention", kernel)(q, k_pages, v_pages, page_table, positions, kv_lens, **kw)
     return paged_reference.paged_attention(q, k_pages, v_pages, page_table, positions, kv_lens, **kw)
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """One part of a mixed call (runtime.engine's decode rows beside a prefill chunk):
+    `rows` sequences of `length` tokens each, laid out row after row on the call's flat
+    token axis, with their own page tables, positions and cache lengths. Built while
+    tracing; `rows`, `length` and `fresh` are static."""
+
+    page_table: jax.Array  # [rows, MP]
+    positions: jax.Array  # [rows, length]
+    kv_lens: jax.Array  # [rows]
+    rows: int
+    length: int
+    fresh: bool  # every row starts at position 0 (attention's `fresh`)
+
+    @property
+    def size(self) -> int:
+        return self.rows * self.length
 
 
 def _fused_param(fn, parts: list, axes: tuple[str, ...], sharding_of) -> nnx.Param:
@@ -288,7 +308,9 @@ class Attention(nnx.Module):
         return rope_kv
 
     def __call__(self, x, positions, k_pages, v_pages, page_table, kv_lens, *, impl: str, fresh: bool = False,
-                 local: Local | None = None):
+                 local: Local | None = None, segments: tuple[Segment, ...] | None = None):
+        if segments is not None:
+            return self._segments(x, positions, k_pages, v_pages, segments, impl=impl, local=local)
         rope_kv = self._decode_kernel(x, k_pages, impl)
         if rope_kv is not None:
             with jax.named_scope("qkv_rope_kv"):
@@ -313,12 +335,44 @@ class Attention(nnx.Module):
                 q, k, v, k_pages, v_pages, page_table, positions, kv_lens,
                 scale=self.scale, window=self.window, softcap=self.softcap, impl=impl, fresh=fresh,
             )
-            wo = self.wo[...]
-            out = jnp.einsum("BTNH,NHD->BTD", o, wo)
-            if local is not None:  # per device: the sum over this device's heads only
-                out = local.join_sums(out, wo.shape[0], self.num_heads)
-            if self.bo is not None:
-                out = out + self.bo[...]
+            out = self._output(o, local)
+        return out, k_pages, v_pages
+
+    def _output(self, o, local: Local | None):
+        """The output projection of the attention output o [B, T, N, H]."""
+        wo = self.wo[...]
+        out = jnp.einsum("BTNH,NHD->BTD", o, wo)
+        if local is not None:  # per device: the sum over this device's heads only
+            out = local.join_sums(out, wo.shape[0], self.num_heads)
+        if self.bo is not None:
+            out = out + self.bo[...]
+        return out
+
+    def _segments(self, x, positions, k_pages, v_pages, segments: tuple[Segment, ...], *, impl: str,
+                  local: Local | None):
+        """A mixed call: x [1, N, D] holds every segment's tokens on one axis (N = the sum
+        of their sizes), so the projections read each weight once for all of them; each
+        segment writes its keys and values and attends as a call of its own shape would."""
+        with jax.named_scope("qkv"):
+            q, k, v = self._project(x)
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            cos, sin = rope_tables(self.rope, self.head_dim, positions, x.dtype)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        parts, at = [], 0
+        for seg in segments:
+            parts.append(tuple(a[0, at : at + seg.size].reshape(seg.rows, seg.length, *a.shape[2:]) for a in (q, k, v)))
+            at += seg.size
+        for seg, (_, ks, vs) in zip(segments, parts):
+            k_pages, v_pages = write_kv(k_pages, v_pages, ks, vs, seg.page_table, seg.positions, seg.kv_lens)
+        with jax.named_scope("attn"):
+            o = jnp.concatenate([
+                attention(qs, ks, vs, k_pages, v_pages, seg.page_table, seg.positions, seg.kv_lens,
+                          scale=self.scale, window=self.window, softcap=self.softcap, impl=impl,
+                          fresh=seg.fresh).reshape(1, seg.size, *qs.shape[2:])
+                for seg, (qs, ks, vs) in zip(segments, parts)
+            ], axis=1)
+            out = self._output(o, local)
         return out, k_pages, v_pages
 
 

@@ -18,7 +18,9 @@ from flax import nnx
 from pallas_kernels import dispatch
 from runtime.config import ModelConfig
 from runtime.kv_cache import KVCache
-from runtime.models.layers import MLP, Attention, RMSNorm, building_shapes_only, embed_scale, param, shapes_only
+from runtime.models.layers import (
+    MLP, Attention, RMSNorm, Segment, building_shapes_only, embed_scale, param, shapes_only,
+)
 from sharding.ops import Local, embedding_lookup
 
 
@@ -36,13 +38,13 @@ class Block(nnx.Module):
             self.post_attn_norm = self.post_mlp_norm = None
 
     def __call__(self, x, positions, k_pages, v_pages, page_table, kv_lens, *, impl: str, fresh: bool,
-                 local: Local | None = None):
+                 local: Local | None = None, segments: tuple[Segment, ...] | None = None):
         x, h, k_pages, v_pages = self.step(x, None, positions, k_pages, v_pages, page_table, kv_lens, impl=impl,
-                                           fresh=fresh, local=local)
+                                           fresh=fresh, local=local, segments=segments)
         return x + h, k_pages, v_pages
 
     def step(self, x, h, positions, k_pages, v_pages, page_table, kv_lens, *, impl: str, fresh: bool,
-             local: Local | None = None):
+             local: Local | None = None, segments: tuple[Segment, ...] | None = None):
         """The layer with its residual adds deferred: x + h enters (h None: x), and the
         layer returns (x', h', pages) with x' + h' its output, so each add runs with the
         norm after it (the next layer's, or the final norm) as one kernel where
@@ -50,7 +52,8 @@ class Block(nnx.Module):
         kernel = norm_kernel(x, impl)
         x, a = self.attn_norm.add(x, h, kernel)
         h, k_pages, v_pages = self.attn(
-            a, positions, k_pages, v_pages, page_table, kv_lens, impl=impl, fresh=fresh, local=local
+            a, positions, k_pages, v_pages, page_table, kv_lens, impl=impl, fresh=fresh, local=local,
+            segments=segments,
         )
         if self.post_attn_norm is not None:
             h = self.post_attn_norm(h)
@@ -105,19 +108,26 @@ class Transformer(nnx.Module):
         logits_at: jax.Array | None = None,  # [B] index into T: logits of one position only
         fresh_prefill: bool = False,  # static: every row starts at position 0 (no earlier context)
         local: Local | None = None,  # static: runs per device on shards (sharding/tensor_parallel.py)
+        segments: tuple[Segment, ...] | None = None,  # a mixed call (below)
     ) -> tuple[jax.Array, KVCache]:
-        """Returns float32 logits [B, T, V] (or [B, V] with `logits_at`) and the new cache."""
+        """Returns float32 logits [B, T, V] (or [B, V] with `logits_at`) and the new cache.
+
+        A mixed call (`segments`): tokens and positions [1, N] hold the segments' tokens
+        one after another (each Segment carries its own page table and cache lengths;
+        `page_table` and `kv_lens` are unused), and logits_at [M] indexes N: logits [M, V]."""
         x, h = self.embed(tokens, local), None
         new_k, new_v = [], []
         for layer, k_pages, v_pages in zip(self.layers, cache.k, cache.v):
             x, h, k_pages, v_pages = layer.step(
                 x, h, positions, k_pages, v_pages, page_table, kv_lens, impl=attn_impl, fresh=fresh_prefill,
-                local=local,
+                local=local, segments=segments,
             )
             new_k.append(k_pages)
             new_v.append(v_pages)
         kernel = norm_kernel(x, attn_impl)  # as the layers chose (decode), before the take
-        if logits_at is not None:  # [B, T, D] -> [B, 1, D]
+        if logits_at is not None and segments is not None:  # [1, N, D] -> [M, 1, D]
+            x, h = (a[0, logits_at][:, None] for a in (x, h))
+        elif logits_at is not None:  # [B, T, D] -> [B, 1, D]
             x, h = (jnp.take_along_axis(a, logits_at[:, None, None], axis=1) for a in (x, h))
         _, x = self.final_norm.add(x, h, kernel)
         logits = self.logits(x, local)

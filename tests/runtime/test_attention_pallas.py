@@ -142,8 +142,11 @@ def _prefill_args(ecfg):
 
 def _serve_with_late_arrivals(model, ecfg, first, late, num_pages):
     """Greedy tokens per request: `first` alone, then `late` added at step 2 (while
-    `first` decodes). Every request must finish without an error."""
+    `first` decodes), and the number of mixed calls the engine made. Every request must
+    finish without an error."""
     orc = Orchestrator(Engine(model, ecfg, num_pages=num_pages), None)
+    mixed, calls = orc.engine.mixed, []
+    orc.engine.mixed = lambda *a, **k: calls.append(1) or mixed(*a, **k)
     orc.add_request(first)
     got = {r.request_id: [] for r in (first, *late)}
     steps = 0
@@ -155,7 +158,7 @@ def _serve_with_late_arrivals(model, ecfg, first, late, num_pages):
             assert out.error is None, out.error
             got[out.request_id] += out.token_ids
         steps += 1
-    return got
+    return got, len(calls)
 
 
 def _greedy(name, rng, n, max_tokens):
@@ -177,8 +180,13 @@ def test_budget_split_prompts_get_the_continuation_program():
                         attention="pallas", decode_batch_sizes=(2,))
     split_cfg, whole_cfg = (dataclasses.replace(ecfg, max_num_batched_tokens=n) for n in (20, 4096))
     assert prefill_variants(split_cfg) == (True, False) and prefill_variants(whole_cfg) == (True,)
-    split = _serve_with_late_arrivals(model, split_cfg, a, [b], num_pages=12)
-    assert split == _serve_with_late_arrivals(model, whole_cfg, a, [b], num_pages=12) and len(split["b"]) == 4
+    split, mixed = _serve_with_late_arrivals(model, split_cfg, a, [b], num_pages=12)
+    assert split == _serve_with_late_arrivals(model, whole_cfg, a, [b], num_pages=12)[0] and len(split["b"]) == 4
+    # "b"'s chunks beside "a"'s decode ran as mixed calls (a fresh one, then continuations
+    # through the kernels); as separate calls the tokens are the same.
+    assert mixed == 3
+    separate_cfg = dataclasses.replace(split_cfg, mixed_calls=False)
+    assert (split, 0) == _serve_with_late_arrivals(model, separate_cfg, a, [b], num_pages=12)
 
 
 def test_prompts_sharing_a_step_budget_get_the_continuation_program():
@@ -195,5 +203,5 @@ def test_prompts_sharing_a_step_budget_get_the_continuation_program():
     # 100 tokens: "b" takes 60, "c" gets the 16-token bucket of the 39 left, then continues.
     split_cfg, whole_cfg = (dataclasses.replace(ecfg, max_num_batched_tokens=n) for n in (100, 4096))
     assert prefill_variants(split_cfg) == (True, False) and prefill_variants(whole_cfg) == (True,)
-    split = _serve_with_late_arrivals(model, split_cfg, a, late, num_pages=16)
-    assert split == _serve_with_late_arrivals(model, whole_cfg, a, late, num_pages=16) and len(split["c"]) == 3
+    split, _ = _serve_with_late_arrivals(model, split_cfg, a, late, num_pages=16)
+    assert split == _serve_with_late_arrivals(model, whole_cfg, a, late, num_pages=16)[0] and len(split["c"]) == 3

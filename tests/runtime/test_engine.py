@@ -6,6 +6,7 @@ float32 so batched and alone compute the same numbers.
 
 from __future__ import annotations
 
+import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -143,15 +144,23 @@ def test_token_budget_splits_a_long_prompt_without_changing_tokens(model, tokeni
     long = Request("long", rng.integers(3, 2000, 60).tolist(), greedy, max_tokens=8, ignore_eos=True)
 
     def serve(orc):
-        """Every request's tokens, and per prefill call the decoding sequences and the
-        (slot, length) of each chunk the engine ran."""
-        calls, prefill = [], orc.engine.prefill
+        """Every request's tokens, and per call with prefill chunks (a prefill call, or a
+        mixed one with a decode step) the decoding sequences and the (slot, length) of each
+        chunk the engine ran."""
+        calls, prefill, mixed = [], orc.engine.prefill, orc.engine.mixed
 
-        def spy(**kwargs):
+        def record(kwargs):
             decoding = sum(s.status == Status.RUNNING for s in orc.scheduler.running.values())
             chunks = [(int(s), int(n)) for s, n in zip(kwargs["slot_ids"], kwargs["lens"]) if n]
             calls.append((decoding, chunks))
+
+        def spy_prefill(**kwargs):
+            record(kwargs)
             return prefill(**kwargs)
+
+        def spy_mixed(table, **kwargs):
+            record(kwargs)
+            return mixed(table, **kwargs)
 
         got = {}
 
@@ -159,7 +168,7 @@ def test_token_budget_splits_a_long_prompt_without_changing_tokens(model, tokeni
             for out in orc.step():
                 got.setdefault(out.request_id, []).extend(out.token_ids)
 
-        orc.engine.prefill = spy
+        orc.engine.prefill, orc.engine.mixed = spy_prefill, spy_mixed
         try:
             for r in short:
                 orc.add_request(r)
@@ -169,7 +178,7 @@ def test_token_budget_splits_a_long_prompt_without_changing_tokens(model, tokeni
             while orc.has_work():
                 step()
         finally:
-            del orc.engine.prefill  # the instance attribute: Engine.prefill again
+            del orc.engine.prefill, orc.engine.mixed  # the instance attributes: the Engine's methods again
         assert orc.num_compiles_since_ready == 0
         return got, calls
 
@@ -182,6 +191,58 @@ def test_token_budget_splits_a_long_prompt_without_changing_tokens(model, tokeni
     for decoding, chunks in calls:
         if decoding:
             assert sum(n for _, n in chunks) <= max(12 - decoding, 8), (decoding, chunks)
+
+
+@pytest.mark.parametrize("mixed_calls", [True, False])
+def test_prompts_arriving_mid_decode_mix_with_it_and_change_no_token(model, tokenizer, alone_results, mixed_calls):
+    """Requests added while others decode: their chunks and the decode step run as one
+    mixed call (Engine.mixed), or as two calls with --nomixed_calls; every request's
+    tokens and logprobs are those it gets alone either way."""
+    reqs = mixed_requests()
+    orc = make_orchestrator(model, tokenizer, mixed_calls=mixed_calls)
+    mixed, prefill, kinds = orc.engine.mixed, orc.engine.prefill, []
+    orc.engine.mixed = lambda *a, **k: kinds.append("mixed") or mixed(*a, **k)
+    orc.engine.prefill = lambda **k: kinds.append("prefill") or prefill(**k)
+    got: dict = {}
+    try:
+        for i, r in enumerate(reqs):
+            orc.add_request(r)
+            for _ in range(i % 3):  # arrivals spread over the steps
+                for out in orc.step():
+                    got.setdefault(out.request_id, dict(ids=[], lp=[]))
+                    got[out.request_id]["ids"] += out.token_ids
+                    got[out.request_id]["lp"] += out.logprobs
+        while orc.has_work():
+            for out in orc.step():
+                got.setdefault(out.request_id, dict(ids=[], lp=[]))
+                got[out.request_id]["ids"] += out.token_ids
+                got[out.request_id]["lp"] += out.logprobs
+    finally:
+        del orc.engine.mixed, orc.engine.prefill
+    for r in reqs:
+        assert got[r.request_id]["ids"] == alone_results[r.request_id]["ids"], r.request_id
+        np.testing.assert_allclose(got[r.request_id]["lp"], alone_results[r.request_id]["logprobs"], rtol=1e-4,
+                                   atol=1e-4)
+    assert ("mixed" in kinds) == mixed_calls and "prefill" in kinds  # the first prompt has no decode beside it
+    assert orc.num_compiles_since_ready == 0
+    orc.allocator.check_conserved()
+    assert orc.allocator.num_free == orc.allocator.num_pages
+
+
+def test_mixed_call_manifest():
+    """Mixed calls: per decode bucket, the smallest prefill batch, the lengths a budgeted
+    chunk can pad to, each prefill variant; none with several decode steps per call or
+    --nomixed_calls; an unknown shape is refused."""
+    from runtime.engine import bucket_manifest
+
+    base = EngineConfig(**ECFG)
+    assert bucket_manifest(base)["mixed"] == [(1, 1, 8), (1, 1, 16), (4, 1, 8), (4, 1, 16)]
+    small = dataclasses.replace(base, max_num_batched_tokens=6)  # chunks beside decode: 8 at most
+    assert bucket_manifest(small)["mixed"] == [(1, 1, 8), (4, 1, 8)]
+    for off in (dict(mixed_calls=False), dict(decode_steps_per_call=2)):
+        assert bucket_manifest(dataclasses.replace(base, **off))["mixed"] == []
+    pallas = dataclasses.replace(base, attention="pallas", max_model_len=32)
+    assert (4, 1, 16, "fresh") in bucket_manifest(pallas)["mixed"] and (4, 1, 16) in bucket_manifest(pallas)["mixed"]
 
 
 def test_greedy_matches_model_level_decode(model, tokenizer):
@@ -417,8 +478,10 @@ def test_warmup_reports_every_program(model, tokenizer):
     engine = orc.engine
     names = [name for name, _, _ in engine.warmup_report]
     manifest = engine.manifest()
-    assert len(names) == len(manifest["prefill"]) + len(manifest["decode"]) + 1
+    assert len(names) == len(manifest["prefill"]) + len(manifest["decode"]) + len(manifest["mixed"]) + 1
     assert names[0].startswith("prefill ") and any(n.startswith("decode ") for n in names)
+    assert sorted(n for n in names if n.startswith("mixed ")) == ["mixed 1+1x16", "mixed 1+1x8", "mixed 4+1x16",
+                                                                 "mixed 4+1x8"]
     assert {how for _, _, how in engine.warmup_report} <= {"compiled", "cache", "ready"}
     assert engine.warmup() == 0
     assert {how for _, _, how in engine.warmup_report} == {"ready"}
