@@ -112,7 +112,8 @@ def test_warmup_fills_the_compile_cache(checkpoint, tmp_path):
         assert p.returncode == 0, p.stderr[-2000:]
     first, second = (json.loads(p.stdout.strip().splitlines()[-1]) for p in runs)
     assert first["manifest"] == {"prefill": [[1, 16], [1, 32]],
-                                 "decode": [[b, m] for b in (1, 2) for m in SAMPLING_MODES]}  # buckets 1 and 2
+                                 "decode": [[b, m] for b in (1, 2) for m in SAMPLING_MODES],  # buckets 1 and 2
+                                 "mixed": [[b, 1, t] for b in (1, 2) for t in (16, 32)]}
     assert first["backend_compilations"] >= 3 and second["backend_compilations"] == 0
     listed = subprocess.run(cmd + ["--list"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert json.loads(listed.stdout)["manifest"]["prefill"] == [[1, 16], [1, 32]]

@@ -44,7 +44,7 @@ def test_target_topology_compiles_the_manifest_with_a_memory_report(small_checkp
     p = _warmup(f"--checkpoint={small_checkpoint}", f"--target_topology={topology}", f"--aot_dir={aot_dir}", *ENGINE)
     assert p.returncode == 0, p.stderr[-3000:]
     out = json.loads(p.stdout.strip().splitlines()[-1])
-    manifest = {"prefill": [[1, 16]], "decode": [[1, "filter"], [4, "filter"]]}
+    manifest = {"prefill": [[1, 16]], "decode": [[1, "filter"], [4, "filter"]], "mixed": []}  # TP 8: no mixed calls
     assert out["manifest"] == manifest and out["compiled"] == "4 of 4"
     progress = [line for line in p.stderr.splitlines() if line.startswith("[")]
     assert [line.split(":")[0] for line in progress] == [

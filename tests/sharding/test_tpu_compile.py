@@ -47,6 +47,10 @@ CASES = {
     # max_model_len 512: prompts never chunk, so the Pallas path's one prefill is the fresh one.
     "pallas-v5e": dict(model="llama3.1-8b", topology="v5e:2x4", tp=8, attention="pallas", layers=2,
                        vocab=1024, max_model_len=512, all_sampling_modes=True),
+    # One chip: the engine also runs mixed calls (a decode step beside a prefill chunk),
+    # with both TPU kernels in one program.
+    "mixed-v5e1": dict(model="llama3.1-8b", topology="v5e:1x1", tp=1, attention="pallas", layers=2, vocab=1024,
+                       max_model_len=512, kv_fraction=0.3),
 }
 
 
@@ -68,7 +72,8 @@ def compile_case(name: str) -> None:
         cfg = dataclasses.replace(cfg, num_layers=case["layers"], layer_windows=cfg.layer_windows[:case["layers"]],
                                   vocab_size=case["vocab"])
     ecfg = EngineConfig(**{**ECFG, "attention": case.get("attention", "auto"),
-                           "max_model_len": case.get("max_model_len", ECFG["max_model_len"])})
+                           "max_model_len": case.get("max_model_len", ECFG["max_model_len"]),
+                           "kv_cache_memory_fraction": case.get("kv_fraction", 0.85)})
     mesh_config = MeshConfig(tensor=case["tp"])
     check_model(cfg, mesh_config)
     t0 = time.perf_counter()
@@ -89,7 +94,8 @@ def compile_case(name: str) -> None:
     manifest = engine.manifest()
     entries = {"prefill": manifest["prefill"],
                "decode": [d for d in manifest["decode"] if d[0] == ecfg.max_num_seqs
-                          and (case.get("all_sampling_modes") or d[1] == "filter")]}
+                          and (case.get("all_sampling_modes") or d[1] == "filter")],
+               "mixed": [m for m in manifest["mixed"] if m[0] == ecfg.max_num_seqs]}  # one device only
     for step in aot.compile_manifest(engine, entries, release=False):
         hlo = step.compiled.as_text()
         print(json.dumps(dict(
@@ -245,6 +251,21 @@ def test_tpu_pallas_kernels_inside_shard_map(runs, case):
     for mode in SAMPLING_MODES:
         assert by_kind["decode", (8, mode)]["kernels"] == ["paged_attention_decode"]
     assert all(s["all_reduce"] > 0 for s in steps)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["mixed-v5e1"])
+def test_tpu_mixed_call_on_one_chip(runs, case):
+    """A sharded engine makes no mixed calls (the manifests above have none); on one chip
+    the mixed call compiles for the TPU with the decode and flash kernels in one program."""
+    info, steps = runs(case)
+    assert info["manifest"]["mixed"] == [[1, 1, 512, "fresh"], [8, 1, 512, "fresh"]]
+    by_kind = {(s["kind"], tuple(s["shape"])): s for s in steps}
+    assert set(by_kind) == {("prefill", (1, 512, "fresh")), ("decode", (8, "filter")), ("mixed", (8, 1, 512, "fresh"))}
+    assert sorted(by_kind["mixed", (8, 1, 512, "fresh")]["kernels"]) == ["flash_attention_causal",
+                                                                         "paged_attention_decode"]
+    m = by_kind["mixed", (8, 1, 512, "fresh")]["memory"]
+    assert m["output"] - m["alias"] < (64 << 20), m  # the cache and slots updated in place
 
 
 if __name__ == "__main__":
