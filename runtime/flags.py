@@ -70,9 +70,8 @@ def define_startup_flags() -> None:
                       "and run them at the next start with the same configuration: a warm start then neither traces, "
                       "lowers nor compiles. auto: on GPUs and TPUs (XLA:CPU cannot serialize every program). One process "
                       "and a local compile cache only.")
-    flags.DEFINE_integer("compile_threads", None, "Threads compiling the programs at start-up (default: 1 on GPUs, where "
-                         "XLA times candidate kernels on the device and concurrent compiles would time each other; "
-                         "else up to 8, one per core).")
+    flags.DEFINE_integer("compile_threads", None, "Threads compiling the programs at start-up (default: one per core, "
+                         "up to 8). 1 on a GPU keeps XLA's autotuner from timing kernels while other compiles run.")
 
 
 def check_startup_flags() -> None:

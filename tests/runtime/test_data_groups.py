@@ -277,6 +277,9 @@ class FakeEngine:
         self.length, self.last, self.remaining = [0] * b, [0] * b, [0] * b
         self.prefill_calls: list[dict] = []
 
+    def mixes(self, rows, num_prompts, chunk_len, fresh) -> bool:
+        return False  # prefill and decode as two calls, as a data-parallel engine makes them
+
     def prefill_shape(self, num_prompts, chunk_len):
         t = next(t for t in self.ecfg.prefill_lengths if t >= chunk_len)
         b = next(b for b in self.ecfg.prefill_batch_sizes if b >= num_prompts)
