@@ -375,7 +375,9 @@ class EngineConfig:
     decode_steps_per_call: int = 1
     # Prefill plus decode tokens per step while sequences decode (runtime.scheduler); with
     # nothing decoding, prefill runs at full chunk. Host only: no compiled shape depends on it.
-    max_num_batched_tokens: int = 512
+    # 8192, vLLM's server default on large GPUs: 512 cost 21% of the 64-stream throughput
+    # and ~2 ms of idle TTFT on an H200 (runtime/BENCHMARKS.md, "Mixed calls").
+    max_num_batched_tokens: int = 8192
     # While sequences decode, a step's prefill chunk and its decode step run as one forward
     # pass (runtime.engine._mixed; one device, decode_steps_per_call 1, else two calls).
     mixed_calls: bool = True
