@@ -2,15 +2,18 @@
 
 Layout (the same as reference.py; every reshape below is free, no HBM copy):
   q            [B, 1, N, H]  -> [B, K, G, H]    query heads grouped by kv head
-  k/v_pages    [P, S, K, H]  -> [P, S, K*H]     one page row holds every kv head
+  k/v_pages    [P, S, K, H]                     read as they are
   page_table   [B, MP], q_positions [B, 1] -> [B], kv_lens [B]: scalar prefetch (SMEM)
   out          [B, K, G, H]  -> [B, 1, N, H]
 
 Grid (B, cdiv(MP, pages_per_step)). Each step receives `pages_per_step` pages of one
-sequence, every one a (S, K*H) VMEM block picked through the prefetched page table:
-the page's last two dims are whole, so the block is legal for any S, K, H and the
-kv head kh is the lane slice [kh*H, (kh+1)*H) (128-aligned for H = 128/256). All G query
-heads of one kv head form one (G, H) x (H, S) matmul; G is never padded in HBM.
+sequence, every one a (S, K, H) VMEM block picked through the prefetched page table:
+the page's last two dims are whole, so the block is legal for any S, K, H, and kv head
+kh is the (S, H) slice [:, kh, :] of it in VMEM. The pages are not reshaped: on a TPU
+[P, S, K, H] -> [P, S, K*H] changes the tiled layout, and XLA copied every layer's whole
+cache for it on every decode call (libtpu compile, v5e, 2026-11-29: 1.9 GB of temporaries
+for a 3.8 GB cache; now 1.9 MB). All G query heads of one kv head form one (G, H) x
+(H, S) matmul; G is never padded in HBM.
 
 Only pages a query can see are read: for query position p and length L the visible
 pages are [max(0, p - W + 1) // S, min(p, L - 1) // S]. The index maps clamp the page
@@ -54,7 +57,7 @@ def _kernel(
     kv_lens_ref,     # [B] int32, SMEM
     # inputs:
     q_ref,           # (K, G, H) block of [B, K, G, H]
-    *refs,           # pages_per_step k blocks (S, K*H), then pages_per_step v blocks (S, K*H)
+    *refs,           # pages_per_step k blocks (S, K, H), then pages_per_step v blocks (S, K, H)
     # outputs: o_ref (K, G, H) block of [B, K, G, H]
     # scratch: m_ref, l_ref (K, G, 1) f32; acc_ref (K, G, H) f32
     scale, window, softcap, page_size, pages_per_step, num_kv_heads, head_dim,
@@ -85,10 +88,9 @@ def _kernel(
             if window is not None:
                 mask &= kv_pos > pos - window
             for kh in range(num_kv_heads):
-                lanes = slice(kh * head_dim, (kh + 1) * head_dim)
                 q = q_ref[kh]                      # (G, H)
-                k = k_refs[i][:, lanes]            # (S, H)
-                v = v_refs[i][:, lanes]            # (S, H)
+                k = k_refs[i][:, kh, :]            # (S, H)
+                v = v_refs[i][:, kh, :]            # (S, H)
                 s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
                                         preferred_element_type=jnp.float32) * scale  # (G, S)
                 if softcap is not None:
@@ -127,16 +129,14 @@ def _paged_attention(q, k_pages, v_pages, page_table, q_positions, kv_lens, *, s
         def index_map(b, j, pt, pos, lens):
             first, last = _visible_pages(pos[b], lens[b], S, window)
             slot = jnp.clip(j * pages_per_step + i, first, jnp.minimum(last, MP - 1))
-            return pt[b, slot], 0, 0
+            return pt[b, slot], 0, 0, 0
         return index_map
 
-    kv_specs = [pl.BlockSpec((None, S, K * H), page_map(i)) for i in range(pages_per_step)]
+    kv_specs = [pl.BlockSpec((None, S, K, H), page_map(i)) for i in range(pages_per_step)]
     qo_spec = pl.BlockSpec((None, K, G, H), lambda b, j, pt, pos, lens: (b, 0, 0, 0))
     kernel = functools.partial(
         _kernel, scale=scale, window=window, softcap=softcap, page_size=S,
         pages_per_step=pages_per_step, num_kv_heads=K, head_dim=H)
-    k_flat = k_pages.reshape(P, S, K * H)  # [P, S, K, H] -> [P, S, K*H]
-    v_flat = v_pages.reshape(P, S, K * H)  # [P, S, K, H] -> [P, S, K*H]
     out = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -158,8 +158,8 @@ def _paged_attention(q, k_pages, v_pages, page_table, q_positions, kv_lens, *, s
         q_positions[:, 0].astype(jnp.int32),
         kv_lens.astype(jnp.int32),
         q.reshape(B, K, G, H),  # [B, 1, K*G, H] -> [B, K, G, H]
-        *([k_flat] * pages_per_step),
-        *([v_flat] * pages_per_step),
+        *([k_pages] * pages_per_step),
+        *([v_pages] * pages_per_step),
     )
     return out.reshape(B, T, N, H)  # [B, K, G, H] -> [B, 1, K*G, H]
 

@@ -258,6 +258,10 @@ def test_tpu_compile_production_shapes(topology, window, softcap):
     compiled = paged.lower(sds((B, 1, N, H), bf16), sds((P, S, K, H), bf16), sds((P, S, K, H), bf16),
                            sds((B, MP), i32), sds((B, 1), i32), sds((B,), i32)).compile()
     assert "paged_attention_decode" in compiled.as_text()
+    # The kernel reads the pages where they are: a relayout of the [P, S, K, H] pages
+    # (e.g. merging K into the lanes) would be a copy of each the size of the cache.
+    page_bytes = P * S * K * H * 2
+    assert compiled.memory_analysis().temp_size_in_bytes < page_bytes // 8, compiled.memory_analysis()
 
     flash = jax.jit(lambda *a: flash_tpu.flash_attention(*a, **kw))
     compiled = flash.lower(sds((1, T, N, H), bf16), sds((1, T, K, H), bf16), sds((1, T, K, H), bf16),
