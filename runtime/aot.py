@@ -169,7 +169,9 @@ def abstract_params(cfg: ModelConfig, mesh: Mesh, dtype="bfloat16"):
     place of weights, its kv heads expanded to the tensor size where fewer (as
     sharding.mesh.replicate_kv_heads does to real weights; `cfg` says so)."""
     cfg = expand_kv_heads(cfg, tensor_size(mesh))
-    graphdef, state = nnx.split(fuse_projections(abstract_model(cfg, jnp.dtype(dtype))))  # as Engine holds it
+    # As Engine holds it (the fused layout of the mesh's platform).
+    graphdef, state = nnx.split(fuse_projections(abstract_model(cfg, jnp.dtype(dtype)),
+                                                 platform=mesh.devices.flat[0].platform))
     targets = dict(nnx.to_flat_state(param_shardings(state, mesh)))
     flat = nnx.to_flat_state(state)
     for path, var in flat:

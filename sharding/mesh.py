@@ -121,7 +121,7 @@ def replicate_kv_heads(model, mesh: Mesh | None, rules=DEFAULT_RULES):
             return var
         axes = var.get_metadata()["logical_axes"]
         if path[-1] in ("wqkv", "bqkv"):  # fused (runtime.models.transformer.fuse_projections)
-            value = repeat_fused_kv_heads(var.get_value(), r, axes.index("kv_heads"))
+            value = repeat_fused_kv_heads(var.get_value(), r, axes)
         else:
             value = jnp.repeat(var.get_value(), r, axis=axes.index("kv_heads"))
         return var.replace(jax.device_put(value, param_sharding(path, axes, value.shape, mesh, cfg.num_layers, rules)))

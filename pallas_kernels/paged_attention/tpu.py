@@ -2,7 +2,7 @@
 
 Layout (the same as reference.py; every reshape below is free, no HBM copy):
   q            [B, 1, N, H]  -> [B, K, G, H]    query heads grouped by kv head
-  k/v_pages    [P, S, K, H]                     read as they are
+  k/v_pages    [P, S, K, H]                     read as they are ([P, S, H] for K == 1)
   page_table   [B, MP], q_positions [B, 1] -> [B], kv_lens [B]: scalar prefetch (SMEM)
   out          [B, K, G, H]  -> [B, 1, N, H]
 
@@ -89,8 +89,11 @@ def _kernel(
                 mask &= kv_pos > pos - window
             for kh in range(num_kv_heads):
                 q = q_ref[kh]                      # (G, H)
-                k = k_refs[i][:, kh, :]            # (S, H)
-                v = v_refs[i][:, kh, :]            # (S, H)
+                if len(k_refs[i].shape) == 2:      # one kv head: (S, H) blocks
+                    k, v = k_refs[i][...], v_refs[i][...]
+                else:
+                    k = k_refs[i][:, kh, :]        # (S, H)
+                    v = v_refs[i][:, kh, :]        # (S, H)
                 s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
                                         preferred_element_type=jnp.float32) * scale  # (G, S)
                 if softcap is not None:
@@ -129,10 +132,15 @@ def _paged_attention(q, k_pages, v_pages, page_table, q_positions, kv_lens, *, s
         def index_map(b, j, pt, pos, lens):
             first, last = _visible_pages(pos[b], lens[b], S, window)
             slot = jnp.clip(j * pages_per_step + i, first, jnp.minimum(last, MP - 1))
-            return pt[b, slot], 0, 0, 0
+            return (pt[b, slot], 0, 0, 0)[:len(page_block) + 1]
         return index_map
 
-    kv_specs = [pl.BlockSpec((None, S, K, H), page_map(i)) for i in range(pages_per_step)]
+    # One kv head (a device's share under tensor parallelism): the pages as [P, S, H], a
+    # free reshape that XLA lays out without the size-1 dim; as [P, S, 1, H] blocks the
+    # kernel would ask for a tiling that pads it, and XLA relaid the whole cache for it
+    # (libtpu, v5e TP 8: 29.5 GB of temporaries).
+    page_block = (S, H) if K == 1 else (S, K, H)
+    kv_specs = [pl.BlockSpec((None, *page_block), page_map(i)) for i in range(pages_per_step)]
     qo_spec = pl.BlockSpec((None, K, G, H), lambda b, j, pt, pos, lens: (b, 0, 0, 0))
     kernel = functools.partial(
         _kernel, scale=scale, window=window, softcap=softcap, page_size=S,
@@ -158,8 +166,8 @@ def _paged_attention(q, k_pages, v_pages, page_table, q_positions, kv_lens, *, s
         q_positions[:, 0].astype(jnp.int32),
         kv_lens.astype(jnp.int32),
         q.reshape(B, K, G, H),  # [B, 1, K*G, H] -> [B, K, G, H]
-        *([k_pages] * pages_per_step),
-        *([v_pages] * pages_per_step),
+        *([k_pages.reshape(P, *page_block)] * pages_per_step),
+        *([v_pages.reshape(P, *page_block)] * pages_per_step),
     )
     return out.reshape(B, T, N, H)  # [B, K, G, H] -> [B, 1, K*G, H]
 

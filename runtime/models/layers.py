@@ -201,11 +201,23 @@ def _qkv_bias(bq, bk, bv):
     return jnp.concatenate([bq.reshape(K, N // K, H), bk[:, None], bv[:, None]], axis=1)
 
 
-def repeat_fused_kv_heads(wqkv, r: int, kv_axis: int):
-    """A fused q/k/v weight or bias (`_qkv_weight`: [..., K, G + 2, H] from `kv_axis`)
-    with each kv head repeated r times, as sharding.mesh.replicate_kv_heads repeats wk
-    and wv: kv head j becomes heads j*r .. j*r + r-1, and the G query heads that read
-    it are dealt out to them in order, G / r each."""
+def _qkv_weight_tpu(wq, wk, wv):
+    """[G + 2, K, D, H]: `_qkv_weight` with D next to H and q/k/v outermost, the layout
+    XLA's TPU matmuls read (libtpu, v5e: it relaid [D, K, G + 2, H] on every call, and
+    [K, G + 2, D, H] on every prefill call)."""
+    return _qkv_weight(wq, wk, wv).transpose(2, 1, 0, 3)
+
+
+def repeat_fused_kv_heads(wqkv, r: int, axes: tuple[str, ...]):
+    """A fused q/k/v weight or bias with logical `axes` (QKV_LAYOUTS; the bias: kv_heads,
+    qkv, head_dim) with each kv head repeated r times, as sharding.mesh.replicate_kv_heads
+    repeats wk and wv: kv head j becomes heads j*r .. j*r + r-1, and the G query heads
+    that read it are dealt out to them in order, G / r each."""
+    canonical = tuple(a for a in ("embed", "kv_heads", "qkv", "head_dim") if a in axes)  # `_qkv_weight`'s order
+    if tuple(axes) != canonical:
+        out = repeat_fused_kv_heads(jnp.transpose(wqkv, [axes.index(a) for a in canonical]), r, canonical)
+        return jnp.transpose(out, [canonical.index(a) for a in axes])
+    kv_axis = axes.index("kv_heads")
     shape = wqkv.shape
     K, J, H = shape[kv_axis: kv_axis + 3]
     G = J - 2
@@ -219,6 +231,26 @@ def repeat_fused_kv_heads(wqkv, r: int, kv_axis: int):
 def _gate_up_weight(w_gate, w_up):
     """[D, 2, F]: gate and up side by side per input row."""
     return jnp.stack([w_gate, w_up], axis=1)
+
+
+def _gate_up_weight_tpu(w_gate, w_up):
+    """[2, D, F]: the layout XLA's TPU matmul reads (it relaid [D, 2, F] on every call,
+    and tiles of its minor two dims (2, F) pad the 2)."""
+    return jnp.stack([w_gate, w_up], axis=0)
+
+
+# Fused weight layouts by platform (fuse_projections picks one): the einsum of each and
+# its logical axes. GPUs (and CPU) read [D, ...] GEMVs whose output is contiguous; XLA's
+# TPU matmul wants D second-minor beside the output's minor dim (libtpu compile, v5e,
+# 2026-11-29: the GPU layouts cost a copy of the weight per call).
+QKV_LAYOUTS = {
+    "gpu": (_qkv_weight, "BTD,DKJH->BTKJH", ("embed", "kv_heads", "qkv", "head_dim")),
+    "tpu": (_qkv_weight_tpu, "BTD,JKDH->BTKJH", ("qkv", "kv_heads", "embed", "head_dim")),
+}
+GATE_UP_LAYOUTS = {
+    "gpu": (_gate_up_weight, "BTD,DJF->BTJF", ("embed", "gate_up", "ffw")),
+    "tpu": (_gate_up_weight_tpu, "BTD,JDF->BTJF", ("gate_up", "embed", "ffw")),
+}
 
 
 def _gate_up_bias(b_gate, b_up):
@@ -256,20 +288,23 @@ class Attention(nnx.Module):
             self.q_norm = self.k_norm = None
         # The serving form (`fuse`): q, k and v as one weight, read by one GEMV.
         self.wqkv = self.bqkv = nnx.data(None)
+        self.qkv_layout = "gpu"  # QKV_LAYOUTS key of wqkv
 
-    def fuse(self, sharding_of) -> None:
-        """Replaces wq, wk, wv (and their biases) by one weight wqkv [D, K, G + 2, H]
-        (`_qkv_weight`), in place: a decode step then reads them in one GEMV instead of
-        three. `sharding_of(axes, shape)` places the new weight. Checkpoints keep the
-        three (the converter and restore never see this form)."""
+    def fuse(self, sharding_of, layout: str = "gpu") -> None:
+        """Replaces wq, wk, wv (and their biases) by one weight wqkv, in place: a decode
+        step then reads them in one GEMV instead of three. `layout` (QKV_LAYOUTS): [D, K,
+        G + 2, H] (`_qkv_weight`), or for TPUs [K, G + 2, D, H]. `sharding_of(axes,
+        shape)` places the new weight. Checkpoints keep the three (the converter and
+        restore never see this form)."""
         if self.wqkv is not None:
             return
-        axes = ("embed", "kv_heads", "qkv", "head_dim")
-        self.wqkv = _fused_param(_qkv_weight, [self.wq.get_value(), self.wk.get_value(), self.wv.get_value()],
-                                 axes, sharding_of)
+        fn, _, axes = QKV_LAYOUTS[layout]
+        self.qkv_layout = layout
+        self.wqkv = _fused_param(fn, [self.wq.get_value(), self.wk.get_value(), self.wv.get_value()], axes,
+                                 sharding_of)
         if self.bq is not None:
             self.bqkv = _fused_param(_qkv_bias, [self.bq.get_value(), self.bk.get_value(), self.bv.get_value()],
-                                     axes[1:], sharding_of)
+                                     ("kv_heads", "qkv", "head_dim"), sharding_of)
         self.wq = self.wk = self.wv = self.bq = self.bk = self.bv = None
 
     def _project(self, x):
@@ -286,8 +321,8 @@ class Attention(nnx.Module):
         return qkv[:, :, :, : J - 2].reshape(B, T, K * (J - 2), H), qkv[:, :, :, J - 2], qkv[:, :, :, J - 1]
 
     def _qkv(self, x):
-        """The fused projection's output [B, T, K, G + 2, H] (`_qkv_weight`'s layout)."""
-        qkv = jnp.einsum("BTD,DKJH->BTKJH", x, self.wqkv[...])  # J = G + 2
+        """The fused projection's output [B, T, K, G + 2, H] (`_qkv_weight`'s order)."""
+        qkv = jnp.einsum(QKV_LAYOUTS[self.qkv_layout][1], x, self.wqkv[...])  # J = G + 2
         if self.bqkv is not None:
             qkv = qkv + self.bqkv[...]
         return qkv
@@ -302,6 +337,8 @@ class Attention(nnx.Module):
             return None  # TPU: XLA's fusion of the jnp path (no per-kernel launch cost to save)
         from pallas_kernels.rope_kv import gpu as rope_kv
 
+        if self.qkv_layout != "gpu":
+            return None
         _, K, J, H = self.wqkv.shape
         if not rope_kv.supports(jax.ShapeDtypeStruct((x.shape[0], K, J, H), x.dtype), k_pages):
             return None
@@ -394,18 +431,19 @@ class MLP(nnx.Module):
             self.b_gate = self.b_up = self.b_down = None
         # The serving form (`fuse`): gate and up as one weight, read by one GEMV.
         self.w_gate_up = self.b_gate_up = nnx.data(None)
+        self.gate_up_layout = "gpu"  # GATE_UP_LAYOUTS key of w_gate_up
 
-    def fuse(self, sharding_of) -> None:
-        """Replaces w_gate and w_up (and their biases) by one weight w_gate_up [D, 2, F],
-        in place (see Attention.fuse)."""
+    def fuse(self, sharding_of, layout: str = "gpu") -> None:
+        """Replaces w_gate and w_up (and their biases) by one weight w_gate_up, in place
+        (see Attention.fuse): [D, 2, F], or for TPUs [2, D, F] (GATE_UP_LAYOUTS)."""
         if self.w_gate_up is not None:
             return
-        axes = ("embed", "gate_up", "ffw")
-        self.w_gate_up = _fused_param(_gate_up_weight, [self.w_gate.get_value(), self.w_up.get_value()], axes,
-                                      sharding_of)
+        fn, _, axes = GATE_UP_LAYOUTS[layout]
+        self.gate_up_layout = layout
+        self.w_gate_up = _fused_param(fn, [self.w_gate.get_value(), self.w_up.get_value()], axes, sharding_of)
         if self.b_gate is not None:
-            self.b_gate_up = _fused_param(_gate_up_bias, [self.b_gate.get_value(), self.b_up.get_value()], axes[1:],
-                                          sharding_of)
+            self.b_gate_up = _fused_param(_gate_up_bias, [self.b_gate.get_value(), self.b_up.get_value()],
+                                          ("gate_up", "ffw"), sharding_of)
         self.w_gate = self.w_up = self.b_gate = self.b_up = None
 
     def __call__(self, x: jax.Array, local: Local | None = None) -> jax.Array:
@@ -416,7 +454,7 @@ class MLP(nnx.Module):
                 if self.b_gate is not None:
                     gate, up = gate + self.b_gate[...], up + self.b_up[...]
             else:
-                gate_up = jnp.einsum("BTD,DJF->BTJF", x, self.w_gate_up[...])
+                gate_up = jnp.einsum(GATE_UP_LAYOUTS[self.gate_up_layout][1], x, self.w_gate_up[...])
                 if self.b_gate_up is not None:
                     gate_up = gate_up + self.b_gate_up[...]
                 gate, up = gate_up[:, :, 0], gate_up[:, :, 1]

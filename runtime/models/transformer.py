@@ -159,22 +159,27 @@ class Transformer(nnx.Module):
         return logits
 
 
-def fuse_projections(model: Transformer, mesh=None) -> Transformer:
+def fuse_projections(model: Transformer, mesh=None, platform: str | None = None) -> Transformer:
     """The serving form of `model`, made in place (the unfused weights are dropped, so
     memory does not double): every layer's q/k/v weights as one (Attention.fuse) and its
-    gate/up weights as one (MLP.fuse). A decode step then runs two GEMVs fewer per
-    layer. Fused weights are split by their logical axes on `mesh` (a layer's on its
-    pipeline stage's devices) or, without one, stay where the weights were; an abstract
-    model (ShapeDtypeStruct weights) gets the fused shapes. Running it twice changes
-    nothing. Checkpoints hold the unfused form: this runs when an engine is built."""
+    gate/up weights as one (MLP.fuse), in the layout the platform's matmuls read
+    (layers.QKV_LAYOUTS; `platform`: default the mesh's devices', else the default
+    backend's). A decode step then runs two GEMVs fewer per layer. Fused weights are
+    split by their logical axes on `mesh` (a layer's on its pipeline stage's devices)
+    or, without one, stay where the weights were; an abstract model (ShapeDtypeStruct
+    weights) gets the fused shapes. Running it twice changes nothing. Checkpoints hold
+    the unfused form: this runs when an engine is built."""
     from sharding.rules import param_sharding
 
+    if platform is None:
+        platform = mesh.devices.flat[0].platform if mesh is not None else dispatch.platform()
+    layout = "tpu" if platform == "tpu" else "gpu"
     for i, block in enumerate(model.layers):
         def sharding_of(axes, shape, path=("layers", i)):
             return None if mesh is None else param_sharding(path, axes, shape, mesh, model.cfg.num_layers)
 
-        block.attn.fuse(sharding_of)
-        block.mlp.fuse(sharding_of)
+        block.attn.fuse(sharding_of, layout)
+        block.mlp.fuse(sharding_of, layout)
     return model
 
 

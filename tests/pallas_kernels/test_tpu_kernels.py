@@ -124,9 +124,10 @@ PAGED_SLOW = [c for c in itertools.product([jnp.float32, jnp.bfloat16], [1, 4, 8
                                            [None, 5], [None, 30.0]) if c not in PAGED_SWEEP]
 
 
-def _check_paged(dtype, ratio, head_dim, page_size, window, softcap, pages_per_step):
+def _check_paged(dtype, ratio, head_dim, page_size, window, softcap, pages_per_step, num_kv_heads=2):
     max_pages = 4
-    args = _paged_case(dtype, ratio, head_dim, page_size, _lengths(page_size, max_pages), max_pages=max_pages)
+    args = _paged_case(dtype, ratio, head_dim, page_size, _lengths(page_size, max_pages), max_pages=max_pages,
+                       num_kv_heads=num_kv_heads)
     kw = {"scale": head_dim ** -0.5, "window": window, "softcap": softcap}
     out = _interpret(paged_tpu._paged_attention, *args, pages_per_step=pages_per_step, **kw)
     _close(out, _paged_reference(*args, **kw), dtype)
@@ -136,6 +137,13 @@ def _check_paged(dtype, ratio, head_dim, page_size, window, softcap, pages_per_s
 def test_paged_matches_reference(dtype, ratio, head_dim, page_size, window, softcap):
     # 2 pages per step: exercises both several pages in a step and several steps.
     _check_paged(dtype, ratio, head_dim, page_size, window, softcap, pages_per_step=2)
+
+
+@pytest.mark.parametrize("dtype,ratio,head_dim,window", [(jnp.float32, 4, 128, None), (jnp.bfloat16, 8, 128, 5)])
+def test_paged_one_kv_head_matches_reference(dtype, ratio, head_dim, window):
+    """One kv head (a device's share under tensor parallelism): the kernel reads the
+    pages as [P, S, H] blocks, not [P, S, 1, H] (paged_attention/tpu.py says why)."""
+    _check_paged(dtype, ratio, head_dim, 16, window, None, pages_per_step=2, num_kv_heads=1)
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ import pytest
 from flax import nnx
 
 from runtime.kv_cache import KVCache
-from runtime.models.layers import _qkv_bias, _qkv_weight, repeat_fused_kv_heads
+from runtime.models.layers import QKV_LAYOUTS, _qkv_bias, repeat_fused_kv_heads
 from runtime.models.transformer import Transformer, abstract_model, fuse_projections
 from runtime.presets import preset_config
 
@@ -52,13 +52,17 @@ def _forward(model: Transformer, T: int = 7):
     return np.asarray(logits), [np.asarray(x) for x in cache.k + cache.v]
 
 
+@pytest.mark.parametrize("platform", ["gpu", "tpu"])  # the fused weights' layout (layers.QKV_LAYOUTS)
 @pytest.mark.parametrize("n,k,bias", LAYOUTS)
-def test_fused_forward_equals_unfused(n, k, bias):
+def test_fused_forward_equals_unfused(n, k, bias, platform):
     model = Transformer(_config(n, k, bias), dtype=jnp.float32, rngs=nnx.Rngs(3))
     if bias:
         _randomize_biases(model)
     want_logits, want_cache = _forward(model)
-    fuse_projections(model)
+    fuse_projections(model, platform=platform)
+    D, F = model.cfg.embed_dim, model.cfg.ffw_dim
+    qkv, gate_up = model.layers[0].attn.wqkv.get_value().shape, model.layers[0].mlp.w_gate_up.get_value().shape
+    assert (qkv[0], gate_up[0]) == ((D, D) if platform == "gpu" else (n // k + 2, 2)) and gate_up[-1] == F
     names = {path[-1] for path, _ in nnx.to_flat_state(nnx.state(model))}
     assert {"wqkv", "w_gate_up"} <= names and not names & {"wq", "wk", "wv", "w_gate", "w_up", "bq", "b_gate"}
     assert ("bqkv" in names) == bias
@@ -89,15 +93,18 @@ def test_repeated_kv_heads_of_fused_weights(r):
     rng = np.random.default_rng(0)
     wq, wk, wv = rng.normal(size=(D, N, H)), rng.normal(size=(K, H, D)), rng.normal(size=(K, H, D))
     bq, bk, bv = rng.normal(size=(N, H)), rng.normal(size=(K, H)), rng.normal(size=(K, H))
-    np.testing.assert_array_equal(repeat_fused_kv_heads(_qkv_weight(wq, wk, wv), r, 1),
-                                  _qkv_weight(wq, np.repeat(wk, r, 0), np.repeat(wv, r, 0)))
-    np.testing.assert_array_equal(repeat_fused_kv_heads(_qkv_bias(bq, bk, bv), r, 0),
+    for layout in ("gpu", "tpu"):
+        fuse, _, axes = QKV_LAYOUTS[layout]
+        np.testing.assert_array_equal(repeat_fused_kv_heads(fuse(wq, wk, wv), r, axes),
+                                      fuse(wq, np.repeat(wk, r, 0), np.repeat(wv, r, 0)))
+    np.testing.assert_array_equal(repeat_fused_kv_heads(_qkv_bias(bq, bk, bv), r, ("kv_heads", "qkv", "head_dim")),
                                   _qkv_bias(bq, np.repeat(bk, r, 0), np.repeat(bv, r, 0)))
 
 
-def test_abstract_model_fuses_to_the_same_shapes():
+@pytest.mark.parametrize("platform", ["gpu", "tpu"])
+def test_abstract_model_fuses_to_the_same_shapes(platform):
     cfg = _config(6, 2, True)
-    real = fuse_projections(Transformer(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
-    abstract = fuse_projections(abstract_model(cfg, jnp.bfloat16))
+    real = fuse_projections(Transformer(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)), platform=platform)
+    abstract = fuse_projections(abstract_model(cfg, jnp.bfloat16), platform=platform)
     shapes = lambda m: {p: (v.get_value().shape, v.get_value().dtype) for p, v in nnx.to_flat_state(nnx.state(m))}  # noqa: E731
     assert shapes(real) == shapes(abstract)

@@ -50,7 +50,7 @@ CASES = {
     # One chip: the engine also runs mixed calls (a decode step beside a prefill chunk),
     # with both TPU kernels in one program.
     "mixed-v5e1": dict(model="llama3.1-8b", topology="v5e:1x1", tp=1, attention="pallas", layers=2, vocab=1024,
-                       max_model_len=512, kv_fraction=0.3),
+                       max_model_len=512),
 }
 
 
@@ -72,8 +72,7 @@ def compile_case(name: str) -> None:
         cfg = dataclasses.replace(cfg, num_layers=case["layers"], layer_windows=cfg.layer_windows[:case["layers"]],
                                   vocab_size=case["vocab"])
     ecfg = EngineConfig(**{**ECFG, "attention": case.get("attention", "auto"),
-                           "max_model_len": case.get("max_model_len", ECFG["max_model_len"]),
-                           "kv_cache_memory_fraction": case.get("kv_fraction", 0.85)})
+                           "max_model_len": case.get("max_model_len", ECFG["max_model_len"])})
     mesh_config = MeshConfig(tensor=case["tp"])
     check_model(cfg, mesh_config)
     t0 = time.perf_counter()
@@ -102,6 +101,9 @@ def compile_case(name: str) -> None:
             case=name, kind=step.kind, shape=step.shape, memory=dataclasses.asdict(step.memory),
             lower_s=step.lower_s, compile_s=step.compile_s, all_reduce=hlo.count("all-reduce"),
             kernels=[k for k in ("paged_attention_decode", "flash_attention_causal") if k in hlo],
+            # Copies of an argument (a weight in another layout: XLA relays it on every call).
+            weight_copies=[line.strip()[:160] for line in hlo.splitlines()
+                           if " copy(" in line and 'op_name="params[' in line],
         )), flush=True)
 
 
@@ -202,6 +204,13 @@ def runs(request, tmp_path_factory):
             p.wait()
 
 
+def _check_no_weight_copies(steps: list[dict]) -> None:
+    """No step copies a weight into another layout (the fused projections are stored in
+    the TPU's: runtime.models.layers.QKV_LAYOUTS; [D, 2, F] gate/up was relaid per call)."""
+    for step in steps:
+        assert step["weight_copies"] == [], (step["kind"], step["shape"], step["weight_copies"])
+
+
 def _check_fits(info: dict, steps: list[dict], tp: int) -> None:
     # The weights are split: each chip holds about 1/TP of them (norms are replicated;
     # "param_bytes" counts repeated kv heads, as placed).
@@ -230,6 +239,7 @@ def test_llama8b_tp8(runs, case):
     assert info["kv_heads"] == 8 and "'tensor'" in info["cache_spec"]
     assert {(s["kind"], tuple(s["shape"])) for s in steps} == {("prefill", (1, 512)), ("decode", (8, "filter"))}
     _check_fits(info, steps, 8)
+    _check_no_weight_copies(steps)
 
 
 @pytest.mark.slow
@@ -240,6 +250,7 @@ def test_llama70b_tp16_kv_heads_repeated(runs, case):
     assert info["kv_heads"] == 16 and "'tensor'" in info["cache_spec"]  # 8 repeated to one per chip
     assert {(s["kind"], tuple(s["shape"])) for s in steps} == {("prefill", (1, 512)), ("decode", (8, "filter"))}
     _check_fits(info, steps, 16)
+    _check_no_weight_copies(steps)
 
 
 @pytest.mark.parametrize("case", ["pallas-v5e"])
@@ -251,6 +262,7 @@ def test_tpu_pallas_kernels_inside_shard_map(runs, case):
     for mode in SAMPLING_MODES:
         assert by_kind["decode", (8, mode)]["kernels"] == ["paged_attention_decode"]
     assert all(s["all_reduce"] > 0 for s in steps)
+    _check_no_weight_copies(steps)
 
 
 @pytest.mark.slow
@@ -266,6 +278,10 @@ def test_tpu_mixed_call_on_one_chip(runs, case):
                                                                          "paged_attention_decode"]
     m = by_kind["mixed", (8, 1, 512, "fresh")]["memory"]
     assert m["output"] - m["alias"] < (64 << 20), m  # the cache and slots updated in place
+    # One chip: the fused weights in the TPU's layout and the pages read in place.
+    _check_no_weight_copies(steps)
+    for step in steps:
+        assert step["memory"]["temp"] < info["cache_bytes_per_device"] // 16, step
 
 
 if __name__ == "__main__":
