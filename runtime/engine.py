@@ -336,7 +336,7 @@ def _mixed(graphdef, params, cache: KVCache, slots: DecodeSlots, io: DecodeIO, i
     (its slot is idle while this step decodes). Decode outputs go to io.out[0] as
     _decode's; the prefill's are returned."""
     if mesh is not None and tensor_parallel.is_sharded(mesh):
-        raise NotImplementedError("mixed calls run on one device (mixed_calls_enabled)")
+        raise NotImplementedError("mixed calls run on one device (mesh_engine_config turns them off on a sharded mesh)")
     p = _unpack_prefill(ints, floats, max_pages)
     B = slots.tokens.shape[0]
     part = slots if rows == B else jax.tree.map(lambda x: x[:rows], slots)
