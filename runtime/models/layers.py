@@ -360,12 +360,7 @@ class Attention(nnx.Module):
                     self._qkv(x)[:, 0], cos, sin, rows, k_pages, v_pages, interpret=dispatch.platform() != "gpu")
                 q, k, v = q[:, None], None, None  # decode attention reads k and v from the pages
         else:
-            with jax.named_scope("qkv"):
-                q, k, v = self._project(x)
-                if self.q_norm is not None:
-                    q, k = self.q_norm(q), self.k_norm(k)
-                cos, sin = rope_tables(self.rope, self.head_dim, positions, x.dtype)
-                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k, v = self._qkv_rope(x, positions)
             k_pages, v_pages = write_kv(k_pages, v_pages, k, v, page_table, positions, kv_lens)
         with jax.named_scope("attn"):
             o = attention(
@@ -374,6 +369,15 @@ class Attention(nnx.Module):
             )
             out = self._output(o, local)
         return out, k_pages, v_pages
+
+    def _qkv_rope(self, x, positions):
+        """q, k, v of x [B, T, D] at `positions` [B, T]: projected, q/k-normed, rotated."""
+        with jax.named_scope("qkv"):
+            q, k, v = self._project(x)
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            cos, sin = rope_tables(self.rope, self.head_dim, positions, x.dtype)
+            return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def _output(self, o, local: Local | None):
         """The output projection of the attention output o [B, T, N, H]."""
@@ -390,12 +394,7 @@ class Attention(nnx.Module):
         """A mixed call: x [1, N, D] holds every segment's tokens on one axis (N = the sum
         of their sizes), so the projections read each weight once for all of them; each
         segment writes its keys and values and attends as a call of its own shape would."""
-        with jax.named_scope("qkv"):
-            q, k, v = self._project(x)
-            if self.q_norm is not None:
-                q, k = self.q_norm(q), self.k_norm(k)
-            cos, sin = rope_tables(self.rope, self.head_dim, positions, x.dtype)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = self._qkv_rope(x, positions)
         parts, at = [], 0
         for seg in segments:
             parts.append(tuple(a[0, at : at + seg.size].reshape(seg.rows, seg.length, *a.shape[2:]) for a in (q, k, v)))
