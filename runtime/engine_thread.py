@@ -158,6 +158,7 @@ class EngineLoop:
             self.orc = self._factory(engine, tokenizer)
             self.orc.mark_ready()
             log.info("warm-up took %.1f s", time.perf_counter() - t)
+            startup.freeze_heap()
         except BaseException as e:  # noqa: BLE001 -- the server's owner reports it (runtime.serve: one line)
             self._on_fatal(e)
             return
@@ -248,6 +249,7 @@ class EngineLoop:
 
     def _on_step(self, t0: float, outputs: list[RequestOutput], events: list) -> None:
         now = time.monotonic()
+        self._metrics.observe_step(self.orc.last_step, t0, now - t0, sum(len(o.token_ids) for o in outputs))
         for seq in self.orc.scheduler.running.values():
             p = self._progress.get(seq.seq_id)
             if p is not None and p.scheduled is None:  # got its slot in this step

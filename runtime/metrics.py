@@ -14,10 +14,15 @@ from a request's admission:
 
 from __future__ import annotations
 
+import dataclasses
+import gc
+import json
 import logging
 import socket
 import sys
 import threading
+import time
+import weakref
 from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -55,10 +60,48 @@ class _HTTPServer(ThreadingMixIn, WSGIServer):
         log.debug("metrics request from %s failed: %r", client_address, sys.exc_info()[1])
 
 
+_STEP_BUCKETS = (0.001, 0.002, 0.003, 0.004, 0.005, 0.006, 0.008, 0.01, 0.0125, 0.015, 0.02, 0.025, 0.03, 0.04,
+                 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
+_STEP_TOKEN_BUCKETS = (0, 1, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+
+
+# Servers whose gc_pause histogram the one gc callback feeds (weakly held: a metrics object
+# that is never closed does not stay alive for it).
+_GC_LISTENERS: weakref.WeakSet = weakref.WeakSet()
+_gc_started: float | None = None
+
+
+def _on_gc(phase: str, info: dict) -> None:
+    """gc.callbacks entry: times each collection (collections do not nest; the GIL is held)."""
+    global _gc_started
+    if phase == "start":
+        _gc_started = time.perf_counter()
+    elif _gc_started is not None:
+        seconds, _gc_started = time.perf_counter() - _gc_started, None
+        for m in list(_GC_LISTENERS):
+            m.gc_pause.labels(generation=str(info.get("generation", "?"))).observe(seconds)
+
+
+gc.callbacks.append(_on_gc)
+
+
 class ServerMetrics:
-    def __init__(self, registry: CollectorRegistry | None = None):
+    """step_log: a path; every engine step appends one JSON line to it (`observe_step`):
+    for diagnosing latency (which steps were slow, what each dispatched)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, *, step_log: str | None = None):
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        self._step_log = open(step_log, "a", buffering=1 << 16) if step_log else None  # noqa: SIM115 -- closed in close()
+        self._step_t0: float | None = None
+        # The step's wall time in the engine thread: with the host pipelined one step behind
+        # the device, a step mostly waits for the previous step's call.
+        self.step_seconds = Histogram("xlserve_engine_step_seconds", "Wall time of one engine step, by the calls "
+                                      "it dispatched (mixed, prefill, decode, prefill+decode).", ["kind"],
+                                      buckets=_STEP_BUCKETS, registry=r)
+        self.step_prefill_tokens = Histogram("xlserve_engine_step_prefill_tokens", "Prompt tokens dispatched in "
+                                             "one engine step (chunks beside the decode rows).",
+                                             buckets=_STEP_TOKEN_BUCKETS, registry=r)
         self.ttft = Histogram("xlserve_time_to_first_token_seconds", "Admission to the first generated token.",
                               buckets=_TTFT_BUCKETS, registry=r)
         self.itl = Histogram("xlserve_inter_token_latency_seconds", "Time between a request's consecutive tokens.",
@@ -92,6 +135,11 @@ class ServerMetrics:
                              "StartupClock; phase=\"total\": process start to SERVING).", ["phase"], registry=r)
         self.startup_weight_bytes = Gauge("xlserve_startup_weight_bytes", "Bytes of weights loaded at start-up.",
                                           registry=r)
+        # Garbage collections stop every Python thread, the engine loop's too: a long one is a
+        # step every stream waits for (runtime.startup.freeze_heap keeps them short).
+        self.gc_pause = Histogram("xlserve_gc_pause_seconds", "Time the process spent in one garbage collection, "
+                                  "by generation.", ["generation"], buckets=_STEP_BUCKETS, registry=r)
+        _GC_LISTENERS.add(self)
         # process_resident_memory_bytes and friends: runtime.soak bounds the RSS growth under load.
         ProcessCollector(registry=r)
         for reason in ABORT_REASONS:  # every series exists from the start, at 0
@@ -100,6 +148,20 @@ class ServerMetrics:
             self.finished.labels(finish_reason=reason)
         for code in REJECT_CODES:
             self.rejected.labels(code=code)
+
+    def observe_step(self, record, t0: float, seconds: float, tokens_out: int) -> None:
+        """One engine step (runtime.orchestrator.StepRecord) that started at monotonic
+        time t0 and took `seconds`, emitting `tokens_out` tokens."""
+        if record.kind == "idle":
+            return
+        self.step_seconds.labels(kind=record.kind).observe(seconds)
+        self.step_prefill_tokens.observe(record.prefill_tokens)
+        if self._step_log is not None:
+            if self._step_t0 is None:
+                self._step_t0 = t0
+            self._step_log.write(json.dumps(dict(
+                t_ms=round((t0 - self._step_t0) * 1e3, 3), ms=round(seconds * 1e3, 3), tokens_out=tokens_out,
+                **dataclasses.asdict(record))) + "\n")
 
     def record_startup(self, clock, total_s: float | None) -> None:
         """The start-up phases (runtime.startup.StartupClock) as gauges."""
@@ -137,6 +199,10 @@ class ServerMetrics:
         return httpd.server_address[1]
 
     def close(self) -> None:
+        _GC_LISTENERS.discard(self)
+        if self._step_log is not None:
+            self._step_log.close()
+            self._step_log = None
         httpd = getattr(self, "_httpd", None)
         if httpd is not None:
             self._httpd = None  # closing twice (serve.py, then the server's stop) is harmless

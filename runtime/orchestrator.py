@@ -88,6 +88,18 @@ class _InFlight:
     decode_out: dict | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class StepRecord:
+    """What one step dispatched (`Orchestrator.last_step`): for metrics and the step log."""
+
+    kind: str  # "mixed", "prefill", "decode", "prefill+decode" or "idle" (nothing dispatched)
+    decode_seqs: int = 0  # sequences decoded
+    decode_rows: int = 0  # slots the decode call ran (its bucket)
+    prefill_chunks: int = 0
+    prefill_tokens: int = 0  # tokens of the chunks (before padding to a length)
+    waiting: int = 0  # sequences still waiting for a slot after this step
+
+
 def _to_host(out: dict) -> dict[str, np.ndarray]:
     return {k: np.asarray(v) for k, v in out.items()}
 
@@ -123,6 +135,7 @@ class Orchestrator:
         # Per kind of engine call ("prefill", "decode", "mixed"): calls that raised since the last
         # one of that kind that worked.
         self._call_failures = {"prefill": 0, "decode": 0, "mixed": 0}
+        self.last_step = StepRecord("idle")
 
     # --- requests ------------------------------------------------------------------
 
@@ -223,7 +236,9 @@ class Orchestrator:
             self.engine.release(slot)  # preempted: its tokens are kept and recomputed later
         record = _InFlight()
         decoding = [s for s in self.scheduler.running.values() if s.status == Status.RUNNING]
+        kind, decoded = [], []
         if plan.prefill and decoding and self._mixes(plan.prefill, decoding):
+            kind, decoded = ["mixed"], decoding
             # One call: the chunks' prompts that complete here decode from the next step.
             out = self._call("mixed", [c.seq for c in plan.prefill] + decoding, self._dispatch_mixed, plan.prefill,
                              decoding)
@@ -232,15 +247,21 @@ class Orchestrator:
                 (record.prefill_out, record.prefill_rows), record.decode_out = out
             decoding = []
         elif plan.prefill:
+            kind.append("prefill")
             out = self._call("prefill", [c.seq for c in plan.prefill], self._dispatch_prefill, plan.prefill)
             if out is not None:
                 record.prefill = plan.prefill
                 record.prefill_out, record.prefill_rows = out
             decoding = [s for s in self.scheduler.running.values() if s.status == Status.RUNNING]
         if decoding:
+            kind.append("decode")
+            decoded = decoding
             out = self._call("decode", decoding, self._dispatch_decode, decoding)
             if out is not None:
                 record.decoding, record.decode_out = decoding, out
+        self.last_step = StepRecord(
+            "+".join(kind) or "idle", len(decoded), self._decode_rows(decoded) if decoded else 0, len(plan.prefill),
+            sum(c.length for c in plan.prefill), self.scheduler.num_waiting)
         previous, self._inflight = self._inflight, (record if record.prefill or record.decoding else None)
         if previous is not None:
             self._process(previous)

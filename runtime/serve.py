@@ -43,6 +43,9 @@ flags.DEFINE_integer("port", 50051, "gRPC port (0: any free port; the chosen one
 flags.DEFINE_integer("metrics_port", None, "Serve Prometheus /metrics on this port (0: any free port).")
 flags.DEFINE_string("aot_dir", None, "Run the executables `runtime.warmup --aot_dir` wrote here instead of compiling, "
                     "where they were built for this configuration (else compile, and say why).")
+flags.DEFINE_string("step_log", None, "Append one JSON line per engine step to this file (what the step "
+                    "dispatched: call kind, decode rows, prefill chunks and tokens; its wall time): for diagnosing "
+                    "latency.")
 flags.DEFINE_integer("max_queue", 128, "Requests admitted beyond --max_num_seqs (waiting); more: RESOURCE_EXHAUSTED.")
 flags.DEFINE_integer("max_pending_tokens", 0, "Budget of prompt + max_tokens over the requests in flight; 0: none.")
 flags.DEFINE_float("drain_timeout_s", 30.0, "On SIGTERM, how long requests in flight may take to finish.")
@@ -107,7 +110,11 @@ async def _serve(load, config, leader=None) -> int:
     from runtime.metrics import ServerMetrics
     from runtime.server import GenerationServer
 
-    metrics = ServerMetrics()
+    try:
+        metrics = ServerMetrics(step_log=FLAGS.step_log)
+    except OSError as e:
+        print(f"error: --step_log={FLAGS.step_log}: {e.strerror or e}", file=sys.stderr)
+        return 2
     if FLAGS.metrics_port is not None:
         port = metrics.serve(FLAGS.metrics_port, security=config.security)
         scheme = "https" if config.security.tls else "http"

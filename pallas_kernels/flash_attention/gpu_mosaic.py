@@ -303,13 +303,17 @@ def produce_kv_ring(lo, hi, stages: int, *, prepare, copy_k, copy_v, k_free, v_f
         drain(i)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Paged:
+    """K/V in pages (`paged_prefill`): a key block of block_kv tokens is `copies` TMA
+    copies of `per_copy` tokens each, from the pages the row's table names."""
+
+    page_size: int
+    copies: int
+
+
 def _flash_kernel(
-    len_ref,  # [B] int32 in GMEM: valid tokens per row (already clipped to [0, T])
-    q_ref,  # [B, Tp, N, H] GMEM
-    k_ref,  # [B, Tp, K, H]
-    v_ref,  # [B, Tp, K, H]
-    o_ref,  # [B, Tp, N, H]
-    *,
+    *refs,
     config: Config,
     groups: int,
     scale: float,
@@ -317,7 +321,21 @@ def _flash_kernel(
     softcap: float | None,
     num_tiles: int,
     interpret: bool,
+    paged: _Paged | None = None,
 ):
+    """Contiguous (paged None): refs are
+      len_ref [B] int32 GMEM (valid tokens per row, clipped to [0, T]), q_ref [B, Tp, N, H],
+      k_ref / v_ref [B, Tp, K, H], o_ref [B, Tp, N, H].
+    Paged: refs are
+      len_ref [B] (the chunk's valid tokens), start_ref [B] (tokens before the chunk: query t
+      is at position start + t and keys [0, start + len) are in the pages), table_ref
+      [B, MPP] (page ids, padded to whole key blocks), q_ref, k_ref / v_ref [P * S, K, H]
+      (the pages' token rows), o_ref."""
+    if paged is None:
+        len_ref, q_ref, k_ref, v_ref, o_ref = refs
+        start_ref = table_ref = None
+    else:
+        len_ref, start_ref, table_ref, q_ref, k_ref, v_ref, o_ref = refs
     bq, bk, stages = config.block_q, config.block_kv, config.stages
     H = q_ref.shape[-1]
     dtype = q_ref.dtype
@@ -337,9 +355,12 @@ def _flash_kernel(
         wg = lax.axis_index("wg")
         kv_head = _div(head, groups)
         length = len_ref[b]
+        # Key positions are the queries' plus `offset`: the tokens cached before the chunk.
+        offset = jnp.int32(0) if start_ref is None else start_ref[b]
         base = tile * config.tile_q
         ranges = [
-            _key_range(base + w * bq, length, block_q=bq, block_kv=bk, window=window) for w in range(_COMPUTE_WGS)
+            _key_range(offset + base + w * bq, offset + length, block_q=bq, block_kv=bk, window=window)
+            for w in range(_COMPUTE_WGS)
         ]
         # The producer loads the union [lo, hi) of both warpgroups' ranges (warpgroup 0
         # has the earlier window start; an empty range counts as [lo, lo)).
@@ -360,7 +381,7 @@ def _flash_kernel(
         def _compute():
             plgpu.set_max_registers(232, action="increase")
             q0 = base + wg * bq
-            mine = _key_range(q0, length, block_q=bq, block_kv=bk, window=window)
+            mine = _key_range(offset + q0, offset + length, block_q=bq, block_kv=bk, window=window)
             # An empty range sits at lo so that every step of [lo, hi) is a skip step.
             empty = mine.last <= mine.first
             first, mid_lo, mid_hi, last = (
@@ -430,9 +451,9 @@ def _flash_kernel(
                     s = _tanh(s * (scale / softcap))
                     c = softcap * _LOG2E
                 if masked:
-                    t = q0 + iota((bq, bk), 0)
+                    t = offset + q0 + iota((bq, bk), 0)
                     pos = kb * bk + iota((bq, bk), 1)
-                    visible = (pos <= t) & (pos < length)
+                    visible = (pos <= t) & (pos < offset + length)
                     if window is not None:
                         visible &= pos > t - window
                     s = jnp.where(visible, s, -jnp.inf)
@@ -500,24 +521,52 @@ def _flash_kernel(
         def _producer():
             plgpu.set_max_registers(40, action="decrease")
 
-            def rows(kb):
-                return (b, pl.ds(kb * bk, bk), kv_head)
+            if paged is None:
+                def sources(kb):
+                    return [(b, pl.ds(kb * bk, bk), kv_head)]
+
+                def dst(smem, slot, j):
+                    return smem.at[slot]
+            else:
+                S, copies = paged.page_size, paged.copies
+                per_copy = bk // copies
+                end = offset + length
+
+                def sources(kb):
+                    """One page-table read per copy, issued before the producer waits for a
+                    free slot (the read's latency overlaps the wait)."""
+                    out = []
+                    for j in range(copies):
+                        t = kb * bk + j * per_copy
+                        # A page past the row's keys may be freed or unassigned (any id):
+                        # read page 0 instead, masked anyway.
+                        page = jnp.where(t < end, table_ref[b, _div(t, S)], 0)
+                        out.append((pl.ds(page * S + lax.rem(t, jnp.int32(S)), per_copy), kv_head))
+                    return out
+
+                def dst(smem, slot, j):
+                    return smem.at[slot] if copies == 1 else smem.at[slot, pl.ds(j * per_copy, per_copy)]
+
+            def issue(src, slot, ref, smem, barrier):
+                for j, r in enumerate(src):
+                    plgpu.copy_gmem_to_smem(ref.at[r], dst(smem, slot, j), barrier.at[slot])
 
             produce_kv_ring(
-                lo, hi, stages, prepare=rows,
-                copy_k=lambda r, slot: plgpu.copy_gmem_to_smem(k_ref.at[r], k_smem.at[slot], k_ready.at[slot]),
-                copy_v=lambda r, slot: plgpu.copy_gmem_to_smem(v_ref.at[r], v_smem.at[slot], v_ready.at[slot]),
+                lo, hi, stages, prepare=sources,
+                copy_k=lambda src, slot: issue(src, slot, k_ref, k_smem, k_ready),
+                copy_v=lambda src, slot: issue(src, slot, v_ref, v_smem, v_ready),
                 k_free=k_free, v_free=v_free,
             )
 
+    copies_per_block = 1 if paged is None else paged.copies
     pl.run_scoped(
         body,
         plgpu.SMEM((_COMPUTE_WGS, bq, H), dtype, transforms=transforms),  # Q, then O
         plgpu.SMEM((stages, bk, H), dtype, transforms=transforms),  # K ring
         plgpu.SMEM((stages, bk, H), dtype, transforms=transforms),  # V ring
         plgpu.Barrier(num_barriers=_COMPUTE_WGS),  # Q loaded
-        plgpu.Barrier(num_barriers=stages),  # K slot loaded
-        plgpu.Barrier(num_barriers=stages),  # V slot loaded
+        plgpu.Barrier(num_arrivals=copies_per_block, num_barriers=stages),  # K slot loaded
+        plgpu.Barrier(num_arrivals=copies_per_block, num_barriers=stages),  # V slot loaded
         plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),  # K slot free
         plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),  # V slot free
         plgpu.Barrier(num_arrivals=_COMPUTE_WGS),  # schedule (ping-pong)
@@ -602,4 +651,100 @@ def flash_attention_tuned(
         interpret=params,
     )
     out = call(lens, q, k, v)
+    return out[:, :T] if Tp != T else out
+
+
+# ------------------------------------------------------------------ chunks over a cached prefix
+
+
+def _paged_geometry(S: int, config: Config) -> _Paged | None:
+    """How a key block of block_kv tokens comes from pages of S tokens, or None: one copy
+    when a page holds whole blocks, else one per page (a page's rows must start at a
+    multiple of the 8-row shared-memory tile)."""
+    if S <= 0 or S & (S - 1):
+        return None
+    if S >= config.block_kv:
+        return _Paged(S, 1)
+    return _Paged(S, config.block_kv // S) if S % 8 == 0 else None
+
+
+def supports_paged(q: jax.Array, k_pages: jax.Array, window: int | None = None, softcap: float | None = None) -> bool:
+    """Whether `paged_prefill` runs the call here (else the caller runs the paged reference):
+    what `supports` takes, with pages of a power-of-two size that is >= block_kv or a
+    multiple of 8 tokens."""
+    if q.ndim != 4 or k_pages.ndim != 4 or not supports(q, k_pages, window, softcap):
+        return False
+    return _paged_geometry(k_pages.shape[1], default_config(q.shape[-1])) is not None
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "window", "softcap", "interpret", "block_kv", "stages"))
+def paged_prefill(
+    q: jax.Array,  # [B, T, N, H]
+    k_pages: jax.Array,  # [P, S, K, H]
+    v_pages: jax.Array,  # [P, S, K, H]
+    page_table: jax.Array,  # [B, MP]
+    starts: jax.Array,  # [B] tokens of the row cached before the chunk
+    lengths: jax.Array,  # [B] valid tokens of the chunk
+    *,
+    scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
+    interpret=False,
+    block_kv: int | None = None,
+    stages: int | None = None,
+) -> jax.Array:
+    """Causal attention of a prefill chunk that continues cached context: query t of row
+    b is at position starts[b] + t and sees the keys s <= that position (and, with a
+    window W, s > position - W), which are token s % S of page page_table[b, s // S]; the
+    chunk's own keys must already be in the pages. Queries t >= lengths[b] are padding
+    (output 0). The same schedule as `flash_attention` (its docstring), with the K/V
+    blocks gathered page by page by the TMA producer. Returns [B, T, N, H] in q.dtype;
+    the paged reference (pallas_kernels/paged_attention/reference.py with T > 1) computes
+    the same. Calls `supports_paged` rejects raise ValueError."""
+    if not supports_paged(q, k_pages, window, softcap):
+        raise ValueError(f"paged_prefill does not support q {q.shape} {q.dtype} over pages {k_pages.shape} "
+                         f"{k_pages.dtype} (supports_paged)")
+    B, T, N, H = q.shape
+    P, S, K, _ = k_pages.shape
+    assert v_pages.shape == k_pages.shape and v_pages.dtype == q.dtype, (k_pages.shape, v_pages.shape)
+    if window is not None and window < 1:
+        raise ValueError(f"window={window} must be >= 1")
+    default = default_config(H)
+    config = Config(block_kv=block_kv or default.block_kv, stages=stages or default.stages)
+    paged = _paged_geometry(S, config)
+    if paged is None:
+        raise ValueError(f"{config} does not fit pages of {S} tokens")
+    need = smem_bytes(H, q.dtype.itemsize, config)
+    if need > _SMEM_LIMIT:
+        raise ValueError(f"{config} at head_dim {H} needs {need} bytes of shared memory > {_SMEM_LIMIT}")
+    params = _interpret_params(interpret)
+
+    Tp = -(-T // config.tile_q) * config.tile_q
+    if Tp != T:
+        q = jnp.pad(q, ((0, 0), (0, Tp - T), (0, 0), (0, 0)))
+    lens = jnp.clip(lengths.astype(jnp.int32), 0, T).reshape(B)
+    starts = jnp.maximum(starts.astype(jnp.int32), 0).reshape(B)
+    # The producer reads a table slot for every page of every key block it loads: whole blocks.
+    MP = page_table.shape[1]
+    MPP = -(-(MP * S) // config.block_kv) * config.block_kv // S
+    table = page_table.astype(jnp.int32)
+    if MPP > MP:
+        table = jnp.pad(table, ((0, 0), (0, MPP - MP)))
+    num_tiles = Tp // config.tile_q
+    kernel = functools.partial(
+        _flash_kernel, config=config, groups=N // K, scale=float(scale), window=window,
+        softcap=None if softcap is None else float(softcap), num_tiles=num_tiles, interpret=params is not None,
+        paged=paged,
+    )
+    call = plgpu.kernel(
+        kernel,
+        **{_OUT_ARG: jax.ShapeDtypeStruct((B, Tp, N, H), q.dtype)},
+        grid=(N, num_tiles, B),
+        grid_names=("heads", "q_tile", "batch"),
+        num_threads=_COMPUTE_WGS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=params,
+    )
+    out = call(lens, starts, table, q, k_pages.reshape(P * S, K, H), v_pages.reshape(P * S, K, H))
     return out[:, :T] if Tp != T else out

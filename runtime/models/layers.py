@@ -133,8 +133,11 @@ def attention(
     [B, T, K, H] are all there is to see (the pages already hold them too).
 
     impl "reference": the paged reference for everything. impl "pallas": the flash
-    kernel for fresh prefill, the paged kernel for decode (T == 1), the paged reference
-    for prefill chunks that continue earlier context.
+    kernel for fresh prefill, the paged kernel for decode (T == 1), and for prefill
+    chunks that continue earlier context the flash kernel over the pages on Hopper
+    (flash_attention/gpu_mosaic.paged_prefill), the paged reference elsewhere (the
+    Triton and TPU kernels have no such mode yet). Rows of a chunk hold consecutive
+    positions from positions[:, 0].
     """
     kw = dict(scale=scale, window=window, softcap=softcap)
     if impl == "reference":
@@ -146,6 +149,12 @@ def attention(
         return dispatch.load("flash_attention", kernel)(q, k, v, kv_lens, **kw)
     if q.shape[1] == 1:
         return dispatch.load("paged_attention", kernel)(q, k_pages, v_pages, page_table, positions, kv_lens, **kw)
+    if kernel == "gpu" and dispatch.module_name("flash_attention", kernel) == "gpu_mosaic":
+        from pallas_kernels.flash_attention import gpu_mosaic as flash_mosaic
+
+        if flash_mosaic.supports_paged(q, k_pages, window, softcap):
+            starts = positions[:, 0]
+            return flash_mosaic.paged_prefill(q, k_pages, v_pages, page_table, starts, kv_lens - starts, **kw)
     return paged_reference.paged_attention(q, k_pages, v_pages, page_table, positions, kv_lens, **kw)
 
 

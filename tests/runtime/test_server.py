@@ -11,6 +11,8 @@ with an orchestrator whose step sleeps.
 from __future__ import annotations
 
 import asyncio
+import gc
+import json
 import threading
 import time
 import urllib.request
@@ -416,13 +418,18 @@ def test_drain_finishes_in_flight_and_refuses_new(engine, tokenizer):
 # --- metrics over HTTP ----------------------------------------------------------------
 
 
-def test_metrics_endpoint(engine, tokenizer):
-    metrics = ServerMetrics()
+def test_metrics_endpoint(engine, tokenizer, tmp_path):
+    step_log = tmp_path / "steps.jsonl"
+    metrics = ServerMetrics(step_log=str(step_log))
+    gc.unfreeze()  # an earlier server in this process froze the heap: the server must do it again
     port = metrics.serve(0, addr="127.0.0.1")
     server = GenerationServer(lambda: (engine, tokenizer), ServerConfig(), metrics=metrics)
     h = Harness(server)
     try:
         h.call(server.wait_ready(60))
+        # After warm-up the engine thread moved the heap out of the collector's reach
+        # (runtime.startup.freeze_heap), collecting first: one full collection timed.
+        assert gc.get_freeze_count() > 0
         out = h.client.generate_unary(token_ids=[5, 6, 7], max_tokens=6, temperature=0.0, ignore_eos=True)
         assert len(out.token_ids) == 6
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
@@ -438,8 +445,19 @@ def test_metrics_endpoint(engine, tokenizer):
                  "xlserve_num_requests_running 0.0", "xlserve_num_requests_waiting 0.0", "xlserve_kv_pages_used 0.0",
                  f"xlserve_kv_pages_total {float(NUM_PAGES)}", "xlserve_preemptions_total 0.0",
                  'xlserve_requests_aborted_total{reason="cancelled"} 0.0', "xlserve_requests_failed_total 0.0",
-                 "xlserve_compilations_total 0.0"):
+                 "xlserve_compilations_total 0.0", 'xlserve_engine_step_seconds_count{kind="prefill+decode"} 1.0',
+                 "xlserve_engine_step_prefill_tokens_sum 3.0", 'xlserve_gc_pause_seconds_count{generation="2"}'):
         assert name in body, name
+    # The step log (closed with the server): one line per step, the prompt's prefill first
+    # (the completed prompt decodes in the same step), then decode steps; every token leaves
+    # in some step.
+    steps = [json.loads(line) for line in step_log.read_text().splitlines()]
+    assert steps[0]["kind"] == "prefill+decode" and steps[0]["prefill_tokens"] == 3 and steps[0]["decode_seqs"] == 1
+    assert {s["kind"] for s in steps[1:]} == {"decode"}
+    assert all(s["decode_seqs"] == 1 and s["decode_rows"] >= 1 and s["prefill_tokens"] == 0 for s in steps[1:])
+    assert sum(s["tokens_out"] for s in steps) == 6
+    assert [s["t_ms"] for s in steps] == sorted(s["t_ms"] for s in steps) and all(s["ms"] > 0 for s in steps)
+    assert f'xlserve_engine_step_seconds_count{{kind="decode"}} {float(len(steps) - 1)}' in body
 
 
 def test_checkpoint_sampling_defaults_fill_unset_fields(engine, tokenizer):
