@@ -69,15 +69,17 @@ _STEP_TOKEN_BUCKETS = (0, 1, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 
 # that is never closed does not stay alive for it).
 _GC_LISTENERS: weakref.WeakSet = weakref.WeakSet()
 _gc_started: float | None = None
+_gc_seconds = 0.0  # all collections' time since the process started
 
 
 def _on_gc(phase: str, info: dict) -> None:
     """gc.callbacks entry: times each collection (collections do not nest; the GIL is held)."""
-    global _gc_started
+    global _gc_started, _gc_seconds
     if phase == "start":
         _gc_started = time.perf_counter()
     elif _gc_started is not None:
         seconds, _gc_started = time.perf_counter() - _gc_started, None
+        _gc_seconds += seconds
         for m in list(_GC_LISTENERS):
             m.gc_pause.labels(generation=str(info.get("generation", "?"))).observe(seconds)
 
@@ -94,6 +96,7 @@ class ServerMetrics:
         r = self.registry
         self._step_log = open(step_log, "a", buffering=1 << 16) if step_log else None  # noqa: SIM115 -- closed in close()
         self._step_t0: float | None = None
+        self._step_gc = _gc_seconds
         # The step's wall time in the engine thread: with the host pipelined one step behind
         # the device, a step mostly waits for the previous step's call.
         self.step_seconds = Histogram("xlserve_engine_step_seconds", "Wall time of one engine step, by the calls "
@@ -159,9 +162,11 @@ class ServerMetrics:
         if self._step_log is not None:
             if self._step_t0 is None:
                 self._step_t0 = t0
+            # gc_ms: garbage collection (any thread's) since the previous step was logged.
+            gc_ms, self._step_gc = (_gc_seconds - self._step_gc) * 1e3, _gc_seconds
             self._step_log.write(json.dumps(dict(
                 t_ms=round((t0 - self._step_t0) * 1e3, 3), ms=round(seconds * 1e3, 3), tokens_out=tokens_out,
-                **dataclasses.asdict(record))) + "\n")
+                gc_ms=round(gc_ms, 3), **dataclasses.asdict(record))) + "\n")
 
     def record_startup(self, clock, total_s: float | None) -> None:
         """The start-up phases (runtime.startup.StartupClock) as gauges."""

@@ -727,7 +727,11 @@ def paged_prefill(
     # The producer reads a table slot for every page of every key block it loads: whole blocks.
     MP = page_table.shape[1]
     MPP = -(-(MP * S) // config.block_kv) * config.block_kv // S
-    table = page_table.astype(jnp.int32)
+    # A buffer of its own: Mosaic GPU requires 256-byte aligned operands, and a table sliced
+    # out of a larger array (the engine unpacks it from one packed int32 argument) can be a
+    # view at any offset ("Input buffer 2 is not 256-byte aligned" on the H200). Page ids
+    # are >= 0, so the maximum changes nothing but cannot be simplified away.
+    table = jnp.maximum(page_table.astype(jnp.int32), 0)
     if MPP > MP:
         table = jnp.pad(table, ((0, 0), (0, MPP - MP)))
     num_tiles = Tp // config.tile_q

@@ -14,6 +14,7 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -134,10 +135,10 @@ def attention(
 
     impl "reference": the paged reference for everything. impl "pallas": the flash
     kernel for fresh prefill, the paged kernel for decode (T == 1), and for prefill
-    chunks that continue earlier context the flash kernel over the pages on Hopper
-    (flash_attention/gpu_mosaic.paged_prefill), the paged reference elsewhere (the
-    Triton and TPU kernels have no such mode yet). Rows of a chunk hold consecutive
-    positions from positions[:, 0].
+    chunks that continue earlier context the paged reference, or with
+    PAGED_PREFILL_KERNEL on Hopper the flash kernel over the pages
+    (flash_attention/gpu_mosaic.paged_prefill; the Triton and TPU kernels have no such
+    mode yet). Rows of a chunk hold consecutive positions from positions[:, 0].
     """
     kw = dict(scale=scale, window=window, softcap=softcap)
     if impl == "reference":
@@ -149,13 +150,23 @@ def attention(
         return dispatch.load("flash_attention", kernel)(q, k, v, kv_lens, **kw)
     if q.shape[1] == 1:
         return dispatch.load("paged_attention", kernel)(q, k_pages, v_pages, page_table, positions, kv_lens, **kw)
-    if kernel == "gpu" and dispatch.module_name("flash_attention", kernel) == "gpu_mosaic":
+    if PAGED_PREFILL_KERNEL and kernel == "gpu" and dispatch.module_name("flash_attention", kernel) == "gpu_mosaic":
         from pallas_kernels.flash_attention import gpu_mosaic as flash_mosaic
 
         if flash_mosaic.supports_paged(q, k_pages, window, softcap):
             starts = positions[:, 0]
-            return flash_mosaic.paged_prefill(q, k_pages, v_pages, page_table, starts, kv_lens - starts, **kw)
+            lengths = jnp.maximum(kv_lens - starts, 0)  # a padding row (kv_lens 0) has none
+            return flash_mosaic.paged_prefill(q, k_pages, v_pages, page_table, starts, lengths, **kw,
+                                              interpret=dispatch.platform() != "gpu")
     return paged_reference.paged_attention(q, k_pages, v_pages, page_table, positions, kv_lens, **kw)
+
+
+# Continued prefill chunks through flash_attention/gpu_mosaic.paged_prefill on Hopper (else
+# the paged reference). Off until an H200 run confirms the engine path: the kernel's own
+# tests pass compiled there, but the first server with it failed at warm-up on an
+# unaligned operand (a page table sliced from the packed arguments), fixed since without
+# a GPU to rerun (runtime/BENCHMARKS.md, session 7). XLSERVE_PAGED_PREFILL=1 turns it on.
+PAGED_PREFILL_KERNEL = os.environ.get("XLSERVE_PAGED_PREFILL", "0") == "1"
 
 
 @dataclasses.dataclass(frozen=True)

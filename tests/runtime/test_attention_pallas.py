@@ -16,6 +16,7 @@ from runtime.engine import Engine
 from runtime.models.transformer import Transformer
 from runtime.orchestrator import Orchestrator, Request
 from runtime.sampling import SamplingParams
+from tests.pallas_kernels.conftest import reuse_thread_programs  # noqa: F401 -- a fixture (Mosaic GPU interpreter speed-up)
 
 pytest.importorskip("pallas_kernels.paged_attention.gpu")
 pytest.importorskip("pallas_kernels.flash_attention.gpu")
@@ -205,3 +206,76 @@ def test_prompts_sharing_a_step_budget_get_the_continuation_program():
     assert prefill_variants(split_cfg) == (True, False) and prefill_variants(whole_cfg) == (True,)
     split, _ = _serve_with_late_arrivals(model, split_cfg, a, late, num_pages=16)
     assert split == _serve_with_late_arrivals(model, whole_cfg, a, late, num_pages=16)[0] and len(split["c"]) == 3
+
+
+def _on_hopper() -> bool:
+    device = jax.devices()[0]
+    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9")
+
+
+@pytest.mark.skipif(not _on_hopper(), reason="the engine's programs with the Mosaic GPU kernels inside: compiled on "
+                    "Hopper only (the CPU interpreter's kernel threads deadlock inside a whole-model program on 2 cores)")
+def test_paged_prefill_kernel_in_the_engine(monkeypatch):
+    """The Hopper path for continued chunks (layers.PAGED_PREFILL_KERNEL:
+    flash_attention/gpu_mosaic.paged_prefill): a budget-split prompt, whose chunks run
+    beside another request's decode steps (mixed calls), gives the tokens of the same
+    prompt prefilled whole."""
+    from pallas_kernels.flash_attention import gpu_mosaic as flash_mosaic
+    from runtime.models import layers
+
+    calls = []
+    monkeypatch.setattr(layers, "PAGED_PREFILL_KERNEL", True)
+    real_paged_prefill = flash_mosaic.paged_prefill
+    monkeypatch.setattr(flash_mosaic, "paged_prefill", lambda *a, **k: calls.append(1) or real_paged_prefill(*a, **k))
+    model = _tiny("llama", dtype=jnp.bfloat16)
+    rng = np.random.default_rng(7)
+    a, b = _greedy("a", rng, 5, 12), _greedy("b", rng, 40, 4)
+    ecfg = EngineConfig(max_num_seqs=2, max_model_len=64, page_size=16, prefill_lengths=(16, 64),
+                        attention="pallas", decode_batch_sizes=(2,), cache_dtype="bfloat16")
+    split_cfg, whole_cfg = (dataclasses.replace(ecfg, max_num_batched_tokens=n) for n in (20, 4096))
+    split, mixed = _serve_with_late_arrivals(model, split_cfg, a, [b], num_pages=12)
+    assert calls, "no continued chunk went through paged_prefill"
+    assert mixed == 3 and len(split["b"]) == 4
+    assert split == _serve_with_late_arrivals(model, whole_cfg, a, [b], num_pages=12)[0]
+
+
+@pytest.mark.usefixtures("reuse_thread_programs")
+def test_attention_routes_continued_chunks_to_paged_prefill(monkeypatch):
+    """layers.attention with PAGED_PREFILL_KERNEL on a Hopper dispatch (here the kernel in
+    the Mosaic GPU interpreter, called outside any other program): a continued chunk
+    (rows starting at 0, 21 and 40, one of them padding) goes to paged_prefill with the
+    rows' starts and chunk lengths, and equals the paged reference."""
+    from pallas_kernels import dispatch
+    from pallas_kernels.flash_attention import gpu_mosaic as flash_mosaic
+    from pallas_kernels.paged_attention import reference as paged_ref
+    from runtime.models import layers
+
+    real_module_name, calls = dispatch.module_name, []
+    monkeypatch.setattr(dispatch, "module_name", lambda kernel, impl: (
+        "gpu_mosaic" if kernel == "flash_attention" and dispatch.resolve(impl) == "gpu" else real_module_name(kernel, impl)))
+    monkeypatch.setattr(layers, "PAGED_PREFILL_KERNEL", True)
+    real = flash_mosaic.paged_prefill
+    monkeypatch.setattr(flash_mosaic, "paged_prefill", lambda *a, **k: calls.append(a[4:6]) or real(*a, **k))
+    rng = np.random.default_rng(0)
+    B, T, N, K, H, S, MP = 3, 32, 4, 2, 64, 16, 6
+    starts, lens = np.array([0, 21, 40]), np.array([32, 9, 0])  # the last row: padding
+    kv_lens = np.where(lens > 0, starts + lens, 0)
+    P = B * MP
+    table = rng.permutation(P).reshape(B, MP).astype(np.int32)
+    k_pages, v_pages = (jnp.asarray(rng.standard_normal((P, S, K, H)), jnp.bfloat16) for _ in "kv")
+    q = jnp.asarray(rng.standard_normal((B, T, N, H)), jnp.bfloat16)
+    positions = jnp.asarray(starts[:, None] + np.arange(T)[None], jnp.int32)
+    args = (q, None, None, k_pages, v_pages, jnp.asarray(table), positions, jnp.asarray(kv_lens, jnp.int32))
+    kw = dict(scale=H**-0.5, window=None, softcap=None)
+    out = layers.attention(*args, **kw, impl="pallas", fresh=False)
+    assert len(calls) == 1
+    np.testing.assert_array_equal(np.asarray(calls[0][0]), starts)
+    np.testing.assert_array_equal(np.asarray(calls[0][1]), lens)
+    ref = paged_ref.paged_attention(q.astype(jnp.float32), k_pages.astype(jnp.float32), v_pages.astype(jnp.float32),
+                                    jnp.asarray(table), positions, jnp.asarray(kv_lens, jnp.int32), **kw)
+    valid = np.arange(T)[None, :] < lens[:, None]
+    np.testing.assert_allclose(np.asarray(out.astype(jnp.float32))[valid], np.asarray(ref)[valid], atol=1.5e-2, rtol=1e-2)
+    # Off (the default): the paged reference, not the kernel.
+    monkeypatch.setattr(layers, "PAGED_PREFILL_KERNEL", False)
+    layers.attention(*args, **kw, impl="pallas", fresh=False)
+    assert len(calls) == 1

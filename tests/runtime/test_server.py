@@ -457,6 +457,7 @@ def test_metrics_endpoint(engine, tokenizer, tmp_path):
     assert all(s["decode_seqs"] == 1 and s["decode_rows"] >= 1 and s["prefill_tokens"] == 0 for s in steps[1:])
     assert sum(s["tokens_out"] for s in steps) == 6
     assert [s["t_ms"] for s in steps] == sorted(s["t_ms"] for s in steps) and all(s["ms"] > 0 for s in steps)
+    assert all(s["gc_ms"] >= 0 for s in steps)
     assert f'xlserve_engine_step_seconds_count{{kind="decode"}} {float(len(steps) - 1)}' in body
 
 
