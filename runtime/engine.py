@@ -333,8 +333,11 @@ def _mixed(graphdef, params, cache: KVCache, slots: DecodeSlots, io: DecodeIO, i
     as a single forward pass: the decode rows and the chunk's tokens share every weight
     read (runtime.models.layers.Segment). The same tokens as a prefill call followed by a
     decode call, except that a prompt completed here starts decoding in the next step
-    (its slot is idle while this step decodes). Decode outputs go to io.out[0] as
-    _decode's; the prefill's are returned."""
+    (its slot is idle while this step decodes). The prefill rows are sampled here and
+    their outputs returned; the decode rows' logits [rows, V] and cache lengths [rows]
+    (0: idle in this step) are returned for `_mixed_sample`, a program per sampling mode
+    (so a greedy step does not pay for the top-k/top-p sort: ~1 ms of a 64-row step on
+    an H200, runtime/BENCHMARKS.md)."""
     if mesh is not None and tensor_parallel.is_sharded(mesh):
         raise NotImplementedError("mixed calls run on one device (mesh_engine_config turns them off on a sharded mesh)")
     p = _unpack_prefill(ints, floats, max_pages)
@@ -352,13 +355,28 @@ def _mixed(graphdef, params, cache: KVCache, slots: DecodeSlots, io: DecodeIO, i
     model: Transformer = nnx.merge(graphdef, params)
     logits, cache = model(tokens, positions, cache, None, None, attn_impl=attn_impl, logits_at=logits_at,
                           segments=segments)
-    part, d_out = _decode_sample(part, logits[:rows], d_kv, num_top_logprobs=num_top_logprobs, sampling_mode="filter")
-    slots = part if rows == B else jax.tree.map(lambda x, q: x.at[:rows].set(q), slots, part)
     slots, p_out = _prefill_sample(slots, logits[rows:], p["tokens"], p["starts"], p["lens"], p_kv, p["slot_ids"],
                                    p["is_last"], p["sampling"], p["stop_ids"], p["remaining"],
                                    num_top_logprobs=num_top_logprobs)
+    return cache, slots, p_out, dict(logits=logits[:rows].astype(jnp.float32), kv_lens=d_kv)
+
+
+def _mixed_sample(slots: DecodeSlots, io: DecodeIO, logits, kv_lens, *, num_top_logprobs: int,
+                  sampling_mode: str) -> tuple[DecodeSlots, DecodeIO]:
+    """The decode rows of a mixed call (`_mixed`), sampled after it: logits [rows, V] and
+    the rows' cache lengths [rows] (0: idle in that step). Rows idle in the step keep
+    their state, which the mixed call's prefill may just have written (a prompt it
+    completed). Outputs go to io.out[0] as _decode's."""
+    B, rows = slots.tokens.shape[0], logits.shape[0]
+    active = kv_lens > 0
+    part = slots if rows == B else jax.tree.map(lambda x: x[:rows], slots)
+    stepped, d_out = _decode_sample(dataclasses.replace(part, lengths=jnp.where(active, part.lengths, 0)), logits,
+                                    kv_lens, num_top_logprobs=num_top_logprobs, sampling_mode=sampling_mode)
+    keep = lambda new, old: jnp.where(active.reshape(-1, *([1] * (new.ndim - 1))), new, old)  # noqa: E731
+    part = jax.tree.map(keep, stepped, part)
+    slots = part if rows == B else jax.tree.map(lambda x, q: x.at[:rows].set(q), slots, part)
     out = {k: io.out[k].at[0, :rows].set(d_out[k].astype(io.out[k].dtype)) for k in io.out}
-    return cache, slots, DecodeIO(page_table=io.page_table, out=out), p_out
+    return slots, DecodeIO(page_table=io.page_table, out=out)
 
 
 def attention_impl(ecfg: EngineConfig) -> str:
@@ -399,6 +417,11 @@ def mixed_lengths(ecfg: EngineConfig) -> tuple[int, ...]:
     return tuple(t for t in ecfg.prefill_lengths if t <= top)
 
 
+def mixed_rows(ecfg: EngineConfig) -> tuple[int, ...]:
+    """The decode buckets that have mixed calls (each with a `_mixed_sample` per sampling mode)."""
+    return tuple(sorted({rows for rows, *_ in bucket_manifest(ecfg)["mixed"]}))
+
+
 def bucket_manifest(ecfg: EngineConfig) -> dict[str, list[tuple]]:
     """Every program an engine with this config compiles: prefill (batch, length[, "fresh"]),
     decode (slots it runs, sampling mode) and mixed (decode slots, prefill batch, length[,
@@ -425,6 +448,8 @@ class Steps:
     prefill: dict[bool, Callable]  # by "fresh" (prefill_variants); (params, cache, slots, *pack_prefill(...))
     decode: dict[tuple[int, str], Callable]  # by (rows, sampling mode): the manifest's; (params, cache, slots, io)
     mixed: dict[tuple[int, bool], Callable]  # by (decode rows, fresh); (params, cache, slots, io, *pack_prefill(...))
+    # by (decode rows, sampling mode): a mixed call's decode rows; (slots, io, logits [rows, V], kv_lens [rows])
+    mixed_sample: dict[tuple[int, str], Callable]
     release: Callable  # (slots, slot)
     set_table: Callable  # (io, page_table [B, MP]): io with that table
     snapshot: Callable  # (io, dst) -> dst (donated) holding io.out's first rows, for the host to read
@@ -498,14 +523,20 @@ def build_steps(graphdef, ecfg: EngineConfig, *, cache_shardings, replicated, me
         (rows, fresh): jax.jit(
             _from_leaves(functools.partial(_mixed, graphdef, rows=rows, fresh=fresh, max_pages=ecfg.max_pages_per_seq,
                                            **static), params_treedef),
-            donate_argnums=(1, 2, 3), out_shardings=(cache_shardings, replicated, replicated, replicated),
+            donate_argnums=(1, 2), out_shardings=(cache_shardings, replicated, replicated, replicated),
             compiler_options=_compiler_options(ecfg, "prefill"))
         for rows, _, _, *fresh_tag in bucket_manifest(ecfg)["mixed"] for fresh in [bool(fresh_tag)]
+    }
+    mixed_sample = {
+        (rows, mode): jax.jit(functools.partial(_mixed_sample, num_top_logprobs=ecfg.num_top_logprobs,
+                                                sampling_mode=mode),
+                              donate_argnums=(0, 1), out_shardings=(replicated, replicated))
+        for rows in mixed_rows(ecfg) for mode in ecfg.decode_sampling_modes
     }
     release = jax.jit(_release, donate_argnums=(0,), out_shardings=replicated)
     set_table = jax.jit(_set_table, donate_argnums=(0,), out_shardings=replicated)
     snapshot = jax.jit(_snapshot, donate_argnums=(1,), out_shardings=replicated)
-    return Steps(prefill, decode, mixed, release, set_table, snapshot)
+    return Steps(prefill, decode, mixed, mixed_sample, release, set_table, snapshot)
 
 
 # Decode buckets of at least CUBLAS_DECODE_ROWS rows (runtime.models.transformer) take
@@ -583,6 +614,7 @@ class Engine:
         self.graphdef, self.params = nnx.split(model)
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()) if mesh is not None else (
             jax.sharding.SingleDeviceSharding(list(device.device_set)[0]))
+        self._replicated = replicated
         # Data-parallel groups: group g owns slots [g*B/D, (g+1)*B/D), pages [g*P/D, (g+1)*P/D)
         # and, in a prefill call of D*b rows, rows [g*b, (g+1)*b) (sharding/tensor_parallel.py).
         data = tensor_parallel.data_axis(mesh)
@@ -619,6 +651,7 @@ class Engine:
                             replicated=replicated, mesh=mesh, params_treedef=treedef)
         self._prefill, self._decode, self._release = steps.prefill, steps.decode, steps.release
         self._mixed = steps.mixed
+        self._mixed_sample = steps.mixed_sample
         self._mixed_shapes = {tuple(e) for e in self.manifest()["mixed"]}
         self._set_table, self._snapshot = steps.set_table, steps.snapshot
 
@@ -666,6 +699,10 @@ class Engine:
             with entry(f"mixed {rows}+{b}x{t}" + (" fresh" if fresh else "")):
                 self._mixed_call(bool(fresh), np.zeros((rows, self.ecfg.max_pages_per_seq), np.int32),
                                  **scratch_prefill(b, t, self.ecfg.max_pages_per_seq, self.ecfg.max_num_seqs))
+        if self._mixed_sample:
+            with entry("mixed sampling"):
+                for (rows, _), sample in self._mixed_sample.items():  # idle rows: changes nothing
+                    self.slots, self.io = sample(self.slots, self.io, *self._idle_mixed_rows(rows))
         with entry("set_table, release"):
             self.io = self._set_table(self.io, self._table_sent)  # compiled; changes nothing
             self.release(self.ecfg.max_num_seqs)  # out of range: changes nothing
@@ -690,16 +727,25 @@ class Engine:
             packed = pack_prefill(**scratch_prefill(b, t, ecfg.max_pages_per_seq, ecfg.max_num_seqs))
             out.append(("mixed", (rows, b, t, *fresh), self._jit("mixed", (rows, bool(fresh))),
                         (self.param_leaves, self.cache, self.slots, self.io, *packed)))
+        for rows, mode in self._mixed_sample:
+            out.append(("mixed_sample", (rows, mode), self._jit("mixed_sample", (rows, mode)),
+                        (self.slots, self.io, *self._idle_mixed_rows(rows))))
         out.append(("release", (), self._jit("release"), (self.slots, np.int32(ecfg.max_num_seqs))))
         out.append(("set_table", (), self._jit("set_table"), (self.io, self._table_sent)))
         for rows, bufs in self._readback.items():
             out.append(("snapshot", (rows,), self._jit("snapshot", rows), (self.io, bufs[0])))
         return out
 
+    def _idle_mixed_rows(self, rows: int) -> tuple[jax.Array, jax.Array]:
+        """A `_mixed_sample` call's logits and cache lengths for `rows` rows idle in the step,
+        placed as a mixed call returns them (the same program then serves both)."""
+        return tuple(jax.device_put(x, self._replicated) for x in (
+            np.zeros((rows, self.cfg.vocab_size), np.float32), np.zeros(rows, np.int32)))
+
     def _jit(self, kind: str, key=None):
         """The jitted function of a program (under any executables installed over it)."""
         fn = {"prefill": lambda: self._prefill[key], "decode": lambda: self._decode[key],
-              "mixed": lambda: self._mixed[key],
+              "mixed": lambda: self._mixed[key], "mixed_sample": lambda: self._mixed_sample[key],
               "release": lambda: self._release, "set_table": lambda: self._set_table,
               "snapshot": lambda: self._snapshot}[kind]()
         return getattr(fn, "jitted", fn)
@@ -722,6 +768,8 @@ class Engine:
                 self._decode[shape] = _Installed(self._jit("decode", shape), {(): compiled}, lambda a: ())
             elif kind == "mixed":
                 mixed_by_shape[(shape[0], "fresh" in shape)][args[4].shape] = compiled
+            elif kind == "mixed_sample":
+                self._mixed_sample[shape] = _Installed(self._jit("mixed_sample", shape), {(): compiled}, lambda a: ())
             elif kind == "release":
                 self._release = _Installed(self._jit("release"), {(): compiled}, lambda a: ())
             elif kind == "set_table":
@@ -791,24 +839,32 @@ class Engine:
         fresh = fresh and any(k[1] for k in self._mixed)
         return (rows, num_prompts, chunk_len, *(("fresh",) if fresh else ())) in self._mixed_shapes
 
-    def mixed(self, decode_table, *, starts, **prefill) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+    def mixed(self, decode_table, *, starts, mode: str = "filter",
+              **prefill) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
         """A prefill call (`prefill`'s arguments) and one decode step over slots [0, b)
-        (decode_table [b, MP], as `decode` takes it) in one forward pass
-        (runtime.engine._mixed); `mixes` says which shapes are compiled. Returns (prefill
-        outputs, decode outputs), each as its own call returns them. A prompt this call
-        completes decodes from the next step on."""
+        (decode_table [b, MP], as `decode` takes it; its rows sampled in `mode`, as
+        `decode`'s) in one forward pass (runtime.engine._mixed); `mixes` says which shapes
+        are compiled. Returns (prefill outputs, decode outputs), each as its own call
+        returns them. A prompt this call completes decodes from the next step on."""
         fresh = any(k[1] for k in self._mixed) and not np.any(np.asarray(starts))
-        return self._mixed_call(fresh, decode_table, starts=starts, **prefill)
+        return self._mixed_call(fresh, decode_table, mode=mode, starts=starts, **prefill)
 
-    def _mixed_call(self, fresh: bool, decode_table, **prefill) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+    def _mixed_call(self, fresh: bool, decode_table, *, mode: str = "filter",
+                    **prefill) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
         rows = len(decode_table)
         step = self._mixed.get((rows, fresh))
         if step is None:
             raise ValueError(f"no mixed call over {rows} slots{' (fresh)' if fresh else ''}; "
                              f"compiled: {sorted(self._mixed_shapes)}")
+        sample = self._mixed_sample.get((rows, mode))
+        if sample is None:
+            raise ValueError(f"no sampling of a mixed call's {rows} decode rows in mode {mode!r}; "
+                             f"compiled: {sorted(self._mixed_sample)}")
         ints, floats = pack_prefill(**prefill)
         self._send_table(decode_table)
-        self.cache, self.slots, self.io, out = step(self.param_leaves, self.cache, self.slots, self.io, ints, floats)
+        self.cache, self.slots, out, decode_rows = step(self.param_leaves, self.cache, self.slots, self.io, ints,
+                                                        floats)
+        self.slots, self.io = sample(self.slots, self.io, decode_rows["logits"], decode_rows["kv_lens"])
         return out, self._decode_outputs(rows)
 
     def _send_table(self, page_table) -> None:

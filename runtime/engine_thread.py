@@ -103,8 +103,11 @@ class EngineLoop:
 
     def __init__(self, load: Callable[[], tuple[Any, Any]], *, post: Callable[[list], None],
                  on_ready: Callable[["EngineLoop"], None], on_fatal: Callable[[BaseException], None],
-                 metrics: ServerMetrics, orchestrator_factory: Callable[..., Orchestrator] = Orchestrator):
+                 metrics: ServerMetrics, orchestrator_factory: Callable[..., Orchestrator] = Orchestrator,
+                 step_trace=None):
         self._load = load
+        self._step_trace = step_trace  # runtime.profile.StepTrace or None
+        self._steps = 0
         self._post = post
         self._on_ready = on_ready
         self._on_fatal = on_fatal
@@ -186,9 +189,14 @@ class EngineLoop:
                     self._abort(cmd.request_id, cmd.reason)
             if self.orc.has_work():
                 t0 = time.monotonic()
+                if self._step_trace is not None:
+                    self._step_trace.before_step(self._steps)
                 try:
                     outputs = self.orc.step()
                     faults = 0
+                    if self._step_trace is not None:
+                        self._step_trace.after_step(self._steps)
+                    self._steps += 1
                 except Exception as e:  # noqa: BLE001 -- fail the requests, keep serving
                     faults += 1
                     self._fault(e, events)

@@ -236,9 +236,9 @@ class Orchestrator:
             self.engine.release(slot)  # preempted: its tokens are kept and recomputed later
         record = _InFlight()
         decoding = [s for s in self.scheduler.running.values() if s.status == Status.RUNNING]
-        kind, decoded = [], []
+        kind, decoded = [], (0, 0)  # (sequences, bucket rows), taken before a failed call frees them
         if plan.prefill and decoding and self._mixes(plan.prefill, decoding):
-            kind, decoded = ["mixed"], decoding
+            kind, decoded = ["mixed"], (len(decoding), self._decode_rows(decoding))
             # One call: the chunks' prompts that complete here decode from the next step.
             out = self._call("mixed", [c.seq for c in plan.prefill] + decoding, self._dispatch_mixed, plan.prefill,
                              decoding)
@@ -255,13 +255,12 @@ class Orchestrator:
             decoding = [s for s in self.scheduler.running.values() if s.status == Status.RUNNING]
         if decoding:
             kind.append("decode")
-            decoded = decoding
+            decoded = (len(decoding), self._decode_rows(decoding))
             out = self._call("decode", decoding, self._dispatch_decode, decoding)
             if out is not None:
                 record.decoding, record.decode_out = decoding, out
-        self.last_step = StepRecord(
-            "+".join(kind) or "idle", len(decoded), self._decode_rows(decoded) if decoded else 0, len(plan.prefill),
-            sum(c.length for c in plan.prefill), self.scheduler.num_waiting)
+        self.last_step = StepRecord("+".join(kind) or "idle", *decoded, len(plan.prefill),
+                                    sum(c.length for c in plan.prefill), self.scheduler.num_waiting)
         previous, self._inflight = self._inflight, (record if record.prefill or record.decoding else None)
         if previous is not None:
             self._process(previous)
@@ -322,8 +321,8 @@ class Orchestrator:
         """Runs the chunks and one decode step as one call; returns ((prefill outputs,
         each chunk's row in them), decode outputs)."""
         args, rows = self._prefill_args(chunks)
-        table, _ = self._decode_args(decoding)
-        p_out, d_out = self.engine.mixed(table, **args)
+        table, mode = self._decode_args(decoding)
+        p_out, d_out = self.engine.mixed(table, mode=mode, **args)
         self._prefill_dispatched(chunks, p_out)
         self._decode_dispatched(decoding, d_out)
         return (p_out, rows), d_out

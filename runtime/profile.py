@@ -29,6 +29,48 @@ def trace(log_dir: str):
         yield
 
 
+class StepTrace:
+    """Traces steps [start, start + count) of a serving loop (runtime.serve --profile_dir,
+    --profile_steps; counted from the first step after warm-up) into `log_dir`, then
+    writes the device summary and the host summary to log_dir/summary.txt. A failure
+    to trace is logged and ends tracing; serving goes on."""
+
+    def __init__(self, log_dir: str, start: int, count: int):
+        if start < 0 or count < 1:
+            raise ValueError(f"profile steps start={start} count={count}: want start >= 0 and count >= 1")
+        self.log_dir, self.start, self.count = log_dir, start, count
+        self._ctx = None
+        self.done = False
+
+    def before_step(self, n: int) -> None:
+        if n == self.start and not self.done:
+            try:
+                self._ctx = trace(self.log_dir)
+                self._ctx.__enter__()
+            except Exception:  # noqa: BLE001 -- diagnostics never stop serving
+                import logging
+
+                logging.getLogger(__name__).exception("starting the step trace failed")
+                self._ctx, self.done = None, True
+
+    def after_step(self, n: int) -> None:
+        if self._ctx is None or n < self.start + self.count - 1:
+            return
+        ctx, self._ctx, self.done = self._ctx, None, True
+        try:
+            ctx.__exit__(None, None, None)
+            text = (f"steps {self.start}-{self.start + self.count - 1}\n{summarize(self.log_dir)}\n"
+                    f"{host_summary(self.log_dir)}\n")
+            with open(os.path.join(self.log_dir, "summary.txt"), "w") as f:
+                f.write(text)
+            print(f"xlserve: traced steps {self.start}-{self.start + self.count - 1}: "
+                  f"{os.path.join(self.log_dir, 'summary.txt')}", file=sys.stderr, flush=True)
+        except Exception:  # noqa: BLE001
+            import logging
+
+            logging.getLogger(__name__).exception("writing the step trace failed")
+
+
 def _newest_trace(log_dir: str) -> str:
     found = glob.glob(os.path.join(log_dir, "**", "perfetto_trace.json.gz"), recursive=True)
     if not found:

@@ -46,6 +46,10 @@ flags.DEFINE_string("aot_dir", None, "Run the executables `runtime.warmup --aot_
 flags.DEFINE_string("step_log", None, "Append one JSON line per engine step to this file (what the step "
                     "dispatched: call kind, decode rows, prefill chunks and tokens; its wall time): for diagnosing "
                     "latency.")
+flags.DEFINE_string("profile_dir", None, "Trace the engine steps --profile_steps (jax.profiler: device kernels and "
+                    "host events) into this directory and write summary.txt there: where a serving step's time goes.")
+flags.DEFINE_list("profile_steps", ["100", "20"], "START,COUNT: the engine steps --profile_dir traces, counted from "
+                  "the first step after warm-up.")
 flags.DEFINE_integer("max_queue", 128, "Requests admitted beyond --max_num_seqs (waiting); more: RESOURCE_EXHAUSTED.")
 flags.DEFINE_integer("max_pending_tokens", 0, "Budget of prompt + max_tokens over the requests in flight; 0: none.")
 flags.DEFINE_float("drain_timeout_s", 30.0, "On SIGTERM, how long requests in flight may take to finish.")
@@ -119,7 +123,18 @@ async def _serve(load, config, leader=None) -> int:
         port = metrics.serve(FLAGS.metrics_port, security=config.security)
         scheme = "https" if config.security.tls else "http"
         print(f"xlserve: metrics on {scheme}://localhost:{port}/metrics", file=sys.stderr, flush=True)
-    server = GenerationServer(load, config, metrics=metrics)
+    step_trace = None
+    if FLAGS.profile_dir:
+        from runtime.profile import StepTrace
+
+        try:
+            start, count = (int(x) for x in FLAGS.profile_steps)
+            step_trace = StepTrace(FLAGS.profile_dir, start, count)
+        except ValueError as e:
+            print(f"error: --profile_steps={','.join(FLAGS.profile_steps)}: want START,COUNT with START >= 0 and "
+                  f"COUNT >= 1 ({e})", file=sys.stderr)
+            return 2
+    server = GenerationServer(load, config, metrics=metrics, step_trace=step_trace)
     if leader is not None:  # a follower that dies or hangs: NOT_SERVING, then the leader exits
         leader.on_failure = server.fail
     try:

@@ -139,11 +139,12 @@ class GenerationServer:
 
     def __init__(self, load: Callable[[], tuple[Any, Any]], config: ServerConfig = ServerConfig(), *,
                  metrics: ServerMetrics | None = None,
-                 orchestrator_factory: Callable[..., Orchestrator] = Orchestrator):
+                 orchestrator_factory: Callable[..., Orchestrator] = Orchestrator, step_trace=None):
         self.config = config
         self.metrics = metrics or ServerMetrics()
         self.engine_loop = EngineLoop(load, post=self._post, on_ready=self._engine_ready, on_fatal=self._engine_fatal,
-                                 metrics=self.metrics, orchestrator_factory=orchestrator_factory)
+                                 metrics=self.metrics, orchestrator_factory=orchestrator_factory,
+                                 step_trace=step_trace)
         self.health = health.aio.HealthServicer()
         self._streams: dict[str, _Stream] = {}
         self._pending_tokens = 0

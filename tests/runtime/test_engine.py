@@ -478,10 +478,12 @@ def test_warmup_reports_every_program(model, tokenizer):
     engine = orc.engine
     names = [name for name, _, _ in engine.warmup_report]
     manifest = engine.manifest()
-    assert len(names) == len(manifest["prefill"]) + len(manifest["decode"]) + len(manifest["mixed"]) + 1
+    # + the mixed calls' decode-row sampling (every bucket and mode) and set_table/release.
+    assert len(names) == len(manifest["prefill"]) + len(manifest["decode"]) + len(manifest["mixed"]) + 2
     assert names[0].startswith("prefill ") and any(n.startswith("decode ") for n in names)
     assert sorted(n for n in names if n.startswith("mixed ")) == ["mixed 1+1x16", "mixed 1+1x8", "mixed 4+1x16",
-                                                                 "mixed 4+1x8"]
+                                                                 "mixed 4+1x8", "mixed sampling"]
+    assert set(engine._mixed_sample) == {(rows, mode) for rows in (1, 4) for mode in engine.ecfg.decode_sampling_modes}
     assert {how for _, _, how in engine.warmup_report} <= {"compiled", "cache", "ready"}
     assert engine.warmup() == 0
     assert {how for _, _, how in engine.warmup_report} == {"ready"}

@@ -477,3 +477,25 @@ def test_checkpoint_sampling_defaults_fill_unset_fields(engine, tokenizer):
             assert list(greedy.token_ids) == list(explicit.token_ids)
     finally:
         engine.sampling_defaults = {}
+
+
+def test_step_trace_writes_a_summary(engine, tokenizer, tmp_path):
+    """--profile_dir / --profile_steps (runtime.profile.StepTrace): steps 1-2 after warm-up
+    are traced and summarized; serving goes on (all tokens arrive). On CPU the summary
+    says the trace has no device events."""
+    from runtime.profile import StepTrace
+
+    trace = StepTrace(str(tmp_path / "prof"), 1, 2)
+    server = GenerationServer(lambda: (engine, tokenizer), ServerConfig(), step_trace=trace)
+    h = Harness(server)
+    try:
+        h.call(server.wait_ready(60))
+        out = h.client.generate_unary(token_ids=[5, 6, 7], max_tokens=6, temperature=0.0, ignore_eos=True)
+        assert len(out.token_ids) == 6
+    finally:
+        h.close()
+    assert trace.done
+    summary = (tmp_path / "prof" / "summary.txt").read_text()
+    assert summary.startswith("steps 1-2\n")
+    with pytest.raises(ValueError, match="start=0 count=0"):
+        StepTrace(str(tmp_path), 0, 0)

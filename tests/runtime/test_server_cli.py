@@ -105,6 +105,8 @@ def test_serve_flag_errors_exit_2():
     p = _run("runtime.serve", "--checkpoint=preset:tiny-llama", "--port=0", "--step_log=/no/such/dir/steps.jsonl")
     assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith("error: --step_log=/no/such/dir")
     assert "Traceback" not in p.stderr
+    p = _run("runtime.serve", "--checkpoint=preset:tiny-llama", "--port=0", "--profile_dir=/tmp/x", "--profile_steps=5")
+    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith("error: --profile_steps=5: want START,COUNT")
     p = _run("runtime.bench_serving", "--slo=ttfb:10")
     assert p.returncode == 2 and "ttft, tpot, e2el" in p.stderr
 
