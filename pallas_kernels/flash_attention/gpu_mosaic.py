@@ -577,6 +577,28 @@ def _flash_kernel(
 # ------------------------------------------------------------------ entry points
 
 
+def _flash_call(shape, dtype, K: int, config: Config, scale, window, softcap, params, paged: _Paged | None = None):
+    """The kernel over a padded query array `shape` = [B, Tp, N, H] (Tp whole 128-row tiles):
+    grid (query head, query tile, batch row), two compute warpgroups and the producer."""
+    B, Tp, N, H = shape
+    num_tiles = Tp // config.tile_q
+    kernel = functools.partial(
+        _flash_kernel, config=config, groups=N // K, scale=float(scale), window=window,
+        softcap=None if softcap is None else float(softcap), num_tiles=num_tiles, interpret=params is not None,
+        paged=paged,
+    )
+    return plgpu.kernel(
+        kernel,
+        **{_OUT_ARG: jax.ShapeDtypeStruct((B, Tp, N, H), dtype)},
+        grid=(N, num_tiles, B),
+        grid_names=("heads", "q_tile", "batch"),
+        num_threads=_COMPUTE_WGS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=params,
+    )
+
+
 # jit: every layer's call with the same shapes and options lowers to one shared
 # function (see pallas_kernels/dispatch.py), not one kernel module per layer.
 @functools.partial(jax.jit, static_argnames=('scale', 'window', 'softcap', 'interpret'))
@@ -634,22 +656,7 @@ def flash_attention_tuned(
         pad = ((0, 0), (0, Tp - T), (0, 0), (0, 0))
         q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
     lens = jnp.clip(lengths.astype(jnp.int32), 0, T).reshape(B)
-    num_tiles = Tp // config.tile_q
-
-    kernel = functools.partial(
-        _flash_kernel, config=config, groups=N // K, scale=float(scale), window=window,
-        softcap=None if softcap is None else float(softcap), num_tiles=num_tiles, interpret=params is not None,
-    )
-    call = plgpu.kernel(
-        kernel,
-        **{_OUT_ARG: jax.ShapeDtypeStruct((B, Tp, N, H), q.dtype)},
-        grid=(N, num_tiles, B),
-        grid_names=("heads", "q_tile", "batch"),
-        num_threads=_COMPUTE_WGS + 1,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-        interpret=params,
-    )
+    call = _flash_call((B, Tp, N, H), q.dtype, K, config, scale, window, softcap, params)
     out = call(lens, q, k, v)
     return out[:, :T] if Tp != T else out
 
@@ -734,21 +741,6 @@ def paged_prefill(
     table = jnp.maximum(page_table.astype(jnp.int32), 0)
     if MPP > MP:
         table = jnp.pad(table, ((0, 0), (0, MPP - MP)))
-    num_tiles = Tp // config.tile_q
-    kernel = functools.partial(
-        _flash_kernel, config=config, groups=N // K, scale=float(scale), window=window,
-        softcap=None if softcap is None else float(softcap), num_tiles=num_tiles, interpret=params is not None,
-        paged=paged,
-    )
-    call = plgpu.kernel(
-        kernel,
-        **{_OUT_ARG: jax.ShapeDtypeStruct((B, Tp, N, H), q.dtype)},
-        grid=(N, num_tiles, B),
-        grid_names=("heads", "q_tile", "batch"),
-        num_threads=_COMPUTE_WGS + 1,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-        interpret=params,
-    )
+    call = _flash_call((B, Tp, N, H), q.dtype, K, config, scale, window, softcap, params, paged)
     out = call(lens, starts, table, q, k_pages.reshape(P * S, K, H), v_pages.reshape(P * S, K, H))
     return out[:, :T] if Tp != T else out
