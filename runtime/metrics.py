@@ -166,7 +166,8 @@ class ServerMetrics:
             gc_ms, self._step_gc = (_gc_seconds - self._step_gc) * 1e3, _gc_seconds
             self._step_log.write(json.dumps(dict(
                 t_ms=round((t0 - self._step_t0) * 1e3, 3), ms=round(seconds * 1e3, 3), tokens_out=tokens_out,
-                gc_ms=round(gc_ms, 3), **dataclasses.asdict(record))) + "\n")
+                gc_ms=round(gc_ms, 3), **{k: round(v, 3) if isinstance(v, float) else v
+                                           for k, v in dataclasses.asdict(record).items()})) + "\n")
 
     def record_startup(self, clock, total_s: float | None) -> None:
         """The start-up phases (runtime.startup.StartupClock) as gauges."""

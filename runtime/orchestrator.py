@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 
 import numpy as np
 
@@ -98,6 +99,14 @@ class StepRecord:
     prefill_chunks: int = 0
     prefill_tokens: int = 0  # tokens of the chunks (before padding to a length)
     waiting: int = 0  # sequences still waiting for a slot after this step
+    # Where the step's host time went (ms): scheduling; dispatching this step's calls
+    # (enqueueing them; a command buffer re-recorded or a program loaded shows here);
+    # waiting for the previous step's results (the device still running it, then the
+    # device-to-host copy); turning those results into outputs.
+    schedule_ms: float = 0.0
+    dispatch_ms: float = 0.0
+    wait_ms: float = 0.0
+    process_ms: float = 0.0
 
 
 def _to_host(out: dict) -> dict[str, np.ndarray]:
@@ -130,6 +139,7 @@ class Orchestrator:
         self._tracks: dict[str, _Track] = {}
         self.pipeline = pipeline
         self._inflight: _InFlight | None = None  # the last dispatched calls, results not yet read
+        self._wait_s = 0.0  # this step's wait for call results (StepRecord.wait_ms)
         self.eos_ids = frozenset(engine.cfg.eos_ids) | frozenset(tokenizer.eos_ids if tokenizer else ())
         self.compiles_at_ready = compile_counter.count
         # Per kind of engine call ("prefill", "decode", "mixed"): calls that raised since the last
@@ -228,10 +238,13 @@ class Orchestrator:
         step's results into outputs while the device works on this one (with
         `pipeline=False`, this step's own results, at the cost of idling the device
         during host work). A request's outputs therefore arrive one step late."""
+        t0 = time.perf_counter()
+        self._wait_s = 0.0
         plan = self.scheduler.schedule(can_preempt=self._inflight is None)
         if plan is None:  # pages are short: preempting needs every token known, so drain first
             self._collect()
             plan = self.scheduler.schedule(can_preempt=True)
+        t1, w1 = time.perf_counter(), self._wait_s
         for slot in plan.released_slots:
             self.engine.release(slot)  # preempted: its tokens are kept and recomputed later
         record = _InFlight()
@@ -259,13 +272,17 @@ class Orchestrator:
             out = self._call("decode", decoding, self._dispatch_decode, decoding)
             if out is not None:
                 record.decoding, record.decode_out = decoding, out
-        self.last_step = StepRecord("+".join(kind) or "idle", *decoded, len(plan.prefill),
-                                    sum(c.length for c in plan.prefill), self.scheduler.num_waiting)
+        t2 = time.perf_counter()
         previous, self._inflight = self._inflight, (record if record.prefill or record.decoding else None)
         if previous is not None:
             self._process(previous)
         if not self.pipeline:
             self._collect()
+        t3 = time.perf_counter()
+        self.last_step = StepRecord("+".join(kind) or "idle", *decoded, len(plan.prefill),
+                                    sum(c.length for c in plan.prefill), self.scheduler.num_waiting,
+                                    schedule_ms=(t1 - t0 - w1) * 1e3, dispatch_ms=(t2 - t1) * 1e3,
+                                    wait_ms=self._wait_s * 1e3, process_ms=(t3 - t2 - self._wait_s + w1) * 1e3)
         outputs = []
         for track in list(self._tracks.values()):
             if track.pending is not None:
@@ -290,6 +307,14 @@ class Orchestrator:
             return None
         self._call_failures[what] = 0
         return result
+
+    def _read(self, what: str, seqs: list[Sequence], out: dict) -> dict[str, np.ndarray] | None:
+        """The host copy of a call's results (waits for the call); None if it failed."""
+        t = time.perf_counter()
+        try:
+            return self._call(what, seqs, _to_host, out)
+        finally:
+            self._wait_s += time.perf_counter() - t
 
     def _collect(self) -> None:
         """Waits for the call in flight and processes its results."""
@@ -407,7 +432,7 @@ class Orchestrator:
             for _, seq in last:
                 seq.num_inflight -= 1
             # A call that failed on the device raises here, when its results are read.
-            host = self._call("prefill", [seq for _, seq in last], _to_host, record.prefill_out)
+            host = self._read("prefill", [seq for _, seq in last], record.prefill_out)
             for i, seq in last if host is not None else ():
                 if seq.status == Status.RUNNING:
                     self._accept_or_fail(self._tracks[seq.seq_id], host, i)
@@ -415,7 +440,7 @@ class Orchestrator:
             steps = self.engine.ecfg.decode_steps_per_call
             for seq in record.decoding:
                 seq.num_inflight -= steps
-            host = self._call("decode", record.decoding, _to_host, record.decode_out)  # [steps, B, ...]
+            host = self._read("decode", record.decoding, record.decode_out)  # [steps, B, ...]
             for step in range(steps if host is not None else 0):
                 rows = {k: v[step] for k, v in host.items()}
                 for seq in record.decoding:

@@ -162,6 +162,22 @@ def test_warmup_job_fills_the_executable_cache_serve_reads(tmp_path):
     assert bad.returncode == 2 and "--compile_threads=0 must be at least 1" in bad.stderr
 
 
+
+def test_executables_installed_in_two_parts_all_serve(aot_dir):
+    """A partial cache hit installs the loaded programs, then the compiled rest: the
+    second call adds to the first's tables (it replaced them, and warm-up compiled the
+    dropped programs again: 15 of 51 on an H200)."""
+    engine = _engine()
+    executables, why = aot.load_executables(aot_dir, _key(engine))
+    assert why is None
+    names = sorted(executables)  # every other program in each part: both hold prefill and mixed shapes
+    parts = [{n: executables[n] for n in names[i::2]} for i in (0, 1)]
+    assert all({"prefill", "mixed"} <= {kind for kind, _ in part} for part in parts)
+    assert sum(engine.use_executables(part) for part in parts) == len(engine.programs())
+    before = compile_counter.count
+    engine.warmup()
+    assert {how for _, _, how in engine.warmup_report} == {"ready"} and compile_counter.count == before
+
 # Fewer programs (7) for the tests that compile a whole set more than once.
 SMALL = dataclasses.replace(ECFG, prefill_lengths=(32,), decode_batch_sizes=(2,))
 

@@ -458,6 +458,11 @@ def test_metrics_endpoint(engine, tokenizer, tmp_path):
     assert sum(s["tokens_out"] for s in steps) == 6
     assert [s["t_ms"] for s in steps] == sorted(s["t_ms"] for s in steps) and all(s["ms"] > 0 for s in steps)
     assert all(s["gc_ms"] >= 0 for s in steps)
+    # The step's phases split its host time (each rounded to 1 us): every step after the
+    # first read the previous one's results.
+    phases = ("schedule_ms", "dispatch_ms", "wait_ms", "process_ms")
+    assert all(min(s[p] for p in phases) >= 0 and sum(s[p] for p in phases) <= s["ms"] + 0.01 for s in steps)
+    assert all(s["wait_ms"] > 0 for s in steps[1:]) and all(s["dispatch_ms"] > 0 for s in steps)
     assert f'xlserve_engine_step_seconds_count{{kind="decode"}} {float(len(steps) - 1)}' in body
 
 
