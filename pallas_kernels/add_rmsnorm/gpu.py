@@ -10,8 +10,6 @@ is one kernel, so the engine keeps XLA's path there (runtime.models.transformer)
 
 One program holds a whole row, so D must be a power of two (Triton vectors) and at
 most 16384; `supports` says whether a call can run here, the caller falls back to jnp.
-h may come as S float32 partial sums [S, ..., D] (S a power of two): the kernel adds
-them up, so the split-K reduction of the projection before it is no kernel of its own.
 """
 
 from __future__ import annotations
@@ -36,14 +34,11 @@ def supports(x: jax.Array, w: jax.Array) -> bool:
     return w.shape == (D,) and 16 <= D <= MAX_DIM and D & (D - 1) == 0
 
 
-def _kernel(*refs, has_h: bool, partials: bool, eps: float, plus_one: bool):
+def _kernel(*refs, has_h: bool, eps: float, plus_one: bool):
     if has_h:
         x_ref, h_ref, w_ref, s_ref, y_ref = refs
-        h = h_ref[...]
-        if partials:  # summed in float32, rounded to x's dtype (reference.sum_partials)
-            h = jnp.sum(h.astype(jnp.float32), axis=0).astype(s_ref.dtype)
         # The sum in float32, rounded once to x's dtype: what XLA does for x + h.
-        s = (x_ref[...].astype(jnp.float32) + h.astype(jnp.float32)).astype(s_ref.dtype)
+        s = (x_ref[...].astype(jnp.float32) + h_ref[...].astype(jnp.float32)).astype(s_ref.dtype)
         s_ref[...] = s
     else:
         x_ref, w_ref, y_ref = refs
@@ -61,9 +56,7 @@ def _kernel(*refs, has_h: bool, partials: bool, eps: float, plus_one: bool):
 @functools.partial(jax.jit, static_argnames=("eps", "plus_one", "interpret"))
 def add_rmsnorm(x, h, w, *, eps: float, plus_one: bool, interpret: bool = False):
     """See reference.add_rmsnorm. Shapes `supports` rejects run the reference."""
-    partials = h is not None and h.ndim == x.ndim + 1
-    S = h.shape[0] if partials else 1
-    if not supports(x, w) or S & (S - 1):
+    if not supports(x, w):
         return reference.add_rmsnorm(x, h, w, eps=eps, plus_one=plus_one)
     shape, D = x.shape, x.shape[-1]
     rows = x.reshape(-1, D)
@@ -71,15 +64,14 @@ def add_rmsnorm(x, h, w, *, eps: float, plus_one: bool, interpret: bool = False)
     y_dtype = x.dtype if plus_one else jnp.result_type(w.dtype, x.dtype)
     row = pl.BlockSpec((None, D), lambda r: (r, 0))
     vec = pl.BlockSpec((D,), lambda r: (0,))
-    args = [rows] if h is None else [rows, h.reshape(S, R, D) if partials else h.reshape(R, D)]
-    h_spec = [pl.BlockSpec((S, None, D), lambda r: (0, r, 0)) if partials else row] if h is not None else []
+    args = [rows] if h is None else [rows, h.reshape(R, D)]
     out_shape = [jax.ShapeDtypeStruct((R, D), y_dtype)]
     if h is not None:
         out_shape.insert(0, jax.ShapeDtypeStruct((R, D), x.dtype))
     out = pl.pallas_call(
-        functools.partial(_kernel, has_h=h is not None, partials=partials, eps=eps, plus_one=plus_one),
+        functools.partial(_kernel, has_h=h is not None, eps=eps, plus_one=plus_one),
         grid=(R,),
-        in_specs=[row, *h_spec, vec],
+        in_specs=[row] * len(args) + [vec],
         out_specs=[row] * len(out_shape),
         out_shape=out_shape,
         compiler_params=_CompilerParams(num_warps=4 if D <= 4096 else 8, num_stages=1),

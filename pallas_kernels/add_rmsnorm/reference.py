@@ -9,9 +9,7 @@ in plain jnp, and what runtime.models.layers.RMSNorm runs.
                        Gemma style (`plus_one`): n * (1 + w) in float32, rounded once.
 
 x, h [..., D]; w [D]. Returns (s, y); a decoder layer carries s as its residual stream
-and feeds y to the next projection. h may also come as float32 partial sums [S, ..., D]
-(a projection split over its contraction, runtime.models.layers.split_projection):
-h = their sum rounded to x's dtype, as XLA rounds its own split-K matmuls.
+and feeds y to the next projection.
 """
 
 from __future__ import annotations
@@ -30,13 +28,5 @@ def rmsnorm(s: jax.Array, w: jax.Array, *, eps: float, plus_one: bool) -> jax.Ar
 
 def add_rmsnorm(x: jax.Array, h: jax.Array | None, w: jax.Array, *, eps: float,
                 plus_one: bool) -> tuple[jax.Array, jax.Array]:
-    s = x if h is None else x + sum_partials(h, x)
+    s = x if h is None else x + h
     return s, rmsnorm(s, w, eps=eps, plus_one=plus_one)
-
-
-def sum_partials(h: jax.Array, x: jax.Array) -> jax.Array:
-    """h as x's addend: partial sums [S, *x.shape] summed in float32 and rounded to x's
-    dtype; any other h as given."""
-    if h is not None and h.ndim == x.ndim + 1:
-        return jnp.sum(h.astype(jnp.float32), axis=0).astype(x.dtype)
-    return h

@@ -169,23 +169,6 @@ def attention(
 PAGED_PREFILL_KERNEL = os.environ.get("XLSERVE_PAGED_PREFILL", "0") == "1"
 
 
-# Batch-1 decode on a GPU: XLA splits the o and down GEMVs over their contraction (split-K)
-# and sums the float32 partials in a kernel of its own (~1.4 us, two per layer on an
-# H200). With SPLIT_PROJECTIONS the model splits them itself and hands the partials to
-# the fused add + RMSNorm kernel after them, which sums them (runtime.models.transformer).
-SPLIT_PROJECTIONS = os.environ.get("XLSERVE_SPLIT_PROJECTIONS", "0") == "1"
-PROJECTION_SPLITS = 8  # what XLA chose for both at Llama-3.1-8B shapes
-
-
-def split_projection(x: jax.Array, w: jax.Array, splits: int) -> jax.Array:
-    """x [B, T, K] @ w [K, D] as `splits` float32 partial sums [S, B, T, D], each over one
-    contiguous slice of K (the caller sums them: add_rmsnorm's reference.sum_partials)."""
-    B, T, K = x.shape
-    xs = x.reshape(B, T, splits, K // splits)
-    ws = w.reshape(splits, K // splits, w.shape[-1])
-    return jnp.einsum("BTSk,SkD->SBTD", xs, ws, preferred_element_type=jnp.float32)
-
-
 @dataclasses.dataclass(frozen=True)
 class Segment:
     """One part of a mixed call (runtime.engine's decode rows beside a prefill chunk):
@@ -382,9 +365,7 @@ class Attention(nnx.Module):
         return rope_kv
 
     def __call__(self, x, positions, k_pages, v_pages, page_table, kv_lens, *, impl: str, fresh: bool = False,
-                 local: Local | None = None, segments: tuple[Segment, ...] | None = None, splits: int = 0):
-        """`splits` > 0: the output projection as that many float32 partial sums
-        [S, B, T, D] (split_projection), where it divides the contraction."""
+                 local: Local | None = None, segments: tuple[Segment, ...] | None = None):
         if segments is not None:
             return self._segments(x, positions, k_pages, v_pages, segments, impl=impl, local=local)
         rope_kv = self._decode_kernel(x, k_pages, impl)
@@ -406,7 +387,7 @@ class Attention(nnx.Module):
                 q, k, v, k_pages, v_pages, page_table, positions, kv_lens,
                 scale=self.scale, window=self.window, softcap=self.softcap, impl=impl, fresh=fresh,
             )
-            out = self._output(o, local, splits)
+            out = self._output(o, local)
         return out, k_pages, v_pages
 
     def _qkv_rope(self, x, positions):
@@ -418,13 +399,9 @@ class Attention(nnx.Module):
             cos, sin = rope_tables(self.rope, self.head_dim, positions, x.dtype)
             return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def _output(self, o, local: Local | None, splits: int = 0):
-        """The output projection of the attention output o [B, T, N, H] (as `splits`
-        partial sums where the caller asks and the shapes allow: see __call__)."""
+    def _output(self, o, local: Local | None):
+        """The output projection of the attention output o [B, T, N, H]."""
         wo = self.wo[...]
-        N, H, D = wo.shape
-        if splits and local is None and self.bo is None and (N * H) % splits == 0:
-            return split_projection(o.reshape(*o.shape[:2], N * H), wo.reshape(N * H, D), splits)
         out = jnp.einsum("BTNH,NHD->BTD", o, wo)
         if local is not None:  # per device: the sum over this device's heads only
             out = local.join_sums(out, wo.shape[0], self.num_heads)
@@ -488,9 +465,7 @@ class MLP(nnx.Module):
                                           ("gate_up", "ffw"), sharding_of)
         self.w_gate = self.w_up = self.b_gate = self.b_up = None
 
-    def __call__(self, x: jax.Array, local: Local | None = None, splits: int = 0) -> jax.Array:
-        """`splits` > 0: the down projection as that many float32 partial sums [S, B, T, D]
-        (split_projection), where it divides the contraction."""
+    def __call__(self, x: jax.Array, local: Local | None = None) -> jax.Array:
         with jax.named_scope("mlp"):
             if self.w_gate_up is None:
                 gate = jnp.einsum("BTD,DF->BTF", x, self.w_gate[...])
@@ -507,8 +482,6 @@ class MLP(nnx.Module):
             else:
                 act = jax.nn.gelu(gate, approximate=True)
             w_down = self.w_down[...]
-            if splits and local is None and self.b_down is None and w_down.shape[0] % splits == 0:
-                return split_projection(act * up, w_down, splits)
             out = jnp.einsum("BTF,FD->BTD", act * up, w_down)
             if local is not None:  # per device: the sum over this device's ffw rows only
                 out = local.join_sums(out, w_down.shape[0], self.ffw_dim)

@@ -16,13 +16,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pallas_kernels import dispatch
-from pallas_kernels.add_rmsnorm.reference import sum_partials
 from runtime.config import ModelConfig
 from runtime.kv_cache import KVCache
 from runtime.models.layers import (
     MLP, Attention, RMSNorm, Segment, building_shapes_only, embed_scale, param, shapes_only,
 )
-from runtime.models import layers
 from sharding.ops import Local, embedding_lookup
 
 
@@ -43,7 +41,7 @@ class Block(nnx.Module):
                  local: Local | None = None, segments: tuple[Segment, ...] | None = None):
         x, h, k_pages, v_pages = self.step(x, None, positions, k_pages, v_pages, page_table, kv_lens, impl=impl,
                                            fresh=fresh, local=local, segments=segments)
-        return x + sum_partials(h, x), k_pages, v_pages
+        return x + h, k_pages, v_pages
 
     def step(self, x, h, positions, k_pages, v_pages, page_table, kv_lens, *, impl: str, fresh: bool,
              local: Local | None = None, segments: tuple[Segment, ...] | None = None):
@@ -52,19 +50,15 @@ class Block(nnx.Module):
         norm after it (the next layer's, or the final norm) as one kernel where
         `norm_kernel` says so. Same values as __call__: the adds and norms are the same ops."""
         kernel = norm_kernel(x, impl)
-        # The o and down projections as partial sums that the fused add + norm after them
-        # sums (layers.SPLIT_PROJECTIONS); h may then be partials [S, *x.shape].
-        splits = layers.PROJECTION_SPLITS if (layers.SPLIT_PROJECTIONS and kernel is not None and self.post_attn_norm is None
-                                       and self.post_mlp_norm is None) else 0
         x, a = self.attn_norm.add(x, h, kernel)
         h, k_pages, v_pages = self.attn(
             a, positions, k_pages, v_pages, page_table, kv_lens, impl=impl, fresh=fresh, local=local,
-            segments=segments, splits=splits,
+            segments=segments,
         )
         if self.post_attn_norm is not None:
             h = self.post_attn_norm(h)
         x, m = self.mlp_norm.add(x, h, kernel)
-        h = self.mlp(m, local, splits)
+        h = self.mlp(m, local)
         if self.post_mlp_norm is not None:
             h = self.post_mlp_norm(h)
         return x, h, k_pages, v_pages
@@ -131,8 +125,6 @@ class Transformer(nnx.Module):
             new_k.append(k_pages)
             new_v.append(v_pages)
         kernel = norm_kernel(x, attn_impl)  # as the layers chose (decode), before the take
-        if logits_at is not None:
-            h = sum_partials(h, x)
         if logits_at is not None and segments is not None:  # [1, N, D] -> [M, 1, D]
             x, h = (a[0, logits_at][:, None] for a in (x, h))
         elif logits_at is not None:  # [B, T, D] -> [B, 1, D]

@@ -131,30 +131,6 @@ def test_small_decode_calls_fuse_residual_add_and_norm():
     assert "add_rmsnorm_kernel" not in decode_text("reference", 2)[1]
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_split_projections_serve_the_same_tokens(monkeypatch, dtype):
-    """layers.SPLIT_PROJECTIONS: a small decode call computes the o and down projections
-    as 8 float32 partial sums that the fused add + norm after each sums (no split-K
-    reduction kernel of XLA's). Greedy tokens equal the unsplit path's; log-probs agree
-    to the rounding of one bfloat16 (or float32) sum in another order."""
-    from runtime.models import layers
-
-    model = _tiny("llama", dtype=jnp.dtype(dtype))
-    rng = np.random.default_rng(11)
-    requests = [_greedy("a", rng, 5, 7), _greedy("b", rng, 19, 5)]
-    want = _run(model, "pallas", requests, cache_dtype=dtype)
-    splits = []
-    real = layers.split_projection
-    monkeypatch.setattr(layers, "SPLIT_PROJECTIONS", True)
-    monkeypatch.setattr(layers, "split_projection", lambda x, w, n: splits.append(n) or real(x, w, n))
-    got = _run(model, "pallas", requests, cache_dtype=dtype)
-    assert splits and set(splits) == {layers.PROJECTION_SPLITS}  # o and down of both layers, decode only
-    assert {r: g["ids"] for r, g in got.items()} == {r: w["ids"] for r, w in want.items()}
-    tol = 1e-4 if dtype == "float32" else 5e-2
-    for r in want:
-        np.testing.assert_allclose(got[r]["lp"], want[r]["lp"], atol=tol, rtol=tol)
-
-
 def _prefill_args(ecfg):
     from runtime.engine import pack_prefill
     from runtime.sampling import SlotSampling
