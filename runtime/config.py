@@ -375,9 +375,11 @@ class EngineConfig:
     decode_steps_per_call: int = 1
     # Prefill plus decode tokens per step while sequences decode (runtime.scheduler); with
     # nothing decoding, prefill runs at full chunk. Host only: no compiled shape depends on it.
-    # 8192, vLLM's server default on large GPUs: 512 cost 21% of the 64-stream throughput
-    # and ~2 ms of idle TTFT on an H200 (runtime/BENCHMARKS.md, "Mixed calls").
-    max_num_batched_tokens: int = 8192
+    # 544 = a 512-token chunk beside up to 32 decoding sequences: an idle-ish server
+    # prefills such a prompt in one step, and at 64 streams chunks are 256 tokens, which
+    # keeps the inter-token p99 under twice the median at 96-99% of the best throughput
+    # measured (8192 gave 3-4x; H200, runtime/BENCHMARKS.md, session 8).
+    max_num_batched_tokens: int = 544
     # While sequences decode, a step's prefill chunk and its decode step run as one forward
     # pass (runtime.engine._mixed; one device, decode_steps_per_call 1, else two calls).
     mixed_calls: bool = True

@@ -34,7 +34,7 @@ def define_engine_flags() -> None:
     flags.DEFINE_list("prefill_lengths", [], "Prefill length buckets (default: powers of two up to 2048).")
     flags.DEFINE_list("prefill_batch_sizes", ["1"], "Prompts per prefill call buckets.")
     flags.DEFINE_integer("decode_steps_per_call", 1, "Decode steps per dispatch.")
-    flags.DEFINE_integer("max_num_batched_tokens", 8192, "Tokens per step (prefill chunks + decode) while sequences "
+    flags.DEFINE_integer("max_num_batched_tokens", 544, "Tokens per step (prefill chunks + decode) while sequences "
                          "decode: a long prompt is prefilled over several steps instead of stalling every stream "
                          "(at least one chunk of the smallest --prefill_lengths per step). With nothing decoding, "
                          "prefill runs at full chunk. Smaller values even out inter-token latency at a cost in "

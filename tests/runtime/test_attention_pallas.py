@@ -275,7 +275,7 @@ def test_attention_routes_continued_chunks_to_paged_prefill(monkeypatch):
                                     jnp.asarray(table), positions, jnp.asarray(kv_lens, jnp.int32), **kw)
     valid = np.arange(T)[None, :] < lens[:, None]
     np.testing.assert_allclose(np.asarray(out.astype(jnp.float32))[valid], np.asarray(ref)[valid], atol=1.5e-2, rtol=1e-2)
-    # Off (the default): the paged reference, not the kernel.
+    # Off (XLSERVE_PAGED_PREFILL=0): the paged reference, not the kernel.
     monkeypatch.setattr(layers, "PAGED_PREFILL_KERNEL", False)
     layers.attention(*args, **kw, impl="pallas", fresh=False)
     assert len(calls) == 1

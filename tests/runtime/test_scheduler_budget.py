@@ -203,7 +203,7 @@ def test_prefill_lengths_are_sorted_and_required():
 
 
 def test_the_engine_budget_is_at_least_one_token():
-    assert EngineConfig().max_num_batched_tokens == 8192
+    assert EngineConfig().max_num_batched_tokens == 544
     assert EngineConfig(max_num_batched_tokens=1).max_num_batched_tokens == 1  # the floor still prefills
     with pytest.raises(ConfigError, match="max_num_batched_tokens=0 must be at least 1"):
         EngineConfig(max_num_batched_tokens=0)
