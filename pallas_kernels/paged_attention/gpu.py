@@ -92,6 +92,11 @@ def _decode_kernel(
 
     rows = lax.broadcasted_iota(jnp.int32, (R, H), 0)
     q = plgpu.load(q_ref.at[pl.ds(0, R), :], mask=rows < G, other=0)  # [R, H]
+    # A float32 model over a bfloat16 cache (EngineConfig.cache_dtype's default): the
+    # scores in the promoted dtype, as the reference's einsum computes them (Triton's dot
+    # takes one dtype: the H200 raised "a and b must have the same element type").
+    score_dtype = jnp.promote_types(q_ref.dtype, k_ref.dtype)
+    q = q.astype(score_dtype)
 
     pos = pos_ref[0]
     kv_len = len_ref[0]
@@ -113,7 +118,7 @@ def _decode_kernel(
         pages = jnp.where(page_idx * S < end, pages, 0)
         k = k_ref[pages].reshape(BK, H)  # [PPB, S, H] -> [BK, H]
         v = v_ref[pages].reshape(BK, H)
-        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        s = lax.dot_general(q, k.astype(score_dtype), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
         s = s * scale  # [R, BK]
         if softcap is not None:
             s = jnp.tanh(s / softcap) * softcap

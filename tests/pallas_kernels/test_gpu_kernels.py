@@ -244,3 +244,24 @@ def test_kernels_lower_to_triton(dtype, G, H):
                                       num_splits=splits)
             _export_for_cuda(paged, sds((B, 1, K * G, H), dtype), sds((P, S, K, H), dtype), sds((P, S, K, H), dtype),
                              sds((B, MP), jnp.int32), sds((B, 1), jnp.int32), sds((B,), jnp.int32))
+
+
+def test_float32_queries_over_a_bfloat16_cache():
+    """A float32 model over a bfloat16 KV cache (EngineConfig.cache_dtype's default): the
+    scores in float32, as the reference's einsum promotes them. Triton's dot takes
+    operands of one dtype, and the lowering of q [f32] . k [bf16] failed on the H200 ("a
+    and b must have the same element type"); interpret mode (jnp) promotes, so the
+    lowering for CUDA is checked too."""
+    args, valid = _paged_case(np.random.default_rng(4), dtype=F32, G=4, H=64, S=16)
+    q, kp, vp, *rest = args
+    kp, vp = kp.astype(BF16), vp.astype(BF16)
+    kw = {"scale": _scale(64), "window": None, "softcap": None}
+    out = paged_gpu.paged_attention(q, kp, vp, *rest, **kw, interpret=INTERPRET)
+    ref = paged_ref.paged_attention(q, kp, vp, *rest, **kw)
+    assert out.dtype == ref.dtype == F32
+    _assert_matches(out, ref, valid, BF16)  # p is rounded to the cache's bfloat16 in both
+    if INTERPRET:
+        sds = jax.ShapeDtypeStruct
+        for splits in (1, 4):
+            paged = functools.partial(paged_gpu.paged_attention_tuned, **kw, num_splits=splits)
+            _export_for_cuda(paged, *(sds(a.shape, a.dtype) for a in (q, kp, vp, *rest)))
