@@ -46,18 +46,19 @@ _SAMPLING_FIELDS = {f.name for f in pb.SamplingParams.DESCRIPTOR.fields}
 def build_request(
     prompt: str | None = None, *, messages: Sequence[dict] | None = None, token_ids: Sequence[int] | None = None,
     request_id: str = "", add_special_tokens: bool | None = None, add_generation_prompt: bool | None = None,
-    **sampling,
+    cache_salt: str = "", **sampling,
 ) -> "pb.GenerateRequest":
     """A GenerateRequest from exactly one of prompt / messages / token_ids; keyword
     arguments are SamplingParams fields (max_tokens, temperature, ..., stop, ignore_eos)
-    and None leaves a field unset (the server's default)."""
+    and None leaves a field unset (the server's default). `cache_salt`: requests of
+    different salts never share prefix-cached KV."""
     given = [x is not None for x in (prompt, messages, token_ids)]
     if sum(given) != 1:
         raise ValueError("give exactly one of prompt, messages or token_ids")
     unknown = set(sampling) - _SAMPLING_FIELDS
     if unknown:
         raise TypeError(f"unknown sampling fields {sorted(unknown)}; known: {sorted(_SAMPLING_FIELDS)}")
-    req = pb.GenerateRequest(request_id=request_id,
+    req = pb.GenerateRequest(request_id=request_id, cache_salt=cache_salt,
                              sampling=pb.SamplingParams(**{k: v for k, v in sampling.items() if v is not None}))
     if prompt is not None:
         req.text = prompt

@@ -380,6 +380,11 @@ class EngineConfig:
     # keeps the inter-token p99 under twice the median at 96-99% of the best throughput
     # measured (8192 gave 3-4x; H200, runtime/BENCHMARKS.md, session 8).
     max_num_batched_tokens: int = 544
+    # Prefix caching (runtime.page_allocator, runtime.scheduler): a prompt's full pages
+    # already in the cache (same tokens from the start, same cache_salt) are mapped, not
+    # recomputed. Off until the server reports it (Usage.cached_tokens) and the GPU
+    # measurements are in.
+    enable_prefix_caching: bool = False
     # While sequences decode, a step's prefill chunk and its decode step run as one forward
     # pass (runtime.engine._mixed; one device, decode_steps_per_call 1, else two calls).
     mixed_calls: bool = True

@@ -395,13 +395,15 @@ def prefill_variants(ecfg: EngineConfig) -> tuple[bool, ...]:
     chunks, a continuation variant; the reference needs one. A prompt is split when it is
     longer than the largest prefill length, or when the token budget (runtime.scheduler,
     policy 4) can leave it less than its length: unless the budget holds a full call of
-    the longest prompts beside every slot's decode tokens, some step may."""
+    the longest prompts beside every slot's decode tokens, some step may. With prefix
+    caching a prompt longer than a page may start after cached pages."""
     if attention_impl(ecfg) == "reference":
         return (False,)
     longest = ecfg.max_model_len - 1
     full_step = max(ecfg.prefill_batch_sizes) * longest + ecfg.max_num_seqs * ecfg.decode_steps_per_call
     chunked = longest > max(ecfg.prefill_lengths) or (
-        longest > min(ecfg.prefill_lengths) and ecfg.max_num_batched_tokens < full_step)
+        longest > min(ecfg.prefill_lengths) and ecfg.max_num_batched_tokens < full_step) or (
+        ecfg.enable_prefix_caching and longest > ecfg.page_size)  # a prompt after its cached pages
     return (True, False) if chunked else (True,)
 
 

@@ -81,6 +81,7 @@ class _Progress:
     first_token: float | None = None
     last_token: float | None = None
     generated: int = 0
+    cached_tokens: int = 0  # prompt tokens the prefix cache served (Usage.cached_tokens)
     abort_reason: str | None = None
 
 
@@ -121,6 +122,7 @@ class EngineLoop:
         self.load = LoadSnapshot()
         self._preemptions_base = 0  # of orchestrators replaced after a fault
         self._preemptions_seen = 0
+        self._reclaimed_base = self._reclaimed_seen = 0  # prefix-cache pages, likewise
         self._compiles_seen = 0
 
     # --- any thread -------------------------------------------------------------------
@@ -288,6 +290,10 @@ class EngineLoop:
         if n:
             if p.first_token is None:
                 p.first_token = now
+                p.cached_tokens = out.num_cached_tokens  # its first admission's (a preemption may re-admit it)
+                if self.orc.allocator.prefix_caching:
+                    m.prefix_queried.inc(p.prompt_tokens)
+                    m.prefix_hits.inc(p.cached_tokens)
                 m.ttft.observe(now - p.arrival)
             else:
                 gap = (now - p.last_token) / n
@@ -301,7 +307,7 @@ class EngineLoop:
             del self._progress[out.request_id]
             first = p.first_token if p.first_token is not None else now
             final = dict(
-                usage=dict(prompt_tokens=p.prompt_tokens, completion_tokens=p.generated, cached_tokens=0),
+                usage=dict(prompt_tokens=p.prompt_tokens, completion_tokens=p.generated, cached_tokens=p.cached_tokens),
                 timings=dict(
                     queue_s=(p.scheduled if p.scheduled is not None else now) - p.arrival,
                     ttft_s=first - p.arrival if p.first_token is not None else 0.0,
@@ -324,6 +330,7 @@ class EngineLoop:
         self._progress.clear()
         old = self.orc
         self._preemptions_base += old.scheduler.num_preemptions
+        self._reclaimed_base += old.allocator.num_reclaimed
         for slot in range(old.engine.ecfg.max_num_seqs):
             old.engine.release(slot)
         self.orc = self._factory(old.engine, old.tokenizer)
@@ -344,6 +351,11 @@ class EngineLoop:
         if preemptions > self._preemptions_seen:
             m.preemptions.inc(preemptions - self._preemptions_seen)
             self._preemptions_seen = preemptions
+        m.pages_cached.set(orc.allocator.num_cached)
+        reclaimed = self._reclaimed_base + orc.allocator.num_reclaimed
+        if reclaimed > self._reclaimed_seen:
+            m.pages_reclaimed.inc(reclaimed - self._reclaimed_seen)
+            self._reclaimed_seen = reclaimed
         if compiles > self._compiles_seen:
             log.warning("%d compilations after warm-up", compiles - self._compiles_seen)
             m.compilations.inc(compiles - self._compiles_seen)

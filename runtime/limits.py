@@ -35,6 +35,7 @@ MAX_STOP_STRING_CHARS = 256
 # Every response of a stream carries the request id back: a long one multiplies the
 # bytes sent per token. 256 holds any UUID or trace id.
 MAX_REQUEST_ID_CHARS = 256
+MAX_CACHE_SALT_CHARS = 256  # a tenant's prefix-cache salt
 # Streams HTTP/2 allows per connection, beyond --max_streams_per_connection: room for
 # the short calls (Abort, Tokenize, GetModelInfo, health) a client makes while its
 # generation streams are at the cap, so those are not queued behind them.
@@ -46,6 +47,8 @@ def request_problem(msg) -> str | None:
     or None."""
     if len(msg.request_id) > MAX_REQUEST_ID_CHARS:
         return f"request_id has {len(msg.request_id)} characters; at most {MAX_REQUEST_ID_CHARS}"
+    if len(msg.cache_salt) > MAX_CACHE_SALT_CHARS:
+        return f"cache_salt has {len(msg.cache_salt)} characters; at most {MAX_CACHE_SALT_CHARS}"
     stop = msg.sampling.stop
     if len(stop) > MAX_STOP_STRINGS:
         return f"{len(stop)} stop strings; at most {MAX_STOP_STRINGS}"

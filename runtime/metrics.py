@@ -120,6 +120,14 @@ class ServerMetrics:
         self.ready = Gauge("xlserve_ready", "1 while the model is loaded, warm and admitting requests.", registry=r)
         self.preemptions = Counter("xlserve_preemptions", "Running requests preempted for KV pages (recomputed).",
                                    registry=r)
+        self.prefix_queried = Counter("xlserve_prefix_cache_queried_tokens",
+                                      "Prompt tokens looked up in the prefix cache.", registry=r)
+        self.prefix_hits = Counter("xlserve_prefix_cache_hit_tokens",
+                                   "Prompt tokens whose KV the prefix cache served (not recomputed).", registry=r)
+        self.pages_cached = Gauge("xlserve_kv_pages_cached",
+                                  "KV pages in the prefix cache (in use, or unowned and reclaimable).", registry=r)
+        self.pages_reclaimed = Counter("xlserve_kv_pages_reclaimed",
+                                       "Cached KV pages given new contents (evicted from the prefix cache).", registry=r)
         self.aborted = Counter("xlserve_requests_aborted", "Requests ended early, by reason.", ["reason"], registry=r)
         self.failed = Counter("xlserve_requests_failed", "Admitted requests that ended with an error status (INTERNAL, or UNAVAILABLE when the engine failed).", registry=r)
         self.rejected = Counter("xlserve_requests_rejected", "Requests refused before admission, by status code.",

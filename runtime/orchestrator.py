@@ -48,6 +48,7 @@ class Request:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    cache_salt: str = ""  # prefix caching: requests of different salts never share KV pages
 
 
 @dataclasses.dataclass
@@ -62,6 +63,7 @@ class RequestOutput:
     finished: bool = False
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache, not recomputed
     error: str | None = None  # with finish_reason "error": what failed (this request alone)
 
 
@@ -126,7 +128,10 @@ class Orchestrator:
         ecfg = engine.ecfg
         # Data parallelism: slots, pages and prefill rows split into this many groups.
         self.data_groups = getattr(engine, "data_groups", 1)
-        self.allocator = PageAllocator(engine.num_pages, ecfg.page_size, groups=self.data_groups)
+        # Prefix-cache digests also cover what else shapes the KV: the model and cache dtype.
+        namespace = f"{engine.cfg.to_json()}|{ecfg.cache_dtype}"
+        self.allocator = PageAllocator(engine.num_pages, ecfg.page_size, groups=self.data_groups,
+                                       prefix_caching=ecfg.enable_prefix_caching, namespace=namespace)
         self.scheduler = Scheduler(
             self.allocator,
             num_slots=ecfg.max_num_seqs,
@@ -193,7 +198,7 @@ class Orchestrator:
         max_tokens = min(request.max_tokens, context - len(request.prompt_ids))
         seq = Sequence(
             seq_id=request.request_id, prompt_ids=list(request.prompt_ids), sampling=request.sampling,
-            max_tokens=max_tokens, seed=seed,
+            max_tokens=max_tokens, seed=seed, cache_salt=request.cache_salt,
         )
         stop_ids = frozenset(request.stop_token_ids) | (frozenset() if request.ignore_eos else self.eos_ids)
         detok = IncrementalDetokenizer(self.tokenizer, request.prompt_ids) if self.tokenizer else None
@@ -433,6 +438,10 @@ class Orchestrator:
                 seq.num_inflight -= 1
             # A call that failed on the device raises here, when its results are read.
             host = self._read("prefill", [seq for _, seq in last], record.prefill_out)
+            if host is not None:  # the call ran: its chunks' pages hold their KV
+                for c in record.prefill:
+                    if c.seq.status != Status.FINISHED:
+                        self.scheduler.confirm(c.seq, c.start + c.length)
             for i, seq in last if host is not None else ():
                 if seq.status == Status.RUNNING:
                     self._accept_or_fail(self._tracks[seq.seq_id], host, i)
@@ -469,8 +478,11 @@ class Orchestrator:
         seq = track.seq
         token = int(host["tokens"][row])
         seq.output_ids.append(token)
+        # The step that sampled it wrote the KV of every earlier token.
+        self.scheduler.confirm(seq, seq.num_tokens - 1)
         out = track.pending or RequestOutput(
-            track.request.request_id, [], "", [], [], num_prompt_tokens=len(seq.prompt_ids)
+            track.request.request_id, [], "", [], [], num_prompt_tokens=len(seq.prompt_ids),
+            num_cached_tokens=seq.num_prefix_cached,
         )
         track.pending = out
         out.token_ids.append(token)
@@ -517,12 +529,13 @@ class Orchestrator:
             slot = seq.slot
             if flush and track.detok is not None:
                 track.text += track.detok.flush()
-            self.scheduler.finish(seq)
+            self.scheduler.finish(seq, cache=reason != "error")
             if slot is not None:
                 self.engine.release(slot)
         if track.pending is None:
             track.pending = RequestOutput(
-                track.request.request_id, [], "", [], [], num_prompt_tokens=len(seq.prompt_ids)
+                track.request.request_id, [], "", [], [], num_prompt_tokens=len(seq.prompt_ids),
+                num_cached_tokens=seq.num_prefix_cached,
             )
         self._emit_text(track, final=True)
         track.pending.finished = True

@@ -24,6 +24,15 @@ orchestrator carries it out on the engine. Policy, per step:
 After the prefill call, every sequence in RUNNING status decodes (the engine decodes
 every active slot), including those whose prompt completed in this step's prefill.
 
+Prefix caching (the allocator's `prefix_caching`): an admitted sequence first maps the
+longest cached chain of its tokens' full pages (same salt; at most up to its last token,
+which must run to give the first output's logits), and prefills only the rest: its first
+chunk starts after them. Full pages join the cache once the host has read back the
+calls that wrote them (`confirm`: a failed call's pages never do), and a finished or
+preempted sequence's confirmed pages, generated tokens' included, stay cached. A sequence with a
+repetition penalty prefills whole (its prompt mask is built from the chunks it runs).
+Among data groups, admission prefers the one holding the longest cached prefix.
+
 Data parallelism (`groups` = D > 1): slots and pages are split into D equal groups
 (slot s is in group s // (num_slots / D), pages as in `PageAllocator`), and a sequence's
 pages all lie in its slot's group. Shortage is per group: a short group preempts its own
@@ -72,6 +81,9 @@ class Sequence:
     num_inflight: int = 0  # tokens dispatched to the device that the host has not read yet
     num_preemptions: int = 0
     arrival_order: int = 0
+    cache_salt: str = ""  # prefix caching: sequences of different salts never share pages
+    num_prefix_cached: int = 0  # tokens its last admission found in the prefix cache
+    num_kv_confirmed: int = 0  # leading tokens whose KV calls the host has read back (`confirm`)
 
     @property
     def num_tokens(self) -> int:
@@ -143,12 +155,16 @@ class Scheduler:
         seq.status = Status.WAITING
         self.waiting.append(seq)
 
-    def finish(self, seq: Sequence) -> None:
-        """Frees the sequence's slot and pages at once (or drops it from the queue)."""
+    def finish(self, seq: Sequence, *, cache: bool = True) -> None:
+        """Frees the sequence's slot and pages at once (or drops it from the queue); with
+        prefix caching its confirmed full pages stay cached unless `cache` is False (a
+        request that failed: its last calls may not have written their pages)."""
         if seq.status == Status.WAITING:
             self.waiting.remove(seq)
         elif seq.slot is not None:
             del self.running[seq.slot]
+            if cache:  # prefix caching: its confirmed full pages stay findable
+                self._register(seq)
             self.allocator.free(seq.seq_id)
         seq.slot = None
         seq.status = Status.FINISHED
@@ -176,9 +192,10 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         assert seq.num_inflight == 0, "preempting a sequence whose tokens are still in flight"
         del self.running[seq.slot]
+        self._register(seq)  # found again at its re-admission, unless reclaimed meanwhile
         self.allocator.free(seq.seq_id)
         seq.slot = None
-        seq.num_cached = 0
+        seq.num_cached = seq.num_kv_confirmed = 0
         seq.status = Status.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
@@ -238,16 +255,23 @@ class Scheduler:
             # Pages for the whole prompt and the first decode token, reserved up front so
             # a prompt never stalls half-prefilled for lack of pages.
             reserve = seq.token_cap(len(seq.tokens_to_prefill) + self.decode_steps)
-            fits = [
-                g for g in range(self.groups)
-                if free_slots[g] and rows[g] < self.max_prefill_batch and self._chunk_length(seq, budget[g])
-                and self.allocator.can_grow(seq.seq_id, reserve, group=g)
-            ]
+            fits = []  # (group, its cached pages of this sequence)
+            for g in range(self.groups):
+                if not free_slots[g] or rows[g] >= self.max_prefill_batch:
+                    continue
+                cached = self._cached_prefix(seq, g)
+                start = len(cached) * self.allocator.page_size
+                if self._chunk_length(seq, budget[g], start) and self.allocator.can_share_and_grow(
+                        seq.seq_id, cached, reserve, g):
+                    fits.append((g, cached))
             if not fits:
                 break
-            g = max(fits, key=lambda g: (self.allocator.num_free_in(g), -g))
+            g, cached = max(fits, key=lambda f: (len(f[1]), self.allocator.num_free_in(f[0]), -f[0]))
             self.waiting.popleft()
+            if cached:
+                self.allocator.share(seq.seq_id, cached, salt=seq.cache_salt, group=g)
             self.allocator.grow(seq.seq_id, reserve, group=g)
+            seq.num_cached = seq.num_prefix_cached = seq.num_kv_confirmed = len(cached) * self.allocator.page_size
             seq.slot = free_slots[g].pop(0)
             seq.status = Status.PREFILLING
             self.running[seq.slot] = seq
@@ -267,10 +291,21 @@ class Scheduler:
             decode_tokens[self.group_of_slot(seq.slot)] += self.decode_steps
         return [max(self.max_num_batched_tokens - n, self.prefill_lengths[0]) for n in decode_tokens]
 
-    def _chunk_length(self, seq: Sequence, budget: float) -> int:
-        """Tokens of the sequence's next chunk within `budget`: the rest of its prompt (at
-        most the largest length) if it fits, else the largest length that fits; 0 if none."""
-        rest = min(self.max_chunk, len(seq.tokens_to_prefill) - seq.num_cached)
+    def _cached_prefix(self, seq: Sequence, group: int) -> list[int]:
+        """The cached pages the sequence would map in `group` (none with a repetition
+        penalty, whose prompt mask only the chunks it runs build)."""
+        if not self.allocator.prefix_caching or seq.sampling.repetition_penalty != 1.0:
+            return []
+        tokens = seq.tokens_to_prefill
+        return self.allocator.lookup(tokens, salt=seq.cache_salt, group=group,
+                                     max_pages=(len(tokens) - 1) // self.allocator.page_size)
+
+    def _chunk_length(self, seq: Sequence, budget: float, start: int | None = None) -> int:
+        """Tokens of the sequence's next chunk (from `start`, default its cached tokens)
+        within `budget`: the rest of its prompt (at most the largest length) if it fits,
+        else the largest length that fits; 0 if none."""
+        start = seq.num_cached if start is None else start
+        rest = min(self.max_chunk, len(seq.tokens_to_prefill) - start)
         if rest <= budget:
             return rest
         return max((n for n in self.prefill_lengths if n <= budget), default=0)
@@ -278,6 +313,20 @@ class Scheduler:
     def _chunk(self, seq: Sequence, length: int) -> PrefillChunk:
         start = seq.num_cached
         return PrefillChunk(seq=seq, start=start, length=length, is_last=start + length == len(seq.tokens_to_prefill))
+
+    def confirm(self, seq: Sequence, num_tokens: int) -> None:
+        """The host read back the calls that wrote the KV of the sequence's first
+        `num_tokens` tokens: their full pages join the prefix cache."""
+        if num_tokens <= seq.num_kv_confirmed or seq.slot is None:
+            return
+        S = self.allocator.page_size
+        full_before, seq.num_kv_confirmed = seq.num_kv_confirmed // S, num_tokens
+        if num_tokens // S > full_before:  # a page filled: per page, not per token
+            self._register(seq)
+
+    def _register(self, seq: Sequence) -> None:
+        if self.allocator.prefix_caching:
+            self.allocator.register(seq.seq_id, seq.tokens_to_prefill[:seq.num_kv_confirmed], salt=seq.cache_salt)
 
     def prefill_done(self, chunk: PrefillChunk) -> None:
         """Records that a chunk ran; after the last one the sequence decodes."""

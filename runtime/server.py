@@ -424,7 +424,7 @@ class GenerationServer:
         self._check_token_ids(list(sp.stop_token_ids), "stop_token_ids")
         request = Request(
             request_id=rid, prompt_ids=ids, sampling=params, max_tokens=max_tokens, stop=tuple(sp.stop),
-            stop_token_ids=tuple(sp.stop_token_ids), ignore_eos=sp.ignore_eos,
+            stop_token_ids=tuple(sp.stop_token_ids), ignore_eos=sp.ignore_eos, cache_salt=msg.cache_salt,
         )
         try:
             # Reads only the engine's fixed sizes (and the ids in use: the stream dict
@@ -641,6 +641,7 @@ class GenerationServer:
                 num_top_logprobs=ecfg.num_top_logprobs,
                 max_streams_per_connection=self.config.max_streams_per_connection,
                 max_request_bytes=self.config.max_request_bytes,
+                prefix_caching=orc.allocator.prefix_caching,
             ),
             load=pb.Load(
                 num_running=load.num_running, num_waiting=load.num_waiting, num_in_flight=len(self._streams),

@@ -504,3 +504,35 @@ def test_step_trace_writes_a_summary(engine, tokenizer, tmp_path):
     assert summary.startswith("steps 1-2\n")
     with pytest.raises(ValueError, match="start=0 count=0"):
         StepTrace(str(tmp_path), 0, 0)
+
+
+def test_prefix_caching_through_the_server(engine, tokenizer):
+    """With prefix caching on, a chat request resending the same system prompt reuses
+    its pages: Usage.cached_tokens counts them, the text is that of the first (uncached)
+    request, and another cache_salt shares nothing; GetModelInfo says caching is on."""
+    import dataclasses
+
+    plain_ecfg = engine.ecfg
+    engine.ecfg = dataclasses.replace(plain_ecfg, enable_prefix_caching=True)  # host-side only on this engine
+    system = ("You are a careful assistant for a small bakery. Answer in one short sentence, politely, "
+              "and never invent prices or opening hours.")
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": "Do you sell rye bread?"}]
+    try:
+        with serve(engine, tokenizer) as h:
+            assert h.info().capacity.prefix_caching
+            first = h.client.generate_unary(messages=messages, max_tokens=8, temperature=0.0)
+            again = h.client.generate_unary(messages=messages, max_tokens=8, temperature=0.0)
+            other = h.client.generate_unary(messages=messages, max_tokens=8, temperature=0.0, cache_salt="tenant-b")
+            bad = None
+            try:
+                h.client.generate_unary(messages=messages, max_tokens=2, cache_salt="x" * 257)
+            except grpc.RpcError as e:
+                bad = e
+    finally:
+        engine.ecfg = plain_ecfg
+    prompt_tokens = first.usage.prompt_tokens
+    assert first.usage.cached_tokens == 0 and other.usage.cached_tokens == 0
+    # Whole pages, short of the last prompt token (it runs for the first logits).
+    assert again.usage.cached_tokens == (prompt_tokens - 1) // ECFG.page_size * ECFG.page_size > 0
+    assert again.text == first.text == other.text and list(again.token_ids) == list(first.token_ids)
+    assert bad is not None and bad.code() == grpc.StatusCode.INVALID_ARGUMENT and "cache_salt" in bad.details()
