@@ -183,6 +183,15 @@ def authorization_of(metadata) -> str | None:
     return None
 
 
+def tenant_of(metadata) -> str:
+    """A request's tenant for prefix caching: a digest of its API key (its bearer token),
+    "" without one. Requests of different keys never share cached KV pages."""
+    authorization = authorization_of(metadata)
+    if authorization is None or authorization[: len(_BEARER)].lower() != _BEARER:
+        return ""
+    return hashlib.sha256(b"xlserve-tenant|" + authorization[len(_BEARER):].strip().encode()).hexdigest()[:32]
+
+
 def _refusing_handler(handler: grpc.RpcMethodHandler, method: str, problem: str, on_refuse: Callable[[], None]):
     """A handler of `handler`'s kind (the server reads the request as that kind) that
     ends the call with UNAUTHENTICATED."""

@@ -25,7 +25,15 @@ once (inf); --max_concurrency caps requests in flight. Prompts are random token 
 sent as token ids (exact lengths, and the only input a `--checkpoint=preset:NAME`
 server without a tokenizer takes); --dataset=fixed draws input/output lengths uniformly
 in len * [1 - range_ratio, 1 + range_ratio], --dataset=sharegpt draws them from
-lognormal fits of ShareGPT conversation lengths, clipped to the server's context.
+lognormal fits of ShareGPT conversation lengths, clipped to the server's context, and
+--dataset=prefix gives request i one of --num_prefixes shared system prompts of
+--prefix_len tokens (i mod N) followed by its own --dataset=fixed prompt (prefix
+caching: the report adds the share of prompt tokens the server served from its cache,
+Usage.cached_tokens). --dataset=multiturn: conversations of --num_turns requests each
+(--num_prompts requests in all), whose every turn sends the whole history (the previous
+turn's prompt and answer) plus a new --dataset=fixed message; conversations start at
+--request_rate, their turns follow one another, and a conversation ends early where the
+next turn would not fit the context.
 Requests ignore EOS by default, so every request generates its output length.
 
 Connections: the server refuses more than its max_streams_per_connection generation
@@ -54,7 +62,12 @@ flags.DEFINE_integer("num_prompts", 200, "Requests to send.")
 flags.DEFINE_float("request_rate", float("inf"), "Requests per second (Poisson); inf sends them all at once.")
 flags.DEFINE_float("burstiness", 1.0, "Gamma shape of the inter-arrival times; 1 is Poisson, lower is burstier.")
 flags.DEFINE_integer("max_concurrency", None, "At most this many requests in flight.")
-flags.DEFINE_enum("dataset", "fixed", ["fixed", "sharegpt"], "Input/output length distribution.")
+flags.DEFINE_enum("dataset", "fixed", ["fixed", "sharegpt", "prefix", "multiturn"], "Input/output length "
+                  "distribution (prefix: fixed lengths after one of --num_prefixes shared prompts; multiturn: "
+                  "conversations of --num_turns turns that resend their history).")
+flags.DEFINE_integer("num_turns", 4, "--dataset=multiturn: turns per conversation.")
+flags.DEFINE_integer("num_prefixes", 4, "--dataset=prefix: distinct shared prompts.")
+flags.DEFINE_integer("prefix_len", 512, "--dataset=prefix: tokens of each shared prompt.")
 flags.DEFINE_integer("input_len", 512, "--dataset=fixed: prompt tokens.")
 flags.DEFINE_integer("output_len", 128, "--dataset=fixed: output tokens.")
 flags.DEFINE_float("range_ratio", 0.0, "--dataset=fixed: lengths uniform in len * [1 - r, 1 + r].")
@@ -83,6 +96,8 @@ class Result:
     itl: list[float] = dataclasses.field(default_factory=list)
     # (arrival time on the benchmark's clock, tokens) of each response carrying tokens
     arrivals: list[tuple[float, int]] = dataclasses.field(default_factory=list)
+    cached_tokens: int = 0  # the server's Usage.cached_tokens (prefix caching)
+    token_ids: list[int] = dataclasses.field(default_factory=list)  # the output (multiturn histories)
 
     @property
     def tpot(self) -> float | None:
@@ -108,7 +123,7 @@ def parse_slos(values: list[str]) -> dict[str, float]:
 def sample_lengths(n: int, rng: np.random.Generator, *, dataset: str, input_len: int, output_len: int,
                    range_ratio: float, max_model_len: int) -> list[tuple[int, int]]:
     """(prompt tokens, output tokens) per request, each pair within the context."""
-    if dataset == "fixed":
+    if dataset in ("fixed", "prefix", "multiturn"):
         lo_i, hi_i = max(1, int(input_len * (1 - range_ratio))), max(1, int(input_len * (1 + range_ratio)))
         lo_o, hi_o = max(1, int(output_len * (1 - range_ratio))), max(1, int(output_len * (1 + range_ratio)))
         ins = rng.integers(lo_i, hi_i + 1, n)
@@ -168,6 +183,7 @@ def summarize(results: list[Result], duration: float, slos: dict[str, float]) ->
         request_goodput=good / duration if slos else None, slo_ms={k: v * 1e3 for k, v in slos.items()},
         ttft_ms=ms([r.ttft for r in ok]), tpot_ms=ms(tpots), itl_ms=ms([x for r in ok for x in r.itl]),
         e2el_ms=ms([r.e2el for r in ok]), full_batch_decode_throughput=full_batch_decode_throughput(results),
+        cached_token_share=sum(r.cached_tokens for r in ok) / inp if inp else 0.0,
     )
 
 
@@ -181,6 +197,8 @@ def format_report(s: dict) -> str:
     row("Benchmark duration (s):", f"{s['duration_s']:.2f}")
     row("Total input tokens:", s["total_input_tokens"])
     row("Total generated tokens:", s["total_output_tokens"])
+    if s.get("cached_token_share"):
+        row("Prompt tokens from the prefix cache:", f"{100 * s['cached_token_share']:.1f}%")
     row("Request throughput (req/s):", f"{s['request_throughput']:.2f}")
     if s["request_goodput"] is not None:
         row("Request goodput (req/s):", f"{s['request_goodput']:.2f}")
@@ -215,6 +233,9 @@ async def _one(client, prompt: list[int], output_len: int, temperature: float, i
                 res.arrivals.append((now, len(r.token_ids)))
                 last = now
                 res.output_len += len(r.token_ids)
+                res.token_ids += r.token_ids
+            if r.HasField("usage"):
+                res.cached_tokens = r.usage.cached_tokens
         res.e2el = time.perf_counter() - start
         res.success = res.output_len > 0
         if not res.success:
@@ -233,7 +254,8 @@ def num_connections(num_prompts: int, max_concurrency: int | None, max_streams_p
 async def run_benchmark(target: str, *, num_prompts: int, request_rate: float, burstiness: float,
                         max_concurrency: int | None, dataset: str, input_len: int, output_len: int,
                         range_ratio: float, temperature: float, ignore_eos: bool, slos: dict[str, float],
-                        seed: int, ready_timeout_s: float = 600.0, connection: dict | None = None) -> dict:
+                        seed: int, ready_timeout_s: float = 600.0, connection: dict | None = None,
+                        num_prefixes: int = 4, prefix_len: int = 512, num_turns: int = 4) -> dict:
     """connection: AsyncClient keyword arguments (TLS, API key)."""
     from runtime.client import AsyncClient
 
@@ -243,11 +265,15 @@ async def run_benchmark(target: str, *, num_prompts: int, request_rate: float, b
         await client.wait_until_serving(ready_timeout_s)
         info = await client.model_info()
         vocab = info.config.vocab_size
+        shared = prefix_len if dataset == "prefix" else 0
         lengths = sample_lengths(num_prompts, rng, dataset=dataset, input_len=input_len, output_len=output_len,
-                                 range_ratio=range_ratio, max_model_len=info.max_model_len)
+                                 range_ratio=range_ratio, max_model_len=info.max_model_len - shared)
         # Ids from the lower vocabulary, away from id 0..9 (often special tokens).
         low, high = min(10, vocab - 1), min(vocab, 32000)
         prompts = [rng.integers(low, high, n).tolist() for n, _ in lengths]
+        if shared:
+            prefixes = [rng.integers(low, high, shared).tolist() for _ in range(num_prefixes)]
+            prompts = [prefixes[i % num_prefixes] + p for i, p in enumerate(prompts)]
         gaps = arrival_gaps(num_prompts, request_rate, burstiness, rng)
         # A warm-up request, as vLLM's benchmark sends: it must succeed.
         probe = await _one(client, prompts[0][:16], 4, temperature, True)
@@ -276,14 +302,33 @@ async def run_benchmark(target: str, *, num_prompts: int, request_rate: float, b
             async with limit:
                 return await on_least_busy(prompt, n)
 
+        async def conversation(turns):
+            """Each turn sends the history so far plus its message; returns the results."""
+            history, done = [], []
+            for (_, n), message in turns:
+                prompt = history + message
+                if len(prompt) + n > info.max_model_len:
+                    break
+                done.append(await limited(prompt, n))
+                history = prompt + done[-1].token_ids
+            return done
+
         try:
             start = time.perf_counter()
             tasks = []
-            for (_, n), prompt, gap in zip(lengths, prompts, gaps):
-                if gap:
-                    await asyncio.sleep(gap)
-                tasks.append(asyncio.ensure_future(limited(prompt, n)))
-            results = await asyncio.gather(*tasks)
+            if dataset == "multiturn":  # a conversation per num_turns requests, started at the rate
+                turns = list(zip(lengths, prompts))
+                for i in range(0, num_prompts, num_turns):
+                    if gaps[i]:
+                        await asyncio.sleep(gaps[i])
+                    tasks.append(asyncio.ensure_future(conversation(turns[i:i + num_turns])))
+                results = [r for done in await asyncio.gather(*tasks) for r in done]
+            else:
+                for (_, n), prompt, gap in zip(lengths, prompts, gaps):
+                    if gap:
+                        await asyncio.sleep(gap)
+                    tasks.append(asyncio.ensure_future(limited(prompt, n)))
+                results = await asyncio.gather(*tasks)
             duration = time.perf_counter() - start
         finally:
             for c in clients[1:]:
@@ -291,7 +336,7 @@ async def run_benchmark(target: str, *, num_prompts: int, request_rate: float, b
     summary = summarize(results, duration, slos)
     summary.update(target=target, model=info.model, num_prompts=num_prompts, request_rate=request_rate,
                    burstiness=burstiness, max_concurrency=max_concurrency, dataset=dataset,
-                   num_connections=len(clients))
+                   num_connections=len(clients), prefix_caching=info.capacity.prefix_caching)
     return summary
 
 
@@ -304,6 +349,10 @@ def main(argv: list[str]) -> None:
         xflags.usage_error(str(e))
     if FLAGS.num_prompts < 1 or not FLAGS.request_rate > 0 or FLAGS.burstiness <= 0:
         xflags.usage_error("--num_prompts must be >= 1, --request_rate and --burstiness > 0")
+    if FLAGS.dataset == "prefix" and (FLAGS.num_prefixes < 1 or FLAGS.prefix_len < 1):
+        xflags.usage_error("--dataset=prefix needs --num_prefixes and --prefix_len of at least 1")
+    if FLAGS.num_turns < 1:
+        xflags.usage_error(f"--num_turns={FLAGS.num_turns} must be at least 1")
     import grpc
 
     connection = connection_kwargs_from_flags()
@@ -313,7 +362,8 @@ def main(argv: list[str]) -> None:
             burstiness=FLAGS.burstiness, max_concurrency=FLAGS.max_concurrency, dataset=FLAGS.dataset,
             input_len=FLAGS.input_len, output_len=FLAGS.output_len, range_ratio=FLAGS.range_ratio,
             temperature=FLAGS.temperature, ignore_eos=FLAGS.ignore_eos, slos=slos, seed=FLAGS.seed,
-            ready_timeout_s=FLAGS.ready_timeout_s, connection=connection,
+            ready_timeout_s=FLAGS.ready_timeout_s, connection=connection, num_prefixes=FLAGS.num_prefixes,
+            prefix_len=FLAGS.prefix_len, num_turns=FLAGS.num_turns,
         ))
     except (grpc.aio.AioRpcError, RuntimeError, TimeoutError) as e:
         msg = f"{e.code().name}: {e.details()}" if isinstance(e, grpc.aio.AioRpcError) else str(e)

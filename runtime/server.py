@@ -55,7 +55,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from runtime import limits
-from runtime.auth import ApiKeyInterceptor, ApiKeys, SecurityConfig
+from runtime.auth import ApiKeyInterceptor, ApiKeys, SecurityConfig, tenant_of
 from runtime.chat_template import ChatTemplateError
 from runtime.engine_thread import EngineLoop, is_last
 from runtime.metrics import ServerMetrics
@@ -388,8 +388,10 @@ class GenerationServer:
         if bad:
             raise _Reject(Code.INVALID_ARGUMENT, f"{what} {bad[:5]} are out of range [0, {vocab})")
 
-    def _build_request(self, msg) -> Request:
-        """The orchestrator's Request for a GenerateRequest; _Reject says what is wrong."""
+    def _build_request(self, msg, tenant: str = "") -> Request:
+        """The orchestrator's Request for a GenerateRequest; _Reject says what is wrong.
+        `tenant` (the caller's API key's digest, with keys on) joins the cache salt, so
+        callers of different keys never share prefix-cached pages."""
         if problem := limits.request_problem(msg):  # cheap caps first, before tokenizing
             raise _Reject(Code.INVALID_ARGUMENT, problem)
         rid = msg.request_id or uuid.uuid4().hex
@@ -424,7 +426,8 @@ class GenerationServer:
         self._check_token_ids(list(sp.stop_token_ids), "stop_token_ids")
         request = Request(
             request_id=rid, prompt_ids=ids, sampling=params, max_tokens=max_tokens, stop=tuple(sp.stop),
-            stop_token_ids=tuple(sp.stop_token_ids), ignore_eos=sp.ignore_eos, cache_salt=msg.cache_salt,
+            stop_token_ids=tuple(sp.stop_token_ids), ignore_eos=sp.ignore_eos,
+            cache_salt=f"{tenant}|{msg.cache_salt}" if tenant else msg.cache_salt,
         )
         try:
             # Reads only the engine's fixed sizes (and the ids in use: the stream dict
@@ -473,7 +476,8 @@ class GenerationServer:
         msg = await self._parse(raw, pb.GenerateRequest, context)
         try:
             self._check_serving()
-            request = self._build_request(msg)
+            tenant = tenant_of(context.invocation_metadata()) if self.config.security.api_keys else ""
+            request = self._build_request(msg, tenant)
             cost = self._admit(request)
         except _Reject as r:
             await self._refuse(context, r.code, r.message)

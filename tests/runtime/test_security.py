@@ -372,3 +372,29 @@ def test_serve_client_and_bench_over_tls_with_a_key(pki, tmp_path):
         proc.terminate()  # drains and exits: all it logged is read before the check below
         proc.wait(60)
     assert KEY not in "".join(lines)
+
+
+def test_api_keys_are_prefix_cache_tenants(engine, tokenizer):
+    """With API keys and prefix caching, each key is a tenant: a prompt its own earlier
+    request cached is found again, the same prompt under another key (or another
+    cache_salt of the same key) finds nothing."""
+    import dataclasses
+
+    from runtime.auth import tenant_of
+
+    assert tenant_of([("authorization", f"Bearer {KEY}")]) != tenant_of([("authorization", f"Bearer {OTHER_KEY}")])
+    assert tenant_of([]) == "" and len(tenant_of([("authorization", f"bearer {KEY}")])) == 32
+    plain_ecfg = engine.ecfg
+    engine.ecfg = dataclasses.replace(plain_ecfg, enable_prefix_caching=True)  # host-side only on this engine
+    ids = list(range(100, 140))
+    try:
+        with serve(engine, tokenizer, ServerConfig(security=SecurityConfig(api_keys=(KEY, OTHER_KEY)))) as h:
+            cached = {}
+            for name, key, salt in (("a1", KEY, ""), ("a2", KEY, ""), ("b", OTHER_KEY, ""), ("a-salted", KEY, "s")):
+                with Client(h.target, api_key=key) as c:
+                    out = c.generate_unary(token_ids=ids, max_tokens=3, temperature=0.0, ignore_eos=True,
+                                           cache_salt=salt)
+                    cached[name] = out.usage.cached_tokens
+    finally:
+        engine.ecfg = plain_ecfg
+    assert cached == {"a1": 0, "a2": 32, "b": 0, "a-salted": 0}

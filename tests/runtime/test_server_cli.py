@@ -38,7 +38,7 @@ def server():
     with serve_subprocess(
         "--checkpoint=preset:tiny-llama", "--port=0", "--metrics_port=0", "--max_model_len=256",
         "--prefill_lengths=16,64", "--max_num_seqs=4", "--decode_batch_sizes=4", "--dtype=float32", "--page_size=8",
-        "--max_queue=8",
+        "--max_queue=8", "--enable_prefix_caching",
         env=ENV, cwd=ROOT, wait_serving=False, timeout=120,
     ) as srv:
         yield srv.proc, {"port": srv.port, "metrics": srv.metrics_port}, srv.lines
@@ -72,6 +72,27 @@ def test_serve_client_bench_and_sigterm_drain(server):
         assert summary["request_goodput"] == pytest.approx(summary["request_throughput"])
         p = _run("runtime.bench_serving", f"--target={target}", "--num_prompts=6", "--dataset=sharegpt")
         assert p.returncode == 0 and "Successful requests:                    6" in p.stdout, p.stdout + p.stderr
+        # Shared system prompts (--enable_prefix_caching on this server): one at a time,
+        # so every request after the first of its prefix finds the prefix's 4 full pages
+        # (and the first of prefix 0 the 2 its warm-up request, 16 tokens of it, left).
+        out = Path("/tmp") / f"bench-prefix-{os.getpid()}.json"
+        p = _run("runtime.bench_serving", f"--target={target}", "--dataset=prefix", "--num_prefixes=2",
+                 "--prefix_len=33", "--input_len=6", "--output_len=3", "--num_prompts=6", "--max_concurrency=1",
+                 f"--json_out={out}")
+        assert p.returncode == 0 and "Prompt tokens from the prefix cache:" in p.stdout, p.stdout + p.stderr
+        summary = json.loads(out.read_text())
+        assert summary["prefix_caching"] and summary["total_input_tokens"] == 6 * 39
+        assert summary["cached_token_share"] == pytest.approx((16 + 4 * 32) / (6 * 39))
+        # Two conversations of 3 turns (10-token messages, 5-token answers): prompts of 10,
+        # 25 and 40 tokens; each turn finds the full pages of the history whose KV the
+        # previous turn wrote (its answer but the last token): 0, 8 and 24 tokens, and
+        # conversation 0's first turn the page its warm-up request (the same 10 tokens) left.
+        p = _run("runtime.bench_serving", f"--target={target}", "--dataset=multiturn", "--num_turns=3",
+                 "--num_prompts=6", "--input_len=10", "--output_len=5", f"--json_out={out}")
+        assert p.returncode == 0, p.stdout + p.stderr
+        summary = json.loads(out.read_text())
+        assert summary["completed"] == 6 and summary["total_input_tokens"] == 2 * (10 + 25 + 40)
+        assert summary["cached_token_share"] == pytest.approx((8 + 2 * (8 + 24)) / 150)
 
         body = urllib.request.urlopen(f"http://localhost:{ports['metrics']}/metrics", timeout=5).read().decode()
         assert "xlserve_requests_finished_total" in body and "xlserve_ready 1.0" in body
