@@ -29,9 +29,10 @@ longest cached chain of its tokens' full pages (same salt; at most up to its las
 which must run to give the first output's logits), and prefills only the rest: its first
 chunk starts after them. Full pages join the cache once the host has read back the
 calls that wrote them (`confirm`: a failed call's pages never do), and a finished or
-preempted sequence's confirmed pages, generated tokens' included, stay cached. A sequence with a
-repetition penalty prefills whole (its prompt mask is built from the chunks it runs).
-Among data groups, admission prefers the one holding the longest cached prefix.
+preempted sequence's confirmed pages, generated tokens' included, stay cached. A
+sequence with a repetition penalty prefills whole (its prompt mask is built from the
+chunks it runs). Among data groups, admission prefers the one holding the longest
+cached prefix.
 
 Data parallelism (`groups` = D > 1): slots and pages are split into D equal groups
 (slot s is in group s // (num_slots / D), pages as in `PageAllocator`), and a sequence's
