@@ -129,7 +129,7 @@ class Orchestrator:
         # Data parallelism: slots, pages and prefill rows split into this many groups.
         self.data_groups = getattr(engine, "data_groups", 1)
         # Prefix-cache digests also cover what else shapes the KV: the model and cache dtype.
-        namespace = f"{engine.cfg.to_json()}|{ecfg.cache_dtype}"
+        namespace = f"{engine.cfg.to_json()}|{ecfg.cache_dtype}" if ecfg.enable_prefix_caching else ""
         self.allocator = PageAllocator(engine.num_pages, ecfg.page_size, groups=self.data_groups,
                                        prefix_caching=ecfg.enable_prefix_caching, namespace=namespace)
         self.scheduler = Scheduler(

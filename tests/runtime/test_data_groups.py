@@ -436,3 +436,26 @@ def test_orchestrator_refuses_a_prompt_larger_than_a_group():
         orc.validate(Request("big", list(range(1, 17))))
     one = Orchestrator(make_fake(1, 8), None)
     one.validate(Request("big", list(range(1, 17))))
+
+
+@pytest.mark.parametrize("num_pages", [64, 24])  # 24: preemptions too
+def test_prefix_caching_across_data_groups(num_pages):
+    """Prefix caching with 2 data groups on the fake engine (whose tokens follow from the
+    pages' contents, so a wrong shared page shows as a wrong token): prompts sharing one
+    of 3 prefixes arrive in waves; later ones map pages of their own group only, and
+    every token is what the model gives for that context alone."""
+    engine = make_fake(2, num_pages, enable_prefix_caching=True)
+    engine.cfg.to_json = lambda: "fake-model"  # the cache's namespace
+    orc = Orchestrator(engine, None)
+    shares = []
+    real_share = orc.allocator.share
+    orc.allocator.share = lambda seq_id, pages, **kw: shares.append((seq_id, pages, kw["group"])) or real_share(
+        seq_id, pages, **kw)
+    rng = random.Random(num_pages)
+    prefixes = [[rng.randrange(1, VOCAB) for _ in range(10)] for _ in range(3)]
+    for wave in range(3):
+        requests = [Request(f"w{wave}-{i}", prefixes[i % 3] + [rng.randrange(1, VOCAB) for _ in range(rng.randint(1, 6))],
+                            max_tokens=rng.randint(1, 12), ignore_eos=True) for i in range(6)]
+        results = run_all(orc, requests)
+        assert results == {r.request_id: reference(r.prompt_ids, r.max_tokens) for r in requests}
+    assert shares and all(orc.allocator.group_of_page(p) == g for _, pages, g in shares for p in pages)
