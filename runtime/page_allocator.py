@@ -54,7 +54,7 @@ class PageAllocator:
         # reclaimable cached pages (refcount 0) per group in LRU order, and each
         # sequence's registered chain (pages registered, last digest).
         self.prefix_caching = prefix_caching
-        self._namespace = namespace.encode()
+        self._namespace = hashlib.blake2b(namespace.encode(), digest_size=16).digest()  # hashed once, not per page
         self._by_digest: dict[bytes, int] = {}
         self._page_key: dict[int, tuple[bytes, bytes, bytes]] = {}
         self._reclaimable = [collections.OrderedDict() for _ in range(groups)]
@@ -157,9 +157,11 @@ class PageAllocator:
             h.update(part)
         return h.digest()
 
-    def _page_tokens(self, tokens, i: int) -> bytes:
-        S = self.page_size
-        return np.asarray(tokens[i * S:(i + 1) * S], np.int32).tobytes()
+    def _pages_bytes(self, tokens, n: int) -> list[bytes]:
+        """The token ids of the first `n` full pages, each as int32 bytes (one conversion)."""
+        step = 4 * self.page_size
+        data = np.asarray(tokens[: n * self.page_size], np.int32).tobytes()
+        return [data[i * step:(i + 1) * step] for i in range(n)]
 
     def _uncache(self, page: int) -> None:
         digest, _, _ = self._page_key.pop(page)
@@ -173,8 +175,7 @@ class PageAllocator:
             return []
         n = len(tokens) // self.page_size if max_pages is None else min(max_pages, len(tokens) // self.page_size)
         found, parent = [], b""
-        for i in range(n):
-            page_tokens = self._page_tokens(tokens, i)
+        for page_tokens in self._pages_bytes(tokens, n):
             digest = self._digest(parent, page_tokens, salt)
             page = self._by_digest.get(digest)
             if page is None or self.group_of_page(page) != group or self._page_key[page] != (
@@ -184,7 +185,7 @@ class PageAllocator:
             parent = digest
         return found
 
-    def share(self, seq_id: str, pages: list[int], *, salt: str = "", group: int | None = None) -> None:
+    def share(self, seq_id: str, pages: list[int], *, group: int | None = None) -> None:
         """Maps cached `pages` (a `lookup` result) into `seq_id`, which holds no pages yet,
         as its first pages (read-only for it)."""
         if self._pages.get(seq_id):
@@ -213,8 +214,8 @@ class PageAllocator:
         pages = self._pages.get(seq_id, [])
         done, parent = self._chain.get(seq_id, (0, b""))
         full = min(len(tokens) // self.page_size, len(pages))
-        for i in range(done, full):
-            page_tokens = self._page_tokens(tokens, i)
+        new = self._pages_bytes(tokens[done * self.page_size:], max(0, full - done))
+        for i, page_tokens in enumerate(new, start=done):
             digest = self._digest(parent, page_tokens, salt)
             page = pages[i]
             if digest not in self._by_digest and page not in self._page_key:

@@ -270,7 +270,7 @@ class Scheduler:
             g, cached = max(fits, key=lambda f: (len(f[1]), self.allocator.num_free_in(f[0]), -f[0]))
             self.waiting.popleft()
             if cached:
-                self.allocator.share(seq.seq_id, cached, salt=seq.cache_salt, group=g)
+                self.allocator.share(seq.seq_id, cached, group=g)
             self.allocator.grow(seq.seq_id, reserve, group=g)
             seq.num_cached = seq.num_prefix_cached = seq.num_kv_confirmed = len(cached) * self.allocator.page_size
             seq.slot = free_slots[g].pop(0)
