@@ -33,7 +33,9 @@ Usage.cached_tokens). --dataset=multiturn: conversations of --num_turns requests
 (--num_prompts requests in all), whose every turn sends the whole history (the previous
 turn's prompt and answer) plus a new --dataset=fixed message; conversations start at
 --request_rate, their turns follow one another, and a conversation ends early where the
-next turn would not fit the context.
+next turn would not fit the context. --cache_salt=unique gives every request a salt of
+its own, so a prefix-caching server shares nothing: the uncached baseline of the same
+workload on the same server.
 Requests ignore EOS by default, so every request generates its output length.
 
 Connections: the server refuses more than its max_streams_per_connection generation
@@ -46,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import json
 import math
 import sys
@@ -56,6 +59,8 @@ from absl import app, flags
 
 from runtime import flags as xflags
 from runtime.client import connection_kwargs_from_flags, define_connection_flags
+
+UNIQUE_SALT = "unique"  # --cache_salt: a salt per request
 
 flags.DEFINE_string("target", "localhost:50051", "Server address HOST:PORT.")
 flags.DEFINE_integer("num_prompts", 200, "Requests to send.")
@@ -68,6 +73,8 @@ flags.DEFINE_enum("dataset", "fixed", ["fixed", "sharegpt", "prefix", "multiturn
 flags.DEFINE_integer("num_turns", 4, "--dataset=multiturn: turns per conversation.")
 flags.DEFINE_integer("num_prefixes", 4, "--dataset=prefix: distinct shared prompts.")
 flags.DEFINE_integer("prefix_len", 512, "--dataset=prefix: tokens of each shared prompt.")
+flags.DEFINE_string("cache_salt", "", "Every request's cache_salt; 'unique': a different salt per request, so a "
+                    "server with prefix caching shares nothing (the uncached baseline, on the same server).")
 flags.DEFINE_integer("input_len", 512, "--dataset=fixed: prompt tokens.")
 flags.DEFINE_integer("output_len", 128, "--dataset=fixed: output tokens.")
 flags.DEFINE_float("range_ratio", 0.0, "--dataset=fixed: lengths uniform in len * [1 - r, 1 + r].")
@@ -216,13 +223,15 @@ def format_report(s: dict) -> str:
     return "\n".join(lines)
 
 
-async def _one(client, prompt: list[int], output_len: int, temperature: float, ignore_eos: bool) -> Result:
+async def _one(client, prompt: list[int], output_len: int, temperature: float, ignore_eos: bool,
+               cache_salt: str = "") -> Result:
     import grpc
 
     res = Result(prompt_len=len(prompt))
     start = last = time.perf_counter()
     try:
-        call = client.generate(token_ids=prompt, max_tokens=output_len, temperature=temperature, ignore_eos=ignore_eos)
+        call = client.generate(token_ids=prompt, max_tokens=output_len, temperature=temperature, ignore_eos=ignore_eos,
+                               cache_salt=cache_salt)
         async for r in call:
             now = time.perf_counter()
             if r.token_ids:
@@ -255,8 +264,10 @@ async def run_benchmark(target: str, *, num_prompts: int, request_rate: float, b
                         max_concurrency: int | None, dataset: str, input_len: int, output_len: int,
                         range_ratio: float, temperature: float, ignore_eos: bool, slos: dict[str, float],
                         seed: int, ready_timeout_s: float = 600.0, connection: dict | None = None,
-                        num_prefixes: int = 4, prefix_len: int = 512, num_turns: int = 4) -> dict:
-    """connection: AsyncClient keyword arguments (TLS, API key)."""
+                        num_prefixes: int = 4, prefix_len: int = 512, num_turns: int = 4,
+                        cache_salt: str = "") -> dict:
+    """connection: AsyncClient keyword arguments (TLS, API key). cache_salt: every
+    request's (UNIQUE_SALT: a different one per request, so nothing is shared)."""
     from runtime.client import AsyncClient
 
     rng = np.random.default_rng(seed)
@@ -287,12 +298,15 @@ async def run_benchmark(target: str, *, num_prompts: int, request_rate: float, b
         clients = [client] + [AsyncClient(target, options=own, **connection) for _ in range(num_conn - 1)]
         in_flight = [0] * num_conn
 
+        sent = itertools.count()
+
         async def on_least_busy(prompt, n):
             # Chosen when it is sent: at most ceil(in flight / connections) per connection.
             c = min(range(len(clients)), key=in_flight.__getitem__)
             in_flight[c] += 1
+            salt = f"bench-{seed}-{next(sent)}" if cache_salt == UNIQUE_SALT else cache_salt
             try:
-                return await _one(clients[c], prompt, n, temperature, ignore_eos)
+                return await _one(clients[c], prompt, n, temperature, ignore_eos, salt)
             finally:
                 in_flight[c] -= 1
 
@@ -336,7 +350,8 @@ async def run_benchmark(target: str, *, num_prompts: int, request_rate: float, b
     summary = summarize(results, duration, slos)
     summary.update(target=target, model=info.model, num_prompts=num_prompts, request_rate=request_rate,
                    burstiness=burstiness, max_concurrency=max_concurrency, dataset=dataset,
-                   num_connections=len(clients), prefix_caching=info.capacity.prefix_caching)
+                   num_connections=len(clients), prefix_caching=info.capacity.prefix_caching,
+                   cache_salt=cache_salt)
     return summary
 
 
@@ -363,7 +378,7 @@ def main(argv: list[str]) -> None:
             input_len=FLAGS.input_len, output_len=FLAGS.output_len, range_ratio=FLAGS.range_ratio,
             temperature=FLAGS.temperature, ignore_eos=FLAGS.ignore_eos, slos=slos, seed=FLAGS.seed,
             ready_timeout_s=FLAGS.ready_timeout_s, connection=connection, num_prefixes=FLAGS.num_prefixes,
-            prefix_len=FLAGS.prefix_len, num_turns=FLAGS.num_turns,
+            prefix_len=FLAGS.prefix_len, num_turns=FLAGS.num_turns, cache_salt=FLAGS.cache_salt,
         ))
     except (grpc.aio.AioRpcError, RuntimeError, TimeoutError) as e:
         msg = f"{e.code().name}: {e.details()}" if isinstance(e, grpc.aio.AioRpcError) else str(e)
