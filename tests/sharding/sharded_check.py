@@ -49,6 +49,10 @@ CONFIGS = {
     "mistral_window": (dict(model_type="mistral", vocab_size=512, num_attention_heads=4, num_key_value_heads=2,
                             sliding_window=8), ((2, 1, R, 1), (1, 2, R, 2))),
     # Local then global layer: with two stages, each stage's layer differs (a switch on the stage).
+    # Prefix caching on the sharded engine (the one-device reference runs without it): the
+    # second round's prompts extend the first round's, so they map its cached pages.
+    "llama_prefix": (dict(model_type="llama", vocab_size=512, num_attention_heads=8, num_key_value_heads=2,
+                          num_hidden_layers=4), ((2, 2, R, 1), (2, 1, R, 1, 2))),
     "gemma3": (dict(model_type="gemma3_text", vocab_size=512, num_attention_heads=4, num_key_value_heads=2,
                     head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
                     layer_types=["sliding_attention", "full_attention"]), ((2, 1, R, 1), (1, 2, R, 1), (2, 2, PL, 1),
@@ -64,6 +68,8 @@ ECFG = EngineConfig(max_num_seqs=4, max_model_len=64, page_size=8, prefill_lengt
                     decode_batch_sizes=(4,))
 NUM_PAGES = 12  # three requests admitted together outgrow it: preempted and recomputed
 PROMPTS = [list(range(3, 12)), list(range(40, 61)), list(range(100, 140)), list(range(200, 233))]  # 40 > 32: chunked
+# The prefix-caching layouts' second round: each prompt of the first round and three more tokens.
+SECOND_ROUND = [p + [7, 8, 9] for p in PROMPTS]
 
 
 def peaked_model(hf: dict):
@@ -74,20 +80,25 @@ def peaked_model(hf: dict):
     return nnx.merge(graphdef, state)
 
 
-def run(engine) -> dict:
+def run(engine, rounds=(PROMPTS,)) -> dict:
+    """Each round's prompts added together and run to the end, the next round after."""
     orc = Orchestrator(engine, None)
     engine.warmup()
     orc.mark_ready()
-    for i, p in enumerate(PROMPTS):
-        orc.add_request(Request(request_id=str(i), prompt_ids=p, sampling=SamplingParams(temperature=0.0, logprobs=2),
-                                max_tokens=20, ignore_eos=True))
-    res = {str(i): ([], []) for i in range(len(PROMPTS))}
-    while orc.has_work():
-        for out in orc.step():
-            res[out.request_id][0].extend(out.token_ids)
-            res[out.request_id][1].extend(out.logprobs)
+    res, cached = {}, 0
+    for r, prompts in enumerate(rounds):
+        for i, p in enumerate(prompts):
+            rid = str(i) if r == 0 else f"{r}.{i}"
+            res[rid] = ([], [])
+            orc.add_request(Request(request_id=rid, prompt_ids=p, sampling=SamplingParams(temperature=0.0, logprobs=2),
+                                    max_tokens=20, ignore_eos=True))
+        while orc.has_work():
+            for out in orc.step():
+                res[out.request_id][0].extend(out.token_ids)
+                res[out.request_id][1].extend(out.logprobs)
+                cached += out.num_cached_tokens if out.finished else 0
     return dict(res=res, compiles=orc.num_compiles_since_ready, preemptions=orc.scheduler.num_preemptions,
-                pages_used=orc.allocator.num_used)
+                pages_used=orc.allocator.num_used, cached_tokens=cached)
 
 
 def main() -> None:
@@ -96,13 +107,16 @@ def main() -> None:
     for name in names:
         hf, sizes = CONFIGS[name]
         model = peaked_model(hf)
+        caching = name.endswith("_prefix")
+        rounds = (PROMPTS, SECOND_ROUND) if caching else (PROMPTS,)
         one = Engine(model, ECFG, num_pages=NUM_PAGES)
-        base = run(one)
+        base = run(one, rounds)
         total = bytes_per_device(nnx.state(model))
         layer_total = bytes_per_device(nnx.state(model)["layers"])
         for tp, pp, attention, micro, *data in sizes:
             dp = data[0] if data else 1
-            ecfg = dataclasses.replace(ECFG, attention=attention, pipeline_microbatches=micro)
+            ecfg = dataclasses.replace(ECFG, attention=attention, pipeline_microbatches=micro,
+                                       enable_prefix_caching=caching)
             mc = MeshConfig(tensor=tp, pipeline=pp, data=dp)
             check_model(model.cfg, mc)
             mesh = make_mesh(mc)
@@ -112,7 +126,7 @@ def main() -> None:
             pages = NUM_PAGES if dp == 1 else 10 * dp
             engine = Engine(sharded, ecfg, num_pages=pages,
                             cache_sharding=cache_sharding(sharded.cfg, pages, ECFG.page_size, mesh))
-            got = run(engine)
+            got = run(engine, rounds)
             params = engine.params
             outer = params["outer"] if pp > 1 else params
             spec = lambda v: str(v.get_value().sharding.spec)  # noqa: E731
@@ -134,6 +148,7 @@ def main() -> None:
                 group_pages=pages // dp, one_device_pages=NUM_PAGES,
                 kv_heads=model.cfg.num_kv_heads, sharded_kv_heads=sharded.cfg.num_kv_heads,
                 compiles_after_warmup=got["compiles"], preemptions=got["preemptions"], pages_used=got["pages_used"],
+                prefix_caching=caching, cached_tokens=got["cached_tokens"], base_cached_tokens=base["cached_tokens"],
                 all_reduce="all-reduce" in hlo, collective_permute="collective-permute" in hlo,
             )), flush=True)
 
