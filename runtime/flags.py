@@ -42,8 +42,9 @@ def define_engine_flags() -> None:
     flags.DEFINE_boolean("mixed_calls", True, "While sequences decode, run a step's prefill chunk and its decode "
                          "step as one forward pass (weights read once for both; one device call). One device only, "
                          "one decode step per call; --nomixed_calls runs them as two calls.")
-    flags.DEFINE_boolean("enable_prefix_caching", False, "Reuse the KV pages of prompt prefixes already in the cache "
-                         "(same tokens from the start, same cache_salt) instead of recomputing them.")
+    flags.DEFINE_boolean("enable_prefix_caching", True, "Reuse the KV pages of prompt prefixes already in the cache "
+                         "(same tokens from the start, same cache_salt) instead of recomputing them "
+                         "(--noenable_prefix_caching: recompute every prompt).")
     flags.DEFINE_list("decode_batch_sizes", [], "Decode buckets: a call runs the first b slots, b the smallest bucket "
                       "holding every decoding slot (default: 1,8,64,512 below --max_num_seqs; --max_num_seqs is "
                       "always one).")

@@ -6,6 +6,10 @@ preempted, never shared across salts, and a digest collision cannot serve wrong 
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -235,3 +239,17 @@ def test_a_preempted_request_finds_its_pages_again():
     plain, porc = _serve(False, batches, num_pages=13)
     assert porc.scheduler.num_preemptions > 0
     assert got == {r: g[0] for r, g in plain.items()}
+
+
+@pytest.mark.parametrize("args,want", [((), True), (("--noenable_prefix_caching",), False)])
+def test_the_command_lines_cache_prefixes_by_default(args, want):
+    """serve / generate / warmup build their EngineConfig from the flags: caching is on
+    unless --noenable_prefix_caching (EngineConfig itself, the library's, defaults off)."""
+    code = ("import sys; from absl import flags; from runtime import flags as xf; xf.define_engine_flags(); "
+            "flags.FLAGS(sys.argv); print(xf.engine_config_from_flags().enable_prefix_caching)")
+    root = Path(__file__).resolve().parents[2]
+    p = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=root, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(root), "JAX_PLATFORMS": "cpu"})
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == str(want)
+    assert EngineConfig().enable_prefix_caching is False
