@@ -375,10 +375,12 @@ class EngineConfig:
     decode_steps_per_call: int = 1
     # Prefill plus decode tokens per step while sequences decode (runtime.scheduler); with
     # nothing decoding, prefill runs at full chunk. Host only: no compiled shape depends on it.
-    # 544 = a 512-token chunk beside up to 32 decoding sequences: an idle-ish server
-    # prefills such a prompt in one step, and at 64 streams chunks are 256 tokens, which
-    # keeps the inter-token p99 under twice the median at 96-99% of the best throughput
-    # measured (8192 gave 3-4x; H200, runtime/BENCHMARKS.md, session 8).
+    # A decoding sequence counts as 2 tokens (runtime.scheduler.DECODE_TOKEN_WEIGHT).
+    # 544 = a 512-token chunk beside up to 16 decoding sequences: an idle-ish server
+    # prefills such a prompt in one step; from 17 streams on chunks are 256 tokens, which
+    # keeps the inter-token p99 under twice the median at 64 streams at 96-99% of the best
+    # throughput measured (8192 gave 3-4x; H200, runtime/BENCHMARKS.md, session 8) and at
+    # 2.3x it beside 4096-token prompts at 32 streams (session 9).
     max_num_batched_tokens: int = 544
     # Prefix caching (runtime.page_allocator, runtime.scheduler): a prompt's full pages
     # already in the cache (same tokens from the start, same cache_salt) are mapped, not

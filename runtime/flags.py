@@ -35,8 +35,8 @@ def define_engine_flags() -> None:
     flags.DEFINE_list("prefill_batch_sizes", ["1"], "Prompts per prefill call buckets.")
     flags.DEFINE_integer("decode_steps_per_call", 1, "Decode steps per dispatch.")
     flags.DEFINE_integer("max_num_batched_tokens", 544, "Tokens per step (prefill chunks + decode) while sequences "
-                         "decode: a long prompt is prefilled over several steps instead of stalling every stream "
-                         "(at least one chunk of the smallest --prefill_lengths per step). With nothing decoding, "
+                         "decode (each decoding sequence counting as 2): a long prompt is prefilled over several steps instead of "
+                         "stalling every stream (at least one chunk of the smallest --prefill_lengths per step). With nothing decoding, "
                          "prefill runs at full chunk. Smaller values even out inter-token latency at a cost in "
                          "throughput and first-token latency.")
     flags.DEFINE_boolean("mixed_calls", True, "While sequences decode, run a step's prefill chunk and its decode "

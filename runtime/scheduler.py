@@ -13,8 +13,9 @@ orchestrator carries it out on the engine. Policy, per step:
      step's prefill, so a long prompt is spread over steps instead of stalling every
      stream's next token behind one long prefill call. A group's chunks hold at most
      max(budget - its decode tokens, smallest prefill length) tokens, its decode tokens
-     being its RUNNING sequences (after 1) times `decode_steps`; the floor lets the oldest
-     prompt progress however many decode. A chunk is the rest of the prompt (up to the
+     being its RUNNING sequences (after 1) times `decode_steps` times
+     `decode_token_weight` (DECODE_TOKEN_WEIGHT: a decode row costs a step more than a
+     prefill token); the floor lets the oldest prompt progress however many decode. A chunk is the rest of the prompt (up to the
      largest length) where that fits what is left of the group's budget, else the largest
      prefill length that does (calls are compiled per length: a chunk cut anywhere else
      pads up to a longer one); where none fits, the sequence gets no chunk this step (at
@@ -115,6 +116,16 @@ class Plan:
     released_slots: list[int]  # the slots they held: the engine must mark them idle
 
 
+# Budget tokens one decode token counts for (policy 4). A decode row reads its whole
+# context's KV where a prefill token shares its chunk's reads, and a step beside a chunk
+# costs what the chunk adds: on an H200 (Llama-3.1-8B, 2026-11-30, runtime/BENCHMARKS.md)
+# 32 streams beside 4096-token prompts at 2 req/s had ITL p99 3.15x the median with the
+# 512-token chunks that budget 544 left them counting each row once, 2.27x with 256-token
+# chunks. Counted twice, a budget of 544 keeps a 512-token chunk beside up to 16 decoding
+# sequences (an idle-ish server's one-step prefill) and gives 256 from 17 on.
+DECODE_TOKEN_WEIGHT = 2
+
+
 class Scheduler:
     def __init__(
         self,
@@ -126,9 +137,12 @@ class Scheduler:
         max_num_batched_tokens: int | None = None,
         decode_steps: int = 1,
         groups: int = 1,
+        decode_token_weight: int | None = None,
     ):
         """`prefill_lengths`: the prefill length buckets (chunks are cut at them).
-        `max_num_batched_tokens`: the per-step token budget; None: none."""
+        `max_num_batched_tokens`: the per-step token budget; None: none.
+        `decode_token_weight`: budget tokens a decode token counts for (default
+        DECODE_TOKEN_WEIGHT)."""
         lengths = tuple(sorted(set(prefill_lengths)))
         if not lengths or lengths[0] <= 0:
             raise ValueError(f"prefill lengths {lengths} must be given and positive")
@@ -144,6 +158,7 @@ class Scheduler:
         self.prefill_lengths = lengths
         self.max_num_batched_tokens = max_num_batched_tokens
         self.decode_steps = decode_steps
+        self.decode_token_weight = DECODE_TOKEN_WEIGHT if decode_token_weight is None else decode_token_weight
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: dict[int, Sequence] = {}  # slot -> sequence (prefilling or decoding)
         self._arrivals = itertools.count()
@@ -289,7 +304,7 @@ class Scheduler:
             return [math.inf] * self.groups
         decode_tokens = [0] * self.groups
         for seq in decoding:
-            decode_tokens[self.group_of_slot(seq.slot)] += self.decode_steps
+            decode_tokens[self.group_of_slot(seq.slot)] += self.decode_steps * self.decode_token_weight
         return [max(self.max_num_batched_tokens - n, self.prefill_lengths[0]) for n in decode_tokens]
 
     def _cached_prefix(self, seq: Sequence, group: int) -> list[int]:

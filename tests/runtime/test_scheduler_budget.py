@@ -23,10 +23,13 @@ def seq(name: str, n: int, max_tokens: int = 100) -> Sequence:
 
 
 def make_scheduler(budget: int | None = 64, *, num_pages=256, page_size=16, num_slots=8, groups=1,
-                   max_prefill_batch=4, prefill_lengths=LENGTHS, decode_steps=1) -> Scheduler:
+                   max_prefill_batch=4, prefill_lengths=LENGTHS, decode_steps=1, weight=1) -> Scheduler:
+    """The budget's arithmetic is tested with each decode token counting once (`weight`);
+    test_decode_tokens_count_twice_by_default covers the default weight."""
     return Scheduler(PageAllocator(num_pages, page_size, groups=groups), num_slots=num_slots,
                      max_prefill_batch=max_prefill_batch, prefill_lengths=prefill_lengths,
-                     max_num_batched_tokens=budget, decode_steps=decode_steps, groups=groups)
+                     max_num_batched_tokens=budget, decode_steps=decode_steps, groups=groups,
+                     decode_token_weight=weight)
 
 
 def step(sched: Scheduler) -> list[tuple[str, int, int]]:
@@ -65,6 +68,21 @@ def test_a_long_prompt_beside_decoding_streams_takes_the_largest_length_in_the_b
     # 64 - 3 decode tokens leave 61: chunks of 32 (the largest length <= 61) until the
     # rest of the prompt fits, which is the last chunk (300 - 8 * 32 = 44 <= 61).
     assert lengths == [32] * 8 + [44]
+
+
+@pytest.mark.parametrize("decoding, chunk", [(1, 512), (16, 512), (17, 256), (32, 256), (64, 256), (300, 32)])
+def test_decode_tokens_count_twice_by_default(decoding, chunk):
+    """The engine's default budget (544) with the default weight (2): a 512-token chunk
+    beside up to 16 decoding sequences, 256 from 17 to 144, the smallest length beyond."""
+    from runtime.scheduler import DECODE_TOKEN_WEIGHT
+
+    assert DECODE_TOKEN_WEIGHT == 2
+    lengths = EngineConfig(max_model_len=4096).prefill_lengths
+    sched = Scheduler(PageAllocator(8192, 16), num_slots=512, max_prefill_batch=512, prefill_lengths=lengths,
+                      max_num_batched_tokens=EngineConfig().max_num_batched_tokens)
+    start_decoding(sched, decoding)
+    sched.add(seq("long", 1000))
+    assert step(sched) == [("long", 0, chunk)]
 
 
 def test_nothing_decoding_prefills_at_full_chunk_whatever_the_budget():
