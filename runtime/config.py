@@ -384,12 +384,15 @@ class EngineConfig:
     max_num_batched_tokens: int = 544
     # Prefix caching (runtime.page_allocator, runtime.scheduler): a prompt's full pages
     # already in the cache (same tokens from the start, same cache_salt) are mapped, not
-    # recomputed. Off until the server reports it (Usage.cached_tokens) and the GPU
-    # measurements are in.
+    # recomputed. Off here (the library's default); the command lines turn it on
+    # (runtime.flags: --enable_prefix_caching, default true).
     enable_prefix_caching: bool = False
     # While sequences decode, a step's prefill chunk and its decode step run as one forward
     # pass (runtime.engine._mixed; one device, decode_steps_per_call 1, else two calls).
     mixed_calls: bool = True
+    # Weight-only quantization of the projections (runtime.quantization.MODES: "int8",
+    # "fp8"), applied to the model when the engine is built; None: the model's dtype.
+    quantization: str | None = None
     # Decode buckets (`decode_buckets`); () -> DEFAULT_DECODE_BATCH_SIZES. max_num_seqs is always one.
     decode_batch_sizes: tuple[int, ...] = ()
     attention: str = "auto"
@@ -425,6 +428,8 @@ class EngineConfig:
             raise ConfigError(f"decode_steps_per_call={self.decode_steps_per_call} must be positive")
         if self.max_num_batched_tokens < 1:
             raise ConfigError(f"max_num_batched_tokens={self.max_num_batched_tokens} must be at least 1")
+        if self.quantization not in (None, "int8", "fp8"):
+            raise ConfigError(f"quantization={self.quantization!r}; choose from int8, fp8")
         sizes = tuple(self.decode_batch_sizes)
         if sizes and (sorted(set(sizes)) != list(sizes) or sizes[0] <= 0):
             raise ConfigError(f"decode_batch_sizes={','.join(map(str, sizes))} must be positive and increasing")

@@ -34,6 +34,7 @@ from runtime.config import ConfigError, EngineConfig, ModelConfig
 from runtime.kv_cache import KVCache
 from runtime.models.layers import Segment
 from runtime.models.transformer import CUBLAS_DECODE_ROWS, Transformer, fuse_projections
+from runtime.quantization import quantize_model
 from runtime.sampling import SlotSampling, sample
 from sharding import pipeline, tensor_parallel
 
@@ -611,8 +612,10 @@ class Engine:
         device = jax.tree.leaves(nnx.state(model))[0].sharding
         mesh = device.mesh if isinstance(device, jax.sharding.NamedSharding) else None
         self.mesh = mesh
-        # q/k/v and gate/up as one weight each, in place (the caller's model is this one).
+        # q/k/v and gate/up as one weight each, in place (the caller's model is this one),
+        # quantized where ecfg says so (runtime.startup quantizes before planning memory).
         fuse_projections(model, mesh)
+        quantize_model(model, ecfg.quantization, mesh)
         self.graphdef, self.params = nnx.split(model)
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()) if mesh is not None else (
             jax.sharding.SingleDeviceSharding(list(device.device_set)[0]))

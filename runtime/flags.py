@@ -25,6 +25,9 @@ def define_engine_flags() -> None:
                         "(gemma3-270m, smollm2-135m).")
     flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Parameter dtype.")
     flags.DEFINE_enum("cache_dtype", None, list(CACHE_DTYPES), "KV cache dtype (default: --dtype).")
+    flags.DEFINE_enum("quantization", None, ["int8", "fp8"], "Quantize the projections' weights at load, on the "
+                      "device: int8 or float8 e4m3 with a float32 scale per output channel (weight-only; "
+                      "embeddings and norms keep --dtype). Default: none.")
     flags.DEFINE_integer("max_num_seqs", None, "Decode slots: sequences decoded together (default: as many "
                          "sequences of max_model_len as the KV cache holds, 8 to 64; 8 on CPU).")
     flags.DEFINE_integer("max_model_len", 2048, "Context length (prompt + generated) per sequence.")
@@ -149,6 +152,7 @@ def engine_config_from_flags(**overrides) -> EngineConfig:
         decode_steps_per_call=FLAGS.decode_steps_per_call,
         max_num_batched_tokens=FLAGS.max_num_batched_tokens,
         mixed_calls=FLAGS.mixed_calls,
+        quantization=FLAGS.quantization,
         enable_prefix_caching=FLAGS.enable_prefix_caching,
         decode_batch_sizes=_ints("decode_batch_sizes", FLAGS.decode_batch_sizes),
         attention=FLAGS.attention,

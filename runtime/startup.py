@@ -32,6 +32,7 @@ from checkpoints.aliases import resolve_checkpoint
 from runtime.config import AUTO_MAX_NUM_SEQS, AUTO_MIN_NUM_SEQS, ConfigError, EngineConfig, ModelConfig
 from runtime.engine import Engine
 from runtime.kv_cache import KVCache
+from runtime.quantization import quantize_model
 from runtime.sampling import read_sampling_defaults
 from runtime.tokenizer import Tokenizer, load_tokenizer
 from sharding import pipeline, tensor_parallel
@@ -252,6 +253,9 @@ def build_engine(model, ecfg: EngineConfig, *, auto_num_seqs: bool = False, mesh
     it, its kv heads repeated to the tensor size where fewer), says so on stderr, and
     builds the engine."""
     model = replicate_kv_heads(model, mesh)
+    # Quantized here, not first in the Engine, so the KV cache is planned beside the
+    # smaller weights (the Engine's own call is then a no-op).
+    quantize_model(model, ecfg.quantization, mesh)
     cfg = model.cfg
     param_bytes = bytes_per_device(nnx.state(model))  # layers already on their stage's devices only
     shards = cache_kv_shards(cfg, ecfg, mesh)

@@ -206,6 +206,22 @@ def _jit_fuse(fn, sharding):
     return jax.jit(fn, out_shardings=sharding)
 
 
+def project(spec: str, x: jax.Array, w: jax.Array, scale: jax.Array | None = None) -> jax.Array:
+    """jnp.einsum(spec, x, w); with `scale` (runtime.quantization), w is a quantized weight:
+    converted to x's dtype inside the matmul, the float32 product scaled per output
+    channel (scale: w's output axes, in w's order; the output's trailing axes) and
+    rounded once to x's dtype."""
+    if scale is None:
+        return jnp.einsum(spec, x, w)
+    ins, out = spec.split("->")
+    x_letters, w_letters = ins.split(",")
+    s_letters = [c for c in w_letters if c not in x_letters]
+    order = sorted(range(len(s_letters)), key=lambda i: out.index(s_letters[i]))
+    assert out.endswith("".join(s_letters[i] for i in order)), (spec, s_letters)
+    y = jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+    return (y * jnp.transpose(scale, order)).astype(x.dtype)
+
+
 def _qkv_weight(wq, wk, wv):
     """[D, K, G + 2, H]: per kv head its G query heads, then k, then v (D leading, like
     gate/up: one GEMV whose output is contiguous)."""
@@ -309,6 +325,9 @@ class Attention(nnx.Module):
         # The serving form (`fuse`): q, k and v as one weight, read by one GEMV.
         self.wqkv = self.bqkv = nnx.data(None)
         self.qkv_layout = "gpu"  # QKV_LAYOUTS key of wqkv
+        # Weight-only quantization (`quantize`, runtime.quantization): per-channel scales.
+        self.wqkv_scale = self.wo_scale = nnx.data(None)
+        self.quantization = None
 
     def fuse(self, sharding_of, layout: str = "gpu") -> None:
         """Replaces wq, wk, wv (and their biases) by one weight wqkv, in place: a decode
@@ -327,6 +346,19 @@ class Attention(nnx.Module):
                                      ("kv_heads", "qkv", "head_dim"), sharding_of)
         self.wq = self.wk = self.wv = self.bq = self.bk = self.bv = None
 
+    def quantize(self, mode: str) -> None:
+        """Quantizes the fused q/k/v and the output projection in place (runtime.quantization);
+        the same mode again changes nothing."""
+        if self.quantization == mode:
+            return
+        if self.quantization is not None or self.wqkv is None:
+            raise ValueError(f"quantize {mode}: the projections are {self.quantization or 'not fused'}")
+        from runtime.quantization import quantize_param
+
+        self.wqkv, self.wqkv_scale = quantize_param(self.wqkv, ("embed",), mode)
+        self.wo, self.wo_scale = quantize_param(self.wo, ("q_heads", "head_dim"), mode)
+        self.quantization = mode
+
     def _project(self, x):
         """q [B, T, N, H], k and v [B, T, K, H] of the normed input x [B, T, D]."""
         if self.wqkv is None:
@@ -342,7 +374,8 @@ class Attention(nnx.Module):
 
     def _qkv(self, x):
         """The fused projection's output [B, T, K, G + 2, H] (`_qkv_weight`'s order)."""
-        qkv = jnp.einsum(QKV_LAYOUTS[self.qkv_layout][1], x, self.wqkv[...])  # J = G + 2
+        scale = None if self.wqkv_scale is None else self.wqkv_scale[...]
+        qkv = project(QKV_LAYOUTS[self.qkv_layout][1], x, self.wqkv[...], scale)  # J = G + 2
         if self.bqkv is not None:
             qkv = qkv + self.bqkv[...]
         return qkv
@@ -402,7 +435,7 @@ class Attention(nnx.Module):
     def _output(self, o, local: Local | None):
         """The output projection of the attention output o [B, T, N, H]."""
         wo = self.wo[...]
-        out = jnp.einsum("BTNH,NHD->BTD", o, wo)
+        out = project("BTNH,NHD->BTD", o, wo, None if self.wo_scale is None else self.wo_scale[...])
         if local is not None:  # per device: the sum over this device's heads only
             out = local.join_sums(out, wo.shape[0], self.num_heads)
         if self.bo is not None:
@@ -451,6 +484,9 @@ class MLP(nnx.Module):
         # The serving form (`fuse`): gate and up as one weight, read by one GEMV.
         self.w_gate_up = self.b_gate_up = nnx.data(None)
         self.gate_up_layout = "gpu"  # GATE_UP_LAYOUTS key of w_gate_up
+        # Weight-only quantization (`quantize`, runtime.quantization): per-channel scales.
+        self.w_gate_up_scale = self.w_down_scale = nnx.data(None)
+        self.quantization = None
 
     def fuse(self, sharding_of, layout: str = "gpu") -> None:
         """Replaces w_gate and w_up (and their biases) by one weight w_gate_up, in place
@@ -465,6 +501,19 @@ class MLP(nnx.Module):
                                           ("gate_up", "ffw"), sharding_of)
         self.w_gate = self.w_up = self.b_gate = self.b_up = None
 
+    def quantize(self, mode: str) -> None:
+        """Quantizes the fused gate/up and the down projection in place (runtime.quantization);
+        the same mode again changes nothing."""
+        if self.quantization == mode:
+            return
+        if self.quantization is not None or self.w_gate_up is None:
+            raise ValueError(f"quantize {mode}: the projections are {self.quantization or 'not fused'}")
+        from runtime.quantization import quantize_param
+
+        self.w_gate_up, self.w_gate_up_scale = quantize_param(self.w_gate_up, ("embed",), mode)
+        self.w_down, self.w_down_scale = quantize_param(self.w_down, ("ffw",), mode)
+        self.quantization = mode
+
     def __call__(self, x: jax.Array, local: Local | None = None) -> jax.Array:
         with jax.named_scope("mlp"):
             if self.w_gate_up is None:
@@ -473,7 +522,8 @@ class MLP(nnx.Module):
                 if self.b_gate is not None:
                     gate, up = gate + self.b_gate[...], up + self.b_up[...]
             else:
-                gate_up = jnp.einsum(GATE_UP_LAYOUTS[self.gate_up_layout][1], x, self.w_gate_up[...])
+                scale = None if self.w_gate_up_scale is None else self.w_gate_up_scale[...]
+                gate_up = project(GATE_UP_LAYOUTS[self.gate_up_layout][1], x, self.w_gate_up[...], scale)
                 if self.b_gate_up is not None:
                     gate_up = gate_up + self.b_gate_up[...]
                 gate, up = gate_up[:, :, 0], gate_up[:, :, 1]
@@ -482,7 +532,8 @@ class MLP(nnx.Module):
             else:
                 act = jax.nn.gelu(gate, approximate=True)
             w_down = self.w_down[...]
-            out = jnp.einsum("BTF,FD->BTD", act * up, w_down)
+            scale = None if self.w_down_scale is None else self.w_down_scale[...]
+            out = project("BTF,FD->BTD", act * up, w_down, scale)
             if local is not None:  # per device: the sum over this device's ffw rows only
                 out = local.join_sums(out, w_down.shape[0], self.ffw_dim)
             if self.b_down is not None:
