@@ -40,6 +40,8 @@ flags.DEFINE_list("peer_batch_sizes", ["1"], "Batch sizes the peer runs (each co
 flags.DEFINE_integer("peer_timeout_s", 300, "Give up on the peer after this long.")
 flags.DEFINE_string("json_out", None, "Write the results here as JSON.")
 flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Parameter and KV cache dtype.")
+flags.DEFINE_enum("quantization", None, ["int8", "fp8"], "Weight-only quantization of the projections "
+                  "(runtime.quantization); the roofline counts the quantized bytes.")
 flags.DEFINE_integer("page_size", 16, "Tokens per KV page.")
 flags.DEFINE_integer("decode_steps_per_call", 1, "Decode steps per dispatch (1, the engine default, streams every token).")
 flags.DEFINE_enum("attention", "auto", ["auto", "reference", "pallas"], "Attention (auto: Pallas on GPU).")
@@ -95,6 +97,7 @@ def bench_batch(model, batch: int, bandwidth: float, matmul_flops: float, mesh=N
         max_num_batched_tokens=max(prefill_batch_sizes) * FLAGS.prompt_len + batch * steps,
         decode_batch_sizes=(batch,), attention=FLAGS.attention, command_buffers=FLAGS.command_buffers,
         cache_dtype=FLAGS.dtype, pipeline_microbatches=FLAGS.pipeline_microbatches,
+        quantization=FLAGS.quantization,
     )
     from runtime.startup import build_engine
 
@@ -295,7 +298,8 @@ def main(argv):
         # Prefill does not depend on the batch size: profiled once.
         rows.append(bench_batch(model, b, bandwidth, matmul_flops, mesh, profile_prefill=b == batches[0]))
         print(json.dumps(rows[-1]), flush=True)
-    print(f"\n{FLAGS.model} ({cfg.num_params() / 1e9:.2f}B params, {FLAGS.dtype}) on {device} "
+    quant = f", {FLAGS.quantization} weights" if FLAGS.quantization else ""
+    print(f"\n{FLAGS.model} ({cfg.num_params() / 1e9:.2f}B params, {FLAGS.dtype}{quant}) on {device} "
           f"x TP {FLAGS.tensor_parallel_size} x PP {FLAGS.pipeline_parallel_size} (roofline per device), "
           f"jax {jax.__version__}, prompt {FLAGS.prompt_len}, gen {FLAGS.gen_len}, "
           f"{FLAGS.decode_steps_per_call} steps/call, attention={rows[0]['attention'] if rows else FLAGS.attention}, "

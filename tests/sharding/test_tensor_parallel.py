@@ -30,7 +30,7 @@ def rows():
     """The check in two processes at once (half the configs each): its compilations are
     mostly single-threaded, so on two cores this halves the wall time."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-    groups = ("llama_gqa,mqa,llama_prefix", "llama_4layers,mistral_window,gemma3")
+    groups = ("llama_gqa,mqa,llama_prefix", "llama_4layers,mistral_window,gemma3,llama_int8")
     procs = [subprocess.Popen([sys.executable, "-m", "tests.sharding.sharded_check", g], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env) for g in groups]
     out = []
@@ -50,7 +50,8 @@ def test_sharded_equals_one_device(rows):
         ("mqa", 4, 1, 1, "reference"), ("mqa", 2, 2, 1, "reference"),
         ("mistral_window", 2, 1, 1, "reference"), ("mistral_window", 1, 2, 1, "reference"),
         ("gemma3", 2, 1, 1, "reference"), ("gemma3", 1, 2, 1, "reference"), ("gemma3", 2, 2, 1, "pallas"),
-        ("gemma3", 1, 1, 2, "pallas"), ("llama_prefix", 2, 2, 1, "reference"), ("llama_prefix", 2, 1, 2, "reference")}
+        ("gemma3", 1, 1, 2, "pallas"), ("llama_prefix", 2, 2, 1, "reference"), ("llama_prefix", 2, 1, 2, "reference"),
+        ("llama_int8", 2, 1, 1, "reference"), ("llama_int8", 2, 2, 1, "reference")}
     assert any(r["microbatches"] > 1 for r in rows)
     for r in rows:
         where = f"{r['config']} TP {r['tp']} PP {r['pp']} DP {r['dp']} {r['attention']}"
@@ -62,6 +63,9 @@ def test_sharded_equals_one_device(rows):
         # (and gave the one-device engine's tokens, without caching, above).
         assert r["cached_tokens"] > 0 if r["prefix_caching"] else r["cached_tokens"] == 0, where
         assert r["base_cached_tokens"] == 0, where
+        # int8 weights (both sides quantized): the scales split with their weights' kv heads.
+        if r["quantization"]:
+            assert r["wqkv_dtype"] == "int8" and "'tensor'" in r["wqkv_scale"], where
         assert r["all_reduce"] or r["tp"] * r["pp"] == 1, f"{where}: the decode step has no cross-device reduction"
         # Stages hand activations on with a collective permute; without stages there is none.
         # (With data-parallel groups the partitioner may also move rows with one.)

@@ -1,0 +1,189 @@
+"""What quantization costs in quality: next-token agreement and KL divergence against the
+unquantized model over a fixed English text available offline.
+
+  python -m runtime.quality --checkpoint=smollm2-135m --modes=int8,fp8
+
+The text is the Python reference documentation that CPython ships (pydoc_data.topics,
+its topics in sorted order): English prose with code, the same on every machine with
+the same Python minor version. It is tokenized once and cut into --windows windows of
+--window tokens (the tokenizer's BOS first where it adds one); each window is one forward
+pass from position 0 (teacher forcing), so --windows x (--window - 1) positions are scored. The reference is the model at --dtype
+(float32 by default); each mode is the same weights quantized (runtime.quantization).
+Per mode, over the positions:
+  agreement   share of positions where both models' most likely next token is the same
+  KL          mean KL(reference || quantized) of the next-token distributions, in nats
+  NLL         mean negative log-likelihood of the text's actual next token (the
+              reference's in its own row): how much worse the quantized model predicts
+The logits of a window stay on the device in float32; only the per-position numbers
+come back, so a 262k vocabulary (Gemma 3) fits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+
+import numpy as np
+from absl import app, flags
+from absl import logging as absl_logging
+
+from runtime import flags as xflags
+
+FLAGS = flags.FLAGS
+
+
+def reference_text() -> str:
+    """The fixed English text: CPython's pydoc topics, concatenated in sorted key order."""
+    from pydoc_data import topics
+
+    return "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
+
+
+@dataclasses.dataclass
+class Score:
+    mode: str
+    positions: int
+    agreement: float  # top-1 agreement with the reference
+    kl: float  # mean KL(reference || this), nats
+    nll: float  # mean NLL of the text's next token
+
+
+def _window_metrics(ref_logits, logits, targets):
+    """Per position of one window: (top-1 equal, KL(ref || q), NLL of the target under q)."""
+    import jax
+    import jax.numpy as jnp
+
+    ref_lp = jax.nn.log_softmax(ref_logits, axis=-1)
+    lp = jax.nn.log_softmax(logits, axis=-1)
+    same = jnp.argmax(ref_logits, -1) == jnp.argmax(logits, -1)
+    kl = jnp.sum(jnp.exp(ref_lp) * (ref_lp - lp), axis=-1)
+    nll = -jnp.take_along_axis(lp, targets[..., None], axis=-1)[..., 0]
+    return same, kl, nll
+
+
+def window_logits_fn(model):
+    """A jitted function: tokens [B, T] -> float32 logits [B, T, V] of `model`, each row a
+    fresh sequence from position 0 (its own pages)."""
+    import jax
+    import jax.numpy as jnp
+
+    from runtime.kv_cache import KVCache
+
+    page_size = 16
+
+    @jax.jit
+    def run(tokens):
+        B, T = tokens.shape
+        pages = -(-T // page_size)
+        cache = KVCache.create(model.cfg, num_pages=B * pages, page_size=page_size,
+                               dtype=model.embedding.get_value().dtype)
+        table = jnp.arange(B * pages, dtype=jnp.int32).reshape(B, pages)
+        positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        lens = jnp.full((B,), T, jnp.int32)
+        logits, _ = model(tokens, positions, cache, table, lens, fresh_prefill=True)
+        return logits.astype(jnp.float32)
+
+    return run
+
+
+def score(model, modes: list[str], token_ids: list[int], *, window: int, windows: int, batch: int = 1,
+          prefix: list[int] = ()) -> tuple[Score, list[Score]]:
+    """The reference's own score and each mode's against it, over `windows` windows of
+    `window` tokens: `prefix` (the tokenizer's BOS, if it adds one) then the next tokens
+    of `token_ids`. `model` is left unchanged (modes quantize copies)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from runtime.models.transformer import fuse_projections
+    from runtime.quantization import quantize_model
+
+    body = window - len(prefix)
+    need = body * windows
+    if body < 2 or len(token_ids) < need:
+        raise ValueError(f"the text has {len(token_ids)} tokens; {windows} windows of {window} need {need}")
+    text = np.asarray(token_ids[:need], np.int32).reshape(windows, body)
+    tokens = np.concatenate([np.broadcast_to(np.asarray(prefix, np.int32), (windows, len(prefix))), text], axis=1)
+    graphdef, state = nnx.split(fuse_projections(model))
+
+    def copy():
+        return nnx.merge(graphdef, jax.tree.map(jnp.array, state))
+
+    ref_fn = window_logits_fn(nnx.merge(graphdef, state))
+    fns = {mode: window_logits_fn(quantize_model(copy(), mode)) for mode in modes}
+    metrics = jax.jit(_window_metrics)
+    sums = {m: np.zeros(3) for m in ["reference", *modes]}
+    count = 0
+    for at in range(0, windows, batch):
+        rows = jnp.asarray(tokens[at: at + batch])
+        targets = rows[:, 1:]
+        ref = ref_fn(rows)[:, :-1]
+        _, _, ref_nll = metrics(ref, ref, targets)
+        sums["reference"] += [float(rows.shape[0] * (window - 1)), 0.0, float(jnp.sum(ref_nll))]
+        for mode, fn in fns.items():
+            same, kl, nll = metrics(ref, fn(rows)[:, :-1], targets)
+            sums[mode] += [float(jnp.sum(same)), float(jnp.sum(kl)), float(jnp.sum(nll))]
+        count += rows.shape[0] * (window - 1)
+    reference = Score("reference", count, 1.0, 0.0, sums["reference"][2] / count)
+    return reference, [Score(m, count, sums[m][0] / count, sums[m][1] / count, sums[m][2] / count) for m in modes]
+
+
+def format_table(name: str, dtype: str, reference: Score, scores: list[Score]) -> str:
+    lines = [f"{name} ({dtype} reference), {reference.positions} positions of pydoc topics "
+             f"(Python {sys.version_info.major}.{sys.version_info.minor})",
+             "mode | top-1 agreement | mean KL (nats) | NLL | NLL - reference", "--- | --- | --- | --- | ---",
+             f"{dtype} | 100.00% | 0 | {reference.nll:.4f} | 0"]
+    for s in scores:
+        lines.append(f"{s.mode} | {100 * s.agreement:.2f}% | {s.kl:.5f} | {s.nll:.4f} | {s.nll - reference.nll:+.4f}")
+    return "\n".join(lines)
+
+
+flags.DEFINE_string("checkpoint", None, "Checkpoint directory or alias (gemma3-270m, smollm2-135m).")
+flags.DEFINE_list("modes", ["int8", "fp8"], "Quantization modes to score (runtime.quantization.MODES).")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "The reference's parameter dtype.")
+flags.DEFINE_integer("window", 512, "Tokens per forward pass.")
+flags.DEFINE_integer("windows", 8, "Windows scored (positions: windows x (window - 1)).")
+flags.DEFINE_integer("batch", 1, "Windows per forward pass.")
+flags.DEFINE_string("json_out", None, "Also write the scores here as JSON.")
+
+
+def main(argv: list[str]) -> None:
+    absl_logging.set_verbosity(absl_logging.WARNING)  # checkpoint restore logs at INFO
+    if len(argv) > 1:
+        xflags.usage_error(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not FLAGS.checkpoint:
+        xflags.usage_error("--checkpoint is required (a directory or an alias such as smollm2-135m)")
+    from runtime.quantization import MODES
+
+    bad = [m for m in FLAGS.modes if m not in MODES]
+    if bad or not FLAGS.modes:
+        xflags.usage_error(f"--modes={','.join(FLAGS.modes)}: choose from {', '.join(MODES)}")
+    if FLAGS.window < 2 or FLAGS.windows < 1 or FLAGS.batch < 1:
+        xflags.usage_error("--window must be at least 2, --windows and --batch at least 1")
+    import checkpoints
+    from checkpoints.aliases import resolve_checkpoint
+    from checkpoints.errors import CheckpointError
+    from runtime.tokenizer import load_tokenizer
+
+    try:
+        directory = resolve_checkpoint(FLAGS.checkpoint, dtype=FLAGS.dtype)
+        _, model = checkpoints.load(directory, dtype=FLAGS.dtype)
+        tokenizer = load_tokenizer(directory)
+    except CheckpointError as e:
+        xflags.usage_error(str(e))
+    ids = tokenizer.encode(reference_text(), add_special_tokens=False)
+    prefix = tokenizer.encode("", add_special_tokens=True)  # the BOS every sequence starts with, if any
+    try:
+        reference, scores = score(model, FLAGS.modes, ids, window=FLAGS.window, windows=FLAGS.windows,
+                                  batch=FLAGS.batch, prefix=prefix)
+    except ValueError as e:
+        xflags.usage_error(str(e))
+    print(format_table(FLAGS.checkpoint, FLAGS.dtype, reference, scores))
+    if FLAGS.json_out:
+        with open(FLAGS.json_out, "w") as f:
+            json.dump([dataclasses.asdict(s) for s in [reference, *scores]], f, indent=1)
+
+
+if __name__ == "__main__":
+    app.run(main)
