@@ -204,3 +204,23 @@ def test_tpu_layout_quantizes_per_output_channel():
     for k in gpu:
         assert tpu[k][0] == gpu[k][0]
         np.testing.assert_allclose(tpu[k][1], gpu[k][1], atol=2e-4)
+
+
+@pytest.mark.parametrize("args,message", [
+    ((), "--checkpoint is required"),
+    (("--checkpoint=smollm2-135m", "--modes=int4"), "--modes=int4: choose from int8, fp8"),
+    (("--checkpoint=smollm2-135m", "--window=1"), "--window must be at least 2"),
+    (("--checkpoint=/nonexistent/ckpt",), "is not a checkpoint directory"),
+])
+def test_quality_cli_bad_input_is_one_line_and_exit_2(args, message):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    p = subprocess.run([sys.executable, "-m", "runtime.quality", *args], capture_output=True, text=True, cwd=root,
+                       timeout=300, env={**os.environ, "PYTHONPATH": str(root), "JAX_PLATFORMS": "cpu"})
+    assert p.returncode == 2, p.stderr
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert message in lines[-1], p.stderr
