@@ -139,13 +139,16 @@ def format_table(name: str, dtype: str, reference: Score, scores: list[Score]) -
     return "\n".join(lines)
 
 
-flags.DEFINE_string("checkpoint", None, "Checkpoint directory or alias (gemma3-270m, smollm2-135m).")
-flags.DEFINE_list("modes", ["int8", "fp8"], "Quantization modes to score (runtime.quantization.MODES).")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "The reference's parameter dtype.")
-flags.DEFINE_integer("window", 512, "Tokens per forward pass.")
-flags.DEFINE_integer("windows", 8, "Windows scored (positions: windows x (window - 1)).")
-flags.DEFINE_integer("batch", 1, "Windows per forward pass.")
-flags.DEFINE_string("json_out", None, "Also write the scores here as JSON.")
+def define_flags() -> None:
+    """The CLI's flags: defined when run, not on import (tests import this module beside
+    others that define --checkpoint, --dtype and --json_out)."""
+    flags.DEFINE_string("checkpoint", None, "Checkpoint directory or alias (gemma3-270m, smollm2-135m).")
+    flags.DEFINE_list("modes", ["int8", "fp8"], "Quantization modes to score (runtime.quantization.MODES).")
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "The reference's parameter dtype.")
+    flags.DEFINE_integer("window", 512, "Tokens per forward pass.")
+    flags.DEFINE_integer("windows", 8, "Windows scored (positions: windows x (window - 1)).")
+    flags.DEFINE_integer("batch", 1, "Windows per forward pass.")
+    flags.DEFINE_string("json_out", None, "Also write the scores here as JSON.")
 
 
 def main(argv: list[str]) -> None:
@@ -186,4 +189,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
