@@ -6,9 +6,10 @@ unquantized model over a fixed English text available offline.
 The text is the Python reference documentation that CPython ships (pydoc_data.topics,
 its topics in sorted order): English prose with code, the same on every machine with
 the same Python minor version. It is tokenized once and cut into --windows windows of
---window tokens (the tokenizer's BOS first where it adds one); each window is one forward
-pass from position 0 (teacher forcing), so --windows x (--window - 1) positions are scored. The reference is the model at --dtype
-(float32 by default); each mode is the same weights quantized (runtime.quantization).
+--window tokens (the tokenizer's BOS first where it adds one); each window is one
+forward pass from position 0 (teacher forcing), so --windows x (--window - 1)
+positions are scored. The reference is the model at --dtype (float32 by default); each
+mode is the same weights quantized (runtime.quantization).
 Per mode, over the positions:
   agreement   share of positions where both models' most likely next token is the same
   KL          mean KL(reference || quantized) of the next-token distributions, in nats

