@@ -63,29 +63,36 @@ def _window_metrics(ref_logits, logits, targets):
     return same, kl, nll
 
 
-def window_logits_fn(model):
-    """A jitted function: tokens [B, T] -> float32 logits [B, T, V] of `model`, each row a
-    fresh sequence from position 0 (its own pages)."""
-    import jax
+def _window_scores(graphdefs, states, tokens):
+    """One batch of windows, tokens [B, T]. graphdefs[0], states[0] is the reference model,
+    the rest the modes' models; each row a fresh sequence from position 0 (its own pages).
+    Returns, per position of the first T - 1: the reference's NLL of the next token, and
+    for each other model (top-1 equal, KL(reference || model), NLL). The weights are
+    arguments, not constants of the program (a constant is copied into the compiled
+    program: 14 GB for Gemma 3 270M with two modes), and the [B, T, V] logits stay in it."""
     import jax.numpy as jnp
+    from flax import nnx
 
     from runtime.kv_cache import KVCache
 
     page_size = 16
+    B, T = tokens.shape
+    pages = -(-T // page_size)
+    table = jnp.arange(B * pages, dtype=jnp.int32).reshape(B, pages)
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    lens = jnp.full((B,), T, jnp.int32)
+    targets = tokens[:, 1:]
 
-    @jax.jit
-    def run(tokens):
-        B, T = tokens.shape
-        pages = -(-T // page_size)
+    def logits(graphdef, state):
+        model = nnx.merge(graphdef, state)
         cache = KVCache.create(model.cfg, num_pages=B * pages, page_size=page_size,
                                dtype=model.embedding.get_value().dtype)
-        table = jnp.arange(B * pages, dtype=jnp.int32).reshape(B, pages)
-        positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        lens = jnp.full((B,), T, jnp.int32)
-        logits, _ = model(tokens, positions, cache, table, lens, fresh_prefill=True)
-        return logits.astype(jnp.float32)
+        out, _ = model(tokens, positions, cache, table, lens, fresh_prefill=True)
+        return out[:, :-1].astype(jnp.float32)
 
-    return run
+    reference = logits(graphdefs[0], states[0])
+    _, _, reference_nll = _window_metrics(reference, reference, targets)
+    return reference_nll, [_window_metrics(reference, logits(g, s), targets) for g, s in zip(graphdefs[1:], states[1:])]
 
 
 def score(model, modes: list[str], token_ids: list[int], *, window: int, windows: int, batch: int = 1,
@@ -108,24 +115,22 @@ def score(model, modes: list[str], token_ids: list[int], *, window: int, windows
     tokens = np.concatenate([np.broadcast_to(np.asarray(prefix, np.int32), (windows, len(prefix))), text], axis=1)
     graphdef, state = nnx.split(fuse_projections(model))
 
-    def copy():
-        return nnx.merge(graphdef, jax.tree.map(jnp.array, state))
+    def quantized(mode):
+        # new Variables over the same arrays: quantize_model replaces the projections'
+        # values in its copy only, the embedding and norms are shared with the reference
+        return nnx.split(quantize_model(nnx.merge(graphdef, jax.tree.map(lambda x: x, state)), mode))
 
-    ref_fn = window_logits_fn(nnx.merge(graphdef, state))
-    fns = {mode: window_logits_fn(quantize_model(copy(), mode)) for mode in modes}
-    metrics = jax.jit(_window_metrics)
+    splits = [(graphdef, state)] + [quantized(mode) for mode in modes]
+    graphdefs, states = tuple(g for g, _ in splits), [s for _, s in splits]
+    run = jax.jit(_window_scores, static_argnums=0)
     sums = {m: np.zeros(3) for m in ["reference", *modes]}
     count = 0
     for at in range(0, windows, batch):
-        rows = jnp.asarray(tokens[at: at + batch])
-        targets = rows[:, 1:]
-        ref = ref_fn(rows)[:, :-1]
-        _, _, ref_nll = metrics(ref, ref, targets)
-        sums["reference"] += [float(rows.shape[0] * (window - 1)), 0.0, float(jnp.sum(ref_nll))]
-        for mode, fn in fns.items():
-            same, kl, nll = metrics(ref, fn(rows)[:, :-1], targets)
+        reference_nll, per_mode = run(graphdefs, states, jnp.asarray(tokens[at: at + batch]))
+        sums["reference"] += [0.0, 0.0, float(jnp.sum(reference_nll))]
+        for mode, (same, kl, nll) in zip(modes, per_mode):
             sums[mode] += [float(jnp.sum(same)), float(jnp.sum(kl)), float(jnp.sum(nll))]
-        count += rows.shape[0] * (window - 1)
+        count += reference_nll.size
     reference = Score("reference", count, 1.0, 0.0, sums["reference"][2] / count)
     return reference, [Score(m, count, sums[m][0] / count, sums[m][1] / count, sums[m][2] / count) for m in modes]
 
