@@ -146,7 +146,7 @@ class AbstractEngine:
 
 @dataclasses.dataclass(frozen=True)
 class CompiledStep:
-    kind: str  # "prefill" | "decode" | "mixed" | "release"
+    kind: str  # "prefill" | "decode" | "mixed" | one of SLOT_PROGRAMS
     shape: tuple  # the manifest entry: (batch, length[, "fresh"]) | (slots, mode) | (slots, batch, length[, "fresh"]) | ()
     compiled: jax.stages.Compiled
     memory: MemoryStats
@@ -222,6 +222,11 @@ def _sds(x) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(x.shape, x.dtype)
 
 
+# The small programs beside the manifest's entries that an engine runs on one slot: its
+# release, and its prompt mask set from prefix-cached tokens (Engine.seed_prompt_mask).
+SLOT_PROGRAMS = ("release", "seed_prompt_mask")
+
+
 def step_args(engine: AbstractEngine, kind: str, shape: tuple = ()) -> tuple:
     """The abstract arguments of one manifest entry, as Engine passes them (the params
     as their list of leaves; warmup's host arrays: their shapes and dtypes, uncommitted)."""
@@ -244,7 +249,10 @@ def step_args(engine: AbstractEngine, kind: str, shape: tuple = ()) -> tuple:
         return jax.tree.leaves(engine.params), engine.cache, engine.slots, io(), *packed(*shape[1:3])
     if kind == "release":
         return engine.slots, jax.ShapeDtypeStruct((), jnp.int32)
-    raise ValueError(f"step kind {kind!r}; choose from prefill, decode, mixed, release")
+    if kind == "seed_prompt_mask":
+        return engine.slots, jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((MP * ecfg.page_size,),
+                                                                                       jnp.int32)
+    raise ValueError(f"step kind {kind!r}; choose from prefill, decode, mixed, {', '.join(SLOT_PROGRAMS)}")
 
 
 def step_fn(engine: AbstractEngine, kind: str, shape: tuple = ()):
@@ -256,7 +264,7 @@ def step_fn(engine: AbstractEngine, kind: str, shape: tuple = ()):
         return engine.steps.decode[(rows, mode)]
     if kind == "mixed":
         return engine.steps.mixed[(shape[0], "fresh" in shape[3:])]
-    return engine.steps.release
+    return getattr(engine.steps, kind)  # SLOT_PROGRAMS
 
 
 def compile_step(engine: AbstractEngine, kind: str, shape: tuple = ()) -> CompiledStep:
@@ -273,7 +281,7 @@ def compile_step(engine: AbstractEngine, kind: str, shape: tuple = ()) -> Compil
 def compile_manifest(engine: AbstractEngine, entries: dict[str, list[tuple]] | None = None, *,
                      release: bool = True) -> list[CompiledStep]:
     """Compiles `entries` (default: the engine's whole manifest, `Engine.manifest()`),
-    and the slot release when `release`; entries must be in the manifest."""
+    and the slot programs (SLOT_PROGRAMS) when `release`; entries must be in the manifest."""
     manifest = engine.manifest()
     entries = manifest if entries is None else entries
     out = []
@@ -283,7 +291,7 @@ def compile_manifest(engine: AbstractEngine, entries: dict[str, list[tuple]] | N
                 raise ValueError(f"{kind} {tuple(shape)} is not in the manifest {manifest}")
             out.append(compile_step(engine, kind, tuple(shape)))
     if release:
-        out.append(compile_step(engine, "release"))
+        out.extend(compile_step(engine, kind) for kind in SLOT_PROGRAMS)
     return out
 
 

@@ -454,6 +454,8 @@ class Steps:
     # by (decode rows, sampling mode): a mixed call's decode rows; (slots, io, logits [rows, V], kv_lens [rows])
     mixed_sample: dict[tuple[int, str], Callable]
     release: Callable  # (slots, slot)
+    # (slots, slot, tokens [max_pages_per_seq * page_size], padded with the vocabulary size)
+    seed_prompt_mask: Callable
     set_table: Callable  # (io, page_table [B, MP]): io with that table
     snapshot: Callable  # (io, dst) -> dst (donated) holding io.out's first rows, for the host to read
 
@@ -537,9 +539,10 @@ def build_steps(graphdef, ecfg: EngineConfig, *, cache_shardings, replicated, me
         for rows in mixed_rows(ecfg) for mode in ecfg.decode_sampling_modes
     }
     release = jax.jit(_release, donate_argnums=(0,), out_shardings=replicated)
+    seed_prompt_mask = jax.jit(_seed_prompt_mask, donate_argnums=(0,), out_shardings=replicated)
     set_table = jax.jit(_set_table, donate_argnums=(0,), out_shardings=replicated)
     snapshot = jax.jit(_snapshot, donate_argnums=(1,), out_shardings=replicated)
-    return Steps(prefill, decode, mixed, mixed_sample, release, set_table, snapshot)
+    return Steps(prefill, decode, mixed, mixed_sample, release, seed_prompt_mask, set_table, snapshot)
 
 
 # Decode buckets of at least CUBLAS_DECODE_ROWS rows (runtime.models.transformer) take
@@ -581,6 +584,12 @@ def _snapshot(io: DecodeIO, dst: dict) -> dict:
 
 def _release(slots: DecodeSlots, slot) -> DecodeSlots:
     return dataclasses.replace(slots, lengths=slots.lengths.at[slot].set(0, mode="drop"))
+
+
+def _seed_prompt_mask(slots: DecodeSlots, slot, tokens) -> DecodeSlots:
+    # The slot's prompt mask holds exactly `tokens` (ids >= the vocabulary size: padding).
+    row = jnp.zeros(slots.prompt_mask.shape[1], bool).at[tokens].set(True, mode="drop")
+    return dataclasses.replace(slots, prompt_mask=slots.prompt_mask.at[slot].set(row, mode="drop"))
 
 
 class _Installed:
@@ -655,6 +664,7 @@ class Engine:
         steps = build_steps(self.graphdef, ecfg, cache_shardings=jax.tree.map(lambda x: x.sharding, self.cache),
                             replicated=replicated, mesh=mesh, params_treedef=treedef)
         self._prefill, self._decode, self._release = steps.prefill, steps.decode, steps.release
+        self._seed_prompt_mask = steps.seed_prompt_mask
         self._mixed = steps.mixed
         self._mixed_sample = steps.mixed_sample
         self._mixed_shapes = {tuple(e) for e in self.manifest()["mixed"]}
@@ -708,9 +718,10 @@ class Engine:
             with entry("mixed sampling"):
                 for (rows, _), sample in self._mixed_sample.items():  # idle rows: changes nothing
                     self.slots, self.io = sample(self.slots, self.io, *self._idle_mixed_rows(rows))
-        with entry("set_table, release"):
+        with entry("set_table, release, seed_prompt_mask"):
             self.io = self._set_table(self.io, self._table_sent)  # compiled; changes nothing
             self.release(self.ecfg.max_num_seqs)  # out of range: changes nothing
+            self.seed_prompt_mask(self.ecfg.max_num_seqs, [])  # out of range: changes nothing
         return compile_counter.count - before
 
     # --- ahead-of-time executables (runtime/aot.py) ------------------------------------
@@ -736,6 +747,8 @@ class Engine:
             out.append(("mixed_sample", (rows, mode), self._jit("mixed_sample", (rows, mode)),
                         (self.slots, self.io, *self._idle_mixed_rows(rows))))
         out.append(("release", (), self._jit("release"), (self.slots, np.int32(ecfg.max_num_seqs))))
+        out.append(("seed_prompt_mask", (), self._jit("seed_prompt_mask"),
+                    (self.slots, np.int32(ecfg.max_num_seqs), self._mask_tokens([]))))
         out.append(("set_table", (), self._jit("set_table"), (self.io, self._table_sent)))
         for rows, bufs in self._readback.items():
             out.append(("snapshot", (rows,), self._jit("snapshot", rows), (self.io, bufs[0])))
@@ -751,7 +764,8 @@ class Engine:
         """The jitted function of a program (under any executables installed over it)."""
         fn = {"prefill": lambda: self._prefill[key], "decode": lambda: self._decode[key],
               "mixed": lambda: self._mixed[key], "mixed_sample": lambda: self._mixed_sample[key],
-              "release": lambda: self._release, "set_table": lambda: self._set_table,
+              "release": lambda: self._release, "seed_prompt_mask": lambda: self._seed_prompt_mask,
+              "set_table": lambda: self._set_table,
               "snapshot": lambda: self._snapshot}[kind]()
         return getattr(fn, "jitted", fn)
 
@@ -777,6 +791,8 @@ class Engine:
                 self._mixed_sample[shape] = _Installed(self._jit("mixed_sample", shape), {(): compiled}, lambda a: ())
             elif kind == "release":
                 self._release = _Installed(self._jit("release"), {(): compiled}, lambda a: ())
+            elif kind == "seed_prompt_mask":
+                self._seed_prompt_mask = _Installed(self._jit("seed_prompt_mask"), {(): compiled}, lambda a: ())
             elif kind == "set_table":
                 self._set_table = _Installed(self._jit("set_table"), {(): compiled}, lambda a: ())
             elif kind == "snapshot":
@@ -906,3 +922,16 @@ class Engine:
     def release(self, slot: int) -> None:
         """Marks a slot idle (its pages are freed by the scheduler)."""
         self.slots = self._release(self.slots, np.int32(slot))
+
+    def seed_prompt_mask(self, slot: int, tokens) -> None:
+        """Sets the slot's prompt mask (the tokens a repetition penalty counts as seen) to
+        `tokens`: a prompt's prefix found in the prefix cache, which no prefill call of this
+        admission runs. Its chunks then add their own tokens (they start after 0)."""
+        self.slots = self._seed_prompt_mask(self.slots, np.int32(slot), self._mask_tokens(tokens))
+
+    def _mask_tokens(self, tokens) -> np.ndarray:
+        # One shape for every prefix (one program): a sequence's longest, padded with ids
+        # the mask drops.
+        out = np.full(self.ecfg.max_pages_per_seq * self.ecfg.page_size, self.cfg.vocab_size, np.int32)
+        out[: len(tokens)] = tokens
+        return out

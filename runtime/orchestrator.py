@@ -350,6 +350,7 @@ class Orchestrator:
     def _dispatch_mixed(self, chunks: list[PrefillChunk], decoding: list[Sequence]) -> tuple[tuple[dict, list[int]], dict]:
         """Runs the chunks and one decode step as one call; returns ((prefill outputs,
         each chunk's row in them), decode outputs)."""
+        self._seed_prompt_masks(chunks)
         args, rows = self._prefill_args(chunks)
         table, mode = self._decode_args(decoding)
         p_out, d_out = self.engine.mixed(table, mode=mode, **args)
@@ -359,6 +360,7 @@ class Orchestrator:
 
     def _dispatch_prefill(self, chunks: list[PrefillChunk]) -> tuple[dict, list[int]]:
         """Runs the prefill call; returns its outputs and each chunk's row in them."""
+        self._seed_prompt_masks(chunks)
         args, rows = self._prefill_args(chunks)
         out = self.engine.prefill(**args)
         self._prefill_dispatched(chunks, out)
@@ -370,6 +372,15 @@ class Orchestrator:
             if c.is_last:
                 c.seq.num_inflight += 1
         _start_copy(out)
+
+    def _seed_prompt_masks(self, chunks: list[PrefillChunk]) -> None:
+        """A sequence with a repetition penalty whose admission found part of its prompt in
+        the prefix cache: before its first chunk, its slot's prompt mask gets the cached
+        tokens (the chunks add only their own, and no call ran the cached ones)."""
+        for c in chunks:
+            seq = c.seq
+            if c.start and c.start == seq.num_prefix_cached and seq.sampling.repetition_penalty != 1.0:
+                self.engine.seed_prompt_mask(seq.slot, np.asarray(seq.tokens_to_prefill[: c.start], np.int32))
 
     def _prefill_args(self, chunks: list[PrefillChunk]) -> tuple[dict, list[int]]:
         """The prefill call's arguments (Engine.prefill) and each chunk's row in it."""

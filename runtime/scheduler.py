@@ -308,9 +308,9 @@ class Scheduler:
         return [max(self.max_num_batched_tokens - n, self.prefill_lengths[0]) for n in decode_tokens]
 
     def _cached_prefix(self, seq: Sequence, group: int) -> list[int]:
-        """The cached pages the sequence would map in `group` (none with a repetition
-        penalty, whose prompt mask only the chunks it runs build)."""
-        if not self.allocator.prefix_caching or seq.sampling.repetition_penalty != 1.0:
+        """The cached pages the sequence would map in `group` (the orchestrator gives a
+        repetition penalty's prompt mask the cached tokens: Engine.seed_prompt_mask)."""
+        if not self.allocator.prefix_caching:
             return []
         tokens = seq.tokens_to_prefill
         return self.allocator.lookup(tokens, salt=seq.cache_salt, group=group,

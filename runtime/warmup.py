@@ -155,7 +155,7 @@ def warm_topology(ecfg, mesh_config) -> dict:
         xflags.usage_error(f"{FLAGS.target_topology} ({len(devices)} x {devices[0].device_kind}, "
                            f"{hbm / 2**30:.1f} GiB each): {e}")
     manifest = engine.manifest()
-    entries = [(kind, tuple(shape)) for kind, shapes in manifest.items() for shape in shapes] + [("release", ())]
+    entries = [(kind, tuple(shape)) for kind, shapes in manifest.items() for shape in shapes] + [(k, ()) for k in aot.SLOT_PROGRAMS]
     t0 = time.perf_counter()
     steps = []
     for i, (kind, shape) in enumerate(entries, 1):

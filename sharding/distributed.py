@@ -84,6 +84,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 from sharding.channel import (
     BLOCK, LEADER_BEAT, Stats, block_key, call_key, decode, encode, get, hello_key, status_key, try_get,
 )
@@ -91,7 +93,7 @@ from sharding.channel import (
 log = logging.getLogger(__name__)
 
 # The engine calls a follower makes; prefill and decode have device outputs it waits for.
-ENGINE_CALLS = ("warmup", "prefill", "decode", "release")
+ENGINE_CALLS = ("warmup", "prefill", "decode", "release", "seed_prompt_mask")
 DEVICE_CALLS = ("prefill", "decode")
 EXIT_FAILED = 1
 
@@ -454,6 +456,10 @@ class LeaderEngine:
     def release(self, slot: int) -> None:
         self._leader.defer(("release", {"slot": int(slot)}))
         self._engine.release(slot)
+
+    def seed_prompt_mask(self, slot: int, tokens) -> None:
+        self._leader.defer(("seed_prompt_mask", {"slot": int(slot), "tokens": np.asarray(tokens, np.int32)}))
+        self._engine.seed_prompt_mask(slot, tokens)
 
 
 # --- the other processes ---------------------------------------------------------------------

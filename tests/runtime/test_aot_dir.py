@@ -68,9 +68,10 @@ def test_engine_runs_loaded_executables_and_compiles_nothing(aot_dir):
     assert engine.use_executables(executables) == len(engine.programs())
     # Kinds: prefill (2 lengths x fresh/continuation), decode (2 buckets x 3 modes),
     # mixed (2 buckets x 2 lengths x fresh/continuation) and their decode-row sampling (2
-    # buckets x 3 modes), release, the page-table write and the output copy per bucket.
-    assert {kind for kind, _ in executables} == {"prefill", "decode", "mixed", "mixed_sample", "release", "set_table",
-                                                 "snapshot"}
+    # buckets x 3 modes), release, the prompt-mask seed, the page-table write and the
+    # output copy per bucket.
+    assert {kind for kind, _ in executables} == {"prefill", "decode", "mixed", "mixed_sample", "release",
+                                                 "seed_prompt_mask", "set_table", "snapshot"}
     before = compile_counter.count
     engine.warmup()
     assert {how for _, _, how in engine.warmup_report} == {"ready"}

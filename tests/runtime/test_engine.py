@@ -478,7 +478,7 @@ def test_warmup_reports_every_program(model, tokenizer):
     engine = orc.engine
     names = [name for name, _, _ in engine.warmup_report]
     manifest = engine.manifest()
-    # + the mixed calls' decode-row sampling (every bucket and mode) and set_table/release.
+    # + the mixed calls' decode-row sampling (every bucket and mode) and set_table/release/seed_prompt_mask.
     assert len(names) == len(manifest["prefill"]) + len(manifest["decode"]) + len(manifest["mixed"]) + 2
     assert names[0].startswith("prefill ") and any(n.startswith("decode ") for n in names)
     assert sorted(n for n in names if n.startswith("mixed ")) == ["mixed 1+1x16", "mixed 1+1x8", "mixed 4+1x16",

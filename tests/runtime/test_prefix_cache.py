@@ -21,6 +21,7 @@ from runtime.page_allocator import OutOfPages, PageAllocator
 from runtime.presets import preset_config
 from runtime.random_weights import random_model
 from runtime.sampling import SamplingParams
+from runtime.scheduler import Status
 
 S = 8  # tokens per page in these tests
 ECFG = EngineConfig(max_num_seqs=3, max_model_len=128, page_size=S, prefill_lengths=(16, 64), decode_batch_sizes=(3,),
@@ -163,15 +164,42 @@ def test_salts_never_share_pages():
     assert got["a"][0] == got["b"][0] == got["c"][0]
 
 
-def test_repetition_penalty_prefills_the_whole_prompt():
-    """The prompt mask a repetition penalty reads is built from the chunks a request runs:
-    such a request does not map cached pages, and its tokens are those without caching."""
-    rng = np.random.default_rng(3)
-    prompt = rng.integers(1, 200, 30).tolist()
-    batches = [[_req("a", prompt)], [_req("b", prompt, repetition_penalty=1.3)]]
-    got, _ = _serve(True, batches)
-    plain, _ = _serve(False, batches)
-    assert got["b"][2] == 0 and got["b"][0] == plain["b"][0]
+@pytest.mark.parametrize("mid_decode", [False, True])
+def test_a_repetition_penalty_sees_the_cached_part_of_the_prompt(mid_decode):
+    """A request with a repetition penalty maps cached pages too: before its first chunk
+    its slot's prompt mask gets the cached tokens (Engine.seed_prompt_mask), so the mask
+    is the whole prompt's, as without the cache. Checked on the mask itself and on the
+    tokens of a penalty so large that no prompt token can be sampled; `mid_decode`: "b"
+    arrives while "a" decodes (a mixed call runs its chunk)."""
+    # each case its own prompt: the module's engines are shared, and a slot's mask from an
+    # earlier test must not look right by chance
+    prompt = np.random.default_rng(30 + mid_decode).integers(1, 200, 30).tolist()
+    b = _req("b", prompt, n=12, repetition_penalty=1e6)
+
+    def run(caching):
+        engine = _engine(caching, 48)
+        orc = Orchestrator(engine, None)
+        got, cached, mask = {"a": [], "b": []}, 0, None
+        orc.add_request(_req("a", prompt, n=12 if mid_decode else 2))
+        while orc.has_work() or "b" not in orc._tracks and not got["b"]:
+            if "b" not in orc._tracks and not got["b"] and (len(got["a"]) == 3 if mid_decode else not orc.has_work()):
+                orc.add_request(b)
+            for out in orc.step():
+                got[out.request_id] += out.token_ids
+                cached = out.num_cached_tokens if out.request_id == "b" else cached
+            seq = next((q for q in orc.scheduler.running.values() if q.seq_id == "b"), None)
+            if mask is None and seq is not None and seq.status == Status.RUNNING:  # its prompt is in
+                mask = np.asarray(engine.slots.prompt_mask[seq.slot])
+        orc.allocator.check_conserved()
+        return got["b"], cached, mask
+
+    tokens, cached, mask = run(True)
+    plain, plain_cached, _ = run(False)
+    assert cached == 24 and plain_cached == 0
+    assert tokens == plain and len(tokens) == 12 and not set(tokens) & set(prompt)
+    want = np.zeros(mask.shape, bool)
+    want[prompt] = True
+    np.testing.assert_array_equal(mask, want)
 
 
 def test_cached_pages_are_reclaimed_without_preempting():

@@ -45,10 +45,11 @@ def test_target_topology_compiles_the_manifest_with_a_memory_report(small_checkp
     assert p.returncode == 0, p.stderr[-3000:]
     out = json.loads(p.stdout.strip().splitlines()[-1])
     manifest = {"prefill": [[1, 16]], "decode": [[1, "filter"], [4, "filter"]], "mixed": []}  # TP 8: no mixed calls
-    assert out["manifest"] == manifest and out["compiled"] == "4 of 4"
+    assert out["manifest"] == manifest and out["compiled"] == "5 of 5"
     progress = [line for line in p.stderr.splitlines() if line.startswith("[")]
     assert [line.split(":")[0] for line in progress] == [
-        "[1/4] prefill [1, 16]", "[2/4] decode [1, 'filter']", "[3/4] decode [4, 'filter']", "[4/4] release []"]
+        "[1/5] prefill [1, 16]", "[2/5] decode [1, 'filter']", "[3/5] decode [4, 'filter']", "[4/5] release []",
+        "[5/5] seed_prompt_mask []"]
     memory = out["memory_per_chip"]
     assert memory["weights"] > 0 and memory["kv_cache"] > 0 and memory["temp"] > 0
     assert memory["weights"] + memory["kv_cache"] + memory["temp"] <= memory["hbm"]
@@ -58,7 +59,7 @@ def test_target_topology_compiles_the_manifest_with_a_memory_report(small_checkp
     assert {"jax", "jaxlib", "libtpu", "model", "engine", "num_pages"} <= set(key)
     written = json.loads((aot_dir / "manifest.json").read_text())
     assert written["key"] == key and written["topology"] == topology and written["not_serialized"] == []
-    assert len(written["executables"]) == 4
+    assert len(written["executables"]) == 5
     for entry in written["executables"]:
         assert (aot_dir / entry["file"]).stat().st_size > 1000, entry
 

@@ -99,8 +99,10 @@ def run(engine, rounds=(PROMPTS,)) -> dict:
         for i, p in enumerate(prompts):
             rid = str(i) if r == 0 else f"{r}.{i}"
             res[rid] = ([], [])
-            orc.add_request(Request(request_id=rid, prompt_ids=p, sampling=SamplingParams(temperature=0.0, logprobs=2),
-                                    max_tokens=20, ignore_eos=True))
+            # The second round with a repetition penalty: its prompt mask takes the cached
+            # tokens (Engine.seed_prompt_mask), so tokens still equal one device's uncached.
+            sampling = SamplingParams(temperature=0.0, logprobs=2, repetition_penalty=1.3 if r else 1.0)
+            orc.add_request(Request(request_id=rid, prompt_ids=p, sampling=sampling, max_tokens=20, ignore_eos=True))
         while orc.has_work():
             for out in orc.step():
                 res[out.request_id][0].extend(out.token_ids)

@@ -193,6 +193,9 @@ class FakeEngine:
     def release(self, slot):
         self.calls.append(("release", slot))
 
+    def seed_prompt_mask(self, slot, tokens):
+        self.calls.append(("seed_prompt_mask", slot, [int(t) for t in tokens]))
+
 
 def test_the_follower_makes_the_leaders_calls_in_order_and_stops(exits, make_leader):
     kv = FakeKV()
@@ -207,6 +210,7 @@ def test_the_follower_makes_the_leaders_calls_in_order_and_stops(exits, make_lea
         engine.warmup()
         engine.prefill(tokens=np.full((1, 4), 5, np.int32), starts=np.zeros(1, np.int32))
         engine.release(0)  # goes out with the next call
+        engine.seed_prompt_mask(1, [7, 8, 9])  # so does this
         engine.decode(np.full((2, 3), 9, np.int32), mode="greedy")
         for i in range(BLOCK):  # a block's worth: read, then deleted
             engine.decode(np.full((2, 3), i, np.int32))
@@ -217,9 +221,9 @@ def test_the_follower_makes_the_leaders_calls_in_order_and_stops(exits, make_lea
         leader.close()
     assert result == {"code": 0} and not exits
     assert theirs.calls == mine.calls
-    assert theirs.calls[:5] == [("warmup",), ("prefill", 5), ("release", 0), ("decode", 9, "greedy"),
-                                ("decode", 0, "filter")]
-    assert leader.stats.count == 4 + BLOCK  # the release rode with a decode; stop counted
+    assert theirs.calls[:6] == [("warmup",), ("prefill", 5), ("release", 0), ("seed_prompt_mask", 1, [7, 8, 9]),
+                                ("decode", 9, "greedy"), ("decode", 0, "filter")]
+    assert leader.stats.count == 4 + BLOCK  # the release and the mask rode with a decode; stop counted
     assert "publish p50" in leader.stats.summary()
 
 

@@ -133,7 +133,7 @@ def match_engine() -> None:
     z = lambda *shape: np.zeros(shape, np.int32)  # noqa: E731
     state = (engine.param_leaves, engine.cache, engine.slots)
     rows = []
-    for kind, shapes in {**engine.manifest(), "release": [()]}.items():
+    for kind, shapes in {**engine.manifest(), **{k: [()] for k in aot.SLOT_PROGRAMS}}.items():
         for shape in shapes:
             if kind == "prefill":
                 b, t = shape[:2]
@@ -144,8 +144,10 @@ def match_engine() -> None:
                 real = engine._prefill["fresh" in shape].lower(*state, *packed)
             elif kind == "decode":
                 real = engine._decode[tuple(shape)].lower(*state, engine.io)
-            else:
+            elif kind == "release":
                 real = engine._release.lower(engine.slots, jnp.asarray(B, jnp.int32))
+            else:
+                real = engine._seed_prompt_mask.lower(engine.slots, jnp.asarray(B, jnp.int32), z(MP * ecfg.page_size))
             step = aot.step_fn(abstract, kind, shape)
             same = real.as_text() == step.lower(*aot.step_args(abstract, kind, shape)).as_text()
             rows.append(dict(kind=kind, shape=shape, same=same))
@@ -166,7 +168,7 @@ def test_aot_lowers_the_engines_programs():
     assert out["kv_heads"] == 4
     assert {(r["kind"], tuple(r["shape"])) for r in out["steps"]} == {
         ("prefill", (1, 16)), ("prefill", (1, 32)), ("prefill", (2, 16)), ("prefill", (2, 32)),
-        *(("decode", (b, mode)) for b in (1, 4) for mode in SAMPLING_MODES), ("release", ())}  # buckets 1 and 4
+        *(("decode", (b, mode)) for b in (1, 4) for mode in SAMPLING_MODES), ("release", ()), ("seed_prompt_mask", ())}  # buckets 1 and 4
     assert all(r["same"] for r in out["steps"]), out["steps"]
 
 
