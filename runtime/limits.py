@@ -12,7 +12,7 @@
                        past it silently, so the caller never learns why it waits.
   per request          stop strings, request id: see `request_problem`. The context
                        (prompt + max_tokens <= max_model_len) and logprobs (<= the
-                       engine's num_top_logprobs) are checked in server._build_request
+                       engine's num_top_logprobs) are checked in server.make_request
                        and Orchestrator.validate.
 """
 
@@ -42,19 +42,18 @@ MAX_CACHE_SALT_CHARS = 256  # a tenant's prefix-cache salt
 TRANSPORT_STREAMS_HEADROOM = 32
 
 
-def request_problem(msg) -> str | None:
-    """What in a GenerateRequest exceeds the caps above (a message for the client),
-    or None."""
-    if len(msg.request_id) > MAX_REQUEST_ID_CHARS:
-        return f"request_id has {len(msg.request_id)} characters; at most {MAX_REQUEST_ID_CHARS}"
-    if len(msg.cache_salt) > MAX_CACHE_SALT_CHARS:
-        return f"cache_salt has {len(msg.cache_salt)} characters; at most {MAX_CACHE_SALT_CHARS}"
-    stop = msg.sampling.stop
+def request_problem(request_id: str, cache_salt: str, stop) -> tuple[str, str] | None:
+    """What in a request exceeds the caps above: (the field at fault, a message for the
+    client), or None. Both front ends (gRPC, the OpenAI HTTP API) ask it."""
+    if len(request_id) > MAX_REQUEST_ID_CHARS:
+        return "request_id", f"request_id has {len(request_id)} characters; at most {MAX_REQUEST_ID_CHARS}"
+    if len(cache_salt) > MAX_CACHE_SALT_CHARS:
+        return "cache_salt", f"cache_salt has {len(cache_salt)} characters; at most {MAX_CACHE_SALT_CHARS}"
     if len(stop) > MAX_STOP_STRINGS:
-        return f"{len(stop)} stop strings; at most {MAX_STOP_STRINGS}"
+        return "stop", f"{len(stop)} stop strings; at most {MAX_STOP_STRINGS}"
     longest = max((len(s) for s in stop), default=0)
     if longest > MAX_STOP_STRING_CHARS:
-        return f"a stop string has {longest} characters; at most {MAX_STOP_STRING_CHARS}"
+        return "stop", f"a stop string has {longest} characters; at most {MAX_STOP_STRING_CHARS}"
     return None
 
 

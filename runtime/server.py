@@ -15,7 +15,7 @@ Threads and queues:
                          inbox.
   prometheus thread      /metrics on --metrics_port (runtime/metrics.py).
 
-A request's life: admitted -> `_Stream` registered (counted against --max_queue and
+A request's life: admitted -> `Stream` registered (counted against --max_queue and
 the token budget) -> the engine adds it -> outputs flow to its queue -> the final
 event (an output with a finish reason, or an error status) removes the stream, so
 every admitted request gets exactly one last message. A client that cancels, or
@@ -96,20 +96,23 @@ class ServerConfig:
             raise ValueError(f"max_streams_per_connection={self.max_streams_per_connection} must be >= 1")
 
 
-class _Reject(Exception):
-    """A request refused before admission: the status code and what to change."""
+class RequestFailed(Exception):
+    """A request refused before admission, or failed after it: the status code, what to
+    change, and the request field at fault where there is one (`param`, in the
+    GenerateRequest's names: the OpenAI front end reports it in its own names)."""
 
-    def __init__(self, code: grpc.StatusCode, message: str):
+    def __init__(self, code: grpc.StatusCode, message: str, param: str | None = None):
         super().__init__(message)
         self.code = code
         self.message = message
+        self.param = param
 
 
 # --- the event loop side -----------------------------------------------------------------
 
 
 @dataclasses.dataclass(eq=False)
-class _Stream:
+class Stream:
     """An admitted request, as its handler sees it."""
 
     request_id: str
@@ -118,7 +121,7 @@ class _Stream:
     logprobs: int | None  # what the request asked (None: no logprobs in the responses)
 
 
-def _response(stream: _Stream, out: RequestOutput, final: dict | None) -> "pb.GenerateResponse":
+def _response(stream: Stream, out: RequestOutput, final: dict | None) -> "pb.GenerateResponse":
     r = pb.GenerateResponse(request_id=stream.request_id, token_ids=out.token_ids, text=out.text)
     if stream.logprobs is not None:
         r.logprobs.extend(out.logprobs)
@@ -146,7 +149,7 @@ class GenerationServer:
                                  metrics=self.metrics, orchestrator_factory=orchestrator_factory,
                                  step_trace=step_trace)
         self.health = health.aio.HealthServicer()
-        self._streams: dict[str, _Stream] = {}
+        self._streams: dict[str, Stream] = {}
         self._pending_tokens = 0
         self._tokenizer = self._ecfg = self._cfg = None  # set when the engine is ready
         self._sampling_defaults: dict = {}
@@ -317,150 +320,245 @@ class GenerationServer:
         if not self._streams:
             self._idle.set()
 
-    # --- admission --------------------------------------------------------------------
+    # --- shared by both front ends (gRPC below, runtime/openai_api.py) --------------------
+    # Validation, tokenization, admission, a stream's outputs and its abort: each front end
+    # only translates its own request into these calls and their results into its replies.
 
-    async def _refuse(self, context, code: grpc.StatusCode, message: str):
+    @property
+    def serving(self) -> bool:
+        """Loaded, warm, and admitting (not draining, not failed): health's SERVING."""
+        return self._ready and not self._draining and self.fatal is None
+
+    def count_refusal(self, code: grpc.StatusCode) -> None:
         self.metrics.rejected.labels(code=code.name).inc()
-        await context.abort(code, message)
 
-    async def _refuse_internal(self, context, what: str, exc: Exception):
-        log.exception("%s failed", what)
-        await self._refuse(context, Code.INTERNAL, f"the server failed while {what}: {exc!r}")
-
-    def _check_serving(self) -> None:
+    def check_serving(self) -> None:
         if self._draining:
-            raise _Reject(Code.UNAVAILABLE, "the server is shutting down (draining); send the request elsewhere")
+            raise RequestFailed(Code.UNAVAILABLE, "the server is shutting down (draining); send the request elsewhere")
         if self.fatal is not None:
-            raise _Reject(Code.UNAVAILABLE, f"the server's engine failed: {self.fatal!r}")
+            raise RequestFailed(Code.UNAVAILABLE, f"the server's engine failed: {self.fatal!r}")
         if not self._ready:
-            raise _Reject(Code.UNAVAILABLE, "the server is loading the model (warming up); retry shortly")
+            raise RequestFailed(Code.UNAVAILABLE, "the server is loading the model (warming up); retry shortly")
 
-    def _prompt_ids(self, msg) -> list[int]:
-        kind = msg.WhichOneof("input")
-        tok = self._tokenizer
-        if kind is None:
-            raise _Reject(Code.INVALID_ARGUMENT, "the request has no input: set text, chat or token_ids")
-        if kind in ("text", "chat") and tok is None:
-            raise _Reject(Code.FAILED_PRECONDITION,
-                          "this server has no tokenizer (it serves random weights): send token_ids")
-        if kind == "text":
-            if not msg.text:
-                raise _Reject(Code.INVALID_ARGUMENT, "the input text is empty")
-            add = msg.add_special_tokens if msg.HasField("add_special_tokens") else True
-            return self._encode(msg.text, add_special_tokens=add)
-        if kind == "chat":
-            return self._chat_ids(msg.chat)
-        ids = list(msg.token_ids.ids)
-        if not ids:
-            raise _Reject(Code.INVALID_ARGUMENT, "token_ids is empty")
-        self._check_token_ids(ids, "token_ids")
-        return ids
+    def _require_tokenizer(self, param: str) -> None:
+        if self._tokenizer is None:
+            raise RequestFailed(Code.FAILED_PRECONDITION,
+                                "this server has no tokenizer (it serves random weights): send token ids", param)
 
-    def _encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
+    def encode(self, text: str, *, add_special_tokens: bool, param: str = "text") -> list[int]:
         """Token ids of `text`, refusing at once a text too long to fit the context:
         tokenizing runs on the event loop, and megabytes of text would stall every stream."""
+        self._require_tokenizer(param)
         # x4: normalization may shrink text first (NFKC composes up to 3 Hangul jamo into one).
         limit = self._ecfg.max_model_len * self._tokenizer.max_token_chars * 4
         if len(text) > limit:
-            raise _Reject(Code.INVALID_ARGUMENT,
-                          f"the text has {len(text)} characters; no more than {limit} can fit the context of "
-                          f"{self._ecfg.max_model_len} tokens; shorten it")
+            raise RequestFailed(Code.INVALID_ARGUMENT,
+                                f"the text has {len(text)} characters; no more than {limit} can fit the context of "
+                                f"{self._ecfg.max_model_len} tokens; shorten it", param)
         return self._tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
-    def _chat_ids(self, chat) -> list[int]:
-        if not chat.messages:
-            raise _Reject(Code.INVALID_ARGUMENT, "the chat has no messages")
-        add_prompt = chat.add_generation_prompt if chat.HasField("add_generation_prompt") else True
+    def chat_ids(self, messages: list[dict], *, add_generation_prompt: bool = True, param: str = "chat") -> list[int]:
+        """Token ids of `messages` (dicts with role and content) rendered with the model's
+        chat template."""
+        self._require_tokenizer(param)
+        if not messages:
+            raise RequestFailed(Code.INVALID_ARGUMENT, "the chat has no messages", param)
         try:
-            text = self._tokenizer.apply_chat_template(
-                [{"role": m.role, "content": m.content} for m in chat.messages], add_generation_prompt=add_prompt
-            )
+            text = self._tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
         except ChatTemplateError as e:  # the model's template is broken: not the client's to fix
             log.error("chat template failure: %s", e)
-            raise _Reject(Code.INTERNAL, f"{e}; the server's chat template needs fixing") from None
+            raise RequestFailed(Code.INTERNAL, f"{e}; the server's chat template needs fixing") from None
         except ValueError as e:
-            raise _Reject(Code.INVALID_ARGUMENT, str(e)) from None
-        return self._encode(text, add_special_tokens=False)
+            raise RequestFailed(Code.INVALID_ARGUMENT, str(e), param) from None
+        return self.encode(text, add_special_tokens=False, param=param)
 
-    def _check_token_ids(self, ids, what: str) -> None:
+    def check_token_ids(self, ids, what: str) -> None:
         vocab = self._cfg.vocab_size
         bad = [i for i in ids if not 0 <= i < vocab]
         if bad:
-            raise _Reject(Code.INVALID_ARGUMENT, f"{what} {bad[:5]} are out of range [0, {vocab})")
+            raise RequestFailed(Code.INVALID_ARGUMENT, f"{what} {bad[:5]} are out of range [0, {vocab})", what)
 
-    def _build_request(self, msg, tenant: str = "") -> Request:
-        """The orchestrator's Request for a GenerateRequest; _Reject says what is wrong.
-        `tenant` (the caller's API key's digest, with keys on) joins the cache salt, so
-        callers of different keys never share prefix-cached pages."""
-        if problem := limits.request_problem(msg):  # cheap caps first, before tokenizing
-            raise _Reject(Code.INVALID_ARGUMENT, problem)
-        rid = msg.request_id or uuid.uuid4().hex
+    def make_request(self, prompt: Callable[[], list[int]], *, sampling: dict, max_tokens: int | None,
+                     request_id: str = "", stop: tuple[str, ...] = (), stop_token_ids: tuple[int, ...] = (),
+                     ignore_eos: bool = False, cache_salt: str = "", tenant: str = "") -> Request:
+        """The orchestrator's Request; RequestFailed says what is wrong.
+
+        prompt: computes the prompt's token ids; called after the cheap checks (tokenizing
+          a long text is not). sampling: the SamplingParams fields the client set; the
+          others take the checkpoint's generation_config.json defaults. max_tokens: None
+          for the rest of the context. tenant: the caller's API key's digest (with keys
+          on), joined to the cache salt, so callers of different keys never share
+          prefix-cached pages."""
+        if problem := limits.request_problem(request_id, cache_salt, stop):
+            raise RequestFailed(Code.INVALID_ARGUMENT, problem[1], problem[0])
+        rid = request_id or uuid.uuid4().hex
         if rid in self._streams:
-            raise _Reject(Code.ALREADY_EXISTS, f"request_id {rid!r} is in use by a request in flight")
-        ids = self._prompt_ids(msg)
-        sp = msg.sampling
+            raise RequestFailed(Code.ALREADY_EXISTS, f"request_id {rid!r} is in use by a request in flight",
+                                "request_id")
+        ids = prompt()
         try:
-            # Fields the request leaves unset take the checkpoint's generation_config.json defaults.
-            given = {f: getattr(sp, f) for f in _SAMPLING_FIELDS if sp.HasField(f)}
-            params = SamplingParams(**(self._sampling_defaults | given))
-        except SamplingError as e:
-            raise _Reject(Code.INVALID_ARGUMENT, str(e)) from None
+            params = SamplingParams(**(self._sampling_defaults | sampling))
+        except SamplingError as e:  # its messages start with "field=value"
+            raise RequestFailed(Code.INVALID_ARGUMENT, str(e), str(e).partition("=")[0]) from None
         limit = self._ecfg.max_model_len
-        if sp.HasField("max_tokens"):
-            max_tokens = sp.max_tokens
+        if max_tokens is not None:
             if max_tokens < 1:
-                raise _Reject(Code.INVALID_ARGUMENT, f"max_tokens={max_tokens} must be at least 1")
+                raise RequestFailed(Code.INVALID_ARGUMENT, f"max_tokens={max_tokens} must be at least 1", "max_tokens")
             if len(ids) + max_tokens > limit:
-                raise _Reject(
+                raise RequestFailed(
                     Code.INVALID_ARGUMENT,
                     f"the prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) = {len(ids) + max_tokens} exceeds "
                     f"the context of {limit} tokens; ask for at most {max(0, limit - len(ids))} tokens or shorten "
-                    f"the prompt",
+                    f"the prompt", "max_tokens",
                 )
         else:
             max_tokens = max(1, limit - len(ids))  # the rest of the context (validate rejects a full one)
-        if sp.stop and self._tokenizer is None:
-            raise _Reject(Code.FAILED_PRECONDITION, "stop strings need a tokenizer; this server has none")
-        if any(not s for s in sp.stop):
-            raise _Reject(Code.INVALID_ARGUMENT, "a stop string is empty")
-        self._check_token_ids(list(sp.stop_token_ids), "stop_token_ids")
+        if stop and self._tokenizer is None:
+            raise RequestFailed(Code.FAILED_PRECONDITION, "stop strings need a tokenizer; this server has none", "stop")
+        if any(not s for s in stop):
+            raise RequestFailed(Code.INVALID_ARGUMENT, "a stop string is empty", "stop")
+        self.check_token_ids(list(stop_token_ids), "stop_token_ids")
         request = Request(
-            request_id=rid, prompt_ids=ids, sampling=params, max_tokens=max_tokens, stop=tuple(sp.stop),
-            stop_token_ids=tuple(sp.stop_token_ids), ignore_eos=sp.ignore_eos,
-            cache_salt=f"{tenant}|{msg.cache_salt}" if tenant else msg.cache_salt,
+            request_id=rid, prompt_ids=ids, sampling=params, max_tokens=max_tokens, stop=tuple(stop),
+            stop_token_ids=tuple(stop_token_ids), ignore_eos=ignore_eos,
+            cache_salt=f"{tenant}|{cache_salt}" if tenant else cache_salt,
         )
         try:
             # Reads only the engine's fixed sizes (and the ids in use: the stream dict
             # above is the authority on those), so it is safe off the engine thread.
             self.engine_loop.orc.validate(request)
         except RequestError as e:
-            raise _Reject(Code.INVALID_ARGUMENT, str(e)) from None
+            # What validate checks beyond the above: the logprobs asked, the stop ids, the prompt.
+            message = str(e)
+            param = ("logprobs" if message.startswith("logprobs=") else
+                     "stop_token_ids" if "stop token ids" in message else "prompt")
+            raise RequestFailed(Code.INVALID_ARGUMENT, message, param) from None
         return request
 
-    def _admit(self, request: Request) -> int:
-        cost = len(request.prompt_ids) + request.max_tokens
+    def admit(self, requests: list[Request]) -> list[Stream]:
+        """Admits `requests` together or none of them (the choices of one OpenAI call),
+        registers their streams and hands them to the engine. RequestFailed: the server
+        is full, or the token budget is."""
+        costs = [len(r.prompt_ids) + r.max_tokens for r in requests]
         cap = self._ecfg.max_num_seqs + self.config.max_queue
-        if len(self._streams) >= cap:
-            raise _Reject(
+        if len(self._streams) + len(requests) > cap:
+            more = f", and this call asks for {len(requests)} at once" if len(requests) > 1 else ""
+            raise RequestFailed(
                 Code.RESOURCE_EXHAUSTED,
                 f"the server is full: {len(self._streams)} requests in flight (max_num_seqs={self._ecfg.max_num_seqs} "
-                f"running + max_queue={self.config.max_queue} waiting); retry later",
+                f"running + max_queue={self.config.max_queue} waiting){more}; retry later",
             )
-        budget = self.config.max_pending_tokens
-        if budget and cost > budget:
-            raise _Reject(
+        budget, cost = self.config.max_pending_tokens, sum(costs)
+        largest = max(range(len(requests)), key=costs.__getitem__)
+        if budget and costs[largest] > budget:
+            r = requests[largest]
+            raise RequestFailed(
                 Code.INVALID_ARGUMENT,
-                f"the request needs {cost} tokens (prompt {len(request.prompt_ids)} + max_tokens "
-                f"{request.max_tokens}), more than the server's whole budget (max_pending_tokens={budget}); "
-                f"lower max_tokens",
+                f"the request needs {costs[largest]} tokens (prompt {len(r.prompt_ids)} + max_tokens "
+                f"{r.max_tokens}), more than the server's whole budget (max_pending_tokens={budget}); "
+                f"lower max_tokens", "max_tokens",
             )
         if budget and self._pending_tokens + cost > budget:
-            raise _Reject(
+            raise RequestFailed(
                 Code.RESOURCE_EXHAUSTED,
                 f"the token budget is full: requests in flight hold {self._pending_tokens} of "
                 f"max_pending_tokens={budget} and this one needs {cost}; retry later",
             )
-        return cost
+        now = time.monotonic()
+        streams = []
+        for request, cost in zip(requests, costs):
+            stream = Stream(request.request_id, asyncio.Queue(), cost, request.sampling.logprobs)
+            self._streams[request.request_id] = stream
+            self._pending_tokens += cost
+            self.metrics.admitted.inc()
+            self.engine_loop.submit(request, now)
+            streams.append(stream)
+        self._idle.clear()
+        return streams
+
+    async def next_output(self, stream: Stream) -> tuple[RequestOutput, dict | None]:
+        """The stream's next output: every event waiting in its queue merged into one
+        (a slow reader gets fewer, larger messages rather than a growing backlog).
+        An error event raises RequestFailed with its status; outputs merged before it
+        are dropped (the status is what the client needs)."""
+        event = await stream.queue.get()
+        if event[0] == "error":
+            raise RequestFailed(event[1], event[2])
+        out, final = event[1], event[2]
+        while not out.finished and not stream.queue.empty():
+            event = stream.queue.get_nowait()
+            if event[0] == "error":
+                raise RequestFailed(event[1], event[2])
+            nxt, final = event[1], event[2]
+            out = RequestOutput(
+                out.request_id, out.token_ids + nxt.token_ids, out.text + nxt.text, out.logprobs + nxt.logprobs,
+                out.top_logprobs + nxt.top_logprobs, nxt.finished, nxt.finish_reason, out.num_prompt_tokens,
+            )
+        return out, final
+
+    async def collect(self, stream: Stream) -> tuple[RequestOutput, dict]:
+        """The stream's whole output, once its last one came, and its final dict (usage,
+        timings); RequestFailed as `next_output`."""
+        whole = RequestOutput(stream.request_id, [], "", [], [])
+        while not whole.finished:
+            out, final = await self.next_output(stream)
+            whole.token_ids += out.token_ids
+            whole.text += out.text
+            whole.logprobs += out.logprobs
+            whole.top_logprobs += out.top_logprobs
+            whole.finished, whole.finish_reason = out.finished, out.finish_reason
+        return whole, final
+
+    def release(self, stream: Stream, reason: str) -> None:
+        """The handler is done with `stream`. If its last event has not come (the client
+        left: a cancel, a deadline, a disconnect), the request is aborted: the
+        orchestrator frees its slot and pages before its next step. `reason`: one of
+        metrics.ABORT_REASONS."""
+        if self._streams.get(stream.request_id) is stream:
+            self.engine_loop.abort(stream.request_id, reason)
+
+    # --- gRPC requests in, responses out -------------------------------------------------
+
+    async def _refuse(self, context, code: grpc.StatusCode, message: str):
+        self.count_refusal(code)
+        await context.abort(code, message)
+
+    async def _refuse_internal(self, context, what: str, exc: Exception):
+        log.exception("%s failed", what)
+        await self._refuse(context, Code.INTERNAL, f"the server failed while {what}: {exc!r}")
+
+    def _prompt_ids(self, msg) -> list[int]:
+        kind = msg.WhichOneof("input")
+        if kind is None:
+            raise RequestFailed(Code.INVALID_ARGUMENT, "the request has no input: set text, chat or token_ids")
+        if kind == "text":
+            if not msg.text:
+                raise RequestFailed(Code.INVALID_ARGUMENT, "the input text is empty", "text")
+            add = msg.add_special_tokens if msg.HasField("add_special_tokens") else True
+            return self.encode(msg.text, add_special_tokens=add)
+        if kind == "chat":
+            return self._chat_ids(msg.chat)
+        ids = list(msg.token_ids.ids)
+        if not ids:
+            raise RequestFailed(Code.INVALID_ARGUMENT, "token_ids is empty", "token_ids")
+        self.check_token_ids(ids, "token_ids")
+        return ids
+
+    def _chat_ids(self, chat) -> list[int]:
+        add_prompt = chat.add_generation_prompt if chat.HasField("add_generation_prompt") else True
+        return self.chat_ids([{"role": m.role, "content": m.content} for m in chat.messages],
+                             add_generation_prompt=add_prompt)
+
+    def _build_request(self, msg, tenant: str = "") -> Request:
+        """The orchestrator's Request for a GenerateRequest (see `make_request`)."""
+        sp = msg.sampling
+        return self.make_request(
+            lambda: self._prompt_ids(msg), request_id=msg.request_id,
+            sampling={f: getattr(sp, f) for f in _SAMPLING_FIELDS if sp.HasField(f)},
+            max_tokens=sp.max_tokens if sp.HasField("max_tokens") else None, stop=tuple(sp.stop),
+            stop_token_ids=tuple(sp.stop_token_ids), ignore_eos=sp.ignore_eos, cache_salt=msg.cache_salt,
+            tenant=tenant,
+        )
 
     async def _parse(self, raw: bytes, cls, context):
         try:
@@ -472,106 +570,64 @@ class GenerationServer:
                        else f"{e}; send a serialized {cls.DESCRIPTOR.full_name}")
         await self._refuse(context, Code.INVALID_ARGUMENT, f"malformed {cls.DESCRIPTOR.name}: {message}")
 
-    async def _open(self, raw: bytes, context) -> _Stream:
+    async def _open(self, raw: bytes, context) -> Stream:
         msg = await self._parse(raw, pb.GenerateRequest, context)
         try:
-            self._check_serving()
+            self.check_serving()
             tenant = tenant_of(context.invocation_metadata()) if self.config.security.api_keys else ""
-            request = self._build_request(msg, tenant)
-            cost = self._admit(request)
-        except _Reject as r:
+            [stream] = self.admit([self._build_request(msg, tenant)])
+        except RequestFailed as r:
             await self._refuse(context, r.code, r.message)
         except Exception as e:  # noqa: BLE001 -- a fault of ours (tokenizer, template): this request alone
             await self._refuse_internal(context, "preparing the request", e)
-        stream = _Stream(request.request_id, asyncio.Queue(), cost, request.sampling.logprobs)
-        self._streams[request.request_id] = stream
-        self._pending_tokens += cost
-        self._idle.clear()
-        self.metrics.admitted.inc()
-        self.engine_loop.submit(request, time.monotonic())
         return stream
 
-    def _leave(self, stream: _Stream, context) -> None:
-        """The handler ends before the last event (client cancel, deadline): abort."""
+    def _leave(self, stream: Stream, context) -> None:
+        """The handler ends: abort the request if it has not ended (client cancel, deadline)."""
         remaining = context.time_remaining()
         # A client whose deadline passes cancels the call itself, a little before the
         # server's copy of the deadline (sent as a timeout) runs out.
-        reason = "deadline" if remaining is not None and remaining < 0.5 else "cancelled"
-        self.engine_loop.abort(stream.request_id, reason)
+        self.release(stream, "deadline" if remaining is not None and remaining < 0.5 else "cancelled")
 
     # --- RPCs -------------------------------------------------------------------------
 
-    async def _next(self, stream: _Stream, context) -> tuple[RequestOutput, dict | None]:
-        """The stream's next output: every event waiting in its queue merged into one
-        (a slow reader gets fewer, larger messages rather than a growing backlog).
-        An error event aborts the RPC with its status; outputs merged before it are
-        not sent (the status is what the client needs)."""
-        event = await stream.queue.get()
-        if event[0] == "error":
-            await context.abort(event[1], event[2])
-        out, final = event[1], event[2]
-        while not out.finished and not stream.queue.empty():
-            event = stream.queue.get_nowait()
-            if event[0] == "error":
-                await context.abort(event[1], event[2])
-            nxt, final = event[1], event[2]
-            out = RequestOutput(
-                out.request_id, out.token_ids + nxt.token_ids, out.text + nxt.text, out.logprobs + nxt.logprobs,
-                out.top_logprobs + nxt.top_logprobs, nxt.finished, nxt.finish_reason, out.num_prompt_tokens,
-            )
-        return out, final
-
     async def Generate(self, raw: bytes, context):  # noqa: N802 -- gRPC method name
         stream = await self._open(raw, context)
-        done = False
         try:
-            while not done:
+            while True:
                 try:
-                    out, final = await self._next(stream, context)
-                except BaseException:
-                    done = self._streams.get(stream.request_id) is not stream  # its last event came
-                    raise
-                done = out.finished
+                    out, final = await self.next_output(stream)
+                except RequestFailed as f:
+                    await context.abort(f.code, f.message)
                 yield _response(stream, out, final)
+                if out.finished:
+                    return
         finally:
-            if not done:
-                self._leave(stream, context)
+            self._leave(stream, context)
 
     async def GenerateUnary(self, raw: bytes, context):  # noqa: N802
         stream = await self._open(raw, context)
-        done = False
-        whole = RequestOutput(stream.request_id, [], "", [], [])
         try:
-            while not done:
-                try:
-                    out, final = await self._next(stream, context)
-                except BaseException:
-                    done = self._streams.get(stream.request_id) is not stream
-                    raise
-                done = out.finished
-                whole.token_ids += out.token_ids
-                whole.text += out.text
-                whole.logprobs += out.logprobs
-                whole.top_logprobs += out.top_logprobs
-            whole.finished, whole.finish_reason = True, out.finish_reason
-            return _response(stream, whole, final)
+            whole, final = await self.collect(stream)
+        except RequestFailed as f:
+            await context.abort(f.code, f.message)
         finally:
-            if not done:
-                self._leave(stream, context)
+            self._leave(stream, context)
+        return _response(stream, whole, final)
 
     async def Tokenize(self, raw: bytes, context):  # noqa: N802
         msg = await self._parse(raw, pb.TokenizeRequest, context)
         try:
-            self._check_serving()
+            self.check_serving()
             if self._tokenizer is None:
-                raise _Reject(Code.FAILED_PRECONDITION, "this server has no tokenizer (it serves random weights)")
+                raise RequestFailed(Code.FAILED_PRECONDITION, "this server has no tokenizer (it serves random weights)")
             kind = msg.WhichOneof("input")
             if kind == "chat":
                 ids = self._chat_ids(msg.chat)
             else:
                 add = msg.add_special_tokens if msg.HasField("add_special_tokens") else True
-                ids = self._encode(msg.text, add_special_tokens=add)
-        except _Reject as r:
+                ids = self.encode(msg.text, add_special_tokens=add)
+        except RequestFailed as r:
             await self._refuse(context, r.code, r.message)
         except Exception as e:  # noqa: BLE001 -- a fault of ours: this request alone
             await self._refuse_internal(context, "tokenizing", e)
@@ -580,14 +636,14 @@ class GenerationServer:
     async def Detokenize(self, raw: bytes, context):  # noqa: N802
         msg = await self._parse(raw, pb.DetokenizeRequest, context)
         try:
-            self._check_serving()
+            self.check_serving()
             if self._tokenizer is None:
-                raise _Reject(Code.FAILED_PRECONDITION, "this server has no tokenizer (it serves random weights)")
+                raise RequestFailed(Code.FAILED_PRECONDITION, "this server has no tokenizer (it serves random weights)")
             ids = list(msg.token_ids)
             # Ids of the model's vocabulary past the tokenizer's (padding rows) add no text.
-            self._check_token_ids(ids, "token_ids")
+            self.check_token_ids(ids, "token_ids")
             text = self._tokenizer.decode(ids, skip_special_tokens=msg.skip_special_tokens)
-        except _Reject as r:
+        except RequestFailed as r:
             await self._refuse(context, r.code, r.message)
         except Exception as e:  # noqa: BLE001 -- a fault of ours: this request alone
             await self._refuse_internal(context, "detokenizing", e)
