@@ -1,4 +1,5 @@
-"""python -m runtime.serve --checkpoint=DIR|ALIAS|preset:NAME --port=50051 [--metrics_port=9090] [engine flags]
+"""python -m runtime.serve --checkpoint=DIR|ALIAS|preset:NAME --port=50051 [--http_port=8000] [--metrics_port=9090]
+    [engine flags]
 
 Serves the xlserve.v1.Generation gRPC service (runtime/server.py) with gRPC health and
 reflection. The port opens at once with health NOT_SERVING; it turns SERVING once the
@@ -6,14 +7,19 @@ weights are loaded and the engine is warm. `--checkpoint=preset:llama3.1-8b` (an
 in runtime/presets.py, or preset:path/config.json) serves random weights of those
 shapes, for benchmarks: no tokenizer, so token-id input only and no text out.
 
+--http_port=N also serves the OpenAI-compatible HTTP API (runtime/openai_api.py) from
+this process: same engine thread and batch, same event loop, same admission, keys and
+TLS; off by default. Its starlette and uvicorn are imported only then.
+
 Security (runtime/auth.py): --tls_cert_file + --tls_key_file serve over TLS (and
-/metrics over HTTPS); --tls_client_ca_file requires client certificates (mutual TLS);
---api_key_file requires `authorization: Bearer <key>` on every call but health's, and
-on /metrics. Per-client bounds (runtime/limits.py): --max_request_bytes,
+/metrics and the HTTP API over HTTPS); --tls_client_ca_file requires client
+certificates (mutual TLS); --api_key_file requires `authorization: Bearer <key>` on
+every call but health's (gRPC and HTTP /health), and on /metrics. Per-client bounds (runtime/limits.py): --max_request_bytes,
 --max_streams_per_connection. A bad TLS file or key file exits 2 with one line.
 
-SIGTERM (or SIGINT): health NOT_SERVING, new requests UNAVAILABLE, requests in flight
-get --drain_timeout_s to finish (then are aborted), exit code 0. A model that fails to
+SIGTERM (or SIGINT): health NOT_SERVING, new requests UNAVAILABLE (HTTP 503), requests
+in flight on either protocol get --drain_timeout_s to finish (then are aborted), exit
+code 0. A model that fails to
 load exits with one line on stderr: code 2 for a bad checkpoint or capacity, else 1.
 
 Several processes (hosts; sharding/distributed.py): start the same command on each with
@@ -41,6 +47,9 @@ from runtime.config import ConfigError
 flags.DEFINE_string("host", "[::]", "Address to bind.")
 flags.DEFINE_integer("port", 50051, "gRPC port (0: any free port; the chosen one is printed).")
 flags.DEFINE_integer("metrics_port", None, "Serve Prometheus /metrics on this port (0: any free port).")
+flags.DEFINE_integer("http_port", None, "Also serve the OpenAI-compatible HTTP API (/v1/chat/completions, "
+                     "/v1/completions, /v1/models, /health) on this port, same --host, same engine (0: any free port; "
+                     "default: off). Needs starlette and uvicorn.")
 flags.DEFINE_string("aot_dir", None, "Run the executables `runtime.warmup --aot_dir` wrote here instead of compiling, "
                     "where they were built for this configuration (else compile, and say why).")
 flags.DEFINE_string("step_log", None, "Append one JSON line per engine step to this file (what the step "
@@ -137,6 +146,16 @@ async def _serve(load, config, leader=None) -> int:
     server = GenerationServer(load, config, metrics=metrics, step_trace=step_trace)
     if leader is not None:  # a follower that dies or hangs: NOT_SERVING, then the leader exits
         leader.on_failure = server.fail
+    http = None
+    if FLAGS.http_port is not None:
+        from runtime.openai_api import OpenAIServer
+
+        http = OpenAIServer(server, model_id=FLAGS.checkpoint)
+        try:
+            http_port = http.bind(FLAGS.host, FLAGS.http_port)
+        except OSError as e:
+            print(f"error: --host={FLAGS.host} --http_port={FLAGS.http_port}: {e.strerror or e}", file=sys.stderr)
+            return 2
     try:
         port = await server.start(f"{FLAGS.host}:{FLAGS.port}")
     except RuntimeError as e:  # grpcio: "Failed to bind to address ..."
@@ -144,6 +163,11 @@ async def _serve(load, config, leader=None) -> int:
         return 2
     print(f"xlserve: listening on {FLAGS.host}:{port} (NOT_SERVING until the model is loaded and warm)",
           file=sys.stderr, flush=True)
+    if http is not None:
+        await http.start()
+        scheme = "https" if config.security.tls else "http"
+        print(f"xlserve: OpenAI-compatible HTTP API on {scheme}://{FLAGS.host}:{http_port}/v1 (503 until the model "
+              f"is loaded and warm)", file=sys.stderr, flush=True)
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -237,6 +261,11 @@ def main(argv: list[str]) -> None:
     xflags.check_startup_flags()
     if FLAGS.drain_timeout_s < 0:
         xflags.usage_error(f"--drain_timeout_s={FLAGS.drain_timeout_s} must be >= 0")
+    if FLAGS.http_port is not None:
+        try:  # optional dependencies (not in every image): checked before the model loads
+            import runtime.openai_api  # noqa: F401
+        except ImportError as e:
+            xflags.usage_error(f"--http_port needs starlette and uvicorn ({e}); pip install starlette uvicorn")
     from sharding import distributed
 
     cluster, mesh_config = xflags.join_cluster(dist, mesh_config)

@@ -163,6 +163,9 @@ class GenerationServer:
         self._failed: asyncio.Event | None = None  # set when the engine fails for good
         self._idle: asyncio.Event | None = None  # set while no request is in flight
         self._stopped = False
+        # Other front ends over this server (the OpenAI HTTP API, runtime/openai_api.py):
+        # objects with `async stop(grace_s)`, stopped with it.
+        self.front_ends: list = []
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -223,6 +226,11 @@ class GenerationServer:
     def num_in_flight(self) -> int:
         return len(self._streams)
 
+    @property
+    def tokenizer(self):
+        """The model's tokenizer once it is ready (None before, and for random weights)."""
+        return self._tokenizer
+
     async def drain(self, timeout_s: float, *, grace_s: float = 5.0) -> None:
         """Stops admitting (UNAVAILABLE; health NOT_SERVING), lets the requests in flight
         finish for up to `timeout_s`, aborts what is left, then stops the server."""
@@ -244,11 +252,13 @@ class GenerationServer:
         await self.stop(grace_s)
 
     async def stop(self, grace_s: float = 0.0) -> None:
-        """Stops the gRPC server (in-flight RPCs get `grace_s` to send what is queued)
-        and the engine thread."""
+        """Stops the front ends and the gRPC server (calls in flight get `grace_s` to send
+        what is queued) and the engine thread."""
         if self._stopped:
             return
         self._stopped = True
+        for front_end in self.front_ends:
+            await front_end.stop(grace_s)
         if self._server is not None:
             await self._server.stop(grace_s)
         self.engine_loop.stop()
