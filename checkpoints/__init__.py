@@ -21,6 +21,7 @@ from checkpoints.errors import CheckpointError
 from checkpoints.mapping import expected_params
 from runtime.config import ModelConfig
 from runtime.models.transformer import Transformer
+from runtime.quantization import MODES
 
 __all__ = ["CheckpointError", "convert", "load", "read_config"]
 
@@ -45,7 +46,8 @@ def load(
 ) -> tuple[ModelConfig, Transformer]:
     """Restores a converted checkpoint: its config and the model with its parameters.
 
-    dtype: parameter dtype (None: as stored). mesh/rules: shard each parameter by its
+    dtype: parameter dtype (None: as stored; a quantized checkpoint's linear weights stay
+    quantized, runtime.quantization, and serve in that mode). mesh/rules: shard each parameter by its
     logical axes (sharding.rules); without a mesh parameters land on the first device.
     """
     directory = Path(directory)
@@ -53,7 +55,11 @@ def load(
     cfg = read_config(directory)
     stored = manifest.get("params", {})
     version = int(manifest.get("format_version", 1))
-    for path, want in expected_params(cfg).items():
+    quantization = manifest.get("quantization")
+    if quantization is not None and quantization not in MODES:
+        raise CheckpointError(f"{directory}: quantization {quantization!r} is not one xlserve reads "
+                              f"({', '.join(MODES)}); convert the source again")
+    for path, want in expected_params(cfg, quantization=quantization).items():
         got = stored.get(orbax_io.path_key(path))
         shape = want.shape if version >= 2 else orbax_io.legacy_shape(path, want.shape)
         if got is None or tuple(got) != shape:
@@ -62,5 +68,5 @@ def load(
                 f"but {CONFIG_FILE} needs {list(shape)}; convert the source again"
             )
     model = orbax_io.restore_model(directory / PARAMS_DIR, cfg, dtype or manifest["dtype"], mesh=mesh, rules=rules,
-                                   format_version=version)
+                                   format_version=version, quantization=quantization)
     return cfg, model

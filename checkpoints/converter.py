@@ -65,6 +65,9 @@ class Source:
     # Sampling defaults in generation_config.json names (HF: its generation_config.json;
     # GGUF: general.sampling.*); {} when none.
     generation_config: Callable[[], dict[str, Any]] = dict
+    # How the source stores its layers' linear weights (GGUF type names, e.g. "Q8_0");
+    # empty for a Hugging Face directory. Decides the default quantization (Q8_0: int8).
+    linear_types: frozenset[str] = frozenset()
 
 
 def _config_from_hf(hf: dict[str, Any], path: Path) -> ModelConfig:
@@ -117,7 +120,7 @@ def open_source(path: str | os.PathLike) -> Source:
             return Tokenizer.from_gguf(path)
 
         return Source("gguf", path, cfg, lambda dtype: gguf_io.read_tensors(gf, hf, dtype), tokenizer,
-                      lambda: gguf_io.generation_config(gf))
+                      lambda: gguf_io.generation_config(gf), gguf_io.linear_types(gf))
 
     raise CheckpointError(
         f"{path} does not exist: expected a Hugging Face model directory (config.json + safetensors) or a .gguf file"
@@ -193,7 +196,8 @@ def _move_into_place(tmp: Path, output: Path, overwrite: bool) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def write_manifest(directory: Path, source: Source, dtype: np.dtype, params: dict) -> None:
+def write_manifest(directory: Path, source: Source, dtype: np.dtype, params: dict,
+                   quantization: dict | None = None) -> None:
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -205,6 +209,8 @@ def write_manifest(directory: Path, source: Source, dtype: np.dtype, params: dic
         "num_params": int(sum(a.size for a in params.values())),
         "tokenizer": (directory / "tokenizer_config.json").is_file(),
         "params": {orbax_io.path_key(p): list(a.shape) for p, a in params.items()},
+        **({"quantization": quantization["mode"], "quantization_error": quantization["error"]}
+           if quantization else {}),
     }
     (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
 
@@ -228,16 +234,72 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     return manifest
 
 
-def convert(source: str | os.PathLike, output: str | os.PathLike, dtype="bfloat16", *, overwrite: bool = False) -> Path:
+QUANTIZE_CHOICES = ("auto", "none", "int8", "fp8")
+
+
+def default_quantization(source: Source) -> str | None:
+    """What --quantize=auto stores: int8 for a GGUF whose layers' linear weights are all
+    Q8_0 (8-bit already: a bfloat16 checkpoint would double them), else the float dtype."""
+    return "int8" if source.linear_types == {"Q8_0"} else None
+
+
+class _Quantizer:
+    """Quantizes a checkpoint's linear weights one at a time as they arrive (per output
+    channel, runtime.quantization: the same weights and scales the runtime computes when it
+    quantizes at load), and keeps each one's relative error ||w - dequantized|| / ||w||."""
+
+    def __init__(self, cfg: ModelConfig, mode: str):
+        from flax import nnx
+
+        from runtime.models.transformer import abstract_model
+        from runtime.quantization import quantize_layers
+
+        self.mode = mode
+        flat = nnx.to_flat_state(nnx.state(quantize_layers(abstract_model(cfg, np.float32), mode)))
+        self.axes = {tuple(p): tuple(v.get_metadata().get("logical_axes") or ()) for p, v in flat}
+        self.errors: dict[str, float] = {}
+
+    def scale_path(self, path: tuple) -> tuple | None:
+        scale = (*path[:-1], f"{path[-1]}_scale")
+        return scale if scale in self.axes else None
+
+    def __call__(self, path: tuple, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        from runtime.quantization import dequantize, quantize
+
+        scale_axes = self.axes[self.scale_path(path)]
+        in_axes = tuple(i for i, a in enumerate(self.axes[path]) if a not in scale_axes)
+        w32 = jnp.asarray(w, jnp.float32)
+        q, scale = quantize(w32, in_axes, self.mode)
+        err = jnp.linalg.norm(dequantize(q, scale, in_axes) - w32) / jnp.maximum(jnp.linalg.norm(w32), 1e-30)
+        self.errors[orbax_io.path_key(path)] = float(err)
+        return np.asarray(q), np.asarray(scale)
+
+    def summary(self) -> dict[str, Any]:
+        worst = max(self.errors, key=self.errors.get)
+        return {"mean": sum(self.errors.values()) / len(self.errors), "max": self.errors[worst], "max_param": worst}
+
+
+def convert(source: str | os.PathLike, output: str | os.PathLike, dtype="bfloat16", *, overwrite: bool = False,
+            quantize: str | None = "auto") -> Path:
     """Converts a HF model directory or .gguf file into an xlserve checkpoint at `output`.
+
+    quantize: "int8" or "fp8" stores the layers' linear weights quantized with per-output-
+    channel float32 scales (runtime.quantization; the manifest records the mode and the
+    relative error per weight, mean and max); None or "none" stores every weight in `dtype`;
+    "auto" (default) picks default_quantization(source). The other parameters (embeddings,
+    norms) are stored in `dtype` either way.
 
     Raises CheckpointError (or ConfigError for a model xlserve cannot run); on any error
     nothing is left at `output` and an existing checkpoint there is untouched.
     """
     dt = output_dtype(dtype)
+    if quantize not in (*QUANTIZE_CHOICES, None):
+        raise CheckpointError(f"quantize={quantize!r}; choose from {', '.join(QUANTIZE_CHOICES)}")
     output = Path(output).absolute()
     _check_output(output, overwrite)
     src = open_source(source)
+    mode = default_quantization(src) if quantize == "auto" else None if quantize == "none" else quantize
+    quantizer = _Quantizer(src.config, mode) if mode else None
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()  # honours the umask, unlike tempfile.mkdtemp's 0700
@@ -252,16 +314,26 @@ def convert(source: str | os.PathLike, output: str | os.PathLike, dtype="bfloat1
             tokenizer.save(tmp)  # adds its token ids to generation_config.json
         del tokenizer  # its memory (a 262k-entry vocabulary) is not needed for the weights
         params = {}
-        for path, array in convert_tensors(src.config, src.tensors(dt)):
-            params[path] = array.astype(dt, copy=False)
+        # Quantized weights are computed from float32 (a GGUF Q8_0 block's values are not
+        # all bfloat16 numbers), each as it arrives; the rest is cast to dtype.
+        for path, array in convert_tensors(src.config, src.tensors(np.dtype(np.float32) if quantizer else dt)):
+            scale_path = quantizer.scale_path(path) if quantizer else None
+            if scale_path:
+                params[path], params[scale_path] = quantizer(path, array)
+            else:
+                params[path] = array.astype(dt, copy=False)
         orbax_io.save_params(tmp / PARAMS_DIR, params, axes=orbax_io.param_axes(src.config))
         (tmp / CONFIG_FILE).write_text(src.config.to_json() + "\n")
-        write_manifest(tmp, src, dt, params)
+        write_manifest(tmp, src, dt, params, quantization=quantizer and {"mode": mode, "error": quantizer.summary()})
         del params
         _move_into_place(tmp, output, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if quantizer:
+        e = quantizer.summary()
+        log.info("%s: linear weights stored as %s; relative error mean %.4f, max %.4f (%s)", output, mode, e["mean"],
+                 e["max"], e["max_param"])
     if not has_tokenizer:  # warned only now: a failed conversion prints its error alone
         log.warning("%s has no tokenizer; the checkpoint at %s has none either", src.path, output)
     return output

@@ -353,6 +353,15 @@ def check_tensors(gf: GGUFFile) -> None:
             )
 
 
+# The GGUF names of a layer's linear weights (quantizable: runtime.quantization).
+_LINEAR = re.compile(r"blk\.\d+\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.weight")
+
+
+def linear_types(gf: GGUFFile) -> frozenset[str]:
+    """The storage types (names such as "Q8_0", "F16") of the layers' linear weights."""
+    return frozenset(t.tensor_type.name for t in gf.tensors if _LINEAR.fullmatch(t.name))
+
+
 def _unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     """Undoes llama.cpp's q/k row permutation (interleaved pairs -> rotate-half halves)."""
     rows = w.shape[0]

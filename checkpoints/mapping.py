@@ -111,9 +111,11 @@ def hf_name_to_path(cfg: ModelConfig, name: str) -> tuple[Path, Transform] | Non
     return ("layers", layer, *entry[0]), entry[1]
 
 
-def expected_params(cfg: ModelConfig, dtype=jnp.float32) -> dict[Path, jax.ShapeDtypeStruct]:
-    """Every parameter path of the model with its shape (derived from the declaration)."""
-    state = nnx.state(abstract_model(cfg, dtype))
+def expected_params(cfg: ModelConfig, dtype=jnp.float32, quantization: str | None = None
+                    ) -> dict[Path, jax.ShapeDtypeStruct]:
+    """Every parameter path of the model with its shape (derived from the declaration);
+    with `quantization`, as a quantized checkpoint stores them (scales included)."""
+    state = nnx.state(abstract_model(cfg, dtype, quantization))
     return {tuple(path): var.get_value() for path, var in nnx.to_flat_state(state)}
 
 

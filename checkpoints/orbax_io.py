@@ -161,15 +161,18 @@ def restore_model(
     mesh: Mesh | None = None,
     rules: Mapping[str, str | None] | None = None,
     format_version: int = 2,
+    quantization: str | None = None,
 ) -> Transformer:
     """The model with parameters read from `directory`, cast to `dtype`.
 
     With a mesh, each parameter is sharded by its logical axes under `rules` (default
     sharding.rules.DEFAULT_RULES); without one it lands whole on the first device.
     `format_version` 1: k and v are stored [D, K, H] and transposed after reading.
+    `quantization`: the linear weights are stored quantized with their scales (a scale
+    that is not finite and positive fails: CheckpointError).
     """
     rules = rules or DEFAULT_RULES
-    graphdef, state = nnx.split(abstract_model(cfg, dtype))
+    graphdef, state = nnx.split(abstract_model(cfg, dtype, quantization))
     if mesh is not None:
         targets = nnx.to_flat_state(param_shardings(state, mesh, rules))
     else:
@@ -202,6 +205,9 @@ def restore_model(
     flat = nnx.to_flat_state(state)
     for path, var in flat:
         value = _lookup(restored, tuple(path))
+        if path[-1].endswith("_scale") and not bool(jnp.all(jnp.isfinite(value) & (value > 0))):
+            raise CheckpointError(f"{directory}: {path_key(tuple(path))} holds scales that are not finite and "
+                                  "positive; the checkpoint is corrupt: convert the source again")
         if reads[tuple(path)] is not final[tuple(path)]:  # format 1's [D, K, H] -> [K, H, D]
             value = _legacy_kv_transpose(final[tuple(path)].sharding)(value)
         var.set_value(value)

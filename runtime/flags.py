@@ -27,7 +27,8 @@ def define_engine_flags() -> None:
     flags.DEFINE_enum("cache_dtype", None, list(CACHE_DTYPES), "KV cache dtype (default: --dtype).")
     flags.DEFINE_enum("quantization", None, ["int8", "fp8"], "Quantize the projections' weights at load, on the "
                       "device: int8 or float8 e4m3 with a float32 scale per output channel (weight-only; "
-                      "embeddings and norms keep --dtype). Default: none.")
+                      "embeddings and norms keep --dtype). Default: none (a checkpoint converted with "
+                      "--quantize serves as it was stored).")
     flags.DEFINE_integer("max_num_seqs", None, "Decode slots: sequences decoded together (default: as many "
                          "sequences of max_model_len as the KV cache holds, 8 to 64; 8 on CPU).")
     flags.DEFINE_integer("max_model_len", 2048, "Context length (prompt + generated) per sequence.")

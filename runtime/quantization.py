@@ -120,9 +120,26 @@ def quantize_model(model, mode: str | None, mesh=None, platform: str | None = No
     if mode is None:
         return model
     qdtype(mode)  # a bad mode fails before anything changes
+    stored = model.layers[0].attn.quantization if model.layers else None
+    if stored not in (None, mode):
+        from runtime.config import ConfigError
+
+        raise ConfigError(f"the checkpoint's weights are stored {stored}; they cannot be quantized to {mode}: "
+                          f"serve them as {stored} (no --quantization, or --quantization={stored}), or convert "
+                          f"the source again with --quantize={mode}")
     from runtime.models.transformer import fuse_projections
 
     fuse_projections(model, mesh, platform)
+    return quantize_layers(model, mode)
+
+
+def quantize_layers(model, mode: str):
+    """`model`'s projections quantized in place in the form they have: fused, or (a
+    quantized checkpoint: checkpoints.converter, checkpoints.orbax_io) the checkpoint's
+    separate q/k/v and gate/up, which fuse_projections later fuses with their scales.
+    Quantizing per output channel, the two orders give the same weights and scales.
+    Returns the model."""
+    qdtype(mode)
     for block in model.layers:
         block.attn.quantize(mode)
         block.mlp.quantize(mode)

@@ -102,6 +102,11 @@ def tensor_size(mesh: Mesh | None, rules=DEFAULT_RULES) -> int:
     return mesh.shape[axis] if mesh is not None and axis in mesh.shape else 1
 
 
+# The attention parameters with a kv_heads axis: k and v weights, biases and (quantized)
+# scales, separate or fused with q.
+KV_PARAMS = ("wk", "wv", "bk", "bv", "wk_scale", "wv_scale", "wqkv", "bqkv", "wqkv_scale")
+
+
 def replicate_kv_heads(model, mesh: Mesh | None, rules=DEFAULT_RULES):
     """`model` with kv heads repeated to the tensor size of `mesh` (`expand_kv_heads`)
     and those weights placed split over it; `model` itself when nothing is repeated.
@@ -117,10 +122,10 @@ def replicate_kv_heads(model, mesh: Mesh | None, rules=DEFAULT_RULES):
     r = new_cfg.num_kv_heads // cfg.num_kv_heads
 
     def repeat(path, var):
-        if len(path) < 2 or path[-2] != "attn" or path[-1] not in ("wk", "wv", "bk", "bv", "wqkv", "bqkv"):
+        if len(path) < 2 or path[-2] != "attn" or path[-1] not in KV_PARAMS:
             return var
         axes = var.get_metadata()["logical_axes"]
-        if path[-1] in ("wqkv", "bqkv"):  # fused (runtime.models.transformer.fuse_projections)
+        if path[-1] in ("wqkv", "bqkv", "wqkv_scale"):  # fused (runtime.models.transformer.fuse_projections)
             value = repeat_fused_kv_heads(var.get_value(), r, axes)
         else:
             value = jnp.repeat(var.get_value(), r, axis=axes.index("kv_heads"))

@@ -201,6 +201,18 @@ def _fused_param(fn, parts: list, axes: tuple[str, ...], sharding_of) -> nnx.Par
     return nnx.Param(value, logical_axes=axes)
 
 
+def _fused_scale(fn, scales: list, weight_axes: list[tuple[str, ...]], axes: tuple[str, ...], sharding_of):
+    """The per-channel scale of the fused weight fn(*weights) with logical `axes` (the
+    fused weight's, "embed" among them), from the parts' scales (each its weight's axes
+    without "embed"): each scale gets a size-1 embed axis where its weight has one, so
+    the same fn lays the channels out as it lays out the weights'; then that axis goes."""
+    def fused(*parts):
+        parts = [jnp.expand_dims(p, w_axes.index("embed")) for p, w_axes in zip(parts, weight_axes)]
+        return jnp.squeeze(fn(*parts), axes.index("embed"))
+
+    return _fused_param(fused, scales, tuple(a for a in axes if a != "embed"), sharding_of)
+
+
 @functools.cache
 def _jit_fuse(fn, sharding):
     return jax.jit(fn, out_shardings=sharding)
@@ -296,11 +308,11 @@ def _gate_up_bias(b_gate, b_up):
 def _quantize(module, mode: str, weights: dict[str, tuple[str, ...]]) -> None:
     """Replaces each weight NAME of `module` (by the names of its input axes) with its
     quantized form and sets NAME_scale (runtime.quantization.quantize_param); the module
-    must be fused (its first weight present) and not quantized in another mode."""
+    must not be quantized in another mode."""
     if module.quantization == mode:
         return
-    if module.quantization is not None or getattr(module, next(iter(weights))) is None:
-        raise ValueError(f"quantize {mode}: the projections are {module.quantization or 'not fused'}")
+    if module.quantization is not None:
+        raise ValueError(f"quantize {mode}: the projections are {module.quantization}")
     from runtime.quantization import quantize_param
 
     for name, in_names in weights.items():
@@ -342,8 +354,9 @@ class Attention(nnx.Module):
         # The serving form (`fuse`): q, k and v as one weight, read by one GEMV.
         self.wqkv = self.bqkv = nnx.data(None)
         self.qkv_layout = "gpu"  # QKV_LAYOUTS key of wqkv
-        # Weight-only quantization (`quantize`, runtime.quantization): per-channel scales.
-        self.wqkv_scale = self.wo_scale = nnx.data(None)
+        # Weight-only quantization (`quantize`, runtime.quantization): per-channel scales,
+        # of the fused weight, or of the three (a quantized checkpoint, before `fuse`).
+        self.wqkv_scale = self.wo_scale = self.wq_scale = self.wk_scale = self.wv_scale = nnx.data(None)
         self.quantization = None
 
     def fuse(self, sharding_of, layout: str = "gpu") -> None:
@@ -358,22 +371,31 @@ class Attention(nnx.Module):
         self.qkv_layout = layout
         self.wqkv = _fused_param(fn, [self.wq.get_value(), self.wk.get_value(), self.wv.get_value()], axes,
                                  sharding_of)
+        if self.wq_scale is not None:  # quantized unfused (a quantized checkpoint): the scales too
+            parts = [self.wq_scale, self.wk_scale, self.wv_scale]
+            self.wqkv_scale = _fused_scale(fn, [p.get_value() for p in parts],
+                                           [w.get_metadata()["logical_axes"] for w in (self.wq, self.wk, self.wv)],
+                                           axes, sharding_of)
+            self.wq_scale = self.wk_scale = self.wv_scale = None
         if self.bq is not None:
             self.bqkv = _fused_param(_qkv_bias, [self.bq.get_value(), self.bk.get_value(), self.bv.get_value()],
                                      ("kv_heads", "qkv", "head_dim"), sharding_of)
         self.wq = self.wk = self.wv = self.bq = self.bk = self.bv = None
 
     def quantize(self, mode: str) -> None:
-        """Quantizes the fused q/k/v and the output projection in place (runtime.quantization);
-        the same mode again changes nothing."""
-        _quantize(self, mode, {"wqkv": ("embed",), "wo": ("q_heads", "head_dim")})
+        """Quantizes q/k/v (fused, or the three: a quantized checkpoint's form, which `fuse`
+        then fuses with their scales) and the output projection in place
+        (runtime.quantization); the same mode again changes nothing."""
+        qkv = {"wqkv": ("embed",)} if self.wqkv is not None else {f"w{n}": ("embed",) for n in "qkv"}
+        _quantize(self, mode, {**qkv, "wo": ("q_heads", "head_dim")})
 
     def _project(self, x):
         """q [B, T, N, H], k and v [B, T, K, H] of the normed input x [B, T, D]."""
         if self.wqkv is None:
-            q = jnp.einsum("BTD,DNH->BTNH", x, self.wq[...])
-            k = jnp.einsum("BTD,KHD->BTKH", x, self.wk[...])
-            v = jnp.einsum("BTD,KHD->BTKH", x, self.wv[...])
+            scale = lambda s: None if s is None else s[...]  # noqa: E731
+            q = project("BTD,DNH->BTNH", x, self.wq[...], scale(self.wq_scale))
+            k = project("BTD,KHD->BTKH", x, self.wk[...], scale(self.wk_scale))
+            v = project("BTD,KHD->BTKH", x, self.wv[...], scale(self.wv_scale))
             if self.bq is not None:
                 q, k, v = q + self.bq[...], k + self.bk[...], v + self.bv[...]
             return q, k, v
@@ -493,8 +515,9 @@ class MLP(nnx.Module):
         # The serving form (`fuse`): gate and up as one weight, read by one GEMV.
         self.w_gate_up = self.b_gate_up = nnx.data(None)
         self.gate_up_layout = "gpu"  # GATE_UP_LAYOUTS key of w_gate_up
-        # Weight-only quantization (`quantize`, runtime.quantization): per-channel scales.
-        self.w_gate_up_scale = self.w_down_scale = nnx.data(None)
+        # Weight-only quantization (`quantize`, runtime.quantization): per-channel scales,
+        # of the fused weight, or of the two (a quantized checkpoint, before `fuse`).
+        self.w_gate_up_scale = self.w_down_scale = self.w_gate_scale = self.w_up_scale = nnx.data(None)
         self.quantization = None
 
     def fuse(self, sharding_of, layout: str = "gpu") -> None:
@@ -505,21 +528,28 @@ class MLP(nnx.Module):
         fn, _, axes = GATE_UP_LAYOUTS[layout]
         self.gate_up_layout = layout
         self.w_gate_up = _fused_param(fn, [self.w_gate.get_value(), self.w_up.get_value()], axes, sharding_of)
+        if self.w_gate_scale is not None:  # quantized unfused (a quantized checkpoint): the scales too
+            self.w_gate_up_scale = _fused_scale(fn, [self.w_gate_scale.get_value(), self.w_up_scale.get_value()],
+                                                [("embed", "ffw")] * 2, axes, sharding_of)
+            self.w_gate_scale = self.w_up_scale = None
         if self.b_gate is not None:
             self.b_gate_up = _fused_param(_gate_up_bias, [self.b_gate.get_value(), self.b_up.get_value()],
                                           ("gate_up", "ffw"), sharding_of)
         self.w_gate = self.w_up = self.b_gate = self.b_up = None
 
     def quantize(self, mode: str) -> None:
-        """Quantizes the fused gate/up and the down projection in place (runtime.quantization);
-        the same mode again changes nothing."""
-        _quantize(self, mode, {"w_gate_up": ("embed",), "w_down": ("ffw",)})
+        """Quantizes gate/up (fused, or the two: see Attention.quantize) and the down
+        projection in place (runtime.quantization); the same mode again changes nothing."""
+        gate_up = {"w_gate_up": ("embed",)} if self.w_gate_up is not None else {"w_gate": ("embed",),
+                                                                                 "w_up": ("embed",)}
+        _quantize(self, mode, {**gate_up, "w_down": ("ffw",)})
 
     def __call__(self, x: jax.Array, local: Local | None = None) -> jax.Array:
         with jax.named_scope("mlp"):
             if self.w_gate_up is None:
-                gate = jnp.einsum("BTD,DF->BTF", x, self.w_gate[...])
-                up = jnp.einsum("BTD,DF->BTF", x, self.w_up[...])
+                scale = lambda s: None if s is None else s[...]  # noqa: E731
+                gate = project("BTD,DF->BTF", x, self.w_gate[...], scale(self.w_gate_scale))
+                up = project("BTD,DF->BTF", x, self.w_up[...], scale(self.w_up_scale))
                 if self.b_gate is not None:
                     gate, up = gate + self.b_gate[...], up + self.b_up[...]
             else:

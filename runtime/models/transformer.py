@@ -183,7 +183,14 @@ def fuse_projections(model: Transformer, mesh=None, platform: str | None = None)
     return model
 
 
-def abstract_model(cfg: ModelConfig, dtype=jnp.bfloat16) -> Transformer:
-    """The model with ShapeDtypeStruct leaves: shapes, dtypes and logical axes, no memory."""
+def abstract_model(cfg: ModelConfig, dtype=jnp.bfloat16, quantization: str | None = None) -> Transformer:
+    """The model with ShapeDtypeStruct leaves: shapes, dtypes and logical axes, no memory;
+    with `quantization`, its projections quantized as a quantized checkpoint stores them
+    (runtime.quantization.quantize_layers)."""
     with shapes_only():
-        return Transformer(cfg, dtype=dtype)
+        model = Transformer(cfg, dtype=dtype)
+    if quantization:
+        from runtime.quantization import quantize_layers
+
+        quantize_layers(model, quantization)
+    return model
