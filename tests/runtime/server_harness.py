@@ -149,16 +149,19 @@ class ServeProcess:
     lines: list[str]
     port: int | None = None
     metrics_port: int | None = None
+    http_port: int | None = None  # --http_port: the OpenAI-compatible HTTP API's
 
 
 @contextlib.contextmanager
 def serve_subprocess(*flags: str, env: dict, cwd, wait_serving: bool = True, timeout: float = 180.0):
-    """Starts runtime.serve with `flags` and yields once its port (and metrics port,
-    if asked for) are printed and, with `wait_serving`, it says SERVING. Kills it after."""
+    """Starts runtime.serve with `flags` and yields once its port (and metrics and HTTP
+    ports, if asked for) are printed and, with `wait_serving`, it says SERVING. Kills it
+    after."""
     proc = subprocess.Popen([sys.executable, "-m", "runtime.serve", *flags], cwd=cwd, env=env,
                             stderr=subprocess.PIPE, text=True)
     server = ServeProcess(proc, [])
     want_metrics = any(f.startswith("--metrics_port") for f in flags)
+    want_http = any(f.startswith("--http_port") for f in flags)
     ready = threading.Event()
 
     def read():
@@ -168,7 +171,10 @@ def serve_subprocess(*flags: str, env: dict, cwd, wait_serving: bool = True, tim
                 server.port = int(m.group(1))
             if m := re.search(r"metrics on https?://localhost:(\d+)", line):
                 server.metrics_port = int(m.group(1))
-            started = server.port is not None and (server.metrics_port is not None or not want_metrics)
+            if m := re.search(r"HTTP API on https?://\S+:(\d+)/v1", line):
+                server.http_port = int(m.group(1))
+            started = (server.port is not None and (server.metrics_port is not None or not want_metrics)
+                       and (server.http_port is not None or not want_http))
             if started and (not wait_serving or ("SERVING" in line and "NOT_SERVING" not in line)):
                 ready.set()
         ready.set()  # the process ended
