@@ -1,4 +1,5 @@
 """python -m runtime.bench_serving --target=HOST:PORT [--num_prompts=200] [--request_rate=inf]
+python -m runtime.bench_serving --backend=openai --base_url=http://HOST:PORT [--endpoint=completions|chat] ...
 
 Serving benchmark against a running runtime.serve, with the definitions of vLLM's
 benchmark_serving:
@@ -42,6 +43,15 @@ Connections: the server refuses more than its max_streams_per_connection generat
 calls on one connection (GetModelInfo reports it), so the requests are spread over
 enough connections for the most that can be in flight at once, each new request on the
 least busy one. --tls_ca_file/--api_key etc. are runtime.client's.
+
+--backend=openai measures the same workloads through the OpenAI-compatible HTTP API
+(runtime.serve --http_port; runtime/openai_api.py) at --base_url: streamed requests
+(server-sent events, aiohttp, one HTTP/1.1 connection per request in flight) with
+return_token_ids, so a chunk's tokens are counted as a gRPC response's are and TTFT and
+ITL are taken at chunk arrival. --endpoint=completions sends the token ids as the
+prompt (exact lengths; a server without a tokenizer takes them); --endpoint=chat sends
+one user message of words, one per prompt token id (about a token each; the report
+counts the prompt tokens the server says it read).
 """
 
 from __future__ import annotations
@@ -62,7 +72,12 @@ from runtime.client import connection_kwargs_from_flags, define_connection_flags
 
 UNIQUE_SALT = "unique"  # --cache_salt: a salt per request
 
-flags.DEFINE_string("target", "localhost:50051", "Server address HOST:PORT.")
+flags.DEFINE_enum("backend", "grpc", ["grpc", "openai"], "The API measured: xlserve's gRPC API at --target, or "
+                  "the OpenAI-compatible HTTP API at --base_url.")
+flags.DEFINE_string("target", "localhost:50051", "gRPC server address HOST:PORT (--backend=grpc).")
+flags.DEFINE_string("base_url", "http://localhost:8000", "OpenAI-compatible server, without /v1 (--backend=openai).")
+flags.DEFINE_enum("endpoint", "completions", ["completions", "chat"], "--backend=openai: /v1/completions (token ids "
+                  "as the prompt) or /v1/chat/completions (a message of words).")
 flags.DEFINE_integer("num_prompts", 200, "Requests to send.")
 flags.DEFINE_float("request_rate", float("inf"), "Requests per second (Poisson); inf sends them all at once.")
 flags.DEFINE_float("burstiness", 1.0, "Gamma shape of the inter-arrival times; 1 is Poisson, lower is burstier.")
@@ -95,6 +110,7 @@ SLO_KEYS = ("ttft", "tpot", "e2el")
 @dataclasses.dataclass
 class Result:
     prompt_len: int
+    sent: float = 0.0  # time.perf_counter() when the request was sent
     success: bool = False
     error: str = ""
     output_len: int = 0
@@ -109,6 +125,22 @@ class Result:
     @property
     def tpot(self) -> float | None:
         return (self.e2el - self.ttft) / (self.output_len - 1) if self.output_len > 1 else None
+
+    def tokens_arrived(self, now: float, token_ids) -> None:
+        """A response (or event) carrying `token_ids` arrived at `now`."""
+        if self.output_len == 0:
+            self.ttft = now - self.sent
+        else:
+            self.itl.append(now - self.arrivals[-1][0])
+        self.arrivals.append((now, len(token_ids)))
+        self.output_len += len(token_ids)
+        self.token_ids += token_ids
+
+    def done(self) -> None:
+        self.e2el = time.perf_counter() - self.sent
+        self.success = self.output_len > 0
+        if not self.success:
+            self.error = "no tokens"
 
 
 def parse_slos(values: list[str]) -> dict[str, float]:
@@ -223,35 +255,156 @@ def format_report(s: dict) -> str:
     return "\n".join(lines)
 
 
-async def _one(client, prompt: list[int], output_len: int, temperature: float, ignore_eos: bool,
-               cache_salt: str = "") -> Result:
-    import grpc
+class _GrpcBackend:
+    """xlserve's gRPC API: requests spread over connections (see the module docstring)."""
 
-    res = Result(prompt_len=len(prompt))
-    start = last = time.perf_counter()
-    try:
-        call = client.generate(token_ids=prompt, max_tokens=output_len, temperature=temperature, ignore_eos=ignore_eos,
-                               cache_salt=cache_salt)
-        async for r in call:
-            now = time.perf_counter()
-            if r.token_ids:
-                if res.output_len == 0:
-                    res.ttft = now - start
-                else:
-                    res.itl.append(now - last)
-                res.arrivals.append((now, len(r.token_ids)))
-                last = now
-                res.output_len += len(r.token_ids)
-                res.token_ids += r.token_ids
-            if r.HasField("usage"):
-                res.cached_tokens = r.usage.cached_tokens
-        res.e2el = time.perf_counter() - start
-        res.success = res.output_len > 0
-        if not res.success:
-            res.error = "no tokens"
-    except grpc.aio.AioRpcError as e:
-        res.error = e.code().name
-    return res
+    def __init__(self, target: str, connection: dict):
+        from runtime.client import AsyncClient
+
+        self.target, self.connection = target, connection
+        self.clients = [AsyncClient(target, **connection)]
+        self.in_flight = [0]
+
+    async def info(self, ready_timeout_s: float) -> dict:
+        await self.clients[0].wait_until_serving(ready_timeout_s)
+        info = await self.clients[0].model_info()
+        return dict(model=info.model, max_model_len=info.max_model_len, vocab_size=info.config.vocab_size,
+                    prefix_caching=info.capacity.prefix_caching,
+                    max_streams_per_connection=info.capacity.max_streams_per_connection)
+
+    def connect(self, n: int) -> None:
+        """n connections in all: a channel with a subchannel pool of its own opens its
+        own connection (channels to one target otherwise share one)."""
+        from runtime.client import AsyncClient
+
+        own = [("grpc.use_local_subchannel_pool", 1)]
+        self.clients += [AsyncClient(self.target, options=own, **self.connection) for _ in range(n - 1)]
+        self.in_flight += [0] * (n - 1)
+
+    async def one(self, prompt: list[int], output_len: int, temperature: float, ignore_eos: bool,
+                  cache_salt: str = "") -> Result:
+        import grpc
+
+        # Chosen when it is sent: at most ceil(in flight / connections) per connection.
+        c = min(range(len(self.clients)), key=self.in_flight.__getitem__)
+        self.in_flight[c] += 1
+        res = Result(prompt_len=len(prompt), sent=time.perf_counter())
+        try:
+            call = self.clients[c].generate(token_ids=prompt, max_tokens=output_len, temperature=temperature,
+                                            ignore_eos=ignore_eos, cache_salt=cache_salt)
+            async for r in call:
+                if r.token_ids:
+                    res.tokens_arrived(time.perf_counter(), list(r.token_ids))
+                if r.HasField("usage"):
+                    res.cached_tokens = r.usage.cached_tokens
+            res.done()
+        except grpc.aio.AioRpcError as e:
+            res.error = e.code().name
+        finally:
+            self.in_flight[c] -= 1
+        return res
+
+    async def close(self) -> None:
+        for c in self.clients:
+            await c.close()
+
+
+# --endpoint=chat: prompt token id i becomes _WORDS[i % len(_WORDS)] (a token each in
+# the usual vocabularies, after a space).
+_WORDS = ("the of and to in is was for on that with as by at from his her which one all were she when an "
+          "their there been this have had not but are what so out if about who them then more into some could "
+          "time these two may first way like now over only its new most after also made many did before must "
+          "through years where much your well down should because each just those people how too little state "
+          "good very make world still own see men work long get here between both life being under never day "
+          "same another know while last might us great old year off come since against go came right used take "
+          "three").split()
+
+
+_PATHS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
+
+
+class _OpenAIBackend:
+    """The OpenAI-compatible HTTP API: streamed requests over aiohttp."""
+
+    def __init__(self, base_url: str, connection: dict, endpoint: str):
+        import aiohttp
+
+        self.base = base_url.rstrip("/")
+        self.endpoint = endpoint
+        self.headers = {"Authorization": f"Bearer {connection['api_key']}"} if connection.get("api_key") else {}
+        ssl = None
+        if connection.get("tls_ca_file") or connection.get("tls_cert_file"):
+            import ssl as ssl_lib
+
+            ssl = ssl_lib.create_default_context(cafile=connection.get("tls_ca_file"))
+            if connection.get("tls_cert_file"):
+                ssl.load_cert_chain(connection["tls_cert_file"], connection["tls_key_file"])
+        # No cap on connections (HTTP/1.1: one per request in flight); admission is the server's.
+        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, ssl=ssl),
+                                             timeout=aiohttp.ClientTimeout(total=None))
+        self.model = ""
+
+    async def info(self, ready_timeout_s: float) -> dict:
+        deadline = time.monotonic() + ready_timeout_s
+        while True:  # /health: 200 once SERVING
+            try:
+                async with self.session.get(f"{self.base}/health") as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.base}/health did not answer 200 within {ready_timeout_s} s")
+            await asyncio.sleep(0.2)
+        async with self.session.get(f"{self.base}/v1/models", headers=self.headers) as r:
+            if r.status != 200:
+                raise RuntimeError(f"GET {self.base}/v1/models: HTTP {r.status}: {await r.text()}")
+            card = (await r.json())["data"][0]
+        self.model = card["id"]
+        return dict(model=card["id"], max_model_len=card["max_model_len"], vocab_size=card["vocab_size"],
+                    prefix_caching=None, max_streams_per_connection=1)  # HTTP/1.1
+
+    def connect(self, n: int) -> None:
+        pass
+
+    async def one(self, prompt: list[int], output_len: int, temperature: float, ignore_eos: bool,
+                  cache_salt: str = "") -> Result:
+        import aiohttp
+
+        body = dict(model=self.model, max_tokens=output_len, temperature=temperature, ignore_eos=ignore_eos,
+                    stream=True, stream_options={"include_usage": True}, return_token_ids=True)
+        if cache_salt:
+            body["cache_salt"] = cache_salt
+        if self.endpoint == "chat":
+            body["messages"] = [{"role": "user", "content": " ".join(_WORDS[i % len(_WORDS)] for i in prompt)}]
+        else:
+            body["prompt"] = prompt
+        res = Result(prompt_len=len(prompt), sent=time.perf_counter())
+        try:
+            async with self.session.post(f"{self.base}{_PATHS[self.endpoint]}", json=body, headers=self.headers) as r:
+                if r.status != 200:
+                    res.error = f"HTTP {r.status}"
+                    return res
+                async for line in r.content:  # one line per event: "data: <JSON>"
+                    if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                        continue
+                    event = json.loads(line[6:])
+                    if "error" in event:
+                        res.error = event["error"]["code"]
+                        return res
+                    for choice in event["choices"]:
+                        if choice.get("token_ids"):
+                            res.tokens_arrived(time.perf_counter(), choice["token_ids"])
+                    if event.get("usage"):
+                        res.prompt_len = event["usage"]["prompt_tokens"]
+                        res.cached_tokens = event["usage"]["prompt_tokens_details"]["cached_tokens"]
+            res.done()
+        except aiohttp.ClientError as e:
+            res.error = type(e).__name__
+        return res
+
+    async def close(self) -> None:
+        await self.session.close()
 
 
 def num_connections(num_prompts: int, max_concurrency: int | None, max_streams_per_connection: int) -> int:
@@ -265,20 +418,20 @@ async def run_benchmark(target: str, *, num_prompts: int, request_rate: float, b
                         range_ratio: float, temperature: float, ignore_eos: bool, slos: dict[str, float],
                         seed: int, ready_timeout_s: float = 600.0, connection: dict | None = None,
                         num_prefixes: int = 4, prefix_len: int = 512, num_turns: int = 4,
-                        cache_salt: str = "") -> dict:
-    """connection: AsyncClient keyword arguments (TLS, API key). cache_salt: every
-    request's (UNIQUE_SALT: a different one per request, so nothing is shared)."""
-    from runtime.client import AsyncClient
-
+                        cache_salt: str = "", backend: str = "grpc", endpoint: str = "completions") -> dict:
+    """target: HOST:PORT (backend "grpc") or the base URL (backend "openai", whose
+    `endpoint` is "completions" or "chat"). connection: AsyncClient keyword arguments
+    (TLS, API key). cache_salt: every request's (UNIQUE_SALT: a different one per
+    request, so nothing is shared)."""
     rng = np.random.default_rng(seed)
     connection = connection or {}
-    async with AsyncClient(target, **connection) as client:
-        await client.wait_until_serving(ready_timeout_s)
-        info = await client.model_info()
-        vocab = info.config.vocab_size
+    server = _GrpcBackend(target, connection) if backend == "grpc" else _OpenAIBackend(target, connection, endpoint)
+    try:
+        info = await server.info(ready_timeout_s)
+        vocab = info["vocab_size"]
         shared = prefix_len if dataset == "prefix" else 0
         lengths = sample_lengths(num_prompts, rng, dataset=dataset, input_len=input_len, output_len=output_len,
-                                 range_ratio=range_ratio, max_model_len=info.max_model_len - shared)
+                                 range_ratio=range_ratio, max_model_len=info["max_model_len"] - shared)
         # Ids from the lower vocabulary, away from id 0..9 (often special tokens).
         low, high = min(10, vocab - 1), min(vocab, 32000)
         prompts = [rng.integers(low, high, n).tolist() for n, _ in lengths]
@@ -287,71 +440,55 @@ async def run_benchmark(target: str, *, num_prompts: int, request_rate: float, b
             prompts = [prefixes[i % num_prefixes] + p for i, p in enumerate(prompts)]
         gaps = arrival_gaps(num_prompts, request_rate, burstiness, rng)
         # A warm-up request, as vLLM's benchmark sends: it must succeed.
-        probe = await _one(client, prompts[0][:16], 4, temperature, True)
+        probe = await server.one(prompts[0][:16], 4, temperature, True)
         if not probe.success:
             raise RuntimeError(f"the warm-up request failed: {probe.error}")
         limit = asyncio.Semaphore(max_concurrency) if max_concurrency else None
-        # A channel with a subchannel pool of its own opens its own connection (channels
-        # to one target otherwise share one).
-        own = [("grpc.use_local_subchannel_pool", 1)]
-        num_conn = num_connections(num_prompts, max_concurrency, info.capacity.max_streams_per_connection)
-        clients = [client] + [AsyncClient(target, options=own, **connection) for _ in range(num_conn - 1)]
-        in_flight = [0] * num_conn
-
+        num_conn = num_connections(num_prompts, max_concurrency, info["max_streams_per_connection"])
+        server.connect(num_conn)
         sent = itertools.count()
 
-        async def on_least_busy(prompt, n):
-            # Chosen when it is sent: at most ceil(in flight / connections) per connection.
-            c = min(range(len(clients)), key=in_flight.__getitem__)
-            in_flight[c] += 1
-            salt = f"bench-{seed}-{next(sent)}" if cache_salt == UNIQUE_SALT else cache_salt
-            try:
-                return await _one(clients[c], prompt, n, temperature, ignore_eos, salt)
-            finally:
-                in_flight[c] -= 1
-
         async def limited(prompt, n):
+            salt = f"bench-{seed}-{next(sent)}" if cache_salt == UNIQUE_SALT else cache_salt
             if limit is None:
-                return await on_least_busy(prompt, n)
+                return await server.one(prompt, n, temperature, ignore_eos, salt)
             async with limit:
-                return await on_least_busy(prompt, n)
+                return await server.one(prompt, n, temperature, ignore_eos, salt)
 
         async def conversation(turns):
             """Each turn sends the history so far plus its message; returns the results."""
             history, done = [], []
             for (_, n), message in turns:
                 prompt = history + message
-                if len(prompt) + n > info.max_model_len:
+                if len(prompt) + n > info["max_model_len"]:
                     break
                 done.append(await limited(prompt, n))
                 history = prompt + done[-1].token_ids
             return done
 
-        try:
-            start = time.perf_counter()
-            tasks = []
-            if dataset == "multiturn":  # a conversation per num_turns requests, started at the rate
-                turns = list(zip(lengths, prompts))
-                for i in range(0, num_prompts, num_turns):
-                    if gaps[i]:
-                        await asyncio.sleep(gaps[i])
-                    tasks.append(asyncio.ensure_future(conversation(turns[i:i + num_turns])))
-                results = [r for done in await asyncio.gather(*tasks) for r in done]
-            else:
-                for (_, n), prompt, gap in zip(lengths, prompts, gaps):
-                    if gap:
-                        await asyncio.sleep(gap)
-                    tasks.append(asyncio.ensure_future(limited(prompt, n)))
-                results = await asyncio.gather(*tasks)
-            duration = time.perf_counter() - start
-        finally:
-            for c in clients[1:]:
-                await c.close()
+        start = time.perf_counter()
+        tasks = []
+        if dataset == "multiturn":  # a conversation per num_turns requests, started at the rate
+            turns = list(zip(lengths, prompts))
+            for i in range(0, num_prompts, num_turns):
+                if gaps[i]:
+                    await asyncio.sleep(gaps[i])
+                tasks.append(asyncio.ensure_future(conversation(turns[i:i + num_turns])))
+            results = [r for done in await asyncio.gather(*tasks) for r in done]
+        else:
+            for (_, n), prompt, gap in zip(lengths, prompts, gaps):
+                if gap:
+                    await asyncio.sleep(gap)
+                tasks.append(asyncio.ensure_future(limited(prompt, n)))
+            results = await asyncio.gather(*tasks)
+        duration = time.perf_counter() - start
+    finally:
+        await server.close()
     summary = summarize(results, duration, slos)
-    summary.update(target=target, model=info.model, num_prompts=num_prompts, request_rate=request_rate,
+    summary.update(target=target, model=info["model"], num_prompts=num_prompts, request_rate=request_rate,
                    burstiness=burstiness, max_concurrency=max_concurrency, dataset=dataset,
-                   num_connections=len(clients), prefix_caching=info.capacity.prefix_caching,
-                   cache_salt=cache_salt)
+                   num_connections=num_conn, prefix_caching=info["prefix_caching"], cache_salt=cache_salt,
+                   backend=backend, endpoint=endpoint if backend == "openai" else None)
     return summary
 
 
@@ -373,14 +510,15 @@ def main(argv: list[str]) -> None:
     connection = connection_kwargs_from_flags()
     try:
         summary = asyncio.run(run_benchmark(
-            FLAGS.target, num_prompts=FLAGS.num_prompts, request_rate=FLAGS.request_rate,
+            FLAGS.target if FLAGS.backend == "grpc" else FLAGS.base_url, num_prompts=FLAGS.num_prompts, request_rate=FLAGS.request_rate,
             burstiness=FLAGS.burstiness, max_concurrency=FLAGS.max_concurrency, dataset=FLAGS.dataset,
             input_len=FLAGS.input_len, output_len=FLAGS.output_len, range_ratio=FLAGS.range_ratio,
             temperature=FLAGS.temperature, ignore_eos=FLAGS.ignore_eos, slos=slos, seed=FLAGS.seed,
             ready_timeout_s=FLAGS.ready_timeout_s, connection=connection, num_prefixes=FLAGS.num_prefixes,
             prefix_len=FLAGS.prefix_len, num_turns=FLAGS.num_turns, cache_salt=FLAGS.cache_salt,
+            backend=FLAGS.backend, endpoint=FLAGS.endpoint,
         ))
-    except (grpc.aio.AioRpcError, RuntimeError, TimeoutError) as e:
+    except (grpc.aio.AioRpcError, RuntimeError, OSError) as e:  # OSError: TimeoutError, HTTP connections
         msg = f"{e.code().name}: {e.details()}" if isinstance(e, grpc.aio.AioRpcError) else str(e)
         print(f"error: {msg}", file=sys.stderr)
         sys.exit(1)

@@ -455,13 +455,29 @@ class _Uvicorn(uvicorn.Server):
 
 
 def _bind(host: str, port: int) -> socket.socket:
-    """A listening socket on host:port; "[::]" (gRPC's spelling) is every address, IPv4
-    included."""
+    """A listening TCP socket on host:port; "[::]" (gRPC's spelling) is every address,
+    IPv4 included.
+
+    Made with proto=IPPROTO_TCP, unlike socket.create_server's: asyncio sets TCP_NODELAY
+    on the connections it accepts only from such a socket, and without it Nagle holds
+    each small event until the client's delayed ACK (40 ms stalls mid-stream)."""
     host = host.strip("[]")
     if host in ("", "::") and socket.has_dualstack_ipv6():
-        return socket.create_server(("::", port), family=socket.AF_INET6, dualstack_ipv6=True)
-    family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    return socket.create_server(address[:2], family=family)
+        family, address, dualstack = socket.AF_INET6, ("::", port), True
+    else:
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        address, dualstack = address[:2], False
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if dualstack:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 class OpenAIServer:
