@@ -16,10 +16,14 @@ The SSE framing and the parsing of fields are unit-tested in-process, without a 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
 import signal
+import socket
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -31,7 +35,7 @@ import pytest
 
 from runtime.client import Client
 from runtime.openai_api import (
-    CHAT_FIELDS, COMPLETION_FIELDS, RequestFailed, _ChatFormat, error_response, parse_call, parse_messages,
+    CHAT_FIELDS, COMPLETION_FIELDS, RequestFailed, _bind, _ChatFormat, error_response, parse_call, parse_messages,
     parse_prompts, sse, usage,
 )
 from runtime.orchestrator import RequestOutput
@@ -144,6 +148,29 @@ def test_error_statuses_and_headers():
     assert s == 401 and h["www-authenticate"] == "Bearer"
     assert [status(c)[0] for c in (Code.INVALID_ARGUMENT, Code.FAILED_PRECONDITION, Code.NOT_FOUND,
                                    Code.UNAVAILABLE, Code.INTERNAL)] == [400, 400, 404, 503, 500]
+
+
+def test_accepted_connections_send_without_nagle():
+    """The listening socket is made so that asyncio sets TCP_NODELAY on what it accepts:
+    with Nagle, each small event waits for the client's delayed ACK (40 ms stalls)."""
+
+    async def accepted_nodelay() -> int:
+        sock = _bind("localhost", 0)
+        got = asyncio.get_running_loop().create_future()
+
+        class Accept(asyncio.Protocol):
+            def connection_made(self, transport):
+                got.set_result(transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+        server = await asyncio.get_running_loop().create_server(Accept, sock=sock)
+        _, writer = await asyncio.open_connection("localhost", sock.getsockname()[1])
+        try:
+            return await asyncio.wait_for(got, 10)
+        finally:
+            writer.close()
+            server.close()
+
+    assert asyncio.run(accepted_nodelay())
 
 
 # --- two real servers ------------------------------------------------------------------
@@ -505,6 +532,26 @@ def test_completion_errors(servers):
     refused(413, None, "max_request_bytes=65536", {"prompt": "x" * 70000})
     status, _, body = s.http("POST", "/v1/completions", {"model": model, "prompt": "x", "max_tokens": 2})
     assert status == 200 and body["choices"][0]["finish_reason"] in ("stop", "length")  # still serving
+
+
+@slow
+def test_bench_serving_over_http(servers, tmp_path):
+    """runtime.bench_serving --backend=openai: both endpoints, every token counted."""
+    s = servers["completions"]
+    for endpoint in ("completions", "chat"):
+        out = tmp_path / f"{endpoint}.json"
+        p = subprocess.run([sys.executable, "-m", "runtime.bench_serving", "--backend=openai", f"--base_url={s.base}",
+                            f"--endpoint={endpoint}", "--num_prompts=8", "--input_len=10", "--output_len=6",
+                            "--max_concurrency=4", f"--json_out={out}"],
+                           capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=300)
+        assert p.returncode == 0 and "Successful requests:" in p.stdout, p.stdout + p.stderr
+        summary = json.loads(out.read_text())
+        assert summary["completed"] == 8 and summary["failed"] == 0 and summary["total_output_tokens"] == 48
+        assert summary["backend"] == "openai" and summary["num_connections"] == 4
+        if endpoint == "completions":
+            assert summary["total_input_tokens"] == 80  # the token ids sent
+        else:  # the server's count: the words and the chat template's tokens
+            assert summary["total_input_tokens"] > 80
 
 
 @slow
