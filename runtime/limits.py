@@ -3,13 +3,15 @@
   request size         --max_request_bytes, gRPC's max_receive_message_length: a bigger
                        message is refused by gRPC itself with RESOURCE_EXHAUSTED before
                        it is parsed. It also bounds what the size of a message alone
-                       cannot: the number of chat messages and their characters.
+                       cannot: the number of chat messages and their characters. The
+                       OpenAI HTTP API refuses a bigger body with 413, unread.
   streams/connection   --max_streams_per_connection Generate/GenerateUnary calls in
                        flight on one connection (HTTP/2 transport, told apart by
                        context.peer(): "ipv4:10.0.0.7:53122"); one more is refused at
                        once with RESOURCE_EXHAUSTED. HTTP/2's own
                        SETTINGS_MAX_CONCURRENT_STREAMS would not do: clients queue calls
-                       past it silently, so the caller never learns why it waits.
+                       past it silently, so the caller never learns why it waits. (The
+                       HTTP API speaks HTTP/1.1: one request at a time per connection.)
   per request          stop strings, request id: see `request_problem`. The context
                        (prompt + max_tokens <= max_model_len) and logprobs (<= the
                        engine's num_top_logprobs) are checked in server.make_request

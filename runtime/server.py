@@ -1,11 +1,18 @@
 """grpc.aio front end: the xlserve.v1.Generation service, gRPC health and reflection,
 over one engine thread that runs the same orchestrator loop as runtime.generate.
 
+The OpenAI-compatible HTTP API (runtime/openai_api.py) is a second front end over the
+same server: its handlers run on the same event loop and call the methods the gRPC
+handlers call (check_serving, encode, chat_ids, make_request, admit, next_output,
+collect, release), so both protocols share one admission, one batch, one set of checks
+and messages; each translates only its own request and replies.
+
 Threads and queues:
-  event loop (grpc.aio)  The RPC handlers. A Generate call is parsed, validated and
-                         tokenized here, then admitted (or refused at once), then
-                         put in the engine's inbox; its handler awaits the request's
-                         own asyncio.Queue and streams what arrives.
+  event loop (grpc.aio)  The RPC handlers (and the HTTP API's, with --http_port). A
+                         Generate call is parsed, validated and tokenized here, then
+                         admitted (or refused at once), then put in the engine's
+                         inbox; its handler awaits the request's own asyncio.Queue
+                         and streams what arrives.
   engine thread          `EngineLoop` (runtime/engine_thread.py), the only code that
                          touches the orchestrator (and so the engine). It loads the
                          model and warms it up, then loops: drain the inbox (add,
@@ -35,7 +42,8 @@ most --max_streams_per_connection generation calls per client connection
 Health (grpc.health.v1, service "" and xlserve.v1.Generation): NOT_SERVING until the
 weights are loaded and warm-up is done, SERVING after, NOT_SERVING for good once
 `drain()` starts (SIGTERM in runtime.serve): new requests get UNAVAILABLE, those in
-flight have drain_timeout_s to finish before they are aborted.
+flight have drain_timeout_s to finish before they are aborted; then the front ends
+stop (`front_ends`), then gRPC, then the engine thread.
 """
 
 from __future__ import annotations
