@@ -361,7 +361,8 @@ class GenerationServer:
     def _require_tokenizer(self, param: str) -> None:
         if self._tokenizer is None:
             raise RequestFailed(Code.FAILED_PRECONDITION,
-                                "this server has no tokenizer (it serves random weights): send token ids", param)
+                                "this server has no tokenizer (it serves random weights): send token_ids (to the "
+                                "OpenAI API: a prompt of token ids)", param)
 
     def encode(self, text: str, *, add_special_tokens: bool, param: str = "text") -> list[int]:
         """Token ids of `text`, refusing at once a text too long to fit the context:
