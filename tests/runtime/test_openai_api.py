@@ -173,6 +173,18 @@ def test_accepted_connections_send_without_nagle():
     assert asyncio.run(accepted_nodelay())
 
 
+def test_taken_http_port_exits_2_before_loading():
+    with socket.socket() as taken:
+        taken.bind(("localhost", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        p = subprocess.run([sys.executable, "-m", "runtime.serve", "--checkpoint=preset:tiny-llama", "--port=0",
+                            "--host=localhost", f"--http_port={port}"], capture_output=True, text=True, cwd=ROOT,
+                           env=ENV, timeout=120)
+    assert p.returncode == 2 and f"--http_port={port}: Address already in use" in p.stderr, p.stderr
+    assert "KV cache" not in p.stderr  # refused before the model loads
+
+
 # --- two real servers ------------------------------------------------------------------
 
 
