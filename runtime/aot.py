@@ -46,8 +46,9 @@ from runtime.config import HOST_ONLY_FIELDS, EngineConfig, ModelConfig
 from runtime.engine import (
     DecodeIO, DecodeSlots, Steps, bucket_manifest, build_steps, mesh_engine_config, pack_prefill, scratch_prefill,
 )
-from runtime.kv_cache import KVCache
+from runtime.kv_cache import KVCache, row_width
 from runtime.models.transformer import abstract_model, fuse_projections
+from runtime.quantization import quantize_model
 from runtime.startup import Capacity, cache_kv_shards, plan_capacity
 from sharding import pipeline
 from sharding.mesh import cache_sharding, expand_kv_heads, tensor_size
@@ -164,14 +165,16 @@ def abstract_bytes_per_device(tree) -> int:
     return total
 
 
-def abstract_params(cfg: ModelConfig, mesh: Mesh, dtype="bfloat16"):
+def abstract_params(cfg: ModelConfig, mesh: Mesh, dtype="bfloat16", quantization: str | None = None):
     """(cfg, graphdef, params): the model with ShapeDtypeStructs sharded on `mesh` in
     place of weights, its kv heads expanded to the tensor size where fewer (as
-    sharding.mesh.replicate_kv_heads does to real weights; `cfg` says so)."""
+    sharding.mesh.replicate_kv_heads does to real weights; `cfg` says so), its
+    projections quantized in `quantization`'s mode (runtime.quantization) if given."""
     cfg = expand_kv_heads(cfg, tensor_size(mesh))
-    # As Engine holds it (the fused layout of the mesh's platform).
-    graphdef, state = nnx.split(fuse_projections(abstract_model(cfg, jnp.dtype(dtype)),
-                                                 platform=mesh.devices.flat[0].platform))
+    # As Engine holds it (the fused layout of the mesh's platform, quantized as it says).
+    platform = mesh.devices.flat[0].platform
+    model = fuse_projections(abstract_model(cfg, jnp.dtype(dtype)), platform=platform)
+    graphdef, state = nnx.split(quantize_model(model, quantization, platform=platform))
     targets = dict(nnx.to_flat_state(param_shardings(state, mesh)))
     flat = nnx.to_flat_state(state)
     for path, var in flat:
@@ -195,7 +198,7 @@ def abstract_engine(cfg: ModelConfig, ecfg: EngineConfig, mesh: Mesh, num_pages:
         raise NotImplementedError(f"ahead-of-time compilation with data-parallel groups ({mesh.shape['data']} on "
                                   "the mesh) is not implemented")
     ecfg = mesh_engine_config(ecfg, mesh)  # as the Engine runs it
-    cfg, graphdef, params = abstract_params(cfg, mesh, dtype)
+    cfg, graphdef, params = abstract_params(cfg, mesh, dtype, ecfg.quantization)
     capacity = None
     if num_pages is None:
         limit = limit_bytes if limit_bytes is not None else hbm_bytes(mesh.devices.flat[0])
@@ -205,7 +208,8 @@ def abstract_engine(cfg: ModelConfig, ecfg: EngineConfig, mesh: Mesh, num_pages:
         num_pages = capacity.num_pages
     replicated = NamedSharding(mesh, PartitionSpec())
     csh = cache_sharding(cfg, num_pages, ecfg.page_size, mesh)
-    page = jax.ShapeDtypeStruct((num_pages, ecfg.page_size, cfg.num_kv_heads, cfg.head_dim),
+    page = jax.ShapeDtypeStruct((num_pages, ecfg.page_size, cfg.num_kv_heads,
+                                 row_width(cfg.head_dim, ecfg.cache_dtype)),
                                 jnp.dtype(ecfg.cache_dtype), sharding=csh)
     cache = KVCache(k=(page,) * cfg.num_layers, v=(page,) * cfg.num_layers)
     slots = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),

@@ -321,7 +321,8 @@ ATTENTION_CHOICES = ("auto", "reference", "pallas")  # auto: pallas on GPU, else
 # step at once but is re-recorded when a buffer it touches moves (prefill's inputs do on
 # every call), and that happens before the device starts. Elsewhere this changes nothing.
 COMMAND_BUFFER_CHOICES = ("all", "decode", "none")
-CACHE_DTYPES = ("bfloat16", "float32")
+# int8 and float8_e4m3fn: quantized rows with a scale each (runtime/kv_cache.py).
+CACHE_DTYPES = ("bfloat16", "float32", "int8", "float8_e4m3fn")
 # Decode variants by what sampling they compute, cheapest first (runtime.sampling).
 SAMPLING_MODES = ("greedy", "sample", "filter")
 

@@ -1,15 +1,18 @@
 """What quantization costs in quality: next-token agreement and KL divergence against the
 unquantized model over a fixed English text available offline.
 
-  python -m runtime.quality --checkpoint=smollm2-135m --modes=int8,fp8
+  python -m runtime.quality --checkpoint=smollm2-135m --modes=int8,fp8,kv_int8,kv_fp8,int8+kv_int8
 
 The text is the Python reference documentation that CPython ships (pydoc_data.topics,
 its topics in sorted order): English prose with code, the same on every machine with
 the same Python minor version. It is tokenized once and cut into --windows windows of
 --window tokens (the tokenizer's BOS first where it adds one); each window is one
 forward pass from position 0 (teacher forcing), so --windows x (--window - 1)
-positions are scored. The reference is the model at --dtype (float32 by default); each
-mode is the same weights quantized (runtime.quantization).
+positions are scored. The reference is the model at --dtype (float32 by default), its KV
+cache in that dtype; each mode is the same model with its weights quantized
+(runtime.quantization: int8, fp8), its KV cache quantized (runtime/kv_cache.py: kv_int8,
+kv_fp8; every key and value is read back from the quantized pages, the prompt's own
+included), or both ("int8+kv_int8").
 Per mode, over the positions:
   agreement   share of positions where both models' most likely next token is the same
   KL          mean KL(reference || quantized) of the next-token distributions, in nats
@@ -63,36 +66,55 @@ def _window_metrics(ref_logits, logits, targets):
     return same, kl, nll
 
 
-def _window_scores(graphdefs, states, tokens):
-    """One batch of windows, tokens [B, T]. graphdefs[0], states[0] is the reference model,
-    the rest the modes' models; each row a fresh sequence from position 0 (its own pages).
-    Returns, per position of the first T - 1: the reference's NLL of the next token, and
-    for each other model (top-1 equal, KL(reference || model), NLL). The weights are
-    arguments, not constants of the program (a constant is copied into the compiled
-    program: 14 GB for Gemma 3 270M with two modes), and the [B, T, V] logits stay in it."""
+# Cache modes: the KV cache dtype each names.
+KV_MODES = {"kv_int8": "int8", "kv_fp8": "float8_e4m3fn"}
+
+
+def parse_mode(mode: str) -> tuple[str | None, str | None]:
+    """"int8+kv_int8" -> (weight mode, cache dtype): either may be None."""
+    from runtime.quantization import MODES
+
+    weights = cache = None
+    for part in mode.split("+"):
+        if part in MODES and weights is None:
+            weights = part
+        elif part in KV_MODES and cache is None:
+            cache = KV_MODES[part]
+        else:
+            raise ValueError(f"mode {mode!r}: choose weight modes from {', '.join(MODES)}, cache modes from "
+                             f"{', '.join(KV_MODES)}, or one of each joined by '+'")
+    return weights, cache
+
+
+def _window_logits(model, state, tokens):
+    """float32 logits [B, T - 1, V] of tokens [B, T] (the first T - 1 positions' next-token
+    predictions), each row a fresh sequence from position 0 (its own pages). model:
+    (graphdef, KV cache dtype or None: the weights' dtype), static. The weights are an
+    argument, not constants of the program (a constant is copied into the compiled
+    program: 14 GB for Gemma 3 270M with two modes)."""
     import jax.numpy as jnp
     from flax import nnx
 
     from runtime.kv_cache import KVCache
 
+    graphdef, cache_dtype = model
     page_size = 16
     B, T = tokens.shape
     pages = -(-T // page_size)
+    m = nnx.merge(graphdef, state)
+    cache = KVCache.create(m.cfg, num_pages=B * pages, page_size=page_size,
+                           dtype=cache_dtype or m.embedding.get_value().dtype)
     table = jnp.arange(B * pages, dtype=jnp.int32).reshape(B, pages)
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    lens = jnp.full((B,), T, jnp.int32)
-    targets = tokens[:, 1:]
+    out, _ = m(tokens, positions, cache, table, jnp.full((B,), T, jnp.int32), fresh_prefill=True)
+    return out[:, :-1].astype(jnp.float32)
 
-    def logits(graphdef, state):
-        model = nnx.merge(graphdef, state)
-        cache = KVCache.create(model.cfg, num_pages=B * pages, page_size=page_size,
-                               dtype=model.embedding.get_value().dtype)
-        out, _ = model(tokens, positions, cache, table, lens, fresh_prefill=True)
-        return out[:, :-1].astype(jnp.float32)
 
-    reference = logits(graphdefs[0], states[0])
-    _, _, reference_nll = _window_metrics(reference, reference, targets)
-    return reference_nll, [_window_metrics(reference, logits(g, s), targets) for g, s in zip(graphdefs[1:], states[1:])]
+def _mode_scores(model, state, reference, tokens):
+    """Per position: (top-1 equal, KL(reference || model), NLL) of `model` against the
+    reference's logits (computed once per window, `_window_logits`): one mode's logits
+    at a time beside them, so memory does not grow with the modes."""
+    return _window_metrics(reference, _window_logits(model, state, tokens), tokens[:, 1:])
 
 
 def score(model, modes: list[str], token_ids: list[int], *, window: int, windows: int, batch: int = 1,
@@ -116,21 +138,27 @@ def score(model, modes: list[str], token_ids: list[int], *, window: int, windows
     graphdef, state = nnx.split(fuse_projections(model))
 
     def quantized(mode):
+        weights, cache = parse_mode(mode)
         # new Variables over the same arrays: quantize_model replaces the projections'
         # values in its copy only, the embedding and norms are shared with the reference
-        return nnx.split(quantize_model(nnx.merge(graphdef, jax.tree.map(lambda x: x, state)), mode))
+        g, s = nnx.split(quantize_model(nnx.merge(graphdef, jax.tree.map(lambda x: x, state)), weights))
+        return (g, cache), s
 
-    splits = [(graphdef, state)] + [quantized(mode) for mode in modes]
-    graphdefs, states = tuple(g for g, _ in splits), [s for _, s in splits]
-    run = jax.jit(_window_scores, static_argnums=0)
+    splits = [quantized(mode) for mode in modes]
+    logits_of, scores_of = jax.jit(_window_logits, static_argnums=0), jax.jit(_mode_scores, static_argnums=0)
+    metrics = jax.jit(_window_metrics)
     sums = {m: np.zeros(3) for m in ["reference", *modes]}
     count = 0
     for at in range(0, windows, batch):
-        reference_nll, per_mode = run(graphdefs, states, jnp.asarray(tokens[at: at + batch]))
+        rows = jnp.asarray(tokens[at: at + batch])
+        reference_logits = logits_of((graphdef, None), state, rows)
+        _, _, reference_nll = metrics(reference_logits, reference_logits, rows[:, 1:])
         sums["reference"] += [0.0, 0.0, float(jnp.sum(reference_nll))]
-        for mode, (same, kl, nll) in zip(modes, per_mode):
+        for mode, (m, s) in zip(modes, splits):
+            same, kl, nll = scores_of(m, s, reference_logits, rows)
             sums[mode] += [float(jnp.sum(same)), float(jnp.sum(kl)), float(jnp.sum(nll))]
         count += reference_nll.size
+        del reference_logits
     reference = Score("reference", count, 1.0, 0.0, sums["reference"][2] / count)
     return reference, [Score(m, count, sums[m][0] / count, sums[m][1] / count, sums[m][2] / count) for m in modes]
 
@@ -149,7 +177,8 @@ def define_flags() -> None:
     """The CLI's flags: defined when run, not on import (tests import this module beside
     others that define --checkpoint, --dtype and --json_out)."""
     flags.DEFINE_string("checkpoint", None, "Checkpoint directory or alias (gemma3-270m, smollm2-135m).")
-    flags.DEFINE_list("modes", ["int8", "fp8"], "Quantization modes to score (runtime.quantization.MODES).")
+    flags.DEFINE_list("modes", ["int8", "fp8"], "Quantization modes to score: weights (int8, fp8), the KV cache "
+                      "(kv_int8, kv_fp8), or one of each joined by '+' (int8+kv_int8).")
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "The reference's parameter dtype.")
     flags.DEFINE_integer("window", 512, "Tokens per forward pass.")
     flags.DEFINE_integer("windows", 8, "Windows scored (positions: windows x (window - 1)).")
@@ -163,11 +192,13 @@ def main(argv: list[str]) -> None:
         xflags.usage_error(f"unexpected arguments: {' '.join(argv[1:])}")
     if not FLAGS.checkpoint:
         xflags.usage_error("--checkpoint is required (a directory or an alias such as smollm2-135m)")
-    from runtime.quantization import MODES
-
-    bad = [m for m in FLAGS.modes if m not in MODES]
-    if bad or not FLAGS.modes:
-        xflags.usage_error(f"--modes={','.join(FLAGS.modes)}: choose from {', '.join(MODES)}")
+    if not FLAGS.modes:
+        xflags.usage_error("--modes is empty: name at least one mode (int8, fp8, kv_int8, kv_fp8, int8+kv_int8)")
+    for mode in FLAGS.modes:
+        try:
+            parse_mode(mode)
+        except ValueError as e:
+            xflags.usage_error(f"--modes: {e}")
     if FLAGS.window < 2 or FLAGS.windows < 1 or FLAGS.batch < 1:
         xflags.usage_error("--window must be at least 2, --windows and --batch at least 1")
     import checkpoints

@@ -21,6 +21,7 @@ import gc
 import logging
 import os
 import sys
+import math
 import time
 
 import jax
@@ -293,6 +294,14 @@ def enable_compilation_cache(directory: str | None = None) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # warm start compiles nothing
 
 
+def _weight_bytes(cfg: ModelConfig, dtype: str, quantization: str | None) -> int:
+    """The model's parameter bytes in `dtype`, its projections quantized as given."""
+    from runtime.models.transformer import abstract_model
+
+    leaves = jax.tree.leaves(nnx.state(abstract_model(cfg, jnp.dtype(dtype), quantization)))
+    return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in leaves)
+
+
 def choose_tensor_size(cfg: ModelConfig, ecfg: EngineConfig, dtype: str, mesh_config: MeshConfig, *,
                        num_devices: int | None = None, limit_bytes: int | None = None) -> tuple[int, str]:
     """The tensor size when the user gives none, and why, in words: 1 where the weights,
@@ -304,7 +313,7 @@ def choose_tensor_size(cfg: ModelConfig, ecfg: EngineConfig, dtype: str, mesh_co
     if n <= 1:
         return 1, "one device"
     limit = memory_limit(limit_bytes=limit_bytes)
-    weights = cfg.num_params() * jnp.dtype(dtype).itemsize / mesh_config.pipeline
+    weights = _weight_bytes(cfg, dtype, ecfg.quantization) / mesh_config.pipeline
     if jax.process_count() == 1:
         if limit is None:
             return 1, "no device memory limit to decide from (CPU)"

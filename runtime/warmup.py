@@ -145,7 +145,7 @@ def warm_topology(ecfg, mesh_config) -> dict:
         check_model(cfg, mesh_config)
         mesh = make_mesh(mesh_config, devices=devices)
         if xflags.auto_num_seqs():  # as serve would choose them on these chips
-            expanded, _, params = aot.abstract_params(cfg, mesh, FLAGS.dtype)
+            expanded, _, params = aot.abstract_params(cfg, mesh, FLAGS.dtype, ecfg.quantization)
             n, why = auto_max_num_seqs(expanded, ecfg, aot.abstract_bytes_per_device(params),
                                        kv_shards=aot.cache_kv_shards(expanded, ecfg, mesh), limit_bytes=hbm)
             print(f"max_num_seqs={n} ({why})", file=sys.stderr, flush=True)

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from runtime.kv_cache import KV_AXES, KVCache
+from runtime.kv_cache import KV_AXES, KVCache, row_width
 from sharding.ops import Local, local_page_table
 from sharding.rules import DEFAULT_RULES, logical_to_spec
 from sharding.tensor_parallel import data_axis, param_specs
@@ -108,7 +108,7 @@ def create_cache(cfg, *, num_pages: int, page_size: int, dtype, mesh: Mesh, rule
     pages on stage s's devices (split by kv head over "tensor")."""
     S = stage_size(mesh, rules)
     sharding = cache_sharding(cfg, num_pages, page_size, mesh, rules)
-    shape = (S, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
+    shape = (S, num_pages, page_size, cfg.num_kv_heads, row_width(cfg.head_dim, dtype))
     make = lambda: jnp.zeros(shape, dtype, device=sharding)  # noqa: E731
     Ls = cfg.num_layers // S
     return KVCache(k=tuple(make() for _ in range(Ls)), v=tuple(make() for _ in range(Ls)))

@@ -25,7 +25,7 @@ from pallas_kernels import dispatch
 from pallas_kernels.add_rmsnorm import reference as add_rmsnorm_reference
 from pallas_kernels.paged_attention import reference as paged_reference
 from runtime.config import ModelConfig, RopeConfig
-from runtime.kv_cache import cache_rows, write_kv
+from runtime.kv_cache import cache_rows, is_quantized, write_kv
 from sharding.ops import Local
 
 ATTENTION_IMPLS = ("reference", "pallas")
@@ -139,9 +139,14 @@ def attention(
     PAGED_PREFILL_KERNEL on Hopper the flash kernel over the pages
     (flash_attention/gpu_mosaic.paged_prefill; the Triton and TPU kernels have no such
     mode yet). Rows of a chunk hold consecutive positions from positions[:, 0].
+    Quantized pages (runtime/kv_cache.py) are read through the paged reference, which
+    dequantizes after its gather (no kernel reads them yet), except by a fresh prefill
+    on impl "pallas": the flash kernel attends over the chunk's own k/v, unquantized,
+    while the reference reads every key back from the pages (so runtime.quality
+    measures what the quantized cache costs at every position).
     """
     kw = dict(scale=scale, window=window, softcap=softcap)
-    if impl == "reference":
+    if impl == "reference" or (impl == "pallas" and not fresh and is_quantized(k_pages.dtype)):
         return paged_reference.paged_attention(q, k_pages, v_pages, page_table, positions, kv_lens, **kw)
     if impl != "pallas":
         raise ValueError(f"attention impl {impl!r} is not available; choose from {', '.join(ATTENTION_IMPLS)}")
@@ -421,7 +426,7 @@ class Attention(nnx.Module):
             return None  # TPU: XLA's fusion of the jnp path (no per-kernel launch cost to save)
         from pallas_kernels.rope_kv import gpu as rope_kv
 
-        if self.qkv_layout != "gpu":
+        if self.qkv_layout != "gpu" or is_quantized(k_pages.dtype):  # it writes float rows
             return None
         _, K, J, H = self.wqkv.shape
         if not rope_kv.supports(jax.ShapeDtypeStruct((x.shape[0], K, J, H), x.dtype), k_pages):

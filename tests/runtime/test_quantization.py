@@ -208,7 +208,7 @@ def test_tpu_layout_quantizes_per_output_channel():
 
 @pytest.mark.parametrize("args,message", [
     ((), "--checkpoint is required"),
-    (("--checkpoint=smollm2-135m", "--modes=int4"), "--modes=int4: choose from int8, fp8"),
+    (("--checkpoint=smollm2-135m", "--modes=int4"), "--modes: mode 'int4': choose weight modes from int8, fp8"),
     (("--checkpoint=smollm2-135m", "--window=1"), "--window must be at least 2"),
     (("--checkpoint=/nonexistent/ckpt",), "is not a checkpoint directory"),
 ])

@@ -72,6 +72,19 @@ def test_target_topology_fits_check_fails_with_the_numbers():
     assert line.startswith("error: v5e:1x1 (1 x TPU v5 lite, 16.0 GiB each)") and "GiB" in line, line
 
 
+@pytest.mark.slow
+def test_target_topology_fits_llama8b_int8_on_one_v5e_chip():
+    """With int8 projections the same model fits one 16 GiB v5e chip: the memory report
+    says how (about 8.5 GiB of weights, the rest KV cache and temporaries)."""
+    p = _warmup("--checkpoint=preset:llama3.1-8b", "--target_topology=v5e:1x1", "--quantization=int8", *ENGINE)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    memory = out["memory_per_chip"]
+    assert 8.0 * 2**30 < memory["weights"] < 9.0 * 2**30, memory
+    assert memory["weights"] + memory["kv_cache"] + memory["temp"] <= memory["hbm"] == 16 * 2**30, memory
+    assert out["compiled"] == "7 of 7"  # one chip: the mixed calls too
+
+
 def test_target_topology_bad_input_is_one_line(small_checkpoint):
     p = _warmup(f"--checkpoint={small_checkpoint}", "--target_topology=v5e:3x3", *ENGINE)
     assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith("error: --target_topology=v5e:3x3")

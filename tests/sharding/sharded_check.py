@@ -53,8 +53,9 @@ CONFIGS = {
     # second round's prompts extend the first round's, so they map its cached pages.
     "llama_prefix": (dict(model_type="llama", vocab_size=512, num_attention_heads=8, num_key_value_heads=2,
                           num_hidden_layers=4), ((2, 2, R, 1), (2, 1, R, 1, 2))),
-    # int8 weights (runtime.quantization), on both sides: the scales split with their
-    # weights' output channels, stages stack them with the layers.
+    # int8 weights (runtime.quantization) and an int8 KV cache (runtime/kv_cache.py), on
+    # both sides: the scales split with their weights' output channels and with their
+    # rows' kv heads; stages stack them with the layers.
     "llama_int8": (dict(model_type="llama", vocab_size=512, num_attention_heads=8, num_key_value_heads=2,
                         num_hidden_layers=4), ((2, 1, R, 1), (2, 2, R, 1))),
     "gemma3": (dict(model_type="gemma3_text", vocab_size=512, num_attention_heads=4, num_key_value_heads=2,
@@ -121,15 +122,16 @@ def main() -> None:
         caching = name.endswith("_prefix")
         quant = "int8" if name.endswith("_int8") else None
         rounds = (PROMPTS, SECOND_ROUND) if caching else (PROMPTS,)
-        one = Engine(_copy(model) if quant else model, dataclasses.replace(ECFG, quantization=quant),
-                     num_pages=NUM_PAGES)
+        cache_dtype = "int8" if quant else ECFG.cache_dtype
+        one = Engine(_copy(model) if quant else model,
+                     dataclasses.replace(ECFG, quantization=quant, cache_dtype=cache_dtype), num_pages=NUM_PAGES)
         base = run(one, rounds)
         total = bytes_per_device(nnx.state(model))
         layer_total = bytes_per_device(nnx.state(model)["layers"])
         for tp, pp, attention, micro, *data in sizes:
             dp = data[0] if data else 1
             ecfg = dataclasses.replace(ECFG, attention=attention, pipeline_microbatches=micro,
-                                       enable_prefix_caching=caching, quantization=quant)
+                                       enable_prefix_caching=caching, quantization=quant, cache_dtype=cache_dtype)
             mc = MeshConfig(tensor=tp, pipeline=pp, data=dp)
             check_model(model.cfg, mc)
             mesh = make_mesh(mc)
@@ -162,7 +164,8 @@ def main() -> None:
                 kv_heads=model.cfg.num_kv_heads, sharded_kv_heads=sharded.cfg.num_kv_heads,
                 compiles_after_warmup=got["compiles"], preemptions=got["preemptions"], pages_used=got["pages_used"],
                 prefix_caching=caching, cached_tokens=got["cached_tokens"], base_cached_tokens=base["cached_tokens"],
-                quantization=quant, wqkv_dtype=str(params["layers"][0]["attn"]["wqkv"].get_value().dtype),
+                quantization=quant, cache_dtype=str(jax.tree.leaves(engine.cache)[0].dtype),
+                cache_row=jax.tree.leaves(engine.cache)[0].shape[-1], wqkv_dtype=str(params["layers"][0]["attn"]["wqkv"].get_value().dtype),
                 wqkv_scale=spec(params["layers"][0]["attn"]["wqkv_scale"]) if quant else None,
                 all_reduce="all-reduce" in hlo, collective_permute="collective-permute" in hlo,
             )), flush=True)

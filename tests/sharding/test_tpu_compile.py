@@ -43,6 +43,7 @@ ECFG = dict(max_num_seqs=8, max_model_len=8192, prefill_lengths=(512,), prefill_
 CASES = {
     "8b-v5e": dict(model="llama3.1-8b", topology="v5e:2x4", tp=8),
     "8b-v6e": dict(model="llama3.1-8b", topology="v6e:2x4", tp=8),
+    "8b-int8-v5e": dict(model="llama3.1-8b", topology="v5e:2x4", tp=8, quantization="int8"),
     "70b-v5e": dict(model="llama3.1-70b", topology="v5e:4x4", tp=16),
     # max_model_len 512: prompts never chunk, so the Pallas path's one prefill is the fresh one.
     "pallas-v5e": dict(model="llama3.1-8b", topology="v5e:2x4", tp=8, attention="pallas", layers=2,
@@ -72,7 +73,8 @@ def compile_case(name: str) -> None:
         cfg = dataclasses.replace(cfg, num_layers=case["layers"], layer_windows=cfg.layer_windows[:case["layers"]],
                                   vocab_size=case["vocab"])
     ecfg = EngineConfig(**{**ECFG, "attention": case.get("attention", "auto"),
-                           "max_model_len": case.get("max_model_len", ECFG["max_model_len"])})
+                           "max_model_len": case.get("max_model_len", ECFG["max_model_len"]),
+                           "quantization": case.get("quantization")})
     mesh_config = MeshConfig(tensor=case["tp"])
     check_model(cfg, mesh_config)
     t0 = time.perf_counter()
@@ -86,6 +88,7 @@ def compile_case(name: str) -> None:
         param_bytes=aot.abstract_bytes_per_device(whole), param_bytes_per_device=engine.param_bytes_per_device,
         cache_bytes_per_device=engine.cache_bytes_per_device, slots_bytes=aot.abstract_bytes_per_device(engine.slots),
         manifest=engine.manifest(),
+        weight_dtypes=sorted({str(x.dtype) for x in jax.tree.leaves(engine.params["layers"])}),
     )), flush=True)
     # Decode over every slot in the "filter" sampling mode only (its vocabulary sort makes
     # it the largest and slowest to compile: ~14 s at 8B; smaller buckets are the same
@@ -239,6 +242,20 @@ def test_llama8b_tp8(runs, case):
     info, steps = runs(case)
     assert info["hbm"] == HBM[CASES[case]["topology"].split(":")[0]]
     assert info["kv_heads"] == 8 and "'tensor'" in info["cache_spec"]
+    assert {(s["kind"], tuple(s["shape"])) for s in steps} == {("prefill", (1, 512)), ("decode", (8, "filter"))}
+    _check_fits(info, steps, 8)
+    _check_no_weight_copies(steps)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["8b-int8-v5e"])
+def test_llama8b_int8_tp8(runs, case):
+    """int8 projections (runtime.quantization) compile for the TPU with the weights read
+    as stored: int8 arguments, no copy of a weight, each chip holding a bit over half
+    the bf16 bytes (embeddings, norms and the float32 scales stay wider)."""
+    info, steps = runs(case)
+    assert info["weight_dtypes"] == ["bfloat16", "float32", "int8"]
+    assert 0.5 * 16.06e9 < info["param_bytes"] < 0.6 * 16.06e9, info["param_bytes"]
     assert {(s["kind"], tuple(s["shape"])) for s in steps} == {("prefill", (1, 512)), ("decode", (8, "filter"))}
     _check_fits(info, steps, 8)
     _check_no_weight_copies(steps)
