@@ -203,11 +203,15 @@ def restore_model(
     except (FileNotFoundError, KeyError, ValueError) as e:
         raise CheckpointError(f"{directory}: cannot restore the parameters: {e}") from None
     flat = nnx.to_flat_state(state)
+    # Every scale checked on its device, read back once (not a host round trip per scale).
+    scales = [tuple(p) for p, _ in flat if p[-1].endswith("_scale")]
+    valid = jax.device_get([jnp.all(jnp.isfinite(v) & (v > 0)) for v in (_lookup(restored, p) for p in scales)])
+    bad = [path_key(p) for p, ok in zip(scales, valid) if not ok]
+    if bad:
+        raise CheckpointError(f"{directory}: {bad[0]} holds scales that are not finite and positive (and "
+                              f"{len(bad) - 1} more); the checkpoint is corrupt: convert the source again")
     for path, var in flat:
         value = _lookup(restored, tuple(path))
-        if path[-1].endswith("_scale") and not bool(jnp.all(jnp.isfinite(value) & (value > 0))):
-            raise CheckpointError(f"{directory}: {path_key(tuple(path))} holds scales that are not finite and "
-                                  "positive; the checkpoint is corrupt: convert the source again")
         if reads[tuple(path)] is not final[tuple(path)]:  # format 1's [D, K, H] -> [K, H, D]
             value = _legacy_kv_transpose(final[tuple(path)].sharding)(value)
         var.set_value(value)

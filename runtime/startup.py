@@ -20,8 +20,8 @@ import dataclasses
 import gc
 import logging
 import os
-import sys
 import math
+import sys
 import time
 
 import jax
