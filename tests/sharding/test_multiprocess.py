@@ -169,5 +169,8 @@ def test_a_killed_worker_fails_the_leader_within_the_bound(checkpoint, env):
     text = "".join(leader.lines)
     assert code != 0 and elapsed < EXIT_BOUND_S, text[-3000:]
     assert "NOT_SERVING" in statuses, statuses
-    assert re.search(r"error: process 1 sent no heartbeat for [\d.]+ s \(--worker_timeout_s=2\)", text), text[-3000:]
+    # Either watchdog check may see the dead worker first: its heartbeat stopping, or the
+    # device call it was running never finishing (the timer of that one can start before the kill).
+    assert re.search(r"error: process 1 (sent no heartbeat for [\d.]+ s|has not finished message \d+ "
+                     r"\(process 0 sent up to \d+\) for [\d.]+ s) \(--worker_timeout_s=2\)", text), text[-3000:]
     print(f"\nleader exited {code} {elapsed:.1f} s after the kill; health: {sorted(set(statuses))}")
