@@ -46,7 +46,7 @@ from runtime.config import HOST_ONLY_FIELDS, EngineConfig, ModelConfig
 from runtime.engine import (
     DecodeIO, DecodeSlots, Steps, bucket_manifest, build_steps, mesh_engine_config, pack_prefill, scratch_prefill,
 )
-from runtime.kv_cache import KVCache, row_width
+from runtime.kv_cache import KVCache, abstract_pages
 from runtime.models.transformer import abstract_model, fuse_projections
 from runtime.quantization import quantize_model
 from runtime.startup import Capacity, cache_kv_shards, plan_capacity
@@ -208,9 +208,7 @@ def abstract_engine(cfg: ModelConfig, ecfg: EngineConfig, mesh: Mesh, num_pages:
         num_pages = capacity.num_pages
     replicated = NamedSharding(mesh, PartitionSpec())
     csh = cache_sharding(cfg, num_pages, ecfg.page_size, mesh)
-    page = jax.ShapeDtypeStruct((num_pages, ecfg.page_size, cfg.num_kv_heads,
-                                 row_width(cfg.head_dim, ecfg.cache_dtype)),
-                                jnp.dtype(ecfg.cache_dtype), sharding=csh)
+    page = abstract_pages((num_pages, ecfg.page_size, cfg.num_kv_heads, cfg.head_dim), ecfg.cache_dtype, csh)
     cache = KVCache(k=(page,) * cfg.num_layers, v=(page,) * cfg.num_layers)
     slots = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
                          jax.eval_shape(lambda: DecodeSlots.create(ecfg.max_num_seqs, cfg.vocab_size)))

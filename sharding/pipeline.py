@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from runtime.kv_cache import KV_AXES, KVCache, row_width
+from runtime.kv_cache import KV_AXES, KVCache, map_pages, zeros_pages
 from sharding.ops import Local, local_page_table
 from sharding.rules import DEFAULT_RULES, logical_to_spec
 from sharding.tensor_parallel import data_axis, param_specs
@@ -108,8 +108,8 @@ def create_cache(cfg, *, num_pages: int, page_size: int, dtype, mesh: Mesh, rule
     pages on stage s's devices (split by kv head over "tensor")."""
     S = stage_size(mesh, rules)
     sharding = cache_sharding(cfg, num_pages, page_size, mesh, rules)
-    shape = (S, num_pages, page_size, cfg.num_kv_heads, row_width(cfg.head_dim, dtype))
-    make = lambda: jnp.zeros(shape, dtype, device=sharding)  # noqa: E731
+    shape = (S, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
+    make = lambda: zeros_pages(shape, dtype, sharding)  # noqa: E731
     Ls = cfg.num_layers // S
     return KVCache(k=tuple(make() for _ in range(Ls)), v=tuple(make() for _ in range(Ls)))
 
@@ -144,7 +144,9 @@ def model_step(staged: Staged, params, tokens, positions, cache: KVCache, page_t
     M = microbatches_for(B, staged.microbatches if T == 1 else S)
     b = B // M
     pspecs = param_specs(params, mesh, rules)
-    cspecs = jax.tree.map(lambda x: logical_to_spec((STAGES, *KV_AXES), x.shape, mesh, rules), cache)
+    spec = lambda x, axes: logical_to_spec(axes, x.shape, mesh, rules)  # noqa: E731
+    cspecs = KVCache(k=tuple(map_pages(spec, x, (STAGES,)) for x in cache.k),
+                     v=tuple(map_pages(spec, x, (STAGES,)) for x in cache.v))
     rows = PartitionSpec(data)
     has_at = logits_at is not None
     logits_at = jnp.zeros((B,), jnp.int32) if logits_at is None else logits_at
@@ -154,7 +156,8 @@ def model_step(staged: Staged, params, tokens, positions, cache: KVCache, page_t
         local = Local(tensor_axis)
         shell = nnx.merge(staged.shell, params["outer"])
         layers = [jax.tree.map(lambda x: x[0], p) for p in params["layers"]]
-        ks, vs = [x[0] for x in cache.k], [x[0] for x in cache.v]
+        first = lambda x: jax.tree.map(lambda a: a[0], x)  # noqa: E731 -- this stage's pages
+        ks, vs = [first(x) for x in cache.k], [first(x) for x in cache.v]
         page_table = local_page_table(page_table, ks[0].shape[0], data)
         x = shell.embed(tokens, local)
         D = x.shape[-1]
@@ -180,7 +183,8 @@ def model_step(staged: Staged, params, tokens, positions, cache: KVCache, page_t
         # The last stage's outputs to every stage (the others contribute zeros: exact).
         out = jax.lax.psum(jnp.where(s == S - 1, out, jnp.zeros_like(out)), stage_axis)
         logits = shell.head(out.reshape(B, *out.shape[2:]), local)
-        return logits, KVCache(k=tuple(k[None] for k in ks), v=tuple(v[None] for v in vs))
+        stack = lambda x: jax.tree.map(lambda a: a[None], x)  # noqa: E731
+        return logits, KVCache(k=tuple(stack(k) for k in ks), v=tuple(stack(v) for v in vs))
 
     return jax.shard_map(
         body, mesh=mesh, in_specs=(pspecs, cspecs, rows, rows, rows, rows, rows), out_specs=(rows, cspecs),

@@ -26,7 +26,7 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec
 
-from runtime.kv_cache import KV_AXES, KVCache
+from runtime.kv_cache import KVCache, map_pages
 from sharding.mesh import tensor_size
 from sharding.ops import Local, local_page_table
 from sharding.rules import DEFAULT_RULES, logical_to_spec
@@ -48,8 +48,8 @@ def param_specs(params, mesh: Mesh, rules: Mapping[str, str | None] = DEFAULT_RU
 
 
 def cache_specs(cache: KVCache, mesh: Mesh, rules: Mapping[str, str | None] = DEFAULT_RULES) -> KVCache:
-    spec = lambda x: logical_to_spec(KV_AXES, x.shape, mesh, rules)  # noqa: E731
-    return KVCache(k=tuple(spec(x) for x in cache.k), v=tuple(spec(x) for x in cache.v))
+    spec = lambda x, axes: logical_to_spec(axes, x.shape, mesh, rules)  # noqa: E731
+    return KVCache(k=tuple(map_pages(spec, x) for x in cache.k), v=tuple(map_pages(spec, x) for x in cache.v))
 
 
 def data_axis(mesh: Mesh | None, rules: Mapping[str, str | None] = DEFAULT_RULES) -> str | None:

@@ -8,6 +8,11 @@ Same function, signature and layout as reference.py (decode only: T == 1), plus
   page_table   [B, MP]        page ids of each sequence, in order
   q_positions  [B, 1]         absolute position of the decode token
   kv_lens      [B]            tokens of each sequence present in the pages
+Quantized pages (QuantizedPages, pallas_kernels/quantized_kv.py: int8 or fp8 values
+[P, S, K, H] and float32 scales [P, K, S]) are read as they are stored: the values cast
+to the query's dtype (exact: int8 and e4m3 values are bfloat16 values) go through the
+same dots, a key block's scales multiply the scores' columns, and the value scales the
+probabilities' columns before their dot with V. No page is dequantized in memory.
 
 Design (decode is memory bound: the goal is to read each visible KV byte once):
 - One program per (sequence, kv head, split). It handles all G query heads of its kv
@@ -46,6 +51,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.quantized_kv import QuantizedPages
+
 # The Triton compiler parameters are `CompilerParams` in jax 0.10 and 0.11; older
 # releases called them `TritonCompilerParams`.
 _CompilerParams = getattr(plgpu, "CompilerParams", None) or plgpu.TritonCompilerParams
@@ -76,15 +83,19 @@ def _decode_kernel(
     q_ref,  # [G, H]: the kv head's query heads
     k_ref,  # [P, S, H]: every page, this kv head
     v_ref,  # [P, S, H]
+    *refs,  # quantized: ks_ref, vs_ref [P, S] float32 (this kv head's scales); then
     # outputs:
-    o_ref,  # [G, H] (num_splits == 1, normalized, q.dtype) or f32 partial output
-    *ml_refs,  # num_splits > 1: m_ref [G], l_ref [G], float32
+    # o_ref [G, H] (num_splits == 1, normalized, q.dtype) or f32 partial output;
+    # num_splits > 1: m_ref [G], l_ref [G], float32
     scale: float,
     window: int | None,
     softcap: float | None,
     pages_per_block: int,
     num_splits: int,
+    quantized: bool,
 ):
+    ks_ref, vs_ref = refs[:2] if quantized else (None, None)
+    o_ref, *ml_refs = refs[2:] if quantized else refs
     G, H = q_ref.shape
     S = k_ref.shape[1]
     R = max(_MIN_ROWS, pl.next_power_of_2(G))
@@ -95,7 +106,8 @@ def _decode_kernel(
     # A float32 model over a bfloat16 cache (EngineConfig.cache_dtype's default): the
     # scores in the promoted dtype, as the reference's einsum computes them (Triton's dot
     # takes one dtype: the H200 raised "a and b must have the same element type").
-    score_dtype = jnp.promote_types(q_ref.dtype, k_ref.dtype)
+    # Quantized values: in the query's dtype.
+    score_dtype = q_ref.dtype if quantized else jnp.promote_types(q_ref.dtype, k_ref.dtype)
     q = q.astype(score_dtype)
 
     pos = pos_ref[0]
@@ -119,6 +131,8 @@ def _decode_kernel(
         k = k_ref[pages].reshape(BK, H)  # [PPB, S, H] -> [BK, H]
         v = v_ref[pages].reshape(BK, H)
         s = lax.dot_general(q, k.astype(score_dtype), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        if quantized:
+            s = s * ks_ref[pages].reshape(1, BK)  # each key's scale
         s = s * scale  # [R, BK]
         if softcap is not None:
             s = jnp.tanh(s / softcap) * softcap
@@ -128,7 +142,11 @@ def _decode_kernel(
         alpha = jnp.exp(m - m_new)
         p = jnp.exp(s - m_new[:, None])
         l = l * alpha + p.sum(axis=1)
-        pv = lax.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        if quantized:  # each value row's scale on its probability column
+            pv = lax.dot((p * vs_ref[pages].reshape(1, BK)).astype(score_dtype), v.astype(score_dtype),
+                         preferred_element_type=jnp.float32)
+        else:
+            pv = lax.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
         return acc * alpha[:, None] + pv, m_new, l
 
     acc = jnp.zeros((R, H), jnp.float32)
@@ -183,8 +201,8 @@ def paged_attention(
 
 def paged_attention_tuned(
     q: jax.Array,  # [B, 1, N, H]
-    k_pages: jax.Array,  # [P, S, K, H]
-    v_pages: jax.Array,  # [P, S, K, H]
+    k_pages: jax.Array | QuantizedPages,  # [P, S, K, H]
+    v_pages: jax.Array | QuantizedPages,  # [P, S, K, H]
     page_table: jax.Array,  # [B, MP] int32
     q_positions: jax.Array,  # [B, 1] int32
     kv_lens: jax.Array,  # [B] int32
@@ -220,10 +238,12 @@ def paged_attention_tuned(
     lens = kv_lens.astype(jnp.int32).reshape(B, 1)
     qg = q.reshape(B, K, G, H)  # [B, 1, K*G, H] -> [B, K, G, H]
 
+    quantized = isinstance(k_pages, QuantizedPages)
     kernel = functools.partial(
         _decode_kernel, scale=scale, window=window, softcap=softcap,
-        pages_per_block=pages_per_block, num_splits=num_splits,
+        pages_per_block=pages_per_block, num_splits=num_splits, quantized=quantized,
     )
+    operands = [pos, lens, table, qg, k_pages, v_pages]
     in_specs = [
         pl.BlockSpec((None, 1), lambda b, h, s: (b, 0)),  # position
         pl.BlockSpec((None, 1), lambda b, h, s: (b, 0)),  # kv_len
@@ -232,6 +252,9 @@ def paged_attention_tuned(
         pl.BlockSpec((P, S, None, H), lambda b, h, s: (0, 0, h, 0)),  # k pages, kv head h
         pl.BlockSpec((P, S, None, H), lambda b, h, s: (0, 0, h, 0)),  # v pages, kv head h
     ]
+    if quantized:
+        operands = [pos, lens, table, qg, k_pages.values, v_pages.values, k_pages.scales, v_pages.scales]
+        in_specs += [pl.BlockSpec((P, None, S), lambda b, h, s: (0, h, 0))] * 2  # scales [P, K, S], kv head h
     if num_splits == 1:
         out_shape = jax.ShapeDtypeStruct((B, K, G, H), q.dtype)
         out_specs = pl.BlockSpec((None, None, G, H), lambda b, h, s: (b, h, 0, 0))
@@ -255,7 +278,7 @@ def paged_attention_tuned(
         compiler_params=_CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name=f"paged_decode_G{G}_H{H}_S{S}_ppb{pages_per_block}_splits{num_splits}",
-    )(pos, lens, table, qg, k_pages, v_pages)
+    )(*operands)
 
     if num_splits > 1:
         o, m, l = out  # [NS, B, K, G, H], [NS, B, K, G], [NS, B, K, G]

@@ -6,8 +6,8 @@ without earlier context and decode; the kernels must agree with it.
 
 Layout (see runtime/kv_cache.py):
   q            [B, T, N, H]   N = K * G query heads, grouped by kv head
-  k_pages      [P, S, K, H]   P pages of S tokens ([P, S, K, H + 4] quantized: each
-  v_pages      [P, S, K, H]   row's scale in its last 4 lanes: pallas_kernels/quantized_kv.py)
+  k_pages      [P, S, K, H]   P pages of S tokens (or QuantizedPages: values [P, S, K, H]
+  v_pages      [P, S, K, H]   and scales [P, K, S], pallas_kernels/quantized_kv.py)
   page_table   [B, MP]        page ids of each sequence, in order
   q_positions  [B, T]         absolute position of each query token
   kv_lens      [B]            tokens of each sequence present in the pages
@@ -22,7 +22,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.quantized_kv import dequantize_rows
+from pallas_kernels.quantized_kv import gather_pages
 
 
 def paged_attention(
@@ -39,13 +39,13 @@ def paged_attention(
 ) -> jax.Array:
     """Returns [B, T, N, H] in q.dtype. Scores and softmax are float32."""
     B, T, N, H = q.shape
-    _, S, K, _ = k_pages.shape
+    _, S, K, _ = k_pages.shape  # QuantizedPages: its values' shape
     MP = page_table.shape[1]
     G = N // K
     # Gather each sequence's pages: [B, MP, S, K, H] -> [B, MP*S, K, H] (quantized rows
     # dequantized to q's dtype after the gather)
-    k = dequantize_rows(k_pages[page_table], q.dtype).reshape(B, MP * S, K, H)
-    v = dequantize_rows(v_pages[page_table], q.dtype).reshape(B, MP * S, K, H)
+    k = gather_pages(k_pages, page_table, q.dtype).reshape(B, MP * S, K, H)
+    v = gather_pages(v_pages, page_table, q.dtype).reshape(B, MP * S, K, H)
     qg = q.reshape(B, T, K, G, H)  # [B, T, K*G, H] -> [B, T, K, G, H]
     s = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32) * scale
     if softcap is not None:

@@ -15,6 +15,12 @@ cache for it on every decode call (libtpu compile, v5e, 2026-11-29: 1.9 GB of te
 for a 3.8 GB cache; now 1.9 MB). All G query heads of one kv head form one (G, H) x
 (H, S) matmul; G is never padded in HBM.
 
+Quantized pages (QuantizedPages, pallas_kernels/quantized_kv.py): each page's values
+arrive as the same (S, K, H) block in int8 or fp8 and its scales as a (K, S) float32
+block of [P, K, S] (whole trailing dims: legal for any K and S). The values are cast to
+the query's dtype for the dots (exact), the key scales multiply the scores' columns and
+the value scales the probabilities' columns; nothing is dequantized in HBM.
+
 Only pages a query can see are read: for query position p and length L the visible
 pages are [max(0, p - W + 1) // S, min(p, L - 1) // S]. The index maps clamp the page
 slot into that range, so steps outside it repeat the previous block index (the
@@ -33,6 +39,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels.quantized_kv import QuantizedPages
 
 # Finite "minus infinity": exp(NEG - m) underflows to 0 without producing NaN when a
 # whole row is masked (-inf - -inf would).
@@ -57,15 +65,17 @@ def _kernel(
     kv_lens_ref,     # [B] int32, SMEM
     # inputs:
     q_ref,           # (K, G, H) block of [B, K, G, H]
-    *refs,           # pages_per_step k blocks (S, K, H), then pages_per_step v blocks (S, K, H)
+    *refs,           # pages_per_step k blocks (S, K, H), then pages_per_step v blocks (S, K, H);
+                     # quantized: then pages_per_step k scale blocks (K, S), as many v scale blocks
     # outputs: o_ref (K, G, H) block of [B, K, G, H]
     # scratch: m_ref, l_ref (K, G, 1) f32; acc_ref (K, G, H) f32
-    scale, window, softcap, page_size, pages_per_step, num_kv_heads, head_dim,
+    scale, window, softcap, page_size, pages_per_step, num_kv_heads, head_dim, quantized,
 ):
     del page_table_ref
-    k_refs = refs[:pages_per_step]
-    v_refs = refs[pages_per_step:2 * pages_per_step]
-    o_ref, m_ref, l_ref, acc_ref = refs[2 * pages_per_step:]
+    n = pages_per_step
+    k_refs, v_refs = refs[:n], refs[n:2 * n]
+    ks_refs, vs_refs = (refs[2 * n:3 * n], refs[3 * n:4 * n]) if quantized else (None, None)
+    o_ref, m_ref, l_ref, acc_ref = refs[(4 if quantized else 2) * n:]
     b, j = pl.program_id(0), pl.program_id(1)
     pos, kv_len = q_pos_ref[b], kv_lens_ref[b]
     first, last = _visible_pages(pos, kv_len, page_size, window)
@@ -87,15 +97,27 @@ def _kernel(
             mask = (kv_pos <= pos) & (kv_pos < kv_len)
             if window is not None:
                 mask &= kv_pos > pos - window
+            if quantized:
+                # The page's values in q's dtype (exact), all kv heads at once: Mosaic
+                # (libtpu for v6e, 2026-11-30) cannot convert a one-head slice of packed
+                # int8 sublanes; the slices below are then of q's dtype, as unquantized.
+                k_page = k_refs[i][...].astype(q_ref.dtype)
+                v_page = v_refs[i][...].astype(q_ref.dtype)
+            else:
+                k_page, v_page = k_refs[i], v_refs[i]
             for kh in range(num_kv_heads):
                 q = q_ref[kh]                      # (G, H)
                 if len(k_refs[i].shape) == 2:      # one kv head: (S, H) blocks
-                    k, v = k_refs[i][...], v_refs[i][...]
+                    k, v = k_page[...], v_page[...]
                 else:
-                    k = k_refs[i][:, kh, :]        # (S, H)
-                    v = v_refs[i][:, kh, :]        # (S, H)
+                    k = k_page[:, kh, :]           # (S, H)
+                    v = v_page[:, kh, :]           # (S, H)
+                if quantized:  # scales (1, S) per key / value row
+                    k_scale, v_scale = ks_refs[i][pl.ds(kh, 1), :], vs_refs[i][pl.ds(kh, 1), :]
                 s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
                                         preferred_element_type=jnp.float32) * scale  # (G, S)
+                if quantized:
+                    s = s * k_scale
                 if softcap is not None:
                     s = jnp.tanh(s / softcap) * softcap
                 s = jnp.where(mask, s, _NEG)
@@ -104,7 +126,8 @@ def _kernel(
                 alpha = jnp.exp(m_prev - m_new)
                 p = jnp.where(mask, jnp.exp(s - m_new), 0.0)
                 l_ref[kh] = alpha * l_ref[kh] + jnp.sum(p, axis=1, keepdims=True)
-                pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)  # (G, H)
+                pv = jnp.dot((p * v_scale if quantized else p).astype(v.dtype), v,
+                             preferred_element_type=jnp.float32)  # (G, H)
                 acc_ref[kh] = alpha * acc_ref[kh] + pv
                 m_ref[kh] = m_new
 
@@ -120,6 +143,7 @@ def _paged_attention(q, k_pages, v_pages, page_table, q_positions, kv_lens, *, s
     B, T, N, H = q.shape
     P, S, K, _ = k_pages.shape
     MP = page_table.shape[1]
+    quantized = isinstance(k_pages, QuantizedPages)
     assert T == 1, f"the TPU paged-attention kernel serves decode (T == 1), got T={T}; use impl='reference' for prefill"
     assert N % K == 0, f"num_heads={N} is not a multiple of num_kv_heads={K}"
     G = N // K
@@ -135,22 +159,31 @@ def _paged_attention(q, k_pages, v_pages, page_table, q_positions, kv_lens, *, s
             return (pt[b, slot], 0, 0, 0)[:len(page_block) + 1]
         return index_map
 
+    def scale_map(i):
+        def index_map(b, j, pt, pos, lens):
+            return page_map(i)(b, j, pt, pos, lens)[:3]
+        return index_map
+
     # One kv head (a device's share under tensor parallelism): the pages as [P, S, H], a
     # free reshape that XLA lays out without the size-1 dim; as [P, S, 1, H] blocks the
     # kernel would ask for a tiling that pads it, and XLA relaid the whole cache for it
     # (libtpu, v5e TP 8: 29.5 GB of temporaries).
     page_block = (S, H) if K == 1 else (S, K, H)
     kv_specs = [pl.BlockSpec((None, *page_block), page_map(i)) for i in range(pages_per_step)]
+    # Quantized: each page's scales, a (K, S) block of [P, K, S] (the same page index).
+    scale_specs = [pl.BlockSpec((None, K, S), scale_map(i)) for i in range(pages_per_step)] if quantized else []
+    values = (k_pages.values, v_pages.values) if quantized else (k_pages, v_pages)
+    scales = [k_pages.scales] * pages_per_step + [v_pages.scales] * pages_per_step if quantized else []
     qo_spec = pl.BlockSpec((None, K, G, H), lambda b, j, pt, pos, lens: (b, 0, 0, 0))
     kernel = functools.partial(
         _kernel, scale=scale, window=window, softcap=softcap, page_size=S,
-        pages_per_step=pages_per_step, num_kv_heads=K, head_dim=H)
+        pages_per_step=pages_per_step, num_kv_heads=K, head_dim=H, quantized=quantized)
     out = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=3,
             grid=(B, steps),
-            in_specs=[qo_spec] + kv_specs + kv_specs,
+            in_specs=[qo_spec] + kv_specs + kv_specs + scale_specs + scale_specs,
             out_specs=qo_spec,
             scratch_shapes=[
                 pltpu.VMEM((K, G, 1), jnp.float32),  # m: running max
@@ -166,8 +199,9 @@ def _paged_attention(q, k_pages, v_pages, page_table, q_positions, kv_lens, *, s
         q_positions[:, 0].astype(jnp.int32),
         kv_lens.astype(jnp.int32),
         q.reshape(B, K, G, H),  # [B, 1, K*G, H] -> [B, K, G, H]
-        *([k_pages.reshape(P, *page_block)] * pages_per_step),
-        *([v_pages.reshape(P, *page_block)] * pages_per_step),
+        *([values[0].reshape(P, *page_block)] * pages_per_step),
+        *([values[1].reshape(P, *page_block)] * pages_per_step),
+        *scales,
     )
     return out.reshape(B, T, N, H)  # [B, K, G, H] -> [B, 1, K*G, H]
 

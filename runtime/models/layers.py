@@ -139,14 +139,16 @@ def attention(
     PAGED_PREFILL_KERNEL on Hopper the flash kernel over the pages
     (flash_attention/gpu_mosaic.paged_prefill; the Triton and TPU kernels have no such
     mode yet). Rows of a chunk hold consecutive positions from positions[:, 0].
-    Quantized pages (runtime/kv_cache.py) are read through the paged reference, which
-    dequantizes after its gather (no kernel reads them yet), except by a fresh prefill
-    on impl "pallas": the flash kernel attends over the chunk's own k/v, unquantized,
-    while the reference reads every key back from the pages (so runtime.quality
-    measures what the quantized cache costs at every position).
+    Quantized pages (QuantizedPages, runtime/kv_cache.py): the paged decode kernels read
+    them as stored (GPU: the Triton kernel, also on Hopper; TPU: its kernel); continued
+    prefill chunks go through the paged reference, which dequantizes after its gather;
+    a fresh prefill on impl "pallas" runs the flash kernel over the chunk's own k/v,
+    unquantized, while the reference reads every key back from the pages (so
+    runtime.quality measures what the quantized cache costs at every position).
     """
     kw = dict(scale=scale, window=window, softcap=softcap)
-    if impl == "reference" or (impl == "pallas" and not fresh and is_quantized(k_pages.dtype)):
+    quantized_chunk = not fresh and q.shape[1] > 1 and is_quantized(k_pages.dtype)
+    if impl == "reference" or (impl == "pallas" and quantized_chunk):
         return paged_reference.paged_attention(q, k_pages, v_pages, page_table, positions, kv_lens, **kw)
     if impl != "pallas":
         raise ValueError(f"attention impl {impl!r} is not available; choose from {', '.join(ATTENTION_IMPLS)}")

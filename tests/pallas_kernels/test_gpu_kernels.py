@@ -26,6 +26,7 @@ from pallas_kernels.flash_attention import gpu as flash_gpu
 from pallas_kernels.flash_attention import reference as flash_ref
 from pallas_kernels.paged_attention import gpu as paged_gpu
 from pallas_kernels.paged_attention import reference as paged_ref
+from pallas_kernels.quantized_kv import QuantizedPages, dequantize_pages, quantize
 from tests.utils import paged_decode_case
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -109,6 +110,34 @@ PAGED_CASES = [
 @pytest.mark.parametrize("dtype,G,H,S,window,softcap,num_splits", PAGED_CASES)
 def test_paged_decode_matches_reference(dtype, G, H, S, window, softcap, num_splits):
     _check_paged(dtype=dtype, G=G, H=H, S=S, window=window, softcap=softcap, num_splits=num_splits)
+
+
+@pytest.mark.parametrize("cache_dtype", ["int8", "float8_e4m3fn"])
+@pytest.mark.parametrize("dtype,G,H,S,window,softcap,num_splits", [
+    (F32, 4, 128, 16, None, None, 1),
+    (BF16, 3, 64, 32, 40, 30.0, 2),
+    (BF16, 8, 128, 16, 5, None, None),
+])
+def test_paged_decode_reads_quantized_pages(cache_dtype, dtype, G, H, S, window, softcap, num_splits):
+    """QuantizedPages (values [P, S, K, H], scales [P, K, S]) against the reference in
+    float32 over their dequantized values, cast to q's dtype: the kernel's values are
+    exact in q's dtype and it scales scores and probabilities instead (f32: ulps; bf16:
+    its p rounded to bf16, TOL). Stale rows quantize to +-1e4 and would show."""
+    args, valid = _paged_case(np.random.default_rng(7), dtype=F32, G=G, H=H, S=S)
+    q, kf, vf, *rest = args
+    k_pages, v_pages = (QuantizedPages(v, jnp.swapaxes(sc, 1, 2)) for v, sc in (quantize(kf, cache_dtype),
+                                                                                 quantize(vf, cache_dtype)))
+    q = q.astype(dtype)
+    kw = {"scale": _scale(H), "window": window, "softcap": softcap}
+    if num_splits is None:
+        out = paged_gpu.paged_attention(q, k_pages, v_pages, *rest, **kw, interpret=INTERPRET)
+    else:
+        out = paged_gpu.paged_attention_tuned(q, k_pages, v_pages, *rest, **kw, interpret=INTERPRET,
+                                              num_splits=num_splits)
+    deq = lambda p: dequantize_pages(p, F32)  # noqa: E731
+    ref = _reference(paged_ref.paged_attention, q.astype(F32), deq(k_pages), deq(v_pages), *rest, **kw).astype(dtype)
+    assert out.shape == ref.shape and out.dtype == dtype
+    _assert_matches(out, ref, valid, dtype)
 
 
 @pytest.mark.slow
@@ -244,6 +273,20 @@ def test_kernels_lower_to_triton(dtype, G, H):
                                       num_splits=splits)
             _export_for_cuda(paged, sds((B, 1, K * G, H), dtype), sds((P, S, K, H), dtype), sds((P, S, K, H), dtype),
                              sds((B, MP), jnp.int32), sds((B, 1), jnp.int32), sds((B,), jnp.int32))
+
+
+@pytest.mark.parametrize("cache_dtype", [jnp.int8, jnp.float8_e4m3fn])
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_quantized_paged_decode_lowers_to_triton(cache_dtype, dtype):
+    """QuantizedPages through the Triton lowering: int8 / e4m3 loads, the casts to q's
+    dtype and the scale rows gathered through the page table."""
+    sds = jax.ShapeDtypeStruct
+    B, K, G, H, S, MP, P = 3, 2, 4, 128, 16, 5, 20
+    pages = QuantizedPages(sds((P, S, K, H), cache_dtype), sds((P, K, S), jnp.float32))
+    for splits in (1, 4):
+        paged = functools.partial(paged_gpu.paged_attention_tuned, scale=0.1, num_splits=splits)
+        _export_for_cuda(paged, sds((B, 1, K * G, H), dtype), pages, pages, sds((B, MP), jnp.int32),
+                         sds((B, 1), jnp.int32), sds((B,), jnp.int32))
 
 
 def test_float32_queries_over_a_bfloat16_cache():

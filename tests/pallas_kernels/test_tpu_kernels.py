@@ -23,6 +23,7 @@ from pallas_kernels.flash_attention import reference as flash_ref
 from pallas_kernels.flash_attention import tpu as flash_tpu
 from pallas_kernels.paged_attention import reference as paged_ref
 from pallas_kernels.paged_attention import tpu as paged_tpu
+from pallas_kernels.quantized_kv import QuantizedPages, dequantize_pages, quantize
 
 INTERPRET = pltpu.InterpretParams(detect_races=True, uninitialized_memory="nan", out_of_bounds_reads="raise")
 
@@ -167,6 +168,42 @@ def test_paged_public_wrapper_and_padding_queries():
     assert not np.any(np.asarray(out[0])) and not np.any(np.asarray(out[3]))
 
 
+def quantize_case_pages(pages, cache_dtype):
+    """Float pages [P, S, K, H] (NaN rows: pages nobody may read) -> QuantizedPages with
+    NaN scales on those rows, so a kernel touching them poisons its output."""
+    values, scales = quantize(jnp.nan_to_num(pages, nan=0.0), cache_dtype)  # [P, S, K, H], [P, S, K]
+    scales = jnp.where(jnp.isnan(pages).any(-1), jnp.nan, scales)
+    return QuantizedPages(values, jnp.swapaxes(scales, 1, 2))  # scales [P, K, S]
+
+
+def quantized_reference(q, k_pages, v_pages, *rest, **kw):
+    """The paged reference in float32 over the pages' dequantized values (NaN pages
+    zeroed), cast to q's dtype: what a kernel that dequantizes exactly computes."""
+    clean = lambda p: jnp.nan_to_num(dequantize_pages(p, jnp.float32), nan=0.0)  # noqa: E731
+    out = paged_ref.paged_attention(q.astype(jnp.float32), clean(k_pages), clean(v_pages), *rest, **kw)
+    return out.astype(q.dtype)
+
+
+@pytest.mark.parametrize("cache_dtype", ["int8", "float8_e4m3fn"])
+@pytest.mark.parametrize("dtype,ratio,head_dim,page_size,window,softcap,num_kv_heads", [
+    (jnp.float32, 4, 128, 16, None, None, 2),
+    (jnp.bfloat16, 8, 128, 32, 5, 30.0, 2),
+    (jnp.bfloat16, 4, 64, 16, None, None, 1),  # one kv head: [P, S, H] blocks, (1, S) scales
+])
+def test_paged_reads_quantized_pages(cache_dtype, dtype, ratio, head_dim, page_size, window, softcap, num_kv_heads):
+    """QuantizedPages (values and [P, K, S] scales) against the reference over their
+    dequantized values. f32 queries: the kernel scales scores instead of keys (a few ulps);
+    bf16: the bf16 tolerance above (the kernel's values are exact in bf16, its p rounded)."""
+    max_pages = 4
+    q, kf, vf, *rest = _paged_case(jnp.float32, ratio, head_dim, page_size, _lengths(page_size, max_pages),
+                                   max_pages=max_pages, num_kv_heads=num_kv_heads)
+    k_pages, v_pages = (quantize_case_pages(p, cache_dtype) for p in (kf, vf))
+    kw = {"scale": head_dim ** -0.5, "window": window, "softcap": softcap}
+    q = q.astype(dtype)
+    out = _interpret(paged_tpu._paged_attention, q, k_pages, v_pages, *rest, pages_per_step=2, **kw)
+    _close(out, quantized_reference(q, k_pages, v_pages, *rest, **kw), dtype)
+
+
 def test_paged_rejects_prefill():
     args = _paged_case(jnp.float32, 1, 64, 16, [3])
     q = jnp.concatenate([args[0]] * 2, axis=1)  # T = 2
@@ -270,6 +307,18 @@ def test_tpu_compile_production_shapes(topology, window, softcap):
     # (e.g. merging K into the lanes) would be a copy of each the size of the cache.
     page_bytes = P * S * K * H * 2
     assert compiled.memory_analysis().temp_size_in_bytes < page_bytes // 8, compiled.memory_analysis()
+
+    # Quantized pages: int8 values in the same tiles, [P, K, S] float32 scales read as
+    # (K, S) blocks; no relayout either (S = 64: pages of 64 or more for a quantized
+    # cache on TPU, pallas_kernels/quantized_kv.py), for 8 kv heads and for one.
+    for k_heads, cache_dtype in ((K, jnp.int8), (1, jnp.int8), (K, jnp.float8_e4m3fn)):
+        S8 = 64
+        P8 = B * (T // S8)
+        pages = QuantizedPages(sds((P8, S8, k_heads, H), cache_dtype), sds((P8, k_heads, S8), jnp.float32))
+        compiled = paged.lower(sds((B, 1, N // K * k_heads, H), bf16), pages, pages, sds((B, T // S8), i32),
+                               sds((B, 1), i32), sds((B,), i32)).compile()
+        assert "paged_attention_decode" in compiled.as_text()
+        assert compiled.memory_analysis().temp_size_in_bytes < P8 * S8 * k_heads * H // 8, compiled.memory_analysis()
 
     flash = jax.jit(lambda *a: flash_tpu.flash_attention(*a, **kw))
     compiled = flash.lower(sds((1, T, N, H), bf16), sds((1, T, K, H), bf16), sds((1, T, K, H), bf16),

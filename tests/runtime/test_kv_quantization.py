@@ -1,5 +1,6 @@
 """Quantized KV caches (--cache_dtype=int8 | float8_e4m3fn; runtime/kv_cache.py,
-pallas_kernels/quantized_kv.py): rows against numpy, the paged reference over quantized
+pallas_kernels/quantized_kv.py): rows against numpy, page writes (values and scales at the
+right page, offset and kv head; padding dropped), the paged reference over quantized
 pages against the same over their dequantized values, the engine against a float32 cache,
 prefix caching and preemption on quantized pages, and the capacity they buy."""
 
@@ -7,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -16,7 +16,9 @@ import pytest
 from pallas_kernels.paged_attention import reference as paged_reference
 from runtime.config import ConfigError, EngineConfig
 from runtime.engine import Engine
-from runtime.kv_cache import SCALE_LANES, KVCache, dequantize_rows, quantize_rows, row_width, write_kv
+from runtime.kv_cache import (
+    KVCache, QuantizedPages, dequantize, dequantize_pages, quantize, write_kv, zeros_pages,
+)
 from runtime.orchestrator import Orchestrator, Request
 from runtime.presets import preset_config
 from runtime.random_weights import random_model
@@ -41,19 +43,20 @@ def test_rows_match_numpy(dtype, H):
     x = np.random.default_rng(H).standard_normal((3, 5, 2, H)).astype(np.float32) * np.float32(4.0)
     x[0, 0, 0] = 0.0  # a row of zeros: scale 1, values 0
     x[1, 2, 1, 3] = 1e4  # one large value: the rest of its row rounds to few steps
-    rows = quantize_rows(jnp.asarray(x), dtype)
-    assert rows.shape == (3, 5, 2, row_width(H, dtype)) == (3, 5, 2, H + SCALE_LANES) and rows.dtype == dtype
+    values, scales = quantize(jnp.asarray(x), dtype)
+    assert values.shape == (3, 5, 2, H) and values.dtype == dtype
+    assert scales.shape == (3, 5, 2) and scales.dtype == jnp.float32
     q, scale = _numpy_rows(x, dtype)
-    got_scale = np.asarray(rows[..., H:]).view(np.uint8).copy().view(np.float32)[..., 0]
+    got_scale = np.asarray(scales)
     # XLA may divide by 127 as a multiply by its reciprocal: the scale within an ulp, and
     # a value on a rounding boundary one step off (rare; bounded below).
     np.testing.assert_allclose(got_scale, scale, rtol=3e-7)
     assert got_scale[0, 0, 0] == 1.0
-    got_q = np.asarray(rows[..., :H]).astype(np.float32)
+    got_q = np.asarray(values).astype(np.float32)
     step = 1.0 if dtype == "int8" else np.abs(q.astype(np.float32)) / 8 + 2.0**-9
     off = got_q != q.astype(np.float32)
     assert off.mean() <= 0.01 and np.all(np.abs(got_q - q.astype(np.float32)) <= step), off.mean()
-    back = np.asarray(dequantize_rows(rows, jnp.float32))
+    back = np.asarray(dequantize(values, scales, jnp.float32))
     np.testing.assert_allclose(back, got_q * got_scale[..., None], rtol=1e-6)
     # Rounding error: half a step of the row's scale (int8), 2^-4 of the value (e4m3's
     # 3-bit mantissa) or half its smallest step (subnormals).
@@ -72,13 +75,22 @@ def test_paged_reference_reads_quantized_pages_as_their_values(dtype):
     table = jnp.asarray([[0, 1, 2], [3, 4, 5]], jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     kv_lens = jnp.asarray([5, 3], jnp.int32)  # row 1: its last two tokens are padding
-    zeros = jnp.zeros((P, S, K, H + SCALE_LANES), dtype)
+    zeros = zeros_pages((P, S, K, H), dtype)
+    assert isinstance(zeros, QuantizedPages) and zeros.scales.shape == (P, K, S) and np.all(np.asarray(zeros.scales) == 1)
     kq, vq = write_kv(zeros, zeros, k_new, v_new, table, positions, kv_lens)
-    kf, vf = (dequantize_rows(p, jnp.float32) for p in (kq, vq))
-    # The written rows are the tokens' quantized rows; padding left its rows as they were.
-    np.testing.assert_array_equal(np.asarray(kf[0, :4]), np.asarray(dequantize_rows(quantize_rows(k_new[0, :4], dtype),
-                                                                                     jnp.float32)))
+    kf, vf = (dequantize_pages(p, jnp.float32) for p in (kq, vq))
+    # The written rows are the tokens' quantized rows, each scale at [page, kv head,
+    # offset]; padding left its rows (values 0, scale 1) as they were.
+    want_q, want_s = quantize(k_new, dtype)  # [B, T, K, H], [B, T, K]
+    for b, t in [(0, 0), (0, 3), (0, 4), (1, 0), (1, 2)]:
+        page, off = int(table[b, t // S]), t % S
+        np.testing.assert_array_equal(np.asarray(kq.values[page, off]).astype(np.float32),
+                                      np.asarray(want_q[b, t]).astype(np.float32))
+        np.testing.assert_array_equal(np.asarray(kq.scales[page, :, off]), np.asarray(want_s[b, t]))
+    np.testing.assert_array_equal(np.asarray(kf[0, :4]), np.asarray(dequantize(want_q[0, :4], want_s[0, :4],
+                                                                               jnp.float32)))
     assert not np.any(np.asarray(kf[3, 3:])) and not np.any(np.asarray(kf[4]))
+    assert np.all(np.asarray(kq.scales[3, :, 3:]) == 1) and np.all(np.asarray(kq.scales[4:]) == 1)
     q = jnp.asarray(rng.standard_normal((B, T, N, H)), jnp.float32)
     kw = dict(scale=0.25, window=None, softcap=None)
     got = paged_reference.paged_attention(q, kq, vq, table, positions, kv_lens, **kw)
@@ -92,12 +104,12 @@ PROMPTS = [np.random.default_rng(i).integers(1, 200, n).tolist() for i, n in enu
 _MODELS = {}
 
 
-def _run(cache_dtype, *, num_pages=40, caching=False, rounds=(PROMPTS,)):
+def _run(cache_dtype, *, num_pages=40, caching=False, rounds=(PROMPTS,), attention="reference"):
     """Greedy tokens and logprobs of each prompt (12 tokens each), rounds one after
     another on one orchestrator; returns ({id: (tokens, logprobs)}, orchestrator)."""
     if "m" not in _MODELS:
         _MODELS["m"] = random_model(preset_config("tiny-llama"), "float32", None)
-    ecfg = dataclasses.replace(ECFG, cache_dtype=cache_dtype, enable_prefix_caching=caching)
+    ecfg = dataclasses.replace(ECFG, cache_dtype=cache_dtype, enable_prefix_caching=caching, attention=attention)
     orc = Orchestrator(Engine(_MODELS["m"], ecfg, num_pages=num_pages), None)
     got = {}
     for r, prompts in enumerate(rounds):
@@ -131,13 +143,31 @@ def float_run():
 def test_engine_with_a_quantized_cache_tracks_the_float_cache(float_run, dtype, atol, agreement):
     got, orc = _run(dtype)
     page = orc.engine.cache.k[0]
-    assert page.dtype == dtype and page.shape[-1] == orc.engine.cfg.head_dim + SCALE_LANES
+    assert isinstance(page, QuantizedPages) and page.values.dtype == dtype and page.scales.dtype == jnp.float32
+    assert page.shape[-1] == orc.engine.cfg.head_dim and page.scales.shape == (40, orc.engine.cfg.num_kv_heads, 8)
     same = [a == b for rid in float_run for a, b in zip(float_run[rid][0], got[rid][0])]
     assert np.mean(same) >= agreement
     # Logprobs compared while the tokens agree (after a different token the texts differ).
     for rid in float_run:
         n = next((i for i, (a, b) in enumerate(zip(float_run[rid][0], got[rid][0])) if a != b), 12)
         np.testing.assert_allclose(got[rid][1][:n], float_run[rid][1][:n], atol=atol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_decode_kernel_reads_quantized_pages_in_the_engine(dtype):
+    """--attention=pallas: decode steps through the paged kernel over QuantizedPages (here
+    the GPU kernel interpreted; tests/pallas_kernels check it and the TPU kernel against
+    the reference), the first token from the flash kernel over the prompt's unquantized
+    k/v. Against the reference engine on the same quantized cache: the same tokens, and
+    logprobs within what reading the prompt's keys unquantized moves them (measured:
+    int8 7.9e-4, e4m3 1.8e-3; bounds 4x and 6x that). Decode alone agrees to float32
+    rounding (the kernel scales scores where the reference scales keys)."""
+    ref, _ = _run(dtype)
+    got, orc = _run(dtype, attention="pallas")
+    orc.allocator.check_conserved()
+    for rid in ref:
+        assert got[rid][0] == ref[rid][0], (rid, ref[rid][0], got[rid][0])
+        np.testing.assert_allclose(got[rid][1], ref[rid][1], atol=3e-3 if dtype == "int8" else 1e-2)
 
 
 def test_prefix_caching_and_preemption_on_quantized_pages():
@@ -157,8 +187,7 @@ def test_prefix_caching_and_preemption_on_quantized_pages():
 
 
 def test_a_quantized_cache_holds_about_twice_the_tokens():
-    """Llama-3.1-8B's rows: 128 values + 4 scale lanes in one byte each against 128 x 2
-    bytes; the planner gives the cache that many more pages in the same memory."""
+    """Llama-3.1-8B's rows: 128 one-byte values + a 4-byte scale against 128 x 2 bytes; the planner gives the cache that many more pages in the same memory."""
     cfg = preset_config("llama3.1-8b")
     bf16 = KVCache.bytes_per_token(cfg, jnp.bfloat16)
     assert KVCache.bytes_per_token(cfg, jnp.int8) == KVCache.bytes_per_token(cfg, "float8_e4m3fn") == bf16 * 132 // 256
@@ -179,7 +208,8 @@ def test_aot_abstract_cache_has_the_quantized_rows():
     ecfg = EngineConfig(max_num_seqs=2, max_model_len=64, prefill_lengths=(16,), decode_batch_sizes=(2,),
                         cache_dtype="int8", attention="reference")
     engine = aot.abstract_engine(cfg, ecfg, make_mesh(MeshConfig(tensor=1)), num_pages=8)
-    page = jax.tree.leaves(engine.cache)[0]
-    assert page.dtype == jnp.int8 and page.shape == (8, ecfg.page_size, cfg.num_kv_heads, cfg.head_dim + SCALE_LANES)
+    page = engine.cache.k[0]
+    assert page.values.dtype == jnp.int8 and page.shape == (8, ecfg.page_size, cfg.num_kv_heads, cfg.head_dim)
+    assert page.scales.dtype == jnp.float32 and page.scales.shape == (8, cfg.num_kv_heads, ecfg.page_size)
     step = aot.compile_step(engine, "decode", (2, "filter"))
     assert step.memory.argument > 0

@@ -55,7 +55,7 @@ def test_sharded_equals_one_device(rows):
         ("mistral_window", 2, 1, 1, "reference"), ("mistral_window", 1, 2, 1, "reference"),
         ("gemma3", 2, 1, 1, "reference"), ("gemma3", 1, 2, 1, "reference"), ("gemma3", 2, 2, 1, "pallas"),
         ("gemma3", 1, 1, 2, "pallas"), ("llama_prefix", 2, 2, 1, "reference"), ("llama_prefix", 2, 1, 2, "reference"),
-        ("llama_int8", 2, 1, 1, "reference"), ("llama_int8", 2, 2, 1, "reference")}
+        ("llama_int8", 2, 1, 1, "reference"), ("llama_int8", 2, 2, 1, "reference"), ("llama_int8", 2, 1, 1, "pallas")}
     assert any(r["microbatches"] > 1 for r in rows)
     for r in rows:
         where = f"{r['config']} TP {r['tp']} PP {r['pp']} DP {r['dp']} {r['attention']}"
@@ -68,10 +68,11 @@ def test_sharded_equals_one_device(rows):
         assert r["cached_tokens"] > 0 if r["prefix_caching"] else r["cached_tokens"] == 0, where
         assert r["base_cached_tokens"] == 0, where
         # int8 weights and KV cache (both sides quantized): the scales split with their
-        # weights' kv heads, the cache rows (8 values + a 4-lane scale) with theirs.
+        # weights' kv heads; the cache's values [.., P, S, K, 8] and scales [.., P, K, S] by kv head.
         if r["quantization"]:
             assert r["wqkv_dtype"] == "int8" and "'tensor'" in r["wqkv_scale"], where
-            assert r["cache_dtype"] == "int8" and r["cache_row"] == 8 + 4 and "'tensor'" in r["cache"], where
+            assert r["cache_dtype"] == "int8" and r["cache_row"] == 8 and "'tensor'" in r["cache"], where
+            assert "'tensor'" in r["cache_scales"] and r["cache_scales_shape"][-2:] == [r["sharded_kv_heads"], 8], where
         assert r["all_reduce"] or r["tp"] * r["pp"] == 1, f"{where}: the decode step has no cross-device reduction"
         # Stages hand activations on with a collective permute; without stages there is none.
         # (With data-parallel groups the partitioner may also move rows with one.)
