@@ -42,6 +42,9 @@ flags.DEFINE_string("json_out", None, "Write the results here as JSON.")
 flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Parameter and KV cache dtype.")
 flags.DEFINE_enum("quantization", None, ["int8", "fp8"], "Weight-only quantization of the projections "
                   "(runtime.quantization); the roofline counts the quantized bytes.")
+flags.DEFINE_enum("cache_dtype", None, ["bfloat16", "float32", "int8", "float8_e4m3fn"],
+                  "KV cache dtype (default: --dtype); int8 / float8_e4m3fn store quantized pages and the "
+                  "roofline counts their bytes (values and scales).")
 flags.DEFINE_integer("page_size", 16, "Tokens per KV page.")
 flags.DEFINE_integer("decode_steps_per_call", 1, "Decode steps per dispatch (1, the engine default, streams every token).")
 flags.DEFINE_enum("attention", "auto", ["auto", "reference", "pallas"], "Attention (auto: Pallas on GPU).")
@@ -96,7 +99,7 @@ def bench_batch(model, batch: int, bandwidth: float, matmul_flops: float, mesh=N
         prefill_batch_sizes=prefill_batch_sizes, decode_steps_per_call=steps,
         max_num_batched_tokens=max(prefill_batch_sizes) * FLAGS.prompt_len + batch * steps,
         decode_batch_sizes=(batch,), attention=FLAGS.attention, command_buffers=FLAGS.command_buffers,
-        cache_dtype=FLAGS.dtype, pipeline_microbatches=FLAGS.pipeline_microbatches,
+        cache_dtype=FLAGS.cache_dtype or FLAGS.dtype, pipeline_microbatches=FLAGS.pipeline_microbatches,
         quantization=FLAGS.quantization,
     )
     from runtime.startup import build_engine
@@ -221,7 +224,7 @@ def bench_batch(model, batch: int, bandwidth: float, matmul_flops: float, mesh=N
     ctx = FLAGS.prompt_len + FLAGS.gen_len / 2
     cache_leaf = jax.tree.leaves(engine.cache)[0]
     kv_share = cache_leaf.addressable_shards[0].data.size / cache_leaf.size
-    kv_bytes = batch * ctx * KVCache.bytes_per_token(cfg, jax.numpy.dtype(FLAGS.dtype)) * kv_share
+    kv_bytes = batch * ctx * KVCache.bytes_per_token(cfg, jax.numpy.dtype(FLAGS.cache_dtype or FLAGS.dtype)) * kv_share
     # With S stages and M microbatches a step is M + S - 1 ticks, and in each every device
     # reads all its weights (idle ticks too: the stages run in lockstep); the KV once.
     stages = pipeline.stage_size(mesh)
@@ -299,6 +302,7 @@ def main(argv):
         rows.append(bench_batch(model, b, bandwidth, matmul_flops, mesh, profile_prefill=b == batches[0]))
         print(json.dumps(rows[-1]), flush=True)
     quant = f", {FLAGS.quantization} weights" if FLAGS.quantization else ""
+    quant += f", {FLAGS.cache_dtype} KV cache" if FLAGS.cache_dtype and FLAGS.cache_dtype != FLAGS.dtype else ""
     print(f"\n{FLAGS.model} ({cfg.num_params() / 1e9:.2f}B params, {FLAGS.dtype}{quant}) on {device} "
           f"x TP {FLAGS.tensor_parallel_size} x PP {FLAGS.pipeline_parallel_size} (roofline per device), "
           f"jax {jax.__version__}, prompt {FLAGS.prompt_len}, gen {FLAGS.gen_len}, "
