@@ -45,6 +45,9 @@ flags.DEFINE_enum("quantization", None, ["int8", "fp8"], "Weight-only quantizati
 flags.DEFINE_enum("cache_dtype", None, ["bfloat16", "float32", "int8", "float8_e4m3fn"],
                   "KV cache dtype (default: --dtype); int8 / float8_e4m3fn store quantized pages and the "
                   "roofline counts their bytes (values and scales).")
+flags.DEFINE_enum("quantized_matmul", "auto", ["auto", "xla"],
+                  "With --quantization: auto runs the Pallas kernel that reads quantized weights on GPU "
+                  "(runtime.models.layers.QUANTIZED_MATMUL); xla XLA's fused convert (for comparison).")
 flags.DEFINE_integer("page_size", 16, "Tokens per KV page.")
 flags.DEFINE_integer("decode_steps_per_call", 1, "Decode steps per dispatch (1, the engine default, streams every token).")
 flags.DEFINE_enum("attention", "auto", ["auto", "reference", "pallas"], "Attention (auto: Pallas on GPU).")
@@ -249,7 +252,10 @@ def bench_batch(model, batch: int, bandwidth: float, matmul_flops: float, mesh=N
 
 def main(argv):
     absl_logging.set_verbosity(absl_logging.WARNING)
+    from runtime.models import layers
     from runtime.presets import preset_config, preset_hf_config
+
+    layers.QUANTIZED_MATMUL = FLAGS.quantized_matmul
 
     try:
         hf_config = preset_hf_config(FLAGS.model)
@@ -301,7 +307,7 @@ def main(argv):
         # Prefill does not depend on the batch size: profiled once.
         rows.append(bench_batch(model, b, bandwidth, matmul_flops, mesh, profile_prefill=b == batches[0]))
         print(json.dumps(rows[-1]), flush=True)
-    quant = f", {FLAGS.quantization} weights" if FLAGS.quantization else ""
+    quant = f", {FLAGS.quantization} weights ({FLAGS.quantized_matmul} matmuls)" if FLAGS.quantization else ""
     quant += f", {FLAGS.cache_dtype} KV cache" if FLAGS.cache_dtype and FLAGS.cache_dtype != FLAGS.dtype else ""
     print(f"\n{FLAGS.model} ({cfg.num_params() / 1e9:.2f}B params, {FLAGS.dtype}{quant}) on {device} "
           f"x TP {FLAGS.tensor_parallel_size} x PP {FLAGS.pipeline_parallel_size} (roofline per device), "

@@ -225,13 +225,60 @@ def _jit_fuse(fn, sharding):
     return jax.jit(fn, out_shardings=sharding)
 
 
+# Quantized projections on GPU: "auto" runs pallas_kernels/quantized_matmul/gpu.py where
+# the einsum is a plain [M, D] x [D, N] (every GPU layout's projection) and the kernel
+# takes the shapes, XLA's fused convert elsewhere; "xla" always XLA; "interpret" the
+# kernel interpreted on any platform (CPU tests). runtime.bench --quantized_matmul sets it.
+QUANTIZED_MATMUL = "auto"
+QUANTIZED_MATMUL_MODES = ("auto", "xla", "interpret")
+
+
+def _matmul_view(spec: str) -> tuple[int, int] | None:
+    """(x's leading batch axes, contracted axes) when `spec` is x [batch..., contracted...]
+    times w [contracted..., out...] -> [batch..., out...] with the axes in those orders
+    (a 2-D matmul of free reshapes); else None."""
+    ins, out = spec.split("->")
+    xs, ws = ins.split(",")
+    contracted = [c for c in xs if c not in out]
+    batch = xs[:len(xs) - len(contracted)]
+    outs = ws[len(contracted):]
+    if xs != batch + "".join(contracted) or ws != "".join(contracted) + outs or out != batch + outs:
+        return None
+    return len(batch), len(contracted)
+
+
+def _quantized_kernel(spec: str, x: jax.Array, w: jax.Array, scale: jax.Array) -> jax.Array | None:
+    """project's quantized case through the Pallas kernel, when QUANTIZED_MATMUL and the
+    shapes allow it; None otherwise."""
+    mode = QUANTIZED_MATMUL
+    if mode == "xla" or (mode == "auto" and dispatch.platform() != "gpu"):
+        return None
+    view = _matmul_view(spec)
+    if view is None:
+        return None
+    nb, nc = view
+    from pallas_kernels.quantized_matmul import gpu as qmm
+
+    M, D = int(np.prod(x.shape[:nb])), int(np.prod(x.shape[nb:]))
+    x2, w2, s2 = x.reshape(M, D), w.reshape(D, -1), scale.reshape(-1)
+    interpret = mode == "interpret" or dispatch.platform() != "gpu"
+    if not qmm.supports(x2, w2, s2) or (not interpret and not qmm.runs_here(w2.dtype)):
+        return None
+    y = qmm.quantized_matmul(x2, w2, s2, interpret=interpret)
+    return y.reshape(*x.shape[:nb], *w.shape[nc:])
+
+
 def project(spec: str, x: jax.Array, w: jax.Array, scale: jax.Array | None = None) -> jax.Array:
     """jnp.einsum(spec, x, w); with `scale` (runtime.quantization), w is a quantized weight:
     converted to x's dtype inside the matmul, the float32 product scaled per output
     channel (scale: w's output axes, in w's order; the output's trailing axes) and
-    rounded once to x's dtype."""
+    rounded once to x's dtype. On GPU that runs the Pallas kernel that reads the weight
+    in its quantized bytes (QUANTIZED_MATMUL)."""
     if scale is None:
         return jnp.einsum(spec, x, w)
+    y = _quantized_kernel(spec, x, w, scale)
+    if y is not None:
+        return y
     ins, out = spec.split("->")
     x_letters, w_letters = ins.split(",")
     s_letters = [c for c in w_letters if c not in x_letters]

@@ -153,6 +153,29 @@ def test_engine_equals_the_model_with_dequantized_weights(mode, model_type, extr
         np.testing.assert_allclose(got[k][1], want[k][1], atol=2e-4)
 
 
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+def test_engine_through_the_quantized_matmul_kernel(monkeypatch, mode):
+    """The projections through pallas_kernels/quantized_matmul (what GPUs run; here
+    interpreted) give the XLA path's tokens, logprobs within float32 summation order.
+    Every projection of the layer takes the kernel (dims multiples of 64), counted."""
+    from pallas_kernels.quantized_matmul import gpu as qmm
+    from runtime.models import layers
+
+    model = _tiny(intermediate_size=128)
+    want = _greedy(_copy(model), dataclasses.replace(ECFG, quantization=mode), PROMPTS)
+    calls = []
+    kernel = qmm.quantized_matmul
+    monkeypatch.setattr(qmm, "quantized_matmul", lambda x, q, s, **kw: calls.append(q.shape) or kernel(x, q, s, **kw))
+    monkeypatch.setattr(layers, "QUANTIZED_MATMUL", "interpret")
+    got = _greedy(_copy(model), dataclasses.replace(ECFG, quantization=mode), PROMPTS)
+    # Traced once per program and layer: q/k/v [64, 2 x (2 + 2) x 16], output [64, 64],
+    # gate/up [64, 256], down [128, 64].
+    assert {(64, 128), (64, 64), (64, 256), (128, 64)} <= set(calls), set(calls)
+    for k in want:
+        assert got[k][0] == want[k][0], k
+        np.testing.assert_allclose(got[k][1], want[k][1], atol=2e-4)
+
+
 def test_quantized_model_state():
     model = quantization.quantize_model(_tiny(), "int8")
     assert all(b.attn.quantization == b.mlp.quantization == "int8" for b in model.layers)
