@@ -9,15 +9,14 @@ value: int8 rounds to the nearest step, fp8 e4m3 to its 3-bit mantissa), and the
 Why two arrays with these layouts: every kernel reads whole pages. The values keep the
 float cache's [P, S, K, H] layout, so a page is one aligned block (a TPU tile of (K, H)
 or (S, H) without padding, 16-byte rows for the Hopper TMA), and a page's scales are one
-contiguous [K, S] block beside it (a TPU block of whole trailing dims; S floats per kv
-head for a GPU kernel's row of scores). An earlier format kept each row's scale in 4
-more lanes of the row, [P, S, K, H + 4]: a TPU kernel needs that array in its row-major
-tiled layout, which pads 132 lanes to 256 (libtpu, v5e, 2026-11-30: 1.94x the raw bytes,
-as large as bfloat16), and 132-byte rows are not 16-byte aligned for the TMA.
-
-Measured by compiling the TPU decode kernel with libtpu (v5e, 8 sequences of 4096
-tokens, 2026-11-30): its int8 arguments are 0.52x the bfloat16 ones for 1, 2 and 8 kv
-heads and pages of 16 to 128 tokens, with no temporaries (no relayout of the cache).
+contiguous [K, S] run (S floats per kv head: a GPU kernel's row of scores). An earlier
+format kept each row's scale in 4 more lanes of the row, [P, S, K, H + 4]: a TPU kernel
+needs that array in its row-major tiled layout, which pads 132 lanes to 256 (libtpu,
+v5e, 2026-11-30: 1.94x the raw bytes, as large as bfloat16), and 132-byte rows are not
+16-byte aligned for the TMA. The TPU kernel reads the scales through a per-call gather
+into [B, K, tokens] (paged_attention/tpu.py says why), so XLA keeps [P, K, S] in the
+compact layout it picks: an engine's decode step compiled for v5e (TP 8, int8 KV) has
+arguments equal to the planned bytes and no temporaries.
 """
 
 from __future__ import annotations

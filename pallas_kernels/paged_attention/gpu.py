@@ -137,14 +137,15 @@ def _decode_kernel(
         if softcap is not None:
             s = jnp.tanh(s / softcap) * softcap
         kv_pos = blk * BK + lax.broadcasted_iota(jnp.int32, (R, BK), 1)
-        s = jnp.where((kv_pos >= start) & (kv_pos < end), s, -jnp.inf)
+        visible = (kv_pos >= start) & (kv_pos < end)
+        s = jnp.where(visible, s, -jnp.inf)
         m_new = jnp.maximum(m, s.max(axis=1))
         alpha = jnp.exp(m - m_new)
         p = jnp.exp(s - m_new[:, None])
         l = l * alpha + p.sum(axis=1)
-        if quantized:  # each value row's scale on its probability column
-            pv = lax.dot((p * vs_ref[pages].reshape(1, BK)).astype(score_dtype), v.astype(score_dtype),
-                         preferred_element_type=jnp.float32)
+        if quantized:  # each value row's scale on its probability column (a masked row's may be anything)
+            pw = jnp.where(visible, p * vs_ref[pages].reshape(1, BK), 0.0)
+            pv = lax.dot(pw.astype(score_dtype), v.astype(score_dtype), preferred_element_type=jnp.float32)
         else:
             pv = lax.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
         return acc * alpha[:, None] + pv, m_new, l

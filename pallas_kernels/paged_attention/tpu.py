@@ -16,10 +16,17 @@ for a 3.8 GB cache; now 1.9 MB). All G query heads of one kv head form one (G, H
 (H, S) matmul; G is never padded in HBM.
 
 Quantized pages (QuantizedPages, pallas_kernels/quantized_kv.py): each page's values
-arrive as the same (S, K, H) block in int8 or fp8 and its scales as a (K, S) float32
-block of [P, K, S] (whole trailing dims: legal for any K and S). The values are cast to
-the query's dtype for the dots (exact), the key scales multiply the scores' columns and
-the value scales the probabilities' columns; nothing is dequantized in HBM.
+arrive as the same (S, K, H) block in int8 or fp8. The scales are gathered per sequence
+before the call, [P, K, S] -> [B, K, slots * S] (slots in table order, padded to whole
+steps), and each step reads its (K, pages_per_step * S) block: 256 lanes of float32 per
+kv head. Reading them per page from [P, K, S] instead would make the kernel ask for
+that array in a row-major tiled layout, which XLA does not keep it in (it picks a
+compact layout for the scatter that writes it): libtpu (v5e, TP 8, one kv head, S = 16)
+copied every layer's scales into a 128-lane-padded layout on every decode call, 1.7 GB
+of temporaries for a 14 GB cache. The gather moves 4 bytes per visible token and kv
+head (3% of the values' bytes at H = 128). The values are cast to the query's dtype for
+the dots (exact), the key scales multiply the scores' columns and the value scales the
+probabilities' columns; nothing is dequantized in HBM.
 
 Only pages a query can see are read: for query position p and length L the visible
 pages are [max(0, p - W + 1) // S, min(p, L - 1) // S]. The index maps clamp the page
@@ -66,16 +73,16 @@ def _kernel(
     # inputs:
     q_ref,           # (K, G, H) block of [B, K, G, H]
     *refs,           # pages_per_step k blocks (S, K, H), then pages_per_step v blocks (S, K, H);
-                     # quantized: then pages_per_step k scale blocks (K, S), as many v scale blocks
+                     # quantized: then the step's k scales and v scales, (K, pages_per_step * S) each
     # outputs: o_ref (K, G, H) block of [B, K, G, H]
     # scratch: m_ref, l_ref (K, G, 1) f32; acc_ref (K, G, H) f32
-    scale, window, softcap, page_size, pages_per_step, num_kv_heads, head_dim, quantized,
+    scale, window, softcap, page_size, pages_per_step, num_kv_heads, head_dim, quantized, whole_scales,
 ):
     del page_table_ref
     n = pages_per_step
     k_refs, v_refs = refs[:n], refs[n:2 * n]
-    ks_refs, vs_refs = (refs[2 * n:3 * n], refs[3 * n:4 * n]) if quantized else (None, None)
-    o_ref, m_ref, l_ref, acc_ref = refs[(4 if quantized else 2) * n:]
+    ks_ref, vs_ref = refs[2 * n:2 * n + 2] if quantized else (None, None)
+    o_ref, m_ref, l_ref, acc_ref = refs[2 * n + (2 if quantized else 0):]
     b, j = pl.program_id(0), pl.program_id(1)
     pos, kv_len = q_pos_ref[b], kv_lens_ref[b]
     first, last = _visible_pages(pos, kv_len, page_size, window)
@@ -112,8 +119,10 @@ def _kernel(
                 else:
                     k = k_page[:, kh, :]           # (S, H)
                     v = v_page[:, kh, :]           # (S, H)
-                if quantized:  # scales (1, S) per key / value row
-                    k_scale, v_scale = ks_refs[i][pl.ds(kh, 1), :], vs_refs[i][pl.ds(kh, 1), :]
+                if quantized:  # scales (1, S) of this page's keys / values
+                    at = (slot if whole_scales else i) * page_size
+                    k_scale = ks_ref[pl.ds(kh, 1), pl.ds(at, page_size)]
+                    v_scale = vs_ref[pl.ds(kh, 1), pl.ds(at, page_size)]
                 s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
                                         preferred_element_type=jnp.float32) * scale  # (G, S)
                 if quantized:
@@ -126,7 +135,9 @@ def _kernel(
                 alpha = jnp.exp(m_prev - m_new)
                 p = jnp.where(mask, jnp.exp(s - m_new), 0.0)
                 l_ref[kh] = alpha * l_ref[kh] + jnp.sum(p, axis=1, keepdims=True)
-                pv = jnp.dot((p * v_scale if quantized else p).astype(v.dtype), v,
+                if quantized:  # masked rows' scales may be anything: their p stays 0
+                    p = jnp.where(mask, p * v_scale, 0.0)
+                pv = jnp.dot(p.astype(v.dtype), v,
                              preferred_element_type=jnp.float32)  # (G, H)
                 acc_ref[kh] = alpha * acc_ref[kh] + pv
                 m_ref[kh] = m_new
@@ -159,10 +170,6 @@ def _paged_attention(q, k_pages, v_pages, page_table, q_positions, kv_lens, *, s
             return (pt[b, slot], 0, 0, 0)[:len(page_block) + 1]
         return index_map
 
-    def scale_map(i):
-        def index_map(b, j, pt, pos, lens):
-            return page_map(i)(b, j, pt, pos, lens)[:3]
-        return index_map
 
     # One kv head (a device's share under tensor parallelism): the pages as [P, S, H], a
     # free reshape that XLA lays out without the size-1 dim; as [P, S, 1, H] blocks the
@@ -170,20 +177,32 @@ def _paged_attention(q, k_pages, v_pages, page_table, q_positions, kv_lens, *, s
     # (libtpu, v5e TP 8: 29.5 GB of temporaries).
     page_block = (S, H) if K == 1 else (S, K, H)
     kv_specs = [pl.BlockSpec((None, *page_block), page_map(i)) for i in range(pages_per_step)]
-    # Quantized: each page's scales, a (K, S) block of [P, K, S] (the same page index).
-    scale_specs = [pl.BlockSpec((None, K, S), scale_map(i)) for i in range(pages_per_step)] if quantized else []
     values = (k_pages.values, v_pages.values) if quantized else (k_pages, v_pages)
-    scales = [k_pages.scales] * pages_per_step + [v_pages.scales] * pages_per_step if quantized else []
+    whole_scales = quantized and steps > 1 and (pages_per_step * S) % 128 != 0
+    scale_specs, scales = [], []
+    if quantized:  # [P, K, S] -> [B, K, slots * S], slots padded to whole steps (page 0 there: masked)
+        slots = steps * pages_per_step
+        table = jnp.pad(page_table.astype(jnp.int32), ((0, 0), (0, slots - MP)))
+        table = jnp.clip(table, 0, P - 1)  # unused slots may hold anything; never read unmasked
+
+        def gather(s):
+            return s[table].transpose(0, 2, 1, 3).reshape(B, K, slots * S)
+
+        scales = [gather(k_pages.scales), gather(v_pages.scales)]
+        # A step's lanes must be a multiple of 128 (the default's 256 tokens are); else
+        # each sequence's whole row of scales is one block.
+        lanes = slots * S if whole_scales else pages_per_step * S
+        scale_specs = [pl.BlockSpec((None, K, lanes), lambda b, j, pt, pos, lens: (b, 0, 0 if whole_scales else j))] * 2
     qo_spec = pl.BlockSpec((None, K, G, H), lambda b, j, pt, pos, lens: (b, 0, 0, 0))
     kernel = functools.partial(
         _kernel, scale=scale, window=window, softcap=softcap, page_size=S,
-        pages_per_step=pages_per_step, num_kv_heads=K, head_dim=H, quantized=quantized)
+        pages_per_step=pages_per_step, num_kv_heads=K, head_dim=H, quantized=quantized, whole_scales=whole_scales)
     out = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=3,
             grid=(B, steps),
-            in_specs=[qo_spec] + kv_specs + kv_specs + scale_specs + scale_specs,
+            in_specs=[qo_spec] + kv_specs + kv_specs + scale_specs,
             out_specs=qo_spec,
             scratch_shapes=[
                 pltpu.VMEM((K, G, 1), jnp.float32),  # m: running max

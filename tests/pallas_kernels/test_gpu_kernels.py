@@ -122,11 +122,17 @@ def test_paged_decode_reads_quantized_pages(cache_dtype, dtype, G, H, S, window,
     """QuantizedPages (values [P, S, K, H], scales [P, K, S]) against the reference in
     float32 over their dequantized values, cast to q's dtype: the kernel's values are
     exact in q's dtype and it scales scores and probabilities instead (f32: ulps; bf16:
-    its p rounded to bf16, TOL). Stale rows quantize to +-1e4 and would show."""
+    its p rounded to bf16, TOL). Stale rows (no visible key) get NaN scales: a kernel
+    that let one into a score or a weighted sum would output NaN."""
     args, valid = _paged_case(np.random.default_rng(7), dtype=F32, G=G, H=H, S=S)
     q, kf, vf, *rest = args
-    k_pages, v_pages = (QuantizedPages(v, jnp.swapaxes(sc, 1, 2)) for v, sc in (quantize(kf, cache_dtype),
-                                                                                 quantize(vf, cache_dtype)))
+
+    def pages(x):
+        values, scales = quantize(x, cache_dtype)  # [P, S, K, H], [P, S, K]
+        scales = jnp.where(jnp.all(x == STALE, axis=-1), jnp.nan, scales)
+        return QuantizedPages(values, jnp.swapaxes(scales, 1, 2))
+
+    k_pages, v_pages = pages(kf), pages(vf)
     q = q.astype(dtype)
     kw = {"scale": _scale(H), "window": window, "softcap": softcap}
     if num_splits is None:
@@ -134,7 +140,7 @@ def test_paged_decode_reads_quantized_pages(cache_dtype, dtype, G, H, S, window,
     else:
         out = paged_gpu.paged_attention_tuned(q, k_pages, v_pages, *rest, **kw, interpret=INTERPRET,
                                               num_splits=num_splits)
-    deq = lambda p: dequantize_pages(p, F32)  # noqa: E731
+    deq = lambda p: jnp.nan_to_num(dequantize_pages(p, F32), nan=0.0)  # noqa: E731
     ref = _reference(paged_ref.paged_attention, q.astype(F32), deq(k_pages), deq(v_pages), *rest, **kw).astype(dtype)
     assert out.shape == ref.shape and out.dtype == dtype
     _assert_matches(out, ref, valid, dtype)

@@ -176,6 +176,17 @@ def quantize_case_pages(pages, cache_dtype):
     return QuantizedPages(values, jnp.swapaxes(scales, 1, 2))  # scales [P, K, S]
 
 
+def _nan_past_lengths(pages, page_table, q_positions, kv_lens):
+    """NaN scales for the rows of each sequence's last page past its length (a masked
+    key's scale may be anything: the kernel must keep it out of every sum)."""
+    scales = np.array(pages.scales)  # [P, K, S]
+    S = scales.shape[-1]
+    for b, n in enumerate(np.asarray(kv_lens)):
+        if n % S:
+            scales[int(page_table[b, n // S]), :, n % S:] = np.nan
+    return QuantizedPages(pages.values, jnp.asarray(scales))
+
+
 def quantized_reference(q, k_pages, v_pages, *rest, **kw):
     """The paged reference in float32 over the pages' dequantized values (NaN pages
     zeroed), cast to q's dtype: what a kernel that dequantizes exactly computes."""
@@ -197,11 +208,25 @@ def test_paged_reads_quantized_pages(cache_dtype, dtype, ratio, head_dim, page_s
     max_pages = 4
     q, kf, vf, *rest = _paged_case(jnp.float32, ratio, head_dim, page_size, _lengths(page_size, max_pages),
                                    max_pages=max_pages, num_kv_heads=num_kv_heads)
-    k_pages, v_pages = (quantize_case_pages(p, cache_dtype) for p in (kf, vf))
+    k_pages, v_pages = (_nan_past_lengths(quantize_case_pages(p, cache_dtype), *rest) for p in (kf, vf))
     kw = {"scale": head_dim ** -0.5, "window": window, "softcap": softcap}
     q = q.astype(dtype)
     out = _interpret(paged_tpu._paged_attention, q, k_pages, v_pages, *rest, pages_per_step=2, **kw)
     _close(out, quantized_reference(q, k_pages, v_pages, *rest, **kw), dtype)
+
+
+@pytest.mark.parametrize("num_kv_heads", [1, 2])
+def test_paged_quantized_default_steps(num_kv_heads):
+    """The public wrapper's default steps (256 tokens: each step reads its 256 lanes of
+    the gathered scales) over sequences of 1, 300 and 512 tokens in 32-page tables."""
+    S, max_pages = 16, 32
+    q, kf, vf, *rest = _paged_case(jnp.float32, 4, 128, S, [1, 300, 512], max_pages=max_pages,
+                                   num_kv_heads=num_kv_heads)
+    k_pages, v_pages = (quantize_case_pages(p, "int8") for p in (kf, vf))
+    kw = {"scale": 128 ** -0.5, "window": None, "softcap": None}
+    q = q.astype(jnp.bfloat16)
+    out = _interpret(paged_tpu.paged_attention, q, k_pages, v_pages, *rest, **kw)
+    _close(out, quantized_reference(q, k_pages, v_pages, *rest, **kw), jnp.bfloat16)
 
 
 def test_paged_rejects_prefill():

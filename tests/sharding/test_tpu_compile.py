@@ -48,6 +48,10 @@ CASES = {
     # max_model_len 512: prompts never chunk, so the Pallas path's one prefill is the fresh one.
     "pallas-v5e": dict(model="llama3.1-8b", topology="v5e:2x4", tp=8, attention="pallas", layers=2,
                        vocab=1024, max_model_len=512, all_sampling_modes=True),
+    # An int8 KV cache (QuantizedPages: values and [P, K, S] scales) through the decode
+    # kernel, one kv head per chip.
+    "pallas-int8kv-v5e": dict(model="llama3.1-8b", topology="v5e:2x4", tp=8, attention="pallas", layers=2,
+                              vocab=1024, max_model_len=512, cache_dtype="int8"),
     # One chip: the engine also runs mixed calls (a decode step beside a prefill chunk),
     # with both TPU kernels in one program.
     "mixed-v5e1": dict(model="llama3.1-8b", topology="v5e:1x1", tp=1, attention="pallas", layers=2, vocab=1024,
@@ -74,7 +78,8 @@ def compile_case(name: str) -> None:
                                   vocab_size=case["vocab"])
     ecfg = EngineConfig(**{**ECFG, "attention": case.get("attention", "auto"),
                            "max_model_len": case.get("max_model_len", ECFG["max_model_len"]),
-                           "quantization": case.get("quantization")})
+                           "quantization": case.get("quantization"),
+                           "cache_dtype": case.get("cache_dtype", "bfloat16")})
     mesh_config = MeshConfig(tensor=case["tp"])
     check_model(cfg, mesh_config)
     t0 = time.perf_counter()
@@ -84,7 +89,7 @@ def compile_case(name: str) -> None:
     print(json.dumps(dict(
         case=name, setup_s=time.perf_counter() - t0, hbm=aot.hbm_bytes(mesh.devices.flat[0]),
         kv_heads=engine.cfg.num_kv_heads, num_pages=engine.num_pages, page_bytes=engine.capacity.page_bytes,
-        max_pages_per_seq=engine.capacity.max_pages_per_seq, cache_spec=str(engine.cache.k[0].sharding.spec),
+        max_pages_per_seq=engine.capacity.max_pages_per_seq, cache_spec=str(jax.tree.leaves(engine.cache.k[0])[0].sharding.spec),
         param_bytes=aot.abstract_bytes_per_device(whole), param_bytes_per_device=engine.param_bytes_per_device,
         cache_bytes_per_device=engine.cache_bytes_per_device, slots_bytes=aot.abstract_bytes_per_device(engine.slots),
         manifest=engine.manifest(),
@@ -282,6 +287,24 @@ def test_tpu_pallas_kernels_inside_shard_map(runs, case):
         assert by_kind["decode", (8, mode)]["kernels"] == ["paged_attention_decode"]
     assert all(s["all_reduce"] > 0 for s in steps)
     _check_no_weight_copies(steps)
+
+
+@pytest.mark.parametrize("case", ["pallas-int8kv-v5e"])
+def test_tpu_decode_kernel_reads_quantized_pages(runs, case):
+    """An int8 KV cache under TP 8 on v5e: the decode step runs the Pallas kernel on each
+    chip's QuantizedPages (one kv head: [P, S, 1, H] values, [P, 1, S] scales) with the
+    cache read in place: the step's arguments are the planned state (values and scales
+    at their raw bytes: no padded layout) and no temporary holds a copy of it."""
+    info, steps = runs(case)
+    assert "'tensor'" in info["cache_spec"]
+    by_kind = {(s["kind"], tuple(s["shape"])): s for s in steps}
+    assert by_kind["decode", (8, "filter")]["kernels"] == ["paged_attention_decode"]
+    assert by_kind["prefill", (1, 512, "fresh")]["kernels"] == ["flash_attention_causal"]
+    # 2 layers x K and V x 1 kv head x (128 values + a 4-byte scale) per token.
+    assert info["page_bytes"] == 2 * 2 * (128 + 4) * 16, info["page_bytes"]
+    _check_fits(info, steps, 8)
+    for s in steps:
+        assert s["memory"]["temp"] < info["cache_bytes_per_device"] // 8, (s["kind"], s["memory"])
 
 
 @pytest.mark.slow
