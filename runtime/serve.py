@@ -70,6 +70,9 @@ flags.DEFINE_string("tls_key_file", None, "PEM private key (unencrypted) of --tl
 flags.DEFINE_string("tls_client_ca_file", None, "PEM CA(s): require client certificates signed by them (mutual TLS).")
 flags.DEFINE_string("api_key_file", None, "API keys, one per line (# comments); every call but health's, and "
                     "/metrics, must send 'authorization: Bearer <key>'.")
+flags.DEFINE_float("gil_switch_interval_ms", 5.0, "Python's thread switch interval (sys.setswitchinterval): "
+                   "the longest the engine thread waits for the interpreter lock while the event loop's thread "
+                   "runs Python (streaming outputs). Python's default is 5 ms.")
 xflags.define_engine_flags()
 xflags.define_startup_flags()
 xflags.define_distributed_flags()
@@ -261,6 +264,9 @@ def main(argv: list[str]) -> None:
     xflags.check_startup_flags()
     if FLAGS.drain_timeout_s < 0:
         xflags.usage_error(f"--drain_timeout_s={FLAGS.drain_timeout_s} must be >= 0")
+    if not 0 < FLAGS.gil_switch_interval_ms <= 1000:
+        xflags.usage_error(f"--gil_switch_interval_ms={FLAGS.gil_switch_interval_ms} must be in (0, 1000]")
+    sys.setswitchinterval(FLAGS.gil_switch_interval_ms / 1e3)
     if FLAGS.http_port is not None:
         try:  # optional dependencies (not in every image): checked before the model loads
             import runtime.openai_api  # noqa: F401

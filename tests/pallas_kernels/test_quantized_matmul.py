@@ -1,5 +1,5 @@
 """The weight-only quantized matmul kernel (pallas_kernels/quantized_matmul/gpu.py)
-against its reference, interpreted on CPU, and lowered for CUDA through Triton.
+against its reference, interpreted on CPU (compiled on a GPU), and lowered for CUDA through Triton.
 
 Tolerance: kernel and reference convert the same quantized values to x's dtype exactly
 and sum float32 products; only the order of the sums differs (tiles of block_k, split-K
@@ -21,6 +21,8 @@ from pallas_kernels.quantized_matmul import gpu, reference
 from runtime.quantization import quantize
 
 F32, BF16 = jnp.float32, jnp.bfloat16
+ON_GPU = jax.default_backend() == "gpu"
+INTERPRET = not ON_GPU  # compiled through Triton where a GPU is
 
 
 def _case(M, D, N, dtype, mode, seed=0):
@@ -58,7 +60,7 @@ def _check(out, ref, dtype):
 def test_matches_reference(mode, dtype, M, D, N, knobs):
     x, q, scale = _case(M, D, N, dtype, mode, seed=M + D + N)
     fn = gpu.quantized_matmul_tuned if knobs else gpu.quantized_matmul
-    out = fn(x, q, scale, interpret=True, **knobs)
+    out = fn(x, q, scale, interpret=INTERPRET, **knobs)
     _check(out, reference.quantized_matmul(x, q, scale), dtype)
     assert np.all(np.asarray(out[:, 3], np.float32) == 0)  # the zero channel
 

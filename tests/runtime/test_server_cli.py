@@ -38,7 +38,7 @@ def server():
     with serve_subprocess(
         "--checkpoint=preset:tiny-llama", "--port=0", "--metrics_port=0", "--max_model_len=256",
         "--prefill_lengths=16,64", "--max_num_seqs=4", "--decode_batch_sizes=4", "--dtype=float32", "--page_size=8",
-        "--max_queue=8", "--enable_prefix_caching",
+        "--max_queue=8", "--enable_prefix_caching", "--gil_switch_interval_ms=0.5",
         env=ENV, cwd=ROOT, wait_serving=False, timeout=120,
     ) as srv:
         yield srv.proc, {"port": srv.port, "metrics": srv.metrics_port}, srv.lines
@@ -135,6 +135,8 @@ def test_serve_flag_errors_exit_2():
     assert "Traceback" not in p.stderr
     p = _run("runtime.serve", "--checkpoint=preset:tiny-llama", "--port=0", "--profile_dir=/tmp/x", "--profile_steps=5")
     assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith("error: --profile_steps=5: want START,COUNT")
+    p = _run("runtime.serve", "--checkpoint=preset:tiny-llama", "--port=0", "--gil_switch_interval_ms=0")
+    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1] == "error: --gil_switch_interval_ms=0.0 must be in (0, 1000]"
     p = _run("runtime.bench_serving", "--slo=ttfb:10")
     assert p.returncode == 2 and "ttft, tpot, e2el" in p.stderr
 
