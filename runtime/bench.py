@@ -45,9 +45,10 @@ flags.DEFINE_enum("quantization", None, ["int8", "fp8"], "Weight-only quantizati
 flags.DEFINE_enum("cache_dtype", None, ["bfloat16", "float32", "int8", "float8_e4m3fn"],
                   "KV cache dtype (default: --dtype); int8 / float8_e4m3fn store quantized pages and the "
                   "roofline counts their bytes (values and scales).")
-flags.DEFINE_enum("quantized_matmul", "auto", ["auto", "xla"],
-                  "With --quantization: auto runs the Pallas kernel that reads quantized weights on GPU "
-                  "(runtime.models.layers.QUANTIZED_MATMUL); xla XLA's fused convert (for comparison).")
+flags.DEFINE_enum("quantized_matmul", "auto", ["auto", "xla", "kernel"],
+                  "With --quantization (runtime.models.layers.QUANTIZED_MATMUL): auto chooses by rows on GPU "
+                  "(XLA's fused convert on rows padded to 8, the Pallas kernel up to 64 rows, XLA beyond); xla "
+                  "XLA's fused convert, unpadded; kernel the Pallas kernel for every projection it takes.")
 flags.DEFINE_integer("page_size", 16, "Tokens per KV page.")
 flags.DEFINE_integer("decode_steps_per_call", 1, "Decode steps per dispatch (1, the engine default, streams every token).")
 flags.DEFINE_enum("attention", "auto", ["auto", "reference", "pallas"], "Attention (auto: Pallas on GPU).")

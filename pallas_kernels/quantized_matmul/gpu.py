@@ -108,7 +108,9 @@ def _kernel(x_ref, q_ref, s_ref, o_ref, *, block_k: int, steps: int, num_splits:
         k0 = pl.multiple_of((first + i) * block_k, block_k)
         x = x_ref[:, pl.ds(k0, block_k)]
         w = q_ref[pl.ds(k0, block_k), :].astype(x.dtype)
-        return acc + jax.lax.dot(x, w, preferred_element_type=jnp.float32)
+        # HIGHEST: float32 x as float32 (IEEE); DEFAULT is TF32 in Triton, 1e-3 relative off the
+        # reference (H200, 2026-11-30). bf16 x is unaffected.
+        return acc + jax.lax.dot(x, w, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
 
     acc = jax.lax.fori_loop(0, steps, body, jnp.zeros(o_ref.shape, jnp.float32))
     if num_splits == 1:

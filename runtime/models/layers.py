@@ -225,12 +225,23 @@ def _jit_fuse(fn, sharding):
     return jax.jit(fn, out_shardings=sharding)
 
 
-# Quantized projections on GPU: "auto" runs pallas_kernels/quantized_matmul/gpu.py where
-# the einsum is a plain [M, D] x [D, N] (every GPU layout's projection) and the kernel
-# takes the shapes, XLA's fused convert elsewhere; "xla" always XLA; "interpret" the
-# kernel interpreted on any platform (CPU tests). runtime.bench --quantized_matmul sets it.
+# Quantized projections (weight-only int8 / fp8). "auto" on GPU, where the einsum is a plain
+# [M, D] x [D, N] (every GPU layout's projection), chooses by M from the H200 measurements
+# of `python -m pallas_kernels.bench_quantized_matmul` (Llama-3.1-8B's projections,
+# 2026-11-30, runtime/BENCHMARKS.md):
+# - M <= 8: XLA's fused convert on x padded to 8 rows. At M = 8 XLA reads the int8 weight
+#   at ~2.5 TB/s (1.16x bf16 at gate/up), at M = 1 it picks a slower GEMV (0.77x bf16) and
+#   the Pallas kernel (1.04x) is slower than XLA at 8 rows.
+# - 8 < M <= 64: pallas_kernels/quantized_matmul/gpu.py (M = 64: 1.01-1.24x bf16, XLA's
+#   convert 0.87-1.07x).
+# - M > 64 (prefill chunks): XLA's convert (M = 512: the kernel 0.39-0.44x bf16, XLA 0.52-0.60x).
+# Elsewhere XLA's convert. "xla": always XLA's convert, unpadded; "kernel": the kernel
+# wherever it takes the shapes; "interpret": the kernel interpreted on any platform (CPU
+# tests). runtime.bench --quantized_matmul sets it.
 QUANTIZED_MATMUL = "auto"
-QUANTIZED_MATMUL_MODES = ("auto", "xla", "interpret")
+QUANTIZED_MATMUL_MODES = ("auto", "xla", "kernel", "interpret")
+_PAD_ROWS = 8  # "auto": XLA's convert on at least this many rows
+_KERNEL_ROWS = 64  # "auto": the kernel up to this many rows
 
 
 def _matmul_view(spec: str) -> tuple[int, int] | None:
@@ -247,23 +258,47 @@ def _matmul_view(spec: str) -> tuple[int, int] | None:
     return len(batch), len(contracted)
 
 
-def _quantized_kernel(spec: str, x: jax.Array, w: jax.Array, scale: jax.Array) -> jax.Array | None:
-    """project's quantized case through the Pallas kernel, when QUANTIZED_MATMUL and the
-    shapes allow it; None otherwise."""
-    mode = QUANTIZED_MATMUL
-    if mode == "xla" or (mode == "auto" and dispatch.platform() != "gpu"):
-        return None
+def _xla_quantized(spec: str, x: jax.Array, w: jax.Array, scale: jax.Array) -> jax.Array:
+    """XLA's fused convert: w converted to x's dtype inside the matmul, float32 product scaled."""
+    ins, out = spec.split("->")
+    x_letters, w_letters = ins.split(",")
+    s_letters = [c for c in w_letters if c not in x_letters]
+    order = sorted(range(len(s_letters)), key=lambda i: out.index(s_letters[i]))
+    assert out.endswith("".join(s_letters[i] for i in order)), (spec, s_letters)
+    y = jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+    return (y * jnp.transpose(scale, order)).astype(x.dtype)
+
+
+def quantized_matmul_path(rows: int, mode: str, platform: str) -> str:
+    """How a quantized [rows, D] x [D, N] projection runs: "xla", "xla_padded" (XLA's
+    convert on rows padded to _PAD_ROWS) or "kernel" (the Pallas kernel, where it takes
+    the shapes), by QUANTIZED_MATMUL's `mode` (above)."""
+    if mode == "interpret" or (mode == "kernel" and platform == "gpu"):
+        return "kernel"
+    if mode != "auto" or platform != "gpu" or rows > _KERNEL_ROWS:
+        return "xla"
+    return "xla_padded" if rows < _PAD_ROWS else "xla" if rows == _PAD_ROWS else "kernel"
+
+
+def _quantized_matmul(spec: str, x: jax.Array, w: jax.Array, scale: jax.Array) -> jax.Array:
+    """project's quantized case, by QUANTIZED_MATMUL (above)."""
     view = _matmul_view(spec)
     if view is None:
-        return None
+        return _xla_quantized(spec, x, w, scale)
     nb, nc = view
+    M, D = int(np.prod(x.shape[:nb])), int(np.prod(x.shape[nb:]))
+    path = quantized_matmul_path(M, QUANTIZED_MATMUL, dispatch.platform())
+    if path == "xla":
+        return _xla_quantized(spec, x, w, scale)
+    x2, w2, s2 = x.reshape(M, D), w.reshape(D, -1), scale.reshape(-1)
+    if path == "xla_padded":
+        y = _xla_quantized("md,dn->mn", jnp.pad(x2, ((0, _PAD_ROWS - M), (0, 0))), w2, s2)[:M]
+        return y.reshape(*x.shape[:nb], *w.shape[nc:])
     from pallas_kernels.quantized_matmul import gpu as qmm
 
-    M, D = int(np.prod(x.shape[:nb])), int(np.prod(x.shape[nb:]))
-    x2, w2, s2 = x.reshape(M, D), w.reshape(D, -1), scale.reshape(-1)
-    interpret = mode == "interpret" or dispatch.platform() != "gpu"
+    interpret = dispatch.platform() != "gpu"
     if not qmm.supports(x2, w2, s2) or (not interpret and not qmm.runs_here(w2.dtype)):
-        return None
+        return _xla_quantized(spec, x, w, scale)
     y = qmm.quantized_matmul(x2, w2, s2, interpret=interpret)
     return y.reshape(*x.shape[:nb], *w.shape[nc:])
 
@@ -272,20 +307,11 @@ def project(spec: str, x: jax.Array, w: jax.Array, scale: jax.Array | None = Non
     """jnp.einsum(spec, x, w); with `scale` (runtime.quantization), w is a quantized weight:
     converted to x's dtype inside the matmul, the float32 product scaled per output
     channel (scale: w's output axes, in w's order; the output's trailing axes) and
-    rounded once to x's dtype. On GPU that runs the Pallas kernel that reads the weight
-    in its quantized bytes (QUANTIZED_MATMUL)."""
+    rounded once to x's dtype. On GPU decode-sized rows may run the Pallas kernel that
+    reads the weight in its quantized bytes (QUANTIZED_MATMUL)."""
     if scale is None:
         return jnp.einsum(spec, x, w)
-    y = _quantized_kernel(spec, x, w, scale)
-    if y is not None:
-        return y
-    ins, out = spec.split("->")
-    x_letters, w_letters = ins.split(",")
-    s_letters = [c for c in w_letters if c not in x_letters]
-    order = sorted(range(len(s_letters)), key=lambda i: out.index(s_letters[i]))
-    assert out.endswith("".join(s_letters[i] for i in order)), (spec, s_letters)
-    y = jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=jnp.float32)
-    return (y * jnp.transpose(scale, order)).astype(x.dtype)
+    return _quantized_matmul(spec, x, w, scale)
 
 
 def _qkv_weight(wq, wk, wv):

@@ -247,3 +247,33 @@ def test_quality_cli_bad_input_is_one_line_and_exit_2(args, message):
     assert p.returncode == 2, p.stderr
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert message in lines[-1], p.stderr
+
+
+def test_quantized_matmul_path_by_rows():
+    """"auto" on GPU: XLA's convert on rows padded to 8 for decode rows up to 8, the kernel
+    up to 64 rows, XLA beyond (the H200 measurements in runtime.models.layers); elsewhere
+    XLA; "kernel" and "interpret" force the kernel."""
+    from runtime.models import layers
+
+    path = layers.quantized_matmul_path
+    assert [path(m, "auto", "gpu") for m in (1, 7, 8, 9, 64, 65, 512)] == [
+        "xla_padded", "xla_padded", "xla", "kernel", "kernel", "xla", "xla"]
+    assert {path(m, "auto", p) for m in (1, 64, 512) for p in ("cpu", "tpu")} == {"xla"}
+    assert {path(m, "xla", "gpu") for m in (1, 64)} == {"xla"}
+    assert {path(m, "kernel", "gpu") for m in (1, 512)} == {path(1, "interpret", "cpu")} == {"kernel"}
+    assert path(1, "kernel", "cpu") == "xla"  # no kernel to run uninterpreted
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_rows_padded_for_xla_give_the_unpadded_product(monkeypatch, rows):
+    from runtime.models import layers
+
+    rng = np.random.default_rng(rows)
+    x = jnp.asarray(rng.standard_normal((rows, 64)), jnp.float32)
+    q, s = quantization.quantize(jnp.asarray(rng.standard_normal((64, 96)) * 0.1, jnp.float32), (0,), "int8")
+    want = layers.project("md,dn->mn", x, q, s)  # CPU: XLA, unpadded
+    monkeypatch.setattr(layers.dispatch, "platform", lambda: "gpu")
+    monkeypatch.setattr(layers, "QUANTIZED_MATMUL", "auto")
+    got = layers.project("md,dn->mn", x, q, s)
+    assert got.shape == want.shape == (rows, 96)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
