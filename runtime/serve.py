@@ -70,9 +70,10 @@ flags.DEFINE_string("tls_key_file", None, "PEM private key (unencrypted) of --tl
 flags.DEFINE_string("tls_client_ca_file", None, "PEM CA(s): require client certificates signed by them (mutual TLS).")
 flags.DEFINE_string("api_key_file", None, "API keys, one per line (# comments); every call but health's, and "
                     "/metrics, must send 'authorization: Bearer <key>'.")
-flags.DEFINE_float("gil_switch_interval_ms", 5.0, "Python's thread switch interval (sys.setswitchinterval): "
+flags.DEFINE_float("gil_switch_interval_ms", 0.5, "Python's thread switch interval (sys.setswitchinterval): "
                    "the longest the engine thread waits for the interpreter lock while the event loop's thread "
-                   "runs Python (streaming outputs). Python's default is 5 ms.")
+                   "runs Python (streaming outputs). Python's default, 5 ms, stalled steps at 64 streams on an "
+                   "H200 (ITL p99 1.5-4.3x the median; 0.5 ms: 1.35x, runtime/BENCHMARKS.md).")
 xflags.define_engine_flags()
 xflags.define_startup_flags()
 xflags.define_distributed_flags()

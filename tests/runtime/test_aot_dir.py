@@ -98,14 +98,17 @@ def test_the_token_budget_leaves_the_key_alone():
     assert key == _key(engine)
 
 
-def test_a_damaged_executable_is_refused(aot_dir, tmp_path):
+@pytest.mark.parametrize("threads", [1, 3])
+def test_a_damaged_executable_is_refused(aot_dir, tmp_path, threads):
     import shutil
 
+    key = _key(_engine())
+    assert set(aot.load_executables(aot_dir, key, threads)[0]) == {(k, s) for k, s, *_ in _engine().programs()}
     damaged = tmp_path / "damaged"
     shutil.copytree(aot_dir, damaged)
     victim = next(damaged.glob("decode-*.xla"))
     victim.write_bytes(victim.read_bytes()[:100])
-    executables, why = aot.load_executables(str(damaged), _key(_engine()))
+    executables, why = aot.load_executables(str(damaged), key, threads)
     assert executables == {} and why.startswith(f"{victim} does not load: ")
 
 
