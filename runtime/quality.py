@@ -53,17 +53,38 @@ class Score:
     nll: float  # mean NLL of the text's next token
 
 
-def _window_metrics(ref_logits, logits, targets):
-    """Per position of one window: (top-1 equal, KL(ref || q), NLL of the target under q)."""
+def _reference_metrics(ref_logits, targets):
+    """Per position of one window, computed once for every mode: the reference's
+    log-probabilities [B, T - 1, V], its top-1 token and the NLL of the target under it."""
     import jax
     import jax.numpy as jnp
 
     ref_lp = jax.nn.log_softmax(ref_logits, axis=-1)
+    nll = -jnp.take_along_axis(ref_lp, targets[..., None], axis=-1)[..., 0]
+    return ref_lp, jnp.argmax(ref_logits, -1), nll
+
+
+def _window_metrics(ref_lp, ref_top, logits, targets):
+    """Per position of one window: (top-1 equal, KL(ref || q), NLL of the target under q),
+    given the reference's `_reference_metrics`."""
+    import jax
+    import jax.numpy as jnp
+
     lp = jax.nn.log_softmax(logits, axis=-1)
-    same = jnp.argmax(ref_logits, -1) == jnp.argmax(logits, -1)
+    same = ref_top == jnp.argmax(logits, -1)
     kl = jnp.sum(jnp.exp(ref_lp) * (ref_lp - lp), axis=-1)
     nll = -jnp.take_along_axis(lp, targets[..., None], axis=-1)[..., 0]
     return same, kl, nll
+
+
+def _metrics_compiler_options() -> dict:
+    """XLA CPU sends a sum over a product of vocabulary-sized rows to its YNNPACK reduce
+    fusion, ~5x slower than its own loops here (Gemma 3's [511, 262144] rows: 3.5 s a
+    window and mode, 1.0 s without): the metrics programs (no matmuls) leave YNNPACK out.
+    The forward passes keep it (their matmuls run on it). Other platforms: no options."""
+    import jax
+
+    return {"xla_cpu_experimental_ynn_fusion_type": ""} if jax.default_backend() == "cpu" else {}
 
 
 # Cache modes: the KV cache dtype each names.
@@ -110,13 +131,6 @@ def _window_logits(model, state, tokens):
     return out[:, :-1].astype(jnp.float32)
 
 
-def _mode_scores(model, state, reference, tokens):
-    """Per position: (top-1 equal, KL(reference || model), NLL) of `model` against the
-    reference's logits (computed once per window, `_window_logits`): one mode's logits
-    at a time beside them, so memory does not grow with the modes."""
-    return _window_metrics(reference, _window_logits(model, state, tokens), tokens[:, 1:])
-
-
 def score(model, modes: list[str], token_ids: list[int], *, window: int, windows: int, batch: int = 1,
           prefix: list[int] = ()) -> tuple[Score, list[Score]]:
     """The reference's own score and each mode's against it, over `windows` windows of
@@ -145,20 +159,24 @@ def score(model, modes: list[str], token_ids: list[int], *, window: int, windows
         return (g, cache), s
 
     splits = [quantized(mode) for mode in modes]
-    logits_of, scores_of = jax.jit(_window_logits, static_argnums=0), jax.jit(_mode_scores, static_argnums=0)
-    metrics = jax.jit(_window_metrics)
+    # One mode's logits at a time beside the reference's log-probabilities, so memory
+    # does not grow with the modes; the forward passes and the metrics are separate
+    # programs (different compiler options: _metrics_compiler_options).
+    logits_of = jax.jit(_window_logits, static_argnums=0)
+    options = _metrics_compiler_options()
+    reference_metrics = jax.jit(_reference_metrics, compiler_options=options)
+    metrics = jax.jit(_window_metrics, compiler_options=options)
     sums = {m: np.zeros(3) for m in ["reference", *modes]}
     count = 0
     for at in range(0, windows, batch):
         rows = jnp.asarray(tokens[at: at + batch])
-        reference_logits = logits_of((graphdef, None), state, rows)
-        _, _, reference_nll = metrics(reference_logits, reference_logits, rows[:, 1:])
+        ref_lp, ref_top, reference_nll = reference_metrics(logits_of((graphdef, None), state, rows), rows[:, 1:])
         sums["reference"] += [0.0, 0.0, float(jnp.sum(reference_nll))]
         for mode, (m, s) in zip(modes, splits):
-            same, kl, nll = scores_of(m, s, reference_logits, rows)
+            same, kl, nll = metrics(ref_lp, ref_top, logits_of(m, s, rows), rows[:, 1:])
             sums[mode] += [float(jnp.sum(same)), float(jnp.sum(kl)), float(jnp.sum(nll))]
         count += reference_nll.size
-        del reference_logits
+        del ref_lp
     reference = Score("reference", count, 1.0, 0.0, sums["reference"][2] / count)
     return reference, [Score(m, count, sums[m][0] / count, sums[m][1] / count, sums[m][2] / count) for m in modes]
 
