@@ -45,7 +45,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from pallas_kernels import dispatch
 from runtime.config import HOST_ONLY_FIELDS, EngineConfig, ModelConfig
 from runtime.engine import (
-    DecodeIO, DecodeSlots, Steps, bucket_manifest, build_steps, mesh_engine_config, pack_prefill, scratch_prefill,
+    BACKGROUND_THREADS, DecodeIO, DecodeSlots, Steps, bucket_manifest, build_steps, mesh_engine_config, pack_prefill, scratch_prefill,
 )
 from runtime.kv_cache import KVCache, abstract_pages
 from runtime.models.transformer import abstract_model, fuse_projections
@@ -325,7 +325,8 @@ def executable_key(cfg: ModelConfig, ecfg: EngineConfig, mesh: Mesh | None, devi
 
 
 def compile_programs(programs: list[tuple], threads: int = 1, *, fresh: bool = False,
-                     on_compiled: Callable | None = None) -> dict[tuple[str, tuple], jax.stages.Compiled]:
+                     on_compiled: Callable | None = None,
+                     thread_prefix: str = "xlserve-compile") -> dict[tuple[str, tuple], jax.stages.Compiled]:
     """{(kind, shape): compiled} of (kind, shape, jitted, args) programs (Engine.programs).
     They are lowered here one after another (tracing holds the GIL) and compiled on
     `threads` threads (XLA compiles without it), so compiles overlap each other and the
@@ -349,7 +350,7 @@ def compile_programs(programs: list[tuple], threads: int = 1, *, fresh: bool = F
             return {(kind, shape): build(kind, shape, fn.lower(*args)) for kind, shape, fn, args in programs}
         from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(threads, thread_name_prefix="xlserve-compile") as pool:
+        with ThreadPoolExecutor(threads, thread_name_prefix=thread_prefix) as pool:
             futures = [((kind, shape), pool.submit(build, kind, shape, fn.lower(*args)))
                        for kind, shape, fn, args in programs]
             return {name: future.result() for name, future in futures}
@@ -430,11 +431,11 @@ def key_difference(want: dict, have: dict) -> str | None:
     return None
 
 
-def load_executables(directory: str, key: dict, threads: int = 1
-                     ) -> tuple[dict[tuple[str, tuple], jax.stages.Compiled], str | None]:
-    """The executables of `directory` as {(kind, shape): compiled}, loaded onto this
-    process's devices on `threads` threads, when its manifest's key matches `key`; else
-    ({}, why not)."""
+def load_executables(directory: str, key: dict, threads: int = 1, select: Callable | None = None,
+                     thread_prefix: str = "xlserve-load") -> tuple[dict[tuple[str, tuple], jax.stages.Compiled], str | None]:
+    """The executables of `directory` as {(kind, shape): compiled} (those whose (kind,
+    shape) `select` accepts, if given), loaded onto this process's devices on `threads`
+    threads, when its manifest's key matches `key`; else ({}, why not)."""
     from jax.experimental.serialize_executable import deserialize_and_load
 
     path = os.path.join(directory, "manifest.json")
@@ -464,14 +465,14 @@ def load_executables(directory: str, key: dict, threads: int = 1
 
     # Loading releases the GIL for most of its time: on threads, the programs load side by
     # side (74 programs of Llama-3.1-8B shapes one after another: 47.9 s on an H200).
-    entries = manifest["executables"]
+    entries = [e for e in manifest["executables"] if select is None or select((e["kind"], tuple(e["shape"])))]
     threads = max(1, min(threads, len(entries)))
     if threads == 1:
         results = map(load, entries)
     else:
         from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(threads, thread_name_prefix="xlserve-load") as pool:
+        with ThreadPoolExecutor(threads, thread_name_prefix=thread_prefix) as pool:
             results = list(pool.map(load, entries))
     out = {}
     for entry, (compiled, why) in zip(entries, results):
@@ -481,14 +482,16 @@ def load_executables(directory: str, key: dict, threads: int = 1
     return out, None
 
 
-def install_executables(engine, directory: str, key: dict, *, named: bool, threads: int = 1) -> dict:
+def install_executables(engine, directory: str, key: dict, *, named: bool, threads: int = 1,
+                        select: Callable | None = None) -> dict:
     """Installs the executables of `directory` in the engine where they match `key`
-    (loaded on `threads` threads); returns them ({} if none), and says on stderr how many,
-    or why none. `named`: the directory is --aot_dir's, else the executable cache's."""
+    (loaded on `threads` threads; those `select` accepts, if given); returns them ({} if
+    none), and says on stderr how many, or why none. `named`: the directory is
+    --aot_dir's, else the executable cache's."""
     from runtime.startup import clock
 
     with clock.phase("aot load") as detail:
-        executables, why = load_executables(directory, key, threads)
+        executables, why = load_executables(directory, key, threads, select)
         where = f"--aot_dir={directory}" if named else f"executable cache {directory}"
         if why is not None:
             detail[0] = "none"
@@ -518,12 +521,72 @@ def default_compile_threads(platform: str) -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
+def core_programs(engine) -> set[tuple[str, tuple]]:
+    """The programs a progressive start serves with first ((kind, shape), as
+    Engine.programs names them): a prefill program of the largest shape that runs any
+    chunk (the continuation variant, where there is one, also runs fresh prompts), a
+    decode program of the largest bucket in "filter" (any rows, any sampling), and the
+    slot programs those calls need. Every other call has a bigger stand-in among them:
+    it pads further, a mixed step runs as a prefill call and a decode call."""
+    ecfg = engine.ecfg
+    b, t = max(ecfg.prefill_batch_sizes), max(ecfg.prefill_lengths)
+    prefill = ("prefill", (b, t)) if False in engine.prefill_variants else ("prefill", (b, t, "fresh"))
+    rows = max(ecfg.decode_buckets)
+    return {prefill, ("decode", (rows, "filter")), ("release", ()), ("seed_prompt_mask", ()), ("set_table", ()),
+            ("snapshot", (rows,))}
+
+
+# A progressive start's other programs, in the order they are brought in: decode first
+# (every step runs one), then prefill, then the mixed calls with their sampling programs.
+_REST_ORDER = {"snapshot": 0, "decode": 1, "prefill": 2, "mixed_sample": 3, "mixed": 4}
+
+
+class Background:
+    """A progressive start's other programs (prepare_programs), brought in on threads once
+    the server serves: each one, compiled or loaded, `arrive`s at the engine, which installs
+    it between calls. Their compilations are not the serving path's (engine.BACKGROUND_THREADS:
+    compile_counter.count leaves them out). A failure leaves the engine serving with the
+    programs it has, and is logged."""
+
+    def __init__(self, job: Callable[[], str], num_programs: int):
+        import threading
+
+        self._job = job
+        self.num_programs = num_programs
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=f"{BACKGROUND_THREADS}-start", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        t = time.perf_counter()
+        try:
+            what = self._job()
+        except Exception as e:  # noqa: BLE001 -- serving goes on with the programs it has
+            self.error = e
+            log.exception("bringing in the other programs failed")
+            print(f"xlserve: the other {self.num_programs} programs failed to build ({e!r}); serving goes on with "
+                  f"the start-up programs (slower calls: padded shapes, no mixed calls)", file=sys.stderr, flush=True)
+        else:
+            print(f"xlserve: {what} in the background in {time.perf_counter() - t:.1f} s: every program ready",
+                  file=sys.stderr, flush=True)
+        finally:
+            self.done.set()
+
+
 def prepare_programs(engine, dtype: str, *, aot_dir: str | None, executable_cache: str,
-                     compile_threads: int | None) -> None:
+                     compile_threads: int | None, progressive: bool = False) -> Background | None:
     """Before warm-up: the engine's programs from --aot_dir, else from the executable
     cache (loaded on `compile_threads` threads); the others compiled on those threads and,
     with the cache, each written to it as it compiles, for the next start. Warm-up then
-    runs them and compiles nothing."""
+    runs them and compiles nothing.
+
+    `progressive` (one process, no --aot_dir): only core_programs() now, the engine limited
+    to them (Engine.limit_programs); returns the Background job that brings in the others
+    (loaded from the cache, else compiled and written to it) for the caller to start once
+    the server serves."""
     import shutil
 
     from runtime.engine import compile_counter
@@ -534,21 +597,28 @@ def prepare_programs(engine, dtype: str, *, aot_dir: str | None, executable_cach
     threads = compile_threads or default_compile_threads(platform)
     loaded = install_executables(engine, aot_dir, key, named=True, threads=threads) if aot_dir else {}
     if jax.process_count() > 1:
-        return  # several processes: jit compiles at warm-up, in step on every process
+        return None  # several processes: jit compiles at warm-up, in step on every process
+    core = core_programs(engine) if progressive and not aot_dir else None
     on = executable_cache == "on" or (executable_cache == "auto" and platform in ("gpu", "tpu"))
     cache_dir = executable_cache_dir(key) if on else None
-    if cache_dir and not aot_dir and os.path.exists(os.path.join(cache_dir, "manifest.json")):
-        loaded = install_executables(engine, cache_dir, key, named=False, threads=threads)
-    missing = [p for p in engine.programs() if (p[0], p[1]) not in loaded]
-    if not missing or (threads <= 1 and not cache_dir):
-        return  # nothing to compile, or jit compiles each program at warm-up as before
+    cached = bool(cache_dir and not aot_dir and os.path.exists(os.path.join(cache_dir, "manifest.json")))
+    if cached:
+        loaded = install_executables(engine, cache_dir, key, named=False, threads=threads,
+                                     select=None if core is None else core.__contains__)
+    programs = engine.programs()
+    missing = [p for p in programs if (p[0], p[1]) not in loaded and (core is None or (p[0], p[1]) in core)]
+    rest = [] if core is None else sorted((p for p in programs if (p[0], p[1]) not in core),
+                                          key=lambda p: _REST_ORDER[p[0]])
+    if not rest and (not missing or (threads <= 1 and not cache_dir)):
+        return None  # nothing to compile, or jit compiles each program at warm-up as before
     # With the cache, each program is written (aside, renamed into place at the end, so a
     # reader never sees half a set) on the thread that compiled it, beside the compiles
     # still running: written after them, 74 programs of Llama-3.1-8B shapes took 28.7 s
-    # more on an H200 (2026-11-30).
+    # more on an H200 (2026-11-30). A progressive start that loaded its programs from the
+    # cache writes nothing.
     writer = None
-    if cache_dir is not None and not aot_dir:
-        tmp = f"{cache_dir}.tmp{os.getpid()}"
+    tmp = f"{cache_dir}.tmp{os.getpid()}"
+    if cache_dir is not None and not aot_dir and not (core is not None and cached and loaded):
         try:
             writer = ExecutableWriter(tmp)
         except OSError as e:
@@ -564,19 +634,22 @@ def prepare_programs(engine, dtype: str, *, aot_dir: str | None, executable_cach
             log.warning("could not write the executable cache %s: %s", cache_dir, e)
             writer = None
 
-    with clock.phase("compile") as detail:
-        hits = compile_counter.cache_hits
-        # fresh: see compile_programs
-        compiled = compile_programs(missing, threads, fresh=cache_dir is not None and not aot_dir and platform == "cpu",
-                                    on_compiled=write)
-        engine.use_executables(compiled)
-        detail[0] = (f"{len(compiled)} programs on {threads} thread{'s' if threads > 1 else ''}, "
-                     f"{compile_counter.cache_hits - hits} from the persistent cache")
-    if writer is None:
-        if cache_dir is not None and not aot_dir:
-            shutil.rmtree(f"{cache_dir}.tmp{os.getpid()}", ignore_errors=True)
-        return
-    with clock.phase("executable cache write") as detail:
+    fresh = cache_dir is not None and not aot_dir and platform == "cpu"  # see compile_programs
+    compiled = {}
+    if missing:
+        with clock.phase("compile") as detail:
+            hits = compile_counter.cache_hits
+            compiled = compile_programs(missing, threads, fresh=fresh, on_compiled=write)
+            engine.use_executables(compiled)
+            detail[0] = (f"{len(compiled)} programs on {threads} thread{'s' if threads > 1 else ''}, "
+                         f"{compile_counter.cache_hits - hits} from the persistent cache"
+                         + (f"; {len(rest)} more after SERVING" if rest else ""))
+
+    def finish_writing(count: int) -> str:
+        """The cache's manifest, the set renamed into place; returns what was written."""
+        if writer is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return ""
         try:
             for (kind, shape), c in loaded.items():  # a partial hit: the set is written whole
                 writer.add(kind, shape, c)
@@ -585,9 +658,41 @@ def prepare_programs(engine, dtype: str, *, aot_dir: str | None, executable_cach
             os.replace(writer.directory, cache_dir)
         except OSError as e:  # a full or read-only disk: serve anyway
             shutil.rmtree(writer.directory, ignore_errors=True)
-            detail[0] = f"failed: {e}"
             log.warning("could not write the executable cache %s: %s", cache_dir, e)
-            return
-        detail[0] = f"{written} of {len(loaded) + len(compiled)} programs" + (
+            return f"failed: {e}"
+        return f"{written} of {count} programs" + (
             f"; not serializable here, so compiled at every start: {', '.join(s['kind'] for s in skipped)}"
             if skipped else "")
+
+    if core is None:
+        if writer is not None or cache_dir is not None:
+            with clock.phase("executable cache write") as detail:
+                detail[0] = finish_writing(len(loaded) + len(compiled))
+        return None
+    engine.limit_programs(core)
+
+    def bring_in_the_rest() -> str:
+        names = {(p[0], p[1]) for p in rest}
+        arrived = {}
+        if cached and loaded:
+            arrived, why = load_executables(cache_dir, key, threads, names.__contains__,
+                                            thread_prefix=f"{BACKGROUND_THREADS}-load")
+            if why is not None:
+                log.warning("the executable cache %s: %s; compiling those programs", cache_dir, why)
+                arrived = {}
+            if arrived:
+                engine.arrive(arrived)
+        todo = [p for p in rest if (p[0], p[1]) not in arrived]
+
+        def compiled_one(kind, shape, c):
+            write(kind, shape, c)
+            engine.arrive({(kind, shape): c})
+
+        done = compile_programs(todo, threads, fresh=fresh, on_compiled=compiled_one,
+                                thread_prefix=f"{BACKGROUND_THREADS}-compile") if todo else {}
+        what = ", ".join(x for x in (f"{len(arrived)} programs loaded" if arrived else "",
+                                     f"{len(done)} compiled" if done else "") if x)
+        wrote = finish_writing(len(programs)) if writer is not None else ""
+        return what + (f" (executable cache: {wrote})" if wrote else "")
+
+    return Background(bring_in_the_rest, len(rest))

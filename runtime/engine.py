@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -35,10 +36,15 @@ from runtime.kv_cache import KVCache
 from runtime.models.layers import Segment
 from runtime.models.transformer import CUBLAS_DECODE_ROWS, Transformer, fuse_projections
 from runtime.quantization import quantize_model
-from runtime.sampling import SlotSampling, sample
+from runtime.sampling import SlotSampling, sample, sampling_mode
 from sharding import pipeline, tensor_parallel
 
 log = logging.getLogger(__name__)
+
+
+# Threads whose compilations are a progressive start's programs arriving while the engine
+# serves (runtime.aot.prepare_programs), not compilations on the serving path.
+BACKGROUND_THREADS = "xlserve-background"
 
 
 class _CompileCounter:
@@ -52,6 +58,7 @@ class _CompileCounter:
     def __init__(self):
         self._built = 0
         self._cache_hits = 0
+        self._background = 0  # built on BACKGROUND_THREADS threads (a progressive start's rest)
         self._lock = threading.Lock()
         jax.monitoring.register_event_duration_secs_listener(self._on_duration)
         jax.monitoring.register_event_listener(self._on_event)
@@ -59,17 +66,29 @@ class _CompileCounter:
     def _on_duration(self, event: str, duration: float, **kwargs) -> None:
         if event == "/jax/core/compile/backend_compile_duration":
             with self._lock:
-                self._built += 1
+                if threading.current_thread().name.startswith(BACKGROUND_THREADS):
+                    self._background += 1
+                else:
+                    self._built += 1
 
     def _on_event(self, event: str, **kwargs) -> None:
         if event == "/jax/compilation_cache/cache_hits":
             with self._lock:
+                if threading.current_thread().name.startswith(BACKGROUND_THREADS):
+                    return  # counted in `background` as built
                 self._cache_hits += 1
 
     @property
     def count(self) -> int:
+        """Compilations outside the background threads (what serving must not do)."""
         with self._lock:
             return self._built - self._cache_hits
+
+    @property
+    def background(self) -> int:
+        """Executables built on background threads (compiled, or from the persistent cache)."""
+        with self._lock:
+            return self._background
 
     @property
     def cache_hits(self) -> int:
@@ -669,15 +688,23 @@ class Engine:
         self._mixed_sample = steps.mixed_sample
         self._mixed_shapes = {tuple(e) for e in self.manifest()["mixed"]}
         self._set_table, self._snapshot = steps.set_table, steps.snapshot
+        # A progressive start (runtime.aot.prepare_programs) serves with some programs while
+        # the others compile: `ready` holds the ready ones ((kind, shape) as programs()
+        # names them), None once every program is; calls take the best ready program.
+        self.ready: set[tuple[str, tuple]] | None = None
+        self._arrivals: queue.SimpleQueue = queue.SimpleQueue()
+        self.background = None  # the job bringing the others (runtime.aot.Background), if any
 
     # --- the bucket manifest ---------------------------------------------------------
 
     def manifest(self) -> dict[str, list[tuple]]:
         return bucket_manifest(self.ecfg)
 
-    def prefill_shape(self, num_prompts: int, chunk_len: int) -> tuple[int, int]:
+    def prefill_shape(self, num_prompts: int, chunk_len: int, fresh: bool = False) -> tuple[int, int]:
         """The smallest manifest shape that holds `num_prompts` chunks of `chunk_len` tokens
-        (with data-parallel groups: per group; a call has data_groups times the rows)."""
+        (with data-parallel groups: per group; a call has data_groups times the rows) and
+        has a ready program for them (`fresh`: every chunk starts its prompt, which the
+        continuation program serves too)."""
         t = next((t for t in self.ecfg.prefill_lengths if t >= chunk_len), None)
         b = next((b for b in self.ecfg.prefill_batch_sizes if b >= num_prompts), None)
         if t is None or b is None:
@@ -685,7 +712,78 @@ class Engine:
                 f"no prefill bucket for {num_prompts} prompts of {chunk_len} tokens; "
                 f"lengths {self.ecfg.prefill_lengths}, batch sizes {self.ecfg.prefill_batch_sizes}"
             )
-        return b, t
+        if self.ready is None:
+            return b, t
+        for bb in self.ecfg.prefill_batch_sizes:
+            for tt in self.ecfg.prefill_lengths:
+                if bb >= b and tt >= t and self._prefill_variant(bb, tt, fresh) is not None:
+                    return bb, tt
+        raise ValueError(f"no ready prefill program for {num_prompts} prompts of {chunk_len} tokens")
+
+    def _prefill_variant(self, b: int, t: int, fresh: bool) -> bool | None:
+        """The prefill program (its "fresh" key) that runs chunks of shape (b, t): the fresh
+        one for fresh chunks where ready, else the continuation one; None if neither is."""
+        if fresh and True in self._prefill and self._is_ready("prefill", (b, t, "fresh")):
+            return True
+        if False in self._prefill and self._is_ready("prefill", (b, t)):
+            return False
+        return None
+
+    def decode_choice(self, top: int, sampling: list) -> tuple[int, str]:
+        """(rows, sampling mode) of the decode call for slots [0, top) sampled with these
+        parameters (SamplingParams; None for idle rows): the smallest bucket with a ready
+        program in the cheapest mode that samples them exactly."""
+        for rows in self.ecfg.decode_buckets:
+            if rows < top or not self._is_ready("snapshot", (rows,)):  # (the outputs' copy)
+                continue
+            modes = tuple(m for m in self.ecfg.decode_sampling_modes if self._is_ready("decode", (rows, m)))
+            try:
+                return rows, sampling_mode(sampling, modes)
+            except StopIteration:  # no ready mode samples these rows exactly
+                continue
+        raise ValueError(f"no ready decode program for {top} slots")
+
+    # --- a progressive start -------------------------------------------------------------
+
+    def _is_ready(self, kind: str, shape: tuple) -> bool:
+        return self.ready is None or (kind, shape) in self.ready
+
+    def program_names(self) -> list[tuple[str, tuple]]:
+        """(kind, shape) of every program, in programs()' order, without building arguments."""
+        m = self.manifest()
+        return ([("prefill", tuple(e)) for e in m["prefill"]] + [("decode", tuple(e)) for e in m["decode"]]
+                + [("mixed", tuple(e)) for e in m["mixed"]] + [("mixed_sample", k) for k in self._mixed_sample]
+                + [("release", ()), ("seed_prompt_mask", ()), ("set_table", ())]
+                + [("snapshot", (rows,)) for rows in self._readback])
+
+    def limit_programs(self, ready) -> None:
+        """Serve with only these programs ((kind, shape)) until the others `arrive`. They
+        must cover every call: a prefill program of the largest shape that serves any chunk,
+        and a decode program of the largest bucket in a mode that samples anything
+        (runtime.aot.core_programs)."""
+        self.ready = set(ready)
+
+    def arrive(self, executables: dict) -> None:
+        """More programs ({(kind, shape): compiled}), from any thread; the engine's owner
+        installs them between calls (`install_arrivals`)."""
+        self._arrivals.put(dict(executables))
+
+    def install_arrivals(self) -> int:
+        """Installs the programs that arrived (owner's thread, between calls); returns how
+        many. Once every program is ready, `ready` becomes None."""
+        n = 0
+        while True:
+            try:
+                executables = self._arrivals.get_nowait()
+            except queue.Empty:
+                break
+            self.use_executables(executables)
+            n += len(executables)
+            if self.ready is not None:
+                self.ready |= set(executables)
+                if self.ready >= set(self.program_names()):
+                    self.ready = None
+        return n
 
     def warmup(self) -> int:
         """Compiles the whole manifest (on scratch rows: slots stay idle). Returns compilations.
@@ -702,21 +800,31 @@ class Engine:
             how = "compiled" if compile_counter.count > built else "cache" if compile_counter.cache_hits > hits else "ready"
             self.warmup_report.append((name, time.perf_counter() - t, how))
 
+        # A progressive start warms its ready programs only; the others arrive compiled.
         for b, t, *fresh in self.manifest()["prefill"]:
+            if not self._is_ready("prefill", (b, t, *fresh)):
+                continue
             with entry(f"prefill {b}x{t}" + (" fresh" if fresh else "")):
                 # b rows per data-parallel group
                 self._prefill_call(bool(fresh), **scratch_prefill(b * self.data_groups, t, self.ecfg.max_pages_per_seq,
                                                                   self.ecfg.max_num_seqs))
         for rows, mode in self.manifest()["decode"]:
+            if not self._is_ready("decode", (rows, mode)):
+                continue
             with entry(f"decode {rows} {mode}"):
                 self.decode(np.zeros((rows, self.ecfg.max_pages_per_seq), np.int32), mode=mode)
         for rows, b, t, *fresh in self.manifest()["mixed"]:
+            if not self._is_ready("mixed", (rows, b, t, *fresh)) or not self._is_ready(
+                    "mixed_sample", (rows, self.ecfg.decode_sampling_modes[-1])):
+                continue
             with entry(f"mixed {rows}+{b}x{t}" + (" fresh" if fresh else "")):
                 self._mixed_call(bool(fresh), np.zeros((rows, self.ecfg.max_pages_per_seq), np.int32),
+                                 mode=self.ecfg.decode_sampling_modes[-1],
                                  **scratch_prefill(b, t, self.ecfg.max_pages_per_seq, self.ecfg.max_num_seqs))
-        if self._mixed_sample:
+        ready_samples = {k: v for k, v in self._mixed_sample.items() if self._is_ready("mixed_sample", k)}
+        if ready_samples:
             with entry("mixed sampling"):
-                for (rows, _), sample in self._mixed_sample.items():  # idle rows: changes nothing
+                for (rows, _), sample in ready_samples.items():  # idle rows: changes nothing
                     self.slots, self.io = sample(self.slots, self.io, *self._idle_mixed_rows(rows))
         with entry("set_table, release, seed_prompt_mask"):
             self.io = self._set_table(self.io, self._table_sent)  # compiled; changes nothing
@@ -831,7 +939,10 @@ class Engine:
 
     def prefill(self, *, starts, **kwargs) -> dict[str, jax.Array]:
         """Runs one prefill call; rows whose slot id is in range fill that decode slot."""
-        fresh = True in self._prefill and not np.any(np.asarray(starts))
+        b, t = np.shape(kwargs["tokens"])
+        fresh = self._prefill_variant(b // self.data_groups, t, not np.any(np.asarray(starts)))
+        if fresh is None:
+            raise ValueError(f"no ready prefill program for {b} x {t}")
         return self._prefill_call(fresh, starts=starts, **kwargs)
 
     def _prefill_call(
@@ -864,11 +975,21 @@ class Engine:
         self.cache, self.slots, self.io = step(self.param_leaves, self.cache, self.slots, self.io)
         return self._decode_outputs(rows)
 
-    def mixes(self, rows: int, num_prompts: int, chunk_len: int, fresh: bool) -> bool:
-        """Whether a mixed call (`mixed`) is compiled for a decode step over `rows` slots
-        beside a prefill call of that shape (`prefill_shape`'s buckets)."""
-        fresh = fresh and any(k[1] for k in self._mixed)
-        return (rows, num_prompts, chunk_len, *(("fresh",) if fresh else ())) in self._mixed_shapes
+    def mixes(self, rows: int, num_prompts: int, chunk_len: int, fresh: bool, mode: str = "filter") -> bool:
+        """Whether a mixed call (`mixed`) is ready for a decode step over `rows` slots in
+        sampling `mode` beside a prefill call of that shape (`prefill_shape`'s buckets)."""
+        return (self._mixed_variant(rows, num_prompts, chunk_len, fresh) is not None
+                and self._is_ready("mixed_sample", (rows, mode)) and self._is_ready("snapshot", (rows,)))
+
+    def _mixed_variant(self, rows: int, b: int, t: int, fresh: bool) -> bool | None:
+        """The mixed program ("fresh" key) for that shape: as `_prefill_variant`."""
+        shape = (rows, b, t)
+        if fresh and any(k[1] for k in self._mixed) and (*shape, "fresh") in self._mixed_shapes and self._is_ready(
+                "mixed", (*shape, "fresh")):
+            return True
+        if (rows, False) in self._mixed and shape in self._mixed_shapes and self._is_ready("mixed", shape):
+            return False
+        return None
 
     def mixed(self, decode_table, *, starts, mode: str = "filter",
               **prefill) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
@@ -877,7 +998,10 @@ class Engine:
         `decode`'s) in one forward pass (runtime.engine._mixed); `mixes` says which shapes
         are compiled. Returns (prefill outputs, decode outputs), each as its own call
         returns them. A prompt this call completes decodes from the next step on."""
-        fresh = any(k[1] for k in self._mixed) and not np.any(np.asarray(starts))
+        b, t = np.shape(prefill["tokens"])
+        fresh = self._mixed_variant(len(decode_table), b, t, not np.any(np.asarray(starts)))
+        if fresh is None:
+            raise ValueError(f"no ready mixed call over {len(decode_table)} slots beside {b} x {t}")
         return self._mixed_call(fresh, decode_table, mode=mode, starts=starts, **prefill)
 
     def _mixed_call(self, fresh: bool, decode_table, *, mode: str = "filter",

@@ -170,6 +170,9 @@ class EngineLoop:
         self._metrics.pages_total.set(self.orc.allocator.num_pages)
         self._publish_load()
         self._on_ready(self)
+        background = getattr(engine, "background", None)
+        if background is not None:  # a progressive start: the other programs, while serving
+            background.start()
         try:
             self._loop()
         except Exception as e:  # noqa: BLE001 -- a bug in this loop: the server stops serving

@@ -28,7 +28,7 @@ import numpy as np
 from runtime.detokenize import IncrementalDetokenizer
 from runtime.engine import MAX_STOP_IDS, Engine, compile_counter
 from runtime.page_allocator import PageAllocator
-from runtime.sampling import SamplingParams, SlotSampling, sampling_mode
+from runtime.sampling import SamplingParams, SlotSampling
 from runtime.scheduler import PrefillChunk, Scheduler, Sequence, Status
 from runtime.tokenizer import Tokenizer
 
@@ -151,6 +151,7 @@ class Orchestrator:
         # one of that kind that worked.
         self._call_failures = {"prefill": 0, "decode": 0, "mixed": 0}
         self.last_step = StepRecord("idle")
+        self._choice = None
 
     # --- requests ------------------------------------------------------------------
 
@@ -245,6 +246,13 @@ class Orchestrator:
         during host work). A request's outputs therefore arrive one step late."""
         t0 = time.perf_counter()
         self._wait_s = 0.0
+        self._choice = None  # this step's decode call (_decode_choice)
+        install = getattr(self.engine, "install_arrivals", None)
+        arrived = install() if install is not None else 0  # a progressive start's programs, between calls
+        if arrived:
+            total = len(self.engine.program_names())
+            log.info("%d more programs ready (%d of %d)", arrived,
+                     total if self.engine.ready is None else len(self.engine.ready), total)
         plan = self.scheduler.schedule(can_preempt=self._inflight is None)
         if plan is None:  # pages are short: preempting needs every token known, so drain first
             self._collect()
@@ -337,7 +345,7 @@ class Orchestrator:
             g = self.scheduler.group_of_slot(c.seq.slot)
             index.append((g, counts[g]))
             counts[g] += 1
-        b, t = self.engine.prefill_shape(max(counts), max(c.length for c in chunks))
+        b, t = self.engine.prefill_shape(max(counts), max(c.length for c in chunks), all(c.start == 0 for c in chunks))
         return [g * b + k for g, k in index], b, t
 
     def _mixes(self, chunks: list[PrefillChunk], decoding: list[Sequence]) -> bool:
@@ -345,7 +353,8 @@ class Orchestrator:
         if self.data_groups != 1:
             return False
         _, b, t = self._prefill_layout(chunks)
-        return self.engine.mixes(self._decode_rows(decoding), b, t, all(c.start == 0 for c in chunks))
+        rows, mode = self._decode_choice(decoding)
+        return self.engine.mixes(rows, b, t, all(c.start == 0 for c in chunks), mode)
 
     def _dispatch_mixed(self, chunks: list[PrefillChunk], decoding: list[Sequence]) -> tuple[tuple[dict, list[int]], dict]:
         """Runs the chunks and one decode step as one call; returns ((prefill outputs,
@@ -416,25 +425,30 @@ class Orchestrator:
         self._decode_dispatched(decoding, out)
         return out
 
+    def _decode_choice(self, decoding: list[Sequence]) -> tuple[int, str]:
+        """The slots a decode call runs, the first `rows`, and its sampling mode
+        (Engine.decode_choice): the smallest bucket holding every decoding slot (the
+        scheduler hands out the lowest free slot; the others are idle on the device), in
+        the cheapest mode that samples every running sequence's parameters (slots of
+        finished or preempted ones are idle). Data-parallel groups own slot ranges: their
+        calls run every slot (as Engine compiles them)."""
+        key = tuple(map(id, decoding))
+        if self._choice is None or self._choice[0] != key:  # asked 2-3 times a step: once
+            top = max(seq.slot for seq in decoding) + 1 if self.data_groups == 1 else self.engine.ecfg.max_num_seqs
+            self._choice = key, self.engine.decode_choice(top, [seq.sampling for seq in decoding])
+        return self._choice[1]
+
     def _decode_rows(self, decoding: list[Sequence]) -> int:
-        """The slots a decode call runs: the first `rows`, the smallest bucket holding every
-        decoding slot (the scheduler hands out the lowest free slot; the others are idle on
-        the device). Data-parallel groups own slot ranges: their calls run every slot (as
-        Engine compiles them)."""
-        ecfg = self.engine.ecfg
-        top = max(seq.slot for seq in decoding) + 1 if self.data_groups == 1 else ecfg.max_num_seqs
-        return next(b for b in ecfg.decode_buckets if b >= top)
+        return self._decode_choice(decoding)[0]
 
     def _decode_args(self, decoding: list[Sequence]) -> tuple[np.ndarray, str]:
         """The decode call's page table [rows, MP] and sampling mode."""
-        ecfg = self.engine.ecfg
-        table = np.zeros((self._decode_rows(decoding), ecfg.max_pages_per_seq), np.int32)
+        rows, mode = self._decode_choice(decoding)
+        table = np.zeros((rows, self.engine.ecfg.max_pages_per_seq), np.int32)
         for seq in decoding:
             pages = self.allocator.pages(seq.seq_id)
             table[seq.slot, : len(pages)] = pages
-        # Every slot the call decodes is a running sequence's (slots of finished or
-        # preempted ones are idle on the device): their parameters pick the variant.
-        return table, sampling_mode([seq.sampling for seq in decoding], ecfg.decode_sampling_modes)
+        return table, mode
 
     def _decode_dispatched(self, decoding: list[Sequence], out: dict) -> None:
         for seq in decoding:

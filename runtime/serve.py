@@ -70,6 +70,11 @@ flags.DEFINE_string("tls_key_file", None, "PEM private key (unencrypted) of --tl
 flags.DEFINE_string("tls_client_ca_file", None, "PEM CA(s): require client certificates signed by them (mutual TLS).")
 flags.DEFINE_string("api_key_file", None, "API keys, one per line (# comments); every call but health's, and "
                     "/metrics, must send 'authorization: Bearer <key>'.")
+flags.DEFINE_enum("startup", "full", ["full", "progressive"], "full: SERVING once every program is compiled (or "
+                  "loaded) and warm. progressive: SERVING once a few programs that serve any request are (the largest "
+                  "prefill and decode shapes, runtime.aot.core_programs); the others compile (or load) on threads "
+                  "while it serves and take over as they arrive, so calls pad more and mixed steps run as two calls "
+                  "until then. One process, without --aot_dir.")
 flags.DEFINE_float("gil_switch_interval_ms", 0.5, "Python's thread switch interval (sys.setswitchinterval): "
                    "the longest the engine thread waits for the interpreter lock while the event loop's thread "
                    "runs Python (streaming outputs). Python's default, 5 ms, stalled steps at 64 streams on an "
@@ -83,15 +88,16 @@ log = logging.getLogger("runtime.serve")
 
 
 def _loader(checkpoint: str, ecfg, dtype: str, auto_num_seqs: bool, mesh_config, aot_dir: str | None = None,
-            executable_cache: str = "off", compile_threads: int | None = None):
+            executable_cache: str = "off", compile_threads: int | None = None, progressive: bool = False):
     """What the engine thread runs to build (engine, tokenizer)."""
 
     def load():
         engine, tokenizer = _load()
         from runtime.aot import prepare_programs
 
-        prepare_programs(engine, dtype, aot_dir=aot_dir, executable_cache=executable_cache,
-                         compile_threads=compile_threads)
+        # progressive: engine.background brings in the other programs once serving (engine_thread)
+        engine.background = prepare_programs(engine, dtype, aot_dir=aot_dir, executable_cache=executable_cache,
+                                             compile_threads=compile_threads, progressive=progressive)
         return engine, tokenizer
 
     def _load():
@@ -277,7 +283,7 @@ def main(argv: list[str]) -> None:
 
     cluster, mesh_config = xflags.join_cluster(dist, mesh_config)
     load = _loader(FLAGS.checkpoint, ecfg, FLAGS.dtype, xflags.auto_num_seqs(), mesh_config, FLAGS.aot_dir,
-                   FLAGS.executable_cache, FLAGS.compile_threads)
+                   FLAGS.executable_cache, FLAGS.compile_threads, progressive=FLAGS.startup == "progressive")
     leader = None
     if cluster is not None:
         if not cluster.is_leader:

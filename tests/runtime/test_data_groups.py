@@ -277,10 +277,15 @@ class FakeEngine:
         self.length, self.last, self.remaining = [0] * b, [0] * b, [0] * b
         self.prefill_calls: list[dict] = []
 
-    def mixes(self, rows, num_prompts, chunk_len, fresh) -> bool:
+    def mixes(self, rows, num_prompts, chunk_len, fresh, mode="filter") -> bool:
         return False  # prefill and decode as two calls, as a data-parallel engine makes them
 
-    def prefill_shape(self, num_prompts, chunk_len):
+    def decode_choice(self, top, sampling):
+        from runtime.sampling import sampling_mode
+
+        return next(b for b in self.ecfg.decode_buckets if b >= top), sampling_mode(sampling)
+
+    def prefill_shape(self, num_prompts, chunk_len, fresh=False):
         t = next(t for t in self.ecfg.prefill_lengths if t >= chunk_len)
         b = next(b for b in self.ecfg.prefill_batch_sizes if b >= num_prompts)
         return b, t
