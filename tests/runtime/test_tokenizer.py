@@ -121,9 +121,9 @@ class _Cache:
 
     def reference(self, name: str):
         if name not in self._reference:
-            transformers = pytest.importorskip("transformers")
-            path = self.path(name)
-            self._reference[name] = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            from tests.utils import transformers_from_gguf
+
+            self._reference[name] = transformers_from_gguf(self.path(name), "tokenizer")
         return self._reference[name]
 
 
