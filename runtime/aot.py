@@ -665,7 +665,7 @@ def prepare_programs(engine, dtype: str, *, aot_dir: str | None, executable_cach
             if skipped else "")
 
     if core is None:
-        if writer is not None or cache_dir is not None:
+        if writer is not None:
             with clock.phase("executable cache write") as detail:
                 detail[0] = finish_writing(len(loaded) + len(compiled))
         return None

@@ -814,12 +814,10 @@ class Engine:
             with entry(f"decode {rows} {mode}"):
                 self.decode(np.zeros((rows, self.ecfg.max_pages_per_seq), np.int32), mode=mode)
         for rows, b, t, *fresh in self.manifest()["mixed"]:
-            if not self._is_ready("mixed", (rows, b, t, *fresh)) or not self._is_ready(
-                    "mixed_sample", (rows, self.ecfg.decode_sampling_modes[-1])):
+            if not self._is_ready("mixed", (rows, b, t, *fresh)) or not self._is_ready("mixed_sample", (rows, "filter")):
                 continue
             with entry(f"mixed {rows}+{b}x{t}" + (" fresh" if fresh else "")):
                 self._mixed_call(bool(fresh), np.zeros((rows, self.ecfg.max_pages_per_seq), np.int32),
-                                 mode=self.ecfg.decode_sampling_modes[-1],
                                  **scratch_prefill(b, t, self.ecfg.max_pages_per_seq, self.ecfg.max_num_seqs))
         ready_samples = {k: v for k, v in self._mixed_sample.items() if self._is_ready("mixed_sample", k)}
         if ready_samples:

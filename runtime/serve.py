@@ -274,6 +274,9 @@ def main(argv: list[str]) -> None:
     if not 0 < FLAGS.gil_switch_interval_ms <= 1000:
         xflags.usage_error(f"--gil_switch_interval_ms={FLAGS.gil_switch_interval_ms} must be in (0, 1000]")
     sys.setswitchinterval(FLAGS.gil_switch_interval_ms / 1e3)
+    if FLAGS.startup == "progressive" and FLAGS.aot_dir:
+        xflags.usage_error("--startup=progressive compiles its other programs while serving; --aot_dir has them "
+                           "all built: drop one of the two")
     if FLAGS.http_port is not None:
         try:  # optional dependencies (not in every image): checked before the model loads
             import runtime.openai_api  # noqa: F401
@@ -285,6 +288,9 @@ def main(argv: list[str]) -> None:
     load = _loader(FLAGS.checkpoint, ecfg, FLAGS.dtype, xflags.auto_num_seqs(), mesh_config, FLAGS.aot_dir,
                    FLAGS.executable_cache, FLAGS.compile_threads, progressive=FLAGS.startup == "progressive")
     leader = None
+    if cluster is not None and FLAGS.startup == "progressive":
+        xflags.usage_error("--startup=progressive serves one process; several compile every program in step "
+                           "before serving (drop --startup=progressive)")
     if cluster is not None:
         if not cluster.is_leader:
             grace = FLAGS.drain_timeout_s + 2 * dist.timeout_s + 10  # process 0 drains, then stops this one

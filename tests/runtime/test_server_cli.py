@@ -137,6 +137,8 @@ def test_serve_flag_errors_exit_2():
     assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith("error: --profile_steps=5: want START,COUNT")
     p = _run("runtime.serve", "--checkpoint=preset:tiny-llama", "--port=0", "--gil_switch_interval_ms=0")
     assert p.returncode == 2 and p.stderr.strip().splitlines()[-1] == "error: --gil_switch_interval_ms=0.0 must be in (0, 1000]"
+    p = _run("runtime.serve", "--checkpoint=preset:tiny-llama", "--port=0", "--startup=progressive", "--aot_dir=/tmp/x")
+    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith("error: --startup=progressive")
     p = _run("runtime.bench_serving", "--slo=ttfb:10")
     assert p.returncode == 2 and "ttft, tpot, e2el" in p.stderr
 
