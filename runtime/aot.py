@@ -33,6 +33,7 @@ import math
 import os
 import pickle
 import sys
+import threading
 import time
 from collections.abc import Callable
 
@@ -325,8 +326,8 @@ def executable_key(cfg: ModelConfig, ecfg: EngineConfig, mesh: Mesh | None, devi
 
 
 def compile_programs(programs: list[tuple], threads: int = 1, *, fresh: bool = False,
-                     on_compiled: Callable | None = None,
-                     thread_prefix: str = "xlserve-compile") -> dict[tuple[str, tuple], jax.stages.Compiled]:
+                     on_compiled: Callable | None = None, thread_prefix: str = "xlserve-compile",
+                     stop=None) -> dict[tuple[str, tuple], jax.stages.Compiled]:
     """{(kind, shape): compiled} of (kind, shape, jitted, args) programs (Engine.programs).
     They are lowered here one after another (tracing holds the GIL) and compiled on
     `threads` threads (XLA compiles without it), so compiles overlap each other and the
@@ -335,25 +336,35 @@ def compile_programs(programs: list[tuple], threads: int = 1, *, fresh: bool = F
     beside the compiles still running). The persistent compilation cache serves as with
     jit, unless `fresh`: executables to be serialized must not come from it, since on
     XLA:CPU (jaxlib 0.10.2) one loaded from that cache serializes without its kernels and
-    its copy fails when it runs ("Function copy_bitcast_fusion.4 not found")."""
+    its copy fails when it runs ("Function copy_bitcast_fusion.4 not found").
+    Once the `stop` event is set, no further program is lowered or compiled (those
+    compiling finish) and the result holds the programs done by then."""
     if fresh:
         jax.config.update("jax_enable_compilation_cache", False)
 
+    def stopped() -> bool:
+        return stop is not None and stop.is_set()
+
     def build(kind, shape, lowered):
+        if stopped():
+            return None
         compiled = lowered.compile()
-        if on_compiled is not None:
+        if on_compiled is not None and not stopped():
             on_compiled(kind, shape, compiled)
         return compiled
 
     try:
         if threads <= 1:
-            return {(kind, shape): build(kind, shape, fn.lower(*args)) for kind, shape, fn, args in programs}
-        from concurrent.futures import ThreadPoolExecutor
+            out = {(kind, shape): build(kind, shape, fn.lower(*args))
+                   for kind, shape, fn, args in programs if not stopped()}
+        else:
+            from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(threads, thread_name_prefix=thread_prefix) as pool:
-            futures = [((kind, shape), pool.submit(build, kind, shape, fn.lower(*args)))
-                       for kind, shape, fn, args in programs]
-            return {name: future.result() for name, future in futures}
+            with ThreadPoolExecutor(threads, thread_name_prefix=thread_prefix) as pool:
+                futures = [((kind, shape), pool.submit(build, kind, shape, fn.lower(*args)))
+                           for kind, shape, fn, args in programs if not stopped()]
+                out = {name: future.result() for name, future in futures}
+        return {name: c for name, c in out.items() if c is not None}
     finally:
         if fresh:
             jax.config.update("jax_enable_compilation_cache", True)
@@ -548,22 +559,33 @@ class Background:
     compile_counter.count leaves them out). A failure leaves the engine serving with the
     programs it has, and is logged."""
 
-    def __init__(self, job: Callable[[], str], num_programs: int):
-        import threading
-
+    def __init__(self, job: Callable[[threading.Event], str], num_programs: int):
         self._job = job
         self.num_programs = num_programs
         self.done = threading.Event()
+        self.stopping = threading.Event()  # the job starts no further program once set
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=f"{BACKGROUND_THREADS}-start", daemon=True)
 
     def start(self) -> None:
+        _running.add(self)
         self._thread.start()
+
+    def stop(self, timeout_s: float) -> bool:
+        """Asks the job to start nothing more and waits up to `timeout_s` for the programs
+        compiling now; True once it has ended (a process must not exit while XLA compiles on
+        one of its threads: on an H200 that ended in a segfault after the drain)."""
+        self.stopping.set()
+        return not self._thread.is_alive() or self.done.wait(timeout_s)
 
     def _run(self) -> None:
         t = time.perf_counter()
         try:
-            what = self._job()
+            what = self._job(self.stopping)
+            if self.stopping.is_set():
+                print(f"xlserve: stopped bringing in the other programs ({what or 'none ready'})", file=sys.stderr,
+                      flush=True)
+                return
         except Exception as e:  # noqa: BLE001 -- serving goes on with the programs it has
             self.error = e
             log.exception("bringing in the other programs failed")
@@ -574,6 +596,16 @@ class Background:
                   file=sys.stderr, flush=True)
         finally:
             self.done.set()
+            _running.discard(self)
+
+
+_running: set[Background] = set()
+
+
+def stop_background(timeout_s: float) -> bool:
+    """Stops every started Background job (Background.stop); True if none is still running."""
+    deadline = time.monotonic() + timeout_s
+    return all([b.stop(max(0.0, deadline - time.monotonic())) for b in list(_running)])
 
 
 def prepare_programs(engine, dtype: str, *, aot_dir: str | None, executable_cache: str,
@@ -671,10 +703,10 @@ def prepare_programs(engine, dtype: str, *, aot_dir: str | None, executable_cach
         return None
     engine.limit_programs(core)
 
-    def bring_in_the_rest() -> str:
+    def bring_in_the_rest(stop: threading.Event) -> str:
         names = {(p[0], p[1]) for p in rest}
         arrived = {}
-        if cached and loaded:
+        if cached and loaded and not stop.is_set():
             arrived, why = load_executables(cache_dir, key, threads, names.__contains__,
                                             thread_prefix=f"{BACKGROUND_THREADS}-load")
             if why is not None:
@@ -688,10 +720,13 @@ def prepare_programs(engine, dtype: str, *, aot_dir: str | None, executable_cach
             write(kind, shape, c)
             engine.arrive({(kind, shape): c})
 
-        done = compile_programs(todo, threads, fresh=fresh, on_compiled=compiled_one,
+        done = compile_programs(todo, threads, fresh=fresh, on_compiled=compiled_one, stop=stop,
                                 thread_prefix=f"{BACKGROUND_THREADS}-compile") if todo else {}
         what = ", ".join(x for x in (f"{len(arrived)} programs loaded" if arrived else "",
                                      f"{len(done)} compiled" if done else "") if x)
+        if stop.is_set():  # a part of the set: the next start compiles it again
+            shutil.rmtree(tmp, ignore_errors=True)
+            return what
         wrote = finish_writing(len(programs)) if writer is not None else ""
         return what + (f" (executable cache: {wrote})" if wrote else "")
 

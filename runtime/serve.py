@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 
@@ -300,7 +301,22 @@ def main(argv: list[str]) -> None:
     code = asyncio.run(_serve(load, config, leader))
     if leader is not None:
         code = leader.finish(code)  # stops the others; exits at once unless 0
-    sys.exit(code)
+    _exit(code)
+
+
+def _exit(code: int, compiles_timeout_s: float = 10.0) -> None:
+    """Exits once a progressive start's background compiles have stopped. XLA compiling on
+    a thread while the interpreter shuts down ended in a segfault (exit 139) after a clean
+    drain on an H200 (2026-11-30); a compile still running after `compiles_timeout_s` is
+    left behind by an exit that skips the interpreter's shutdown."""
+    from runtime import aot
+
+    if aot.stop_background(compiles_timeout_s):
+        sys.exit(code)
+    print(f"xlserve: exiting with background compiles still running (> {compiles_timeout_s:.0f} s)", file=sys.stderr,
+          flush=True)
+    sys.stdout.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

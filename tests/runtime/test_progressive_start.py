@@ -188,3 +188,33 @@ def test_serve_progressive_answers_at_once_and_compiles_nothing_on_the_serving_p
             again = client.generate_unary(token_ids=prompt, max_tokens=8, temperature=0.0, ignore_eos=True)
             assert list(again.token_ids) == list(first.token_ids) and len(first.token_ids) == 8
             assert client.model_info().load.num_compiles_since_ready == 0
+
+
+def test_serve_progressive_stops_its_background_compiles_on_sigterm():
+    """SIGTERM right after SERVING, the other programs still compiling: the server drains,
+    stops bringing them in (no program after the one compiling is started) and exits 0.
+    A process that exited with XLA compiling on a thread died in a segfault (exit 139)
+    after its drain on an H200 (2026-11-30)."""
+    import os
+    import signal
+    import time
+    from pathlib import Path
+
+    from tests.runtime.server_harness import serve_subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root), "XLSERVE_COMPILE_CACHE": "/tmp/xlserve-test-jax-cache"}
+    # More decode buckets and sampling modes than above: a background too long to finish first.
+    with serve_subprocess(
+        "--checkpoint=preset:tiny-llama", "--port=0", "--startup=progressive", "--dtype=float32",
+        "--max_model_len=128", "--prefill_lengths=8,16,32,64", "--max_num_seqs=8", "--decode_batch_sizes=1,2,4,8",
+        "--page_size=8", "--compile_threads=1", env=env, cwd=root, timeout=180,
+    ) as srv:
+        srv.proc.send_signal(signal.SIGTERM)
+        assert srv.proc.wait(120) == 0, "".join(srv.lines)
+        deadline = time.monotonic() + 10  # the reader thread takes the last lines
+        while not any("stopped bringing in" in line for line in srv.lines) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    text = "".join(srv.lines)
+    assert "xlserve: stopped\n" in text and "stopped bringing in the other programs" in text, text
+    assert "every program ready" not in text and "exiting with background compiles still running" not in text
