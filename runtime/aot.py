@@ -334,7 +334,8 @@ def compile_programs(programs: list[tuple], threads: int = 1, *, fresh: bool = F
     next program's lowering. `on_compiled(kind, shape, compiled)` runs as each one is
     done, on the thread that compiled it (the executable cache writes each program there,
     beside the compiles still running). The persistent compilation cache serves as with
-    jit, unless `fresh`: executables to be serialized must not come from it, since on
+    jit, unless `fresh` (_persistent_cache_off meanwhile, for every thread): executables
+    to be serialized must not come from it, since on
     XLA:CPU (jaxlib 0.10.2) one loaded from that cache serializes without its kernels and
     its copy fails when it runs ("Function copy_bitcast_fusion.4 not found").
     Once the `stop` event is set, no further program is lowered or compiled (those
@@ -344,8 +345,7 @@ def compile_programs(programs: list[tuple], threads: int = 1, *, fresh: bool = F
     stats.setdefault("lower_s", 0.0)
     stats.setdefault("compile_s", 0.0)
     lock = threading.Lock()
-    if fresh:
-        jax.config.update("jax_enable_compilation_cache", False)
+    off = _persistent_cache_off() if fresh else contextlib.nullcontext()
 
     def stopped() -> bool:
         return stop is not None and stop.is_set()
@@ -367,7 +367,7 @@ def compile_programs(programs: list[tuple], threads: int = 1, *, fresh: bool = F
             on_compiled(kind, shape, compiled)
         return compiled
 
-    try:
+    with off:
         if threads <= 1:
             out = {(kind, shape): build(kind, shape, lower(fn, args))
                    for kind, shape, fn, args in programs if not stopped()}
@@ -378,10 +378,25 @@ def compile_programs(programs: list[tuple], threads: int = 1, *, fresh: bool = F
                 futures = [((kind, shape), pool.submit(build, kind, shape, lower(fn, args)))
                            for kind, shape, fn, args in programs if not stopped()]
                 out = {name: future.result() for name, future in futures}
-        return {name: c for name, c in out.items() if c is not None}
+    return {name: c for name, c in out.items() if c is not None}
+
+
+@contextlib.contextmanager
+def _persistent_cache_off():
+    """JAX's persistent compilation cache neither read nor written inside (every thread).
+    `jax_enable_compilation_cache=False` is not enough: JAX decides once per process,
+    at its first compile, whether the cache is used (jax 0.10.2: an executable compiled
+    with it False was written, and read back by the next process)."""
+    from jax.experimental.compilation_cache import compilation_cache
+
+    directory = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", None)
+    compilation_cache.reset_cache()
+    try:
+        yield
     finally:
-        if fresh:
-            jax.config.update("jax_enable_compilation_cache", True)
+        jax.config.update("jax_compilation_cache_dir", directory)
+        compilation_cache.reset_cache()
 
 
 def key_digest(key: dict) -> str:

@@ -242,3 +242,29 @@ def test_the_executable_cache_is_off_on_cpu_by_default_and_keyed(compile_cache):
     assert aot.executable_cache_dir(_key(engine)) != aot.executable_cache_dir(_key(other))
     jax.config.update("jax_compilation_cache_dir", "gs://bucket/cache")
     assert aot.executable_cache_dir(_key(engine)) is None  # a remote compile cache: no executable cache
+
+
+def test_fresh_compiles_neither_read_nor_write_the_persistent_cache(compile_cache):
+    """compile_programs(fresh=True) (executables bound for the executable cache on CPU)
+    compiles from scratch even for a program the persistent cache holds, writes nothing
+    there, and leaves the cache serving afterwards. jax_enable_compilation_cache=False
+    did neither once the process had compiled with the cache on."""
+    import jax.numpy as jnp
+
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    args = (jax.ShapeDtypeStruct((13,), jnp.float32),)
+
+    def program(scale):  # a new function object each time: no in-memory hit
+        return jax.jit(lambda x: jnp.tanh(x) * scale - 2)
+
+    program(7.0).lower(*args).compile()
+    entries = set(os.listdir(compile_cache))
+    assert any(e.startswith("jit__lambda") for e in entries)
+    hits = compile_counter.cache_hits
+    done = aot.compile_programs([("a", (1,), program(7.0), args), ("b", (1,), program(9.0), args)], threads=2,
+                                fresh=True)
+    assert set(done) == {("a", (1,)), ("b", (1,))}
+    assert compile_counter.cache_hits == hits and set(os.listdir(compile_cache)) == entries
+    assert jax.config.jax_compilation_cache_dir == str(compile_cache)
+    program(7.0).lower(*args).compile()
+    assert compile_counter.cache_hits == hits + 1  # served again after
