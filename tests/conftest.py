@@ -5,20 +5,44 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import sys
+from pathlib import Path
 
 import pytest
+
+_TESTS = Path(__file__).resolve().parent
+
+
+# XLA:CPU maps ~5 memory regions per live executable, and the kernel allows a process
+# 65530 (vm.max_map_count). At the limit, XLA's next compile or serialization segfaults:
+# the full suite died so at ~85% (in tests/runtime/test_progressive_start.py, 3 times on
+# 809c3c2 and 8638f28, here and in CI), and a script compiling executables under a lowered
+# limit segfaulted in the same place (backend_compile_and_load). The jit caches of module-
+# level functions keep every shape a test ever compiled, so executables are released at
+# the end of each test module.
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_executables(request):
+    """After each module: unreachable engines are collected and, outside tests/runtime
+    (whose session-scoped engine was warmed through jit's caches and must not compile
+    again), JAX's caches are cleared, releasing every executable nothing else holds."""
+    yield
+    import gc
+
+    gc.collect()
+    jax = sys.modules.get("jax")
+    if jax is not None and "runtime" not in Path(str(request.path)).relative_to(_TESTS).parts[:1]:
+        jax.clear_caches()
+        gc.collect()
 
 
 @pytest.fixture(autouse=True)
 def _no_persistent_compile_cache_across_tests():
     """JAX's persistent compilation cache does not outlive the test that turned it on.
-    In-process code turns it on for the rest of a process (runtime.startup.load_engine,
-    a test's own cache directory), so every later test read and wrote executables that
-    earlier tests had compiled. In the full suite one of those writes crashed the pytest
-    process: a segfault in XLA:CPU's executable serialization (jaxlib 0.10.2,
-    jax/_src/compilation_cache.py put_executable_and_time) at ~85%, twice on 809c3c2 (here
-    and in CI), while the same tests pass in smaller runs. Tests that check the cache run
-    their own processes or turn it on themselves; the others compile as a fresh process would."""
+    In-process code turns it on for the rest of a process (runtime.startup.load_engine;
+    a test's own cache directory: JAX keeps the first cache it opens), so every later test
+    read and wrote executables that earlier tests compiled. Tests of the cache run their
+    own processes or set their own directory; the others compile as a fresh process would."""
     yield
     jax = sys.modules.get("jax")
     if jax is None:
