@@ -158,24 +158,29 @@ def test_stand_ins_by_shape_variant_and_mode():
     assert engine.decode_choice(1, [drawn]) == (1, "sample") and engine.prefill_shape(1, 5, fresh=False) == (1, 8)
 
 
-def test_serve_progressive_answers_at_once_and_compiles_nothing_on_the_serving_path():
-    """runtime.serve --startup=progressive: SERVING after the core programs, requests
-    answered while the others compile, the same greedy tokens before and after every
-    program is ready, and the Load message counts no compilation after ready."""
+def _serve_progressive(*flags: str):
+    """runtime.serve --startup=progressive over tiny-llama (float32, pages of 8) with `flags`."""
     import os
-    import time
     from pathlib import Path
 
-    from runtime.client import Client
     from tests.runtime.server_harness import serve_subprocess
 
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": str(root), "XLSERVE_COMPILE_CACHE": "/tmp/xlserve-test-jax-cache"}
-    with serve_subprocess(
-        "--checkpoint=preset:tiny-llama", "--port=0", "--startup=progressive", "--dtype=float32",
-        "--max_model_len=96", "--prefill_lengths=8,32", "--max_num_seqs=4", "--decode_batch_sizes=1,4",
-        "--page_size=8", "--max_num_batched_tokens=24", env=env, cwd=root, timeout=180,
-    ) as srv:
+    return serve_subprocess("--checkpoint=preset:tiny-llama", "--port=0", "--startup=progressive", "--dtype=float32",
+                            "--page_size=8", *flags, env=env, cwd=root, timeout=180)
+
+
+def test_serve_progressive_answers_at_once_and_compiles_nothing_on_the_serving_path():
+    """runtime.serve --startup=progressive: SERVING after the core programs, requests
+    answered while the others compile, the same greedy tokens before and after every
+    program is ready, and the Load message counts no compilation after ready."""
+    import time
+
+    from runtime.client import Client
+
+    with _serve_progressive("--max_model_len=96", "--prefill_lengths=8,32", "--max_num_seqs=4",
+                            "--decode_batch_sizes=1,4", "--max_num_batched_tokens=24") as srv:
         startup = next(line for line in srv.lines if "xlserve: start-up: " in line)
         assert "more after SERVING" in startup, startup
         with Client(f"localhost:{srv.port}") as client:
@@ -195,21 +200,12 @@ def test_serve_progressive_stops_its_background_compiles_on_sigterm():
     stops bringing them in (no program after the one compiling is started) and exits 0.
     A process that exited with XLA compiling on a thread died in a segfault (exit 139)
     after its drain on an H200 (2026-11-30)."""
-    import os
     import signal
     import time
-    from pathlib import Path
 
-    from tests.runtime.server_harness import serve_subprocess
-
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "PYTHONPATH": str(root), "XLSERVE_COMPILE_CACHE": "/tmp/xlserve-test-jax-cache"}
-    # More decode buckets and sampling modes than above: a background too long to finish first.
-    with serve_subprocess(
-        "--checkpoint=preset:tiny-llama", "--port=0", "--startup=progressive", "--dtype=float32",
-        "--max_model_len=128", "--prefill_lengths=8,16,32,64", "--max_num_seqs=8", "--decode_batch_sizes=1,2,4,8",
-        "--page_size=8", "--compile_threads=1", env=env, cwd=root, timeout=180,
-    ) as srv:
+    # More buckets than above, compiled one at a time: a background too long to finish first.
+    with _serve_progressive("--max_model_len=128", "--prefill_lengths=8,16,32,64", "--max_num_seqs=8",
+                            "--decode_batch_sizes=1,2,4,8", "--compile_threads=1") as srv:
         srv.proc.send_signal(signal.SIGTERM)
         assert srv.proc.wait(120) == 0, "".join(srv.lines)
         deadline = time.monotonic() + 10  # the reader thread takes the last lines
