@@ -57,6 +57,8 @@ flags.DEFINE_integer("max_prefill_tokens", 16384, "Prompt tokens per prefill cal
 flags.DEFINE_integer("tensor_parallel_size", 1, "Devices that split every layer; the roofline is per device.")
 flags.DEFINE_integer("pipeline_parallel_size", 1, "Pipeline stages (contiguous layers per group of devices).")
 flags.DEFINE_integer("pipeline_microbatches", 1, "With stages: groups the decode slots pass through the stages in.")
+flags.DEFINE_bool("profile_python", False, "With --profile_dir: also trace Python frames in the orchestrated "
+                  "steps (slows the host, so it opens device gaps of its own).")
 flags.DEFINE_string("profile_dir", None, "Trace 3 decode calls per batch size here (jax.profiler) and print "
                     "where their device time goes (runtime/profile.py).")
 FLAGS = flags.FLAGS
@@ -145,13 +147,14 @@ def bench_batch(model, batch: int, bandwidth: float, matmul_flops: float, mesh=N
     while orc.has_work():
         decoding_before = sum(1 for s in orc.scheduler.running.values() if s.status.value == "running")
         if loop_dir and len(steady) == 10 and not tracing:
-            loop_trace.enter_context(profile.trace(loop_dir))
+            loop_trace.enter_context(profile.trace(loop_dir, python=FLAGS.profile_python))
             tracing = True
         elif tracing and len(steady) == 20:
             loop_trace.close()
             tracing = False
             print(f"profile, batch {batch}, 10 orchestrated steps:\n{profile.summarize(loop_dir)}\n"
-                  f"{profile.host_summary(loop_dir)}", flush=True)
+                  f"{profile.host_summary(loop_dir)}\n{profile.gap_report(loop_dir)}", flush=True)
+            profile.keep_flat(loop_dir, f"{loop_dir}.perfetto.json.gz")
             loop_dir = None
         t = time.perf_counter()
         outs = orc.step()

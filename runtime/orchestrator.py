@@ -24,6 +24,7 @@ import logging
 import time
 
 import numpy as np
+from jax.profiler import TraceAnnotation
 
 from runtime.detokenize import IncrementalDetokenizer
 from runtime.engine import MAX_STOP_IDS, Engine, compile_counter
@@ -253,7 +254,8 @@ class Orchestrator:
             total = len(self.engine.program_names())
             log.info("%d more programs ready (%d of %d)", arrived,
                      total if self.engine.ready is None else len(self.engine.ready), total)
-        plan = self.scheduler.schedule(can_preempt=self._inflight is None)
+        with TraceAnnotation("xlserve.schedule"):  # named host spans for traces (runtime/profile.py gap_report)
+            plan = self.scheduler.schedule(can_preempt=self._inflight is None)
         if plan is None:  # pages are short: preempting needs every token known, so drain first
             self._collect()
             plan = self.scheduler.schedule(can_preempt=True)
@@ -288,7 +290,8 @@ class Orchestrator:
         t2 = time.perf_counter()
         previous, self._inflight = self._inflight, (record if record.prefill or record.decoding else None)
         if previous is not None:
-            self._process(previous)
+            with TraceAnnotation("xlserve.process"):
+                self._process(previous)
         if not self.pipeline:
             self._collect()
         t3 = time.perf_counter()
@@ -309,7 +312,8 @@ class Orchestrator:
         """Runs fn(*args), an engine call and its host side; if it raises, the requests of
         `seqs` end with an error and None is returned."""
         try:
-            result = fn(*args)
+            with TraceAnnotation(f"xlserve.{fn.__name__.lstrip('_')}"):
+                result = fn(*args)
         except Exception as e:  # noqa: BLE001 -- fails these requests, not the loop
             self._call_failures[what] += 1
             log.exception("the engine's %s call failed; failing %d requests", what, len(seqs))

@@ -1,6 +1,7 @@
 """Where device time goes: a summary of a jax.profiler trace.
 
 `trace(log_dir)` wraps `jax.profiler.trace(..., create_perfetto_trace=True)`;
+`gap_report(log_dir)` names the host work during the device's idle gaps;
 `summarize(log_dir)` reads the newest perfetto_trace.json.gz under it and returns a
 text table of the device's kernels (grouped by XLA op, or by kernel name where the
 trace has no op), their share of busy time, and how much of the traced span the
@@ -22,10 +23,15 @@ import sys
 
 
 @contextlib.contextmanager
-def trace(log_dir: str):
+def trace(log_dir: str, python: bool = False):
+    """jax.profiler.trace into log_dir. Python's own frames are traced only with `python`:
+    that tracer slows the host several-fold, which opens device gaps an untraced run does
+    not have. The serving loop's TraceAnnotations ("xlserve.*") are recorded either way."""
     import jax
 
-    with jax.profiler.trace(log_dir, create_perfetto_trace=True):
+    options = jax.profiler.ProfileOptions()
+    options.python_tracer_level = int(python)
+    with jax.profiler.trace(log_dir, create_perfetto_trace=True, profiler_options=options):
         yield
 
 
@@ -60,7 +66,7 @@ class StepTrace:
         try:
             ctx.__exit__(None, None, None)
             text = (f"steps {self.start}-{self.start + self.count - 1}\n{summarize(self.log_dir)}\n"
-                    f"{host_summary(self.log_dir)}\n")
+                    f"{host_summary(self.log_dir)}\n{gap_report(self.log_dir)}\n")
             with open(os.path.join(self.log_dir, "summary.txt"), "w") as f:
                 f.write(text)
             print(f"xlserve: traced steps {self.start}-{self.start + self.count - 1}: "
@@ -85,9 +91,7 @@ def keep_flat(log_dir: str, dest: str) -> None:
 
 def device_events(path: str) -> list[dict]:
     """Complete ('X') events on accelerator timelines, sorted by start."""
-    with gzip.open(path, "rt") as f:
-        data = json.load(f)
-    events = data["traceEvents"] if isinstance(data, dict) else data
+    events = _load(path)
     devices = {
         e["pid"] for e in events
         if e.get("ph") == "M" and e.get("name") == "process_name"
@@ -100,9 +104,7 @@ def host_summary(log_dir: str, top: int = 25) -> str:
     """Host time by event name on the thread that dispatches (the one with the most
     PjRt Execute time): where a step's host work goes (Python frames the profiler
     records, dispatch, command-buffer update and launch). Nested events each count."""
-    with gzip.open(_newest_trace(log_dir), "rt") as f:
-        data = json.load(f)
-    events = data["traceEvents"] if isinstance(data, dict) else data
+    events = _load(_newest_trace(log_dir))
     hosts = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
              and not e["args"]["name"].startswith("/device:")}
     spans = [e for e in events if e.get("ph") == "X" and e.get("pid") in hosts]
@@ -121,6 +123,74 @@ def host_summary(log_dir: str, top: int = 25) -> str:
     lines = [f"host: dispatching thread, span {span / 1e3:.2f} ms", f"{'total ms':>9} {'count':>6} {'mean us':>9}  event"]
     for name, durs in sorted(groups.items(), key=lambda x: -sum(x[1]))[:top]:
         lines.append(f"{sum(durs) / 1e3:9.3f} {len(durs):6d} {sum(durs) / len(durs):9.1f}  {name[:100]}")
+    return "\n".join(lines)
+
+
+def _load(path: str) -> list[dict]:
+    with gzip.open(path, "rt") as f:
+        data = json.load(f)
+    return data["traceEvents"] if isinstance(data, dict) else data
+
+
+def _busy_intervals(events: list[dict]) -> list[tuple[float, float]]:
+    """The union of the device events' intervals, merged, in order."""
+    out: list[list[float]] = []
+    for e in events:
+        s, t = e["ts"], e["ts"] + e["dur"]
+        if out and s <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], t)
+        else:
+            out.append([s, t])
+    return [(s, t) for s, t in out]
+
+
+def gap_report(log_dir: str, min_gap_us: float = 20.0, top: int = 20, largest: int = 5) -> str:
+    """What the host was doing while the device sat idle: every device gap of at least
+    `min_gap_us` between the first and the last kernel, and the host events (all
+    threads: the serving loop's annotations, PjRt dispatch, CUDA API calls) overlapping
+    it, summed by name; then the largest gaps one by one. Nested events each count, so
+    an outer annotation and the call inside it both show the overlap."""
+    events = _load(_newest_trace(log_dir))
+    names = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
+               if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    device = sorted((e for e in events if e.get("ph") == "X" and names.get(e.get("pid"), "").startswith(
+        ("/device:GPU", "/device:TPU"))), key=lambda e: e["ts"])
+    if not device:
+        return "gaps: no device events in the trace (CPU backend?)"
+    busy = _busy_intervals(device)
+    gaps = [(a_end, b_start) for (_, a_end), (b_start, _) in zip(busy, busy[1:]) if b_start - a_end >= min_gap_us]
+    span = busy[-1][1] - busy[0][0]
+    idle = sum(b - a for a, b in zip([t for _, t in busy], [s for s, _ in busy[1:]]))
+    lines = [f"gaps: device idle {idle / 1e3:.2f} ms of a {span / 1e3:.2f} ms span; {len(gaps)} gaps of "
+             f">= {min_gap_us:g} us hold {sum(b - a for a, b in gaps) / 1e3:.2f} ms"]
+    if not gaps:
+        return lines[0]
+    host = sorted((e for e in events if e.get("ph") == "X" and e.get("dur") is not None
+                   and not names.get(e.get("pid"), "/device:").startswith("/device:")), key=lambda e: e["ts"])
+    per_gap: list[list[tuple[float, dict]]] = [[] for _ in gaps]
+    total: dict[str, float] = collections.Counter()
+    touched: dict[str, int] = collections.Counter()
+    for e in host:  # gaps are few and sorted: a linear scan per event over the overlapping ones
+        s, t = e["ts"], e["ts"] + e["dur"]
+        for i, (a, b) in enumerate(gaps):
+            if a >= t:
+                break
+            over = min(b, t) - max(a, s)
+            if over > 0:
+                per_gap[i].append((over, e))
+                total[e["name"]] += over
+                touched[e["name"]] += 1
+    lines.append(f"{'overlap ms':>10} {'gaps':>5}  host event (all threads) during the gaps")
+    for name, over in sorted(total.items(), key=lambda x: -x[1])[:top]:
+        lines.append(f"{over / 1e3:10.3f} {touched[name]:5d}  {name[:110]}")
+    order = sorted(range(len(gaps)), key=lambda i: gaps[i][0] - gaps[i][1])[:largest]
+    for i in order:
+        a, b = gaps[i]
+        lines.append(f"gap of {b - a:.1f} us at +{(a - busy[0][0]) / 1e3:.3f} ms:")
+        for over, e in sorted(per_gap[i], key=lambda x: -x[0])[:8]:
+            thread = threads.get((e["pid"], e["tid"]), str(e["tid"]))
+            lines.append(f"  {over:9.1f} us  [{thread[:24]}] {e['name'][:90]}")
     return "\n".join(lines)
 
 

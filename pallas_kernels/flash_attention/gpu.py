@@ -112,7 +112,8 @@ def _flash_kernel(
         kv_mask = k_rows < T if (masked and T % block_k) else None
         k = _load(k_ref.at[pl.ds(k_start, block_k), :], kv_mask)  # [BK, H]
         v = _load(v_ref.at[pl.ds(k_start, block_k), :], kv_mask)
-        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=lax.Precision.HIGHEST,
+                            preferred_element_type=jnp.float32)  # float32: IEEE, not Triton's default TF32
         s = s * scale  # [BQ, BK]
         if softcap is not None:
             s = jnp.tanh(s / softcap) * softcap
@@ -126,7 +127,7 @@ def _flash_kernel(
         alpha = jnp.exp(m - m_new)
         p = jnp.exp(s - m_new[:, None])
         l = l * alpha + p.sum(axis=1)
-        pv = lax.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        pv = lax.dot(p.astype(v.dtype), v, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
         return acc * alpha[:, None] + pv, m_new, l
 
     edge = functools.partial(body, masked=True)

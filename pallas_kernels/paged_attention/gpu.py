@@ -57,6 +57,10 @@ from pallas_kernels.quantized_kv import QuantizedPages
 # releases called them `TritonCompilerParams`.
 _CompilerParams = getattr(plgpu, "CompilerParams", None) or plgpu.TritonCompilerParams
 
+# Triton's dot of float32 operands defaults to TF32 (10-bit mantissas): float32 models
+# get IEEE float32 dots, as the reference (the H200 showed 1e-3 errors); bfloat16 and
+# float16 operands are unaffected.
+_EXACT = lax.Precision.HIGHEST
 # Triton's tensor-core dot needs every dimension >= 16: the query-head group is
 # padded to this many rows inside the program.
 _MIN_ROWS = 16
@@ -130,7 +134,8 @@ def _decode_kernel(
         pages = jnp.where(page_idx * S < end, pages, 0)
         k = k_ref[pages].reshape(BK, H)  # [PPB, S, H] -> [BK, H]
         v = v_ref[pages].reshape(BK, H)
-        s = lax.dot_general(q, k.astype(score_dtype), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        s = lax.dot_general(q, k.astype(score_dtype), (((1,), (1,)), ((), ())), precision=_EXACT,
+                            preferred_element_type=jnp.float32)
         if quantized:
             s = s * ks_ref[pages].reshape(1, BK)  # each key's scale
         s = s * scale  # [R, BK]
@@ -145,9 +150,10 @@ def _decode_kernel(
         l = l * alpha + p.sum(axis=1)
         if quantized:  # each value row's scale on its probability column (a masked row's may be anything)
             pw = jnp.where(visible, p * vs_ref[pages].reshape(1, BK), 0.0)
-            pv = lax.dot(pw.astype(score_dtype), v.astype(score_dtype), preferred_element_type=jnp.float32)
+            pv = lax.dot(pw.astype(score_dtype), v.astype(score_dtype), precision=_EXACT,
+                         preferred_element_type=jnp.float32)
         else:
-            pv = lax.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+            pv = lax.dot(p.astype(v.dtype), v, precision=_EXACT, preferred_element_type=jnp.float32)
         return acc * alpha[:, None] + pv, m_new, l
 
     acc = jnp.zeros((R, H), jnp.float32)

@@ -36,3 +36,32 @@ def test_summary_counts_device_time_only(tmp_path):
     assert "<5: 1" in text
     profile.keep_flat(str(tmp_path), str(tmp_path / "flat.json.gz"))
     assert profile.device_events(str(tmp_path / "flat.json.gz")) == events
+
+
+def test_gap_report_names_the_host_work_during_device_gaps(tmp_path):
+    d = tmp_path / "plugins" / "profile" / "run"
+    os.makedirs(d)
+    dev = {"pid": 7, "tid": 1, "ph": "X", "args": {"hlo_op": "k", "hlo_module": "m"}}
+    ev = [
+        {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/host:CPU"}},
+        {"ph": "M", "pid": 1, "tid": 3, "name": "thread_name", "args": {"name": "xlserve-engine"}},
+        {"ph": "M", "pid": 7, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+        # kernels 0-100 and 105-200 (a 5 us gap, under the threshold), then 300-400: one 100 us gap
+        {**dev, "ts": 0, "dur": 100, "name": "a"},
+        {**dev, "ts": 105, "dur": 95, "name": "b"},
+        {**dev, "ts": 300, "dur": 100, "name": "c"},
+        # host: reading results covers 150-260 (60 us of the gap), the launch 260-310 (40 us)
+        {"ph": "X", "pid": 1, "tid": 3, "ts": 150, "dur": 110, "name": "xlserve.to_host"},
+        {"ph": "X", "pid": 1, "tid": 3, "ts": 260, "dur": 50, "name": "cuGraphLaunch"},
+        {"ph": "X", "pid": 1, "tid": 3, "ts": 400, "dur": 50, "name": "after"},
+    ]
+    with gzip.open(d / "perfetto_trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": ev}, f)
+    text = profile.gap_report(str(tmp_path))
+    assert text.splitlines()[0] == "gaps: device idle 0.10 ms of a 0.40 ms span; 1 gaps of >= 20 us hold 0.10 ms"
+    assert "     0.060     1  xlserve.to_host" in text
+    assert "     0.040     1  cuGraphLaunch" in text
+    assert "after" not in text
+    assert "gap of 100.0 us at +0.200 ms:" in text
+    assert "       60.0 us  [xlserve-engine] xlserve.to_host" in text
+    assert profile.gap_report(str(tmp_path), min_gap_us=200).endswith("0 gaps of >= 200 us hold 0.00 ms")
