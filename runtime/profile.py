@@ -144,12 +144,15 @@ def _busy_intervals(events: list[dict]) -> list[tuple[float, float]]:
     return [(s, t) for s, t in out]
 
 
-def gap_report(log_dir: str, min_gap_us: float = 20.0, top: int = 20, largest: int = 5) -> str:
+def gap_report(log_dir: str, min_gap_us: float = 20.0, top: int = 15, largest: int = 5) -> str:
     """What the host was doing while the device sat idle: every device gap of at least
-    `min_gap_us` between the first and the last kernel, and the host events (all
-    threads: the serving loop's annotations, PjRt dispatch, CUDA API calls) overlapping
-    it, summed by name; then the largest gaps one by one. Nested events each count, so
-    an outer annotation and the call inside it both show the overlap."""
+    `min_gap_us` between the first and the last kernel, and the host events overlapping
+    it, summed by name: first on the dispatching thread (the one with the most PjRt
+    Execute time: the serving loop's annotations, dispatch, CUDA API calls), with how much
+    of the gaps it spent in no traced event at all (Python outside the annotations, or
+    waiting for the interpreter lock); then on the other threads (compiles, transfers).
+    Then the largest gaps one by one. Nested events each count, so an outer annotation
+    and the call inside it both show the overlap."""
     events = _load(_newest_trace(log_dir))
     names = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
     threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
@@ -162,33 +165,49 @@ def gap_report(log_dir: str, min_gap_us: float = 20.0, top: int = 20, largest: i
     gaps = [(a_end, b_start) for (_, a_end), (b_start, _) in zip(busy, busy[1:]) if b_start - a_end >= min_gap_us]
     span = busy[-1][1] - busy[0][0]
     idle = sum(b - a for a, b in zip([t for _, t in busy], [s for s, _ in busy[1:]]))
+    held = sum(b - a for a, b in gaps)
     lines = [f"gaps: device idle {idle / 1e3:.2f} ms of a {span / 1e3:.2f} ms span; {len(gaps)} gaps of "
-             f">= {min_gap_us:g} us hold {sum(b - a for a, b in gaps) / 1e3:.2f} ms"]
+             f">= {min_gap_us:g} us hold {held / 1e3:.2f} ms"]
     if not gaps:
         return lines[0]
     host = sorted((e for e in events if e.get("ph") == "X" and e.get("dur") is not None
                    and not names.get(e.get("pid"), "/device:").startswith("/device:")), key=lambda e: e["ts"])
+    executes = collections.Counter()
+    for e in host:
+        if "Execute" in e["name"]:
+            executes[(e["pid"], e["tid"])] += e["dur"]
+    dispatcher = executes.most_common(1)[0][0] if executes else None
     per_gap: list[list[tuple[float, dict]]] = [[] for _ in gaps]
-    total: dict[str, float] = collections.Counter()
-    touched: dict[str, int] = collections.Counter()
-    for e in host:  # gaps are few and sorted: a linear scan per event over the overlapping ones
+    total = {True: collections.Counter(), False: collections.Counter()}  # by "on the dispatching thread"
+    touched = {True: collections.Counter(), False: collections.Counter()}
+    covered = [[] for _ in gaps]  # the dispatching thread's event intervals inside each gap
+    for e in host:  # gaps are few and sorted: a scan per event over the overlapping ones
         s, t = e["ts"], e["ts"] + e["dur"]
+        mine = (e["pid"], e["tid"]) == dispatcher
         for i, (a, b) in enumerate(gaps):
             if a >= t:
                 break
             over = min(b, t) - max(a, s)
             if over > 0:
                 per_gap[i].append((over, e))
-                total[e["name"]] += over
-                touched[e["name"]] += 1
-    lines.append(f"{'overlap ms':>10} {'gaps':>5}  host event (all threads) during the gaps")
-    for name, over in sorted(total.items(), key=lambda x: -x[1])[:top]:
-        lines.append(f"{over / 1e3:10.3f} {touched[name]:5d}  {name[:110]}")
+                total[mine][e["name"]] += over
+                touched[mine][e["name"]] += 1
+                if mine:
+                    covered[i].append((max(a, s), min(b, t)))
+    traced = sum(busy_us([{"ts": s, "dur": t - s} for s, t in sorted(c)]) for c in covered)
+    who = threads.get(dispatcher, str(dispatcher[1])) if dispatcher else "none found"
+    lines.append(f"dispatching thread [{who}]: in traced events {traced / 1e3:.2f} ms of the gaps' {held / 1e3:.2f} "
+                 f"ms; the rest untraced (Python outside the annotations, or waiting for the interpreter lock)")
+    for mine, title in ((True, "on the dispatching thread"), (False, "on other threads")):
+        lines.append(f"{'overlap ms':>10} {'gaps':>5}  host event {title}")
+        for name, over in sorted(total[mine].items(), key=lambda x: -x[1])[:top]:
+            lines.append(f"{over / 1e3:10.3f} {touched[mine][name]:5d}  {name[:110]}")
     order = sorted(range(len(gaps)), key=lambda i: gaps[i][0] - gaps[i][1])[:largest]
     for i in order:
         a, b = gaps[i]
         lines.append(f"gap of {b - a:.1f} us at +{(a - busy[0][0]) / 1e3:.3f} ms:")
-        for over, e in sorted(per_gap[i], key=lambda x: -x[0])[:8]:
+        ranked = sorted(per_gap[i], key=lambda x: (-((x[1]["pid"], x[1]["tid"]) == dispatcher), -x[0]))
+        for over, e in ranked[:8]:
             thread = threads.get((e["pid"], e["tid"]), str(e["tid"]))
             lines.append(f"  {over:9.1f} us  [{thread[:24]}] {e['name'][:90]}")
     return "\n".join(lines)

@@ -34,10 +34,12 @@ stops the others (exit 0).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 
 from absl import app, flags
 from absl import logging as absl_logging
@@ -71,11 +73,12 @@ flags.DEFINE_string("tls_key_file", None, "PEM private key (unencrypted) of --tl
 flags.DEFINE_string("tls_client_ca_file", None, "PEM CA(s): require client certificates signed by them (mutual TLS).")
 flags.DEFINE_string("api_key_file", None, "API keys, one per line (# comments); every call but health's, and "
                     "/metrics, must send 'authorization: Bearer <key>'.")
-flags.DEFINE_enum("startup", "full", ["full", "progressive"], "full: SERVING once every program is compiled (or "
-                  "loaded) and warm. progressive: SERVING once a few programs that serve any request are (the largest "
-                  "prefill and decode shapes, runtime.aot.core_programs); the others compile (or load) on threads "
-                  "while it serves and take over as they arrive, so calls pad more and mixed steps run as two calls "
-                  "until then. One process, without --aot_dir.")
+flags.DEFINE_enum("startup", "auto", ["auto", "full", "progressive"], "full: SERVING once every program is "
+                  "compiled (or loaded) and warm. progressive: SERVING once a few programs that serve any request are "
+                  "(the largest prefill and decode shapes, runtime.aot.core_programs); the others compile (or load) on "
+                  "threads while it serves and take over as they arrive, so calls pad more and mixed steps run as two "
+                  "calls until then. One process, without --aot_dir. auto: progressive on GPUs and TPUs where it "
+                  "applies (one process, no --aot_dir), else full.")
 flags.DEFINE_float("gil_switch_interval_ms", 0.5, "Python's thread switch interval (sys.setswitchinterval): "
                    "the longest the engine thread waits for the interpreter lock while the event loop's thread "
                    "runs Python (streaming outputs). Python's default, 5 ms, stalled steps at 64 streams on an "
@@ -88,17 +91,32 @@ FLAGS = flags.FLAGS
 log = logging.getLogger("runtime.serve")
 
 
+def progressive_start(startup: str, platform: str, *, aot_dir: str | None, one_process: bool) -> bool:
+    """--startup: "progressive" as asked (main refuses it beside --aot_dir or several
+    processes); "auto" where it applies, on GPUs and TPUs, whose cold compiles take minutes
+    (an 8B server on an H200: SERVING 25.5 s progressive against 253 s full, and 9.1 s
+    against 21.1 s warm, runtime/BENCHMARKS.md), and not on CPU."""
+    if startup == "progressive":
+        return True
+    return startup == "auto" and platform in ("gpu", "tpu") and not aot_dir and one_process
+
+
 def _loader(checkpoint: str, ecfg, dtype: str, auto_num_seqs: bool, mesh_config, aot_dir: str | None = None,
-            executable_cache: str = "off", compile_threads: int | None = None, progressive: bool = False):
-    """What the engine thread runs to build (engine, tokenizer)."""
+            executable_cache: str = "off", compile_threads: int | None = None,
+            progressive: Callable[[str], bool] = lambda platform: False):
+    """What the engine thread runs to build (engine, tokenizer); `progressive(platform)`
+    says whether the start is progressive (progressive_start)."""
 
     def load():
         engine, tokenizer = _load()
+        import jax
+
         from runtime.aot import prepare_programs
 
+        on = progressive(jax.devices()[0].platform)
         # progressive: engine.background brings in the other programs once serving (engine_thread)
         engine.background = prepare_programs(engine, dtype, aot_dir=aot_dir, executable_cache=executable_cache,
-                                             compile_threads=compile_threads, progressive=progressive)
+                                             compile_threads=compile_threads, progressive=on)
         return engine, tokenizer
 
     def _load():
@@ -287,7 +305,9 @@ def main(argv: list[str]) -> None:
 
     cluster, mesh_config = xflags.join_cluster(dist, mesh_config)
     load = _loader(FLAGS.checkpoint, ecfg, FLAGS.dtype, xflags.auto_num_seqs(), mesh_config, FLAGS.aot_dir,
-                   FLAGS.executable_cache, FLAGS.compile_threads, progressive=FLAGS.startup == "progressive")
+                   FLAGS.executable_cache, FLAGS.compile_threads,
+                   progressive=functools.partial(progressive_start, FLAGS.startup, aot_dir=FLAGS.aot_dir,
+                                                 one_process=cluster is None))
     leader = None
     if cluster is not None and FLAGS.startup == "progressive":
         xflags.usage_error("--startup=progressive serves one process; several compile every program in step "

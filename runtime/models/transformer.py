@@ -11,6 +11,8 @@ serves prefill (T > 1, with or without earlier context) and decode (T = 1) alike
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -84,6 +86,45 @@ def norm_kernel(x: jax.Array, impl: str):
     return add_rmsnorm if add_rmsnorm.supports(x, x[0, 0]) else None
 
 
+# Each forward pass traces its layers through one jitted function (_layer_steps): layers
+# of the same structure and shapes (all of Llama's 32; Gemma 3's local and global kinds)
+# are traced and lowered once per forward pass and called, and XLA inlines the calls,
+# so the compiled program is the one an unrolled loop gives. Tracing and lowering no
+# longer grow with depth: the start-up's cost per program (runtime/BENCHMARKS.md, issue
+# 14). XLSERVE_LAYER_JIT=0 traces every layer inline, as before.
+LAYER_JIT = os.environ.get("XLSERVE_LAYER_JIT", "1") == "1"
+
+
+def _eager_step(block, x, h, positions, k_pages, v_pages, page_table, kv_lens, *, impl, fresh, local, segments):
+    return block.step(x, h, positions, k_pages, v_pages, page_table, kv_lens, impl=impl, fresh=fresh, local=local,
+                      segments=segments)
+
+
+def _layer_steps():
+    """Block.step as a jitted function of (graphdef, state, arrays), made per forward
+    pass: its trace cache then lives for one trace only, so a module-level setting read
+    while tracing (pallas_kernels.dispatch, an environment switch) is never stale in a
+    later program. Segments travel as their arrays plus their static fields."""
+
+    def run(graphdef, state, x, h, positions, k_pages, v_pages, page_table, kv_lens, segment_arrays, *, impl, fresh,
+            local, segment_shapes):
+        segments = None if segment_shapes is None else tuple(
+            Segment(*arrays, *shape) for arrays, shape in zip(segment_arrays, segment_shapes))
+        return nnx.merge(graphdef, state).step(x, h, positions, k_pages, v_pages, page_table, kv_lens, impl=impl,
+                                               fresh=fresh, local=local, segments=segments)
+
+    jitted = jax.jit(run, static_argnums=(0,), static_argnames=("impl", "fresh", "local", "segment_shapes"))
+
+    def step(block, x, h, positions, k_pages, v_pages, page_table, kv_lens, *, impl, fresh, local, segments):
+        graphdef, state = nnx.split(block)
+        arrays = None if segments is None else tuple((s.page_table, s.positions, s.kv_lens) for s in segments)
+        shapes = None if segments is None else tuple((s.rows, s.length, s.fresh) for s in segments)
+        return jitted(graphdef, state, x, h, positions, k_pages, v_pages, page_table, kv_lens, arrays, impl=impl,
+                      fresh=fresh, local=local, segment_shapes=shapes)
+
+    return step
+
+
 class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype=jnp.bfloat16, rngs: nnx.Rngs | None = None):
         if rngs is None and not building_shapes_only():  # shapes only: no key (no device, no backend)
@@ -117,11 +158,10 @@ class Transformer(nnx.Module):
         `page_table` and `kv_lens` are unused), and logits_at [M] indexes N: logits [M, V]."""
         x, h = self.embed(tokens, local), None
         new_k, new_v = [], []
+        step = _layer_steps() if LAYER_JIT else _eager_step
         for layer, k_pages, v_pages in zip(self.layers, cache.k, cache.v):
-            x, h, k_pages, v_pages = layer.step(
-                x, h, positions, k_pages, v_pages, page_table, kv_lens, impl=attn_impl, fresh=fresh_prefill,
-                local=local, segments=segments,
-            )
+            x, h, k_pages, v_pages = step(layer, x, h, positions, k_pages, v_pages, page_table, kv_lens,
+                                          impl=attn_impl, fresh=fresh_prefill, local=local, segments=segments)
             new_k.append(k_pages)
             new_v.append(v_pages)
         kernel = norm_kernel(x, attn_impl)  # as the layers chose (decode), before the take

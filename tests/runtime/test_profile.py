@@ -42,26 +42,37 @@ def test_gap_report_names_the_host_work_during_device_gaps(tmp_path):
     d = tmp_path / "plugins" / "profile" / "run"
     os.makedirs(d)
     dev = {"pid": 7, "tid": 1, "ph": "X", "args": {"hlo_op": "k", "hlo_module": "m"}}
+    engine = {"ph": "X", "pid": 1, "tid": 3}
     ev = [
         {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/host:CPU"}},
         {"ph": "M", "pid": 1, "tid": 3, "name": "thread_name", "args": {"name": "xlserve-engine"}},
+        {"ph": "M", "pid": 1, "tid": 4, "name": "thread_name", "args": {"name": "compile"}},
         {"ph": "M", "pid": 7, "name": "process_name", "args": {"name": "/device:GPU:0"}},
         # kernels 0-100 and 105-200 (a 5 us gap, under the threshold), then 300-400: one 100 us gap
         {**dev, "ts": 0, "dur": 100, "name": "a"},
         {**dev, "ts": 105, "dur": 95, "name": "b"},
         {**dev, "ts": 300, "dur": 100, "name": "c"},
-        # host: reading results covers 150-260 (60 us of the gap), the launch 260-310 (40 us)
-        {"ph": "X", "pid": 1, "tid": 3, "ts": 150, "dur": 110, "name": "xlserve.to_host"},
-        {"ph": "X", "pid": 1, "tid": 3, "ts": 260, "dur": 50, "name": "cuGraphLaunch"},
-        {"ph": "X", "pid": 1, "tid": 3, "ts": 400, "dur": 50, "name": "after"},
+        # the engine thread: an Execute (it dispatches), reading results 150-230 (30 us of
+        # the gap), nothing traced 230-260, the launch 260-310 (40 us); a compile thread
+        # throughout
+        {**engine, "ts": 0, "dur": 10, "name": "PjRt Execute"},
+        {**engine, "ts": 150, "dur": 80, "name": "xlserve.to_host"},
+        {**engine, "ts": 260, "dur": 50, "name": "cuGraphLaunch"},
+        {**engine, "ts": 400, "dur": 50, "name": "after"},
+        {"ph": "X", "pid": 1, "tid": 4, "ts": 100, "dur": 300, "name": "CompileToBackendResult"},
     ]
     with gzip.open(d / "perfetto_trace.json.gz", "wt") as f:
         json.dump({"traceEvents": ev}, f)
-    text = profile.gap_report(str(tmp_path))
-    assert text.splitlines()[0] == "gaps: device idle 0.10 ms of a 0.40 ms span; 1 gaps of >= 20 us hold 0.10 ms"
-    assert "     0.060     1  xlserve.to_host" in text
-    assert "     0.040     1  cuGraphLaunch" in text
-    assert "after" not in text
-    assert "gap of 100.0 us at +0.200 ms:" in text
-    assert "       60.0 us  [xlserve-engine] xlserve.to_host" in text
+    lines = profile.gap_report(str(tmp_path)).splitlines()
+    assert lines[0] == "gaps: device idle 0.10 ms of a 0.40 ms span; 1 gaps of >= 20 us hold 0.10 ms"
+    assert lines[1].startswith("dispatching thread [xlserve-engine]: in traced events 0.07 ms of the gaps' 0.10 ms")
+    mine = lines.index("overlap ms  gaps  host event on the dispatching thread")
+    others = lines.index("overlap ms  gaps  host event on other threads")
+    assert lines[mine + 1:others] == ["     0.040     1  cuGraphLaunch", "     0.030     1  xlserve.to_host"]
+    assert lines[others + 1] == "     0.100     1  CompileToBackendResult"
+    assert "after" not in "\n".join(lines)
+    at = lines.index("gap of 100.0 us at +0.200 ms:")
+    assert lines[at + 1:at + 4] == ["       40.0 us  [xlserve-engine] cuGraphLaunch",
+                                    "       30.0 us  [xlserve-engine] xlserve.to_host",
+                                    "      100.0 us  [compile] CompileToBackendResult"]
     assert profile.gap_report(str(tmp_path), min_gap_us=200).endswith("0 gaps of >= 200 us hold 0.00 ms")

@@ -214,3 +214,18 @@ def test_serve_progressive_stops_its_background_compiles_on_sigterm():
     text = "".join(srv.lines)
     assert "xlserve: stopped\n" in text and "stopped bringing in the other programs" in text, text
     assert "every program ready" not in text and "exiting with background compiles still running" not in text
+
+
+def test_startup_auto_is_progressive_on_accelerators_where_it_applies():
+    """--startup=auto (the default): progressive on GPUs and TPUs with one process and no
+    --aot_dir; full on CPU, beside --aot_dir and across processes. An explicit
+    --startup is kept (main refuses progressive where it cannot run)."""
+    from runtime.serve import progressive_start
+
+    for platform in ("gpu", "tpu"):
+        assert progressive_start("auto", platform, aot_dir=None, one_process=True)
+        assert not progressive_start("auto", platform, aot_dir="/aot", one_process=True)
+        assert not progressive_start("auto", platform, aot_dir=None, one_process=False)
+        assert not progressive_start("full", platform, aot_dir=None, one_process=True)
+    assert not progressive_start("auto", "cpu", aot_dir=None, one_process=True)
+    assert progressive_start("progressive", "cpu", aot_dir=None, one_process=True)
