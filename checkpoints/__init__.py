@@ -16,6 +16,7 @@ from pathlib import Path
 from jax.sharding import Mesh
 
 from checkpoints import orbax_io
+from checkpoints import remote
 from checkpoints.converter import CONFIG_FILE, PARAMS_DIR, convert, read_manifest
 from checkpoints.errors import CheckpointError
 from checkpoints.mapping import expected_params
@@ -67,6 +68,7 @@ def load(
                 f"{directory}: parameter {orbax_io.path_key(path)} is stored with shape {got}, "
                 f"but {CONFIG_FILE} needs {list(shape)}; convert the source again"
             )
-    model = orbax_io.restore_model(directory / PARAMS_DIR, cfg, dtype or manifest["dtype"], mesh=mesh, rules=rules,
+    params = remote.params_location(directory) or directory / PARAMS_DIR  # a bucket's: read from there
+    model = orbax_io.restore_model(params, cfg, dtype or manifest["dtype"], mesh=mesh, rules=rules,
                                    format_version=version, quantization=quantization)
     return cfg, model

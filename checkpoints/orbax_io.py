@@ -197,7 +197,7 @@ def restore_model(
     try:
         with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
             restored = checkpointer.restore(
-                Path(directory).absolute(),
+                directory if "://" in str(directory) else Path(directory).absolute(),  # a bucket: its epath
                 args=ocp.args.PyTreeRestore(item=target_tree, restore_args=restore_args),
             )
     except (FileNotFoundError, KeyError, ValueError) as e:

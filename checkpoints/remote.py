@@ -1,26 +1,24 @@
 """Converted checkpoints in object storage (gs://, s3://), read through etils.epath.
 
-`fetch(url)` copies a converted checkpoint directory into the local cache once
-(`<cache>/remote/<name>-<digest>`, cache as in checkpoints.aliases) and returns that
-directory, which loads like any other. The digest covers the URL and the remote
-manifest.json, so a checkpoint converted again under the same URL is copied again and
-an unchanged one is not. Files are copied on threads, each streamed in blocks (no whole
-file in memory), into a side directory renamed into place at the end: a cache entry with
-a manifest is a complete copy. gs:// needs etils' GCS backend (`pip install
+`fetch(url)` copies a converted checkpoint's small files (manifest, model config,
+tokenizer, generation config) into the local cache once (`<cache>/remote/<name>-<digest>`,
+cache as in checkpoints.aliases) with a `remote.json` naming the bucket's params
+directory, and returns that directory. `checkpoints.load` then restores the weights from
+the bucket itself (`params_location`): Orbax reads each parameter's shards straight into
+their shardings, one pass, no local copy. The digest covers the URL and the remote
+manifest.json, so a checkpoint converted again under the same URL is fetched again and an
+unchanged one is not. The local files are written into a side directory renamed into place:
+a cache entry with a manifest is complete. gs:// needs etils' GCS backend (`pip install
 'etils[epath,epath-gcs]'`, in the `tpu` extra) and the machine's credentials.
-
-Not yet: reading the weights from the bucket straight into their shardings (Orbax can);
-a copy costs one pass over local disk, which a TPU VM's boot disk holds for an 8B model.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
-import sys
-import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -54,9 +52,21 @@ def _copy(src, dst: Path) -> int:
     return dst.stat().st_size
 
 
+REMOTE_FILE = "remote.json"
+
+
+def params_location(directory: str | os.PathLike):
+    """The params directory of a checkpoint `fetch` made local: the bucket's (an epath), or
+    None for any other directory, whose params are its own."""
+    marker = Path(directory) / REMOTE_FILE
+    if not marker.is_file():
+        return None
+    return _path(json.loads(marker.read_text())["params"])
+
+
 def fetch(url: str, cache_dir: str | os.PathLike | None = None, *, threads: int = 16) -> Path:
-    """The local copy of the converted checkpoint at `url` (see the module docstring);
-    CheckpointError if it is not one or cannot be read."""
+    """The local directory standing for the converted checkpoint at `url` (see the module
+    docstring); CheckpointError if it is not one or cannot be read."""
     from checkpoints.aliases import cache_root
 
     url = url.rstrip("/")  # one cache entry whichever way the URL is written
@@ -74,25 +84,24 @@ def fetch(url: str, cache_dir: str | os.PathLike | None = None, *, threads: int 
     target = cache_root(cache_dir) / "remote" / f"{src.name}-{digest}"
     if (target / converter.MANIFEST_FILE).is_file():
         return target
-    files = sorted((d / name for d, _, names in src.walk() for name in names), key=str)  # epath: no "**"
-    root = str(src)
+    if not (src / converter.PARAMS_DIR).is_dir():
+        raise CheckpointError(f"{url}: no {converter.PARAMS_DIR}/ beside its {converter.MANIFEST_FILE}; "
+                              "copy the whole converted directory there")
+    files = [p for p in src.iterdir() if p.name != converter.PARAMS_DIR and not p.is_dir()]
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    t = time.perf_counter()
     try:
+        tmp.mkdir(parents=True)
         with ThreadPoolExecutor(max(1, min(threads, len(files)))) as pool:
-            sizes = list(pool.map(lambda p: _copy(p, tmp / str(p)[len(root):].lstrip("/")), files))
+            list(pool.map(lambda p: _copy(p, tmp / p.name), files))
         if not (tmp / converter.MANIFEST_FILE).is_file():
             raise CheckpointError(f"{url}: {converter.MANIFEST_FILE} vanished while copying")
+        (tmp / REMOTE_FILE).write_text(json.dumps({"url": url, "params": f"{url}/{converter.PARAMS_DIR}"}) + "\n")
         if (target / converter.MANIFEST_FILE).is_file():  # another process finished first
             shutil.rmtree(tmp, ignore_errors=True)
             return target
-        shutil.rmtree(target, ignore_errors=True)  # an incomplete copy (no manifest) of the same digest
+        shutil.rmtree(target, ignore_errors=True)  # an incomplete entry (no manifest) of the same digest
         os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    seconds = time.perf_counter() - t
-    gb = sum(sizes) / 1e9
-    print(f"xlserve: copied {url} ({len(files)} files, {gb:.2f} GB) to {target} in {seconds:.1f} s "
-          f"({gb / max(seconds, 1e-9):.2f} GB/s)", file=sys.stderr, flush=True)
     return target
