@@ -79,6 +79,12 @@ def test_what_is_not_a_checkpoint_or_cannot_be_read_fails_in_one_line(gs, tmp_pa
     with pytest.raises(CheckpointError, match=r"gs://bucket/models is not an xlserve checkpoint \(no manifest.json\)"):
         aliases.resolve_checkpoint("gs://bucket/models", cache_dir=tmp_path)
 
+    broken = gs / "models" / "broken"
+    broken.mkdir(exist_ok=True)
+    (broken / converter.MANIFEST_FILE).write_text((gs / "models" / "tiny" / converter.MANIFEST_FILE).read_text())
+    with pytest.raises(CheckpointError, match=r"gs://bucket/models/broken: no params/ beside its manifest.json"):
+        aliases.resolve_checkpoint("gs://bucket/models/broken", cache_dir=tmp_path)
+
     class Denied:
         def __truediv__(self, name):
             return self
