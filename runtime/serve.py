@@ -91,21 +91,11 @@ FLAGS = flags.FLAGS
 log = logging.getLogger("runtime.serve")
 
 
-def progressive_start(startup: str, platform: str, *, aot_dir: str | None, one_process: bool) -> bool:
-    """--startup: "progressive" as asked (main refuses it beside --aot_dir or several
-    processes); "auto" where it applies, on GPUs and TPUs, whose cold compiles take minutes
-    (an 8B server on an H200: SERVING 25.5 s progressive against 253 s full, and 9.1 s
-    against 21.1 s warm, runtime/BENCHMARKS.md), and not on CPU."""
-    if startup == "progressive":
-        return True
-    return startup == "auto" and platform in ("gpu", "tpu") and not aot_dir and one_process
-
-
 def _loader(checkpoint: str, ecfg, dtype: str, auto_num_seqs: bool, mesh_config, aot_dir: str | None = None,
             executable_cache: str = "off", compile_threads: int | None = None,
             progressive: Callable[[str], bool] = lambda platform: False):
     """What the engine thread runs to build (engine, tokenizer); `progressive(platform)`
-    says whether the start is progressive (progressive_start)."""
+    says whether the start is progressive (runtime.startup.progressive_start)."""
 
     def load():
         engine, tokenizer = _load()
@@ -304,6 +294,8 @@ def main(argv: list[str]) -> None:
     from sharding import distributed
 
     cluster, mesh_config = xflags.join_cluster(dist, mesh_config)
+    from runtime.startup import progressive_start
+
     load = _loader(FLAGS.checkpoint, ecfg, FLAGS.dtype, xflags.auto_num_seqs(), mesh_config, FLAGS.aot_dir,
                    FLAGS.executable_cache, FLAGS.compile_threads,
                    progressive=functools.partial(progressive_start, FLAGS.startup, aot_dir=FLAGS.aot_dir,

@@ -220,7 +220,7 @@ def test_startup_auto_is_progressive_on_accelerators_where_it_applies():
     """--startup=auto (the default): progressive on GPUs and TPUs with one process and no
     --aot_dir; full on CPU, beside --aot_dir and across processes. An explicit
     --startup is kept (main refuses progressive where it cannot run)."""
-    from runtime.serve import progressive_start
+    from runtime.startup import progressive_start  # (runtime.serve defines absl flags: not imported here)
 
     for platform in ("gpu", "tpu"):
         assert progressive_start("auto", platform, aot_dir=None, one_process=True)
