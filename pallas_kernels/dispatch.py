@@ -13,8 +13,10 @@ sizes) to the Triton kernel; on other GPUs, and interpreted on CPU, the Triton k
 (flash_attention/gpu.py). Paged decode likewise: on Hopper the Mosaic GPU kernel
 (paged_attention/gpu_mosaic.py: whole pages of all kv heads through a TMA ring, 4.15
 TB/s of K/V in device time at B=32 ctx 4096 on an H200, 101% of the copy rate, where
-the Triton kernel reads 2.5 TB/s), which hands float32 and shapes it does not support to the Triton
-kernel (paged_attention/gpu.py), which also serves other GPUs and CPU tests.
+the Triton kernel reads 2.5 TB/s), which hands float32, shapes it does not support and
+batch-1 calls over tables of at most 2048 tokens (latency-bound: the Triton kernel took
+7.9-11.3 us per layer there against 10.9-12.7, gpu_mosaic._LATENCY_BOUND_TOKENS) to the
+Triton kernel (paged_attention/gpu.py), which also serves other GPUs and CPU tests.
 
 Every kernel module's public function is a jax.jit with static options. A model calls
 attention once per layer with the same shapes; under jit JAX lowers the kernel once

@@ -74,6 +74,15 @@ _TILE_BYTES = 32 * 1024
 # _MIN_BLOCKS_PER_SPLIT key blocks so the combine pass stays negligible.
 _TARGET_PROGRAMS = 264
 _MIN_BLOCKS_PER_SPLIT = 4
+# A call of at most this many (sequence, kv head) pairs is bound by latency, not by
+# bandwidth: it splits into about one program per SM (_LATENCY_PROGRAMS), down to a
+# single key block per split. H200, batch 1, Llama-3.1-8B heads (8 kv heads), device time
+# with the combine (2026-12-01, runtime/BENCHMARKS.md): 16 splits took 7.9 / 8.3 / 11.3
+# us at 576 / 1024 / 2048 tokens against 8.8 / 9.2 / 14.5 for 8 splits (the rule above
+# at a 2048-token table) and 9.2 / 9.6 / 12.0 for 32; at batch 2, 8 splits 8.6 us at 576
+# tokens against 9.2 for 17.
+_LATENCY_PAIRS = 16
+_LATENCY_PROGRAMS = 128
 # Finite "minus infinity" for the running max: exp(-inf - _NEG) is 0, never NaN.
 _NEG = -1e30
 
@@ -174,7 +183,10 @@ def default_num_splits(batch: int, kv_heads: int, max_keys: int, block_keys: int
     programs = batch * kv_heads
     if programs >= _TARGET_PROGRAMS:
         return 1
-    most = max(1, pl.cdiv(max_keys, block_keys) // _MIN_BLOCKS_PER_SPLIT)
+    blocks = pl.cdiv(max_keys, block_keys)
+    if programs <= _LATENCY_PAIRS:
+        return max(1, min(pl.cdiv(_LATENCY_PROGRAMS, programs), blocks))
+    most = max(1, blocks // _MIN_BLOCKS_PER_SPLIT)
     return max(1, min(pl.cdiv(_TARGET_PROGRAMS, programs), most))
 
 

@@ -96,6 +96,17 @@ DTYPES = flash_mosaic.DTYPES
 # One CTA per SM: the split count aims at this many CTAs where the batch is smaller.
 _DEFAULT_SMS = 132  # H100 / H200 SXM
 _MIN_BLOCKS_PER_SPLIT = 4
+# One sequence over a table of at most this many tokens: the Triton kernel is quicker
+# (`latency_bound`). H200, Llama-3.1-8B heads, page 16, device time per call with the
+# combine, 32 layers' caches (2026-12-01, runtime/BENCHMARKS.md): at batch 1 this kernel
+# took 10.9 / 11.2 / 12.7 / 15.4 us at 576 / 1024 / 2048 / 4096 tokens, the Triton kernel
+# at 16 splits 7.9 / 8.3 / 11.3 / 16.8 (at 4096 no split count beat 16.2). At batch 2 the
+# Triton kernel won at 576 tokens (8.6 against 11.3) and lost at 2048 (15.5 against 14.2);
+# from batch 8 it lost at every length. This kernel's fixed cost per CTA (the ring's
+# set-up, the wgmma tiles, the 64-row padded partials the combine reads) is what a short
+# batch-1 call pays; the Triton kernel's gathered loads cost it bandwidth only when the
+# cache read is long enough to matter.
+_LATENCY_BOUND_TOKENS = 2048
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,6 +176,11 @@ def supports(q: jax.Array, k_pages: jax.Array, window=None, softcap=None) -> boo
 def num_sms() -> int:
     device = jax.devices()[0]
     return int(getattr(device, "core_count", 0) or _DEFAULT_SMS) if device.platform == "gpu" else _DEFAULT_SMS
+
+
+def latency_bound(batch: int, table_tokens: int) -> bool:
+    """Whether a call this small runs faster in the Triton kernel (_LATENCY_BOUND_TOKENS)."""
+    return batch == 1 and table_tokens <= _LATENCY_BOUND_TOKENS
 
 
 def default_num_splits(batch: int, blocks: int, sms: int | None = None) -> int:
@@ -421,7 +437,9 @@ def paged_attention_tuned(
     """paged_attention with the tuning knobs exposed (for benchmarks and tests)."""
     B, T, N, H = q.shape
     assert T == 1, f"the GPU paged_attention kernel is for decode (one query per sequence), got T={T}"
-    if not supports(q, k_pages, window, softcap):
+    tuned = block_rows is not None or stages is not None or num_splits is not None
+    if not supports(q, k_pages, window, softcap) or (
+            not tuned and latency_bound(B, page_table.shape[1] * k_pages.shape[1])):
         return triton_gpu.paged_attention(
             q, k_pages, v_pages, page_table, q_positions, kv_lens, scale=scale, window=window, softcap=softcap,
             interpret=interpret not in (False, None),

@@ -185,6 +185,17 @@ def test_split_count_fills_the_gpu_only_when_needed():
     assert paged_gpu.default_num_splits(batch=1, kv_heads=8, max_keys=64) == 1  # too short to split
 
 
+def test_latency_bound_calls_split_to_one_program_per_sm():
+    """One or two sequences: ~128 programs, down to one key block (64 keys) per split;
+    from 17 (sequence, kv head) pairs, ~264 programs of >= 4 blocks each."""
+    assert paged_gpu.default_num_splits(batch=1, kv_heads=8, max_keys=2048) == 16
+    assert paged_gpu.default_num_splits(batch=1, kv_heads=8, max_keys=640) == 10  # one block per split
+    assert paged_gpu.default_num_splits(batch=2, kv_heads=8, max_keys=2048) == 8
+    assert paged_gpu.default_num_splits(batch=1, kv_heads=1, max_keys=32768) == 128
+    assert paged_gpu.default_num_splits(batch=4, kv_heads=8, max_keys=2048) == 8  # 32 blocks // 4
+    assert paged_gpu.default_num_splits(batch=4, kv_heads=8, max_keys=4352) == 9  # cdiv(264, 32)
+
+
 # ---------------------------------------------------------------- flash prefill
 
 

@@ -173,6 +173,32 @@ def test_split_count_fills_the_sms():
     assert gpu_mosaic.default_num_splits(200, blocks=256, sms=132) == 1
 
 
+@needs_kernel
+def test_one_short_sequence_runs_the_triton_kernel(monkeypatch):
+    """Batch 1 over a table of <= 2048 tokens runs the Triton kernel (quicker there on the
+    H200: gpu_mosaic._LATENCY_BOUND_TOKENS); a wider table or explicit knobs keep this
+    kernel, as does a second sequence. Every path gives the reference's result."""
+    assert gpu_mosaic.latency_bound(1, 2048) and not gpu_mosaic.latency_bound(1, 2064)
+    assert not gpu_mosaic.latency_bound(2, 64)
+    args, _ = paged_decode_case(np.random.default_rng(3), dtype=BF16, G=4, H=128, S=16, K=8, MP=4)
+    q, k, v, table, pos, lens = args
+    one = (q[4:5], k, v, table[4:5], pos[4:5], lens[4:5])  # kv_len 64: the whole table
+    wide = (*one[:3], jnp.pad(one[3], ((0, 0), (0, 125))), *one[4:])  # 129 pages: 2064 tokens
+    calls = []
+    real = paged_gpu.paged_attention
+    monkeypatch.setattr(paged_gpu, "paged_attention", lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw))
+    kw = {"scale": 128**-0.5, "interpret": INTERPRET}
+    with jax.default_matmul_precision("highest"):
+        ref = np.asarray(paged_ref.paged_attention(*(x.astype(F32) if x.dtype == BF16 else x for x in one),
+                                                   scale=kw["scale"]))
+    for call, triton in [(one, True), (wide, False)]:
+        out = gpu_mosaic.paged_attention_tuned(*call, **kw)
+        np.testing.assert_allclose(np.asarray(out.astype(F32)), ref, **TOL[BF16])
+        assert calls == [(1, 1, 32, 128)], (triton, calls)
+    gpu_mosaic.paged_attention_tuned(*one, num_splits=2, **kw)
+    assert len(calls) == 1
+
+
 def test_shared_memory_budget():
     limit = 227 * 1024
     for H, wgs in itertools.product(gpu_mosaic.HEAD_DIMS, (1, 2)):
