@@ -433,11 +433,14 @@ def paged_attention_tuned(
     block_rows: int | None = None,
     stages: int | None = None,
     num_splits: int | None = None,
+    latency_rule: bool = True,
 ) -> jax.Array:
-    """paged_attention with the tuning knobs exposed (for benchmarks and tests)."""
+    """paged_attention with the tuning knobs exposed (for benchmarks and tests). A call
+    `latency_bound` selects runs the Triton kernel unless a knob is given or
+    `latency_rule` is False."""
     B, T, N, H = q.shape
     assert T == 1, f"the GPU paged_attention kernel is for decode (one query per sequence), got T={T}"
-    tuned = block_rows is not None or stages is not None or num_splits is not None
+    tuned = block_rows is not None or stages is not None or num_splits is not None or not latency_rule
     if not supports(q, k_pages, window, softcap) or (
             not tuned and latency_bound(B, page_table.shape[1] * k_pages.shape[1])):
         return triton_gpu.paged_attention(

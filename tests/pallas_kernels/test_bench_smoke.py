@@ -112,3 +112,21 @@ def test_quantized_matmul_bench_runs_and_checks_every_cell(tmp_path):
         for name in ("xla bf16", "kernel int8", "kernel fp8"):
             cell = r["cells"][name]
             assert cell["ms"] > 0 and cell["rel_err"] <= bench.REL_ERR_BOUND, (r["proj"], r["M"], name, cell)
+
+
+def test_decode_latency_bench_runs_and_says_which_kernel_runs():
+    """pallas_kernels.bench_decode_latency (the measurements behind the batch-1 dispatch to
+    the Triton kernel) runs end to end interpreted: every cell a number within the
+    reference's tolerance, and the "runs" column follows gpu_mosaic.latency_bound."""
+    import dataclasses
+
+    from pallas_kernels import bench_decode_latency as bdl
+
+    report, rows = bdl.run(dataclasses.replace(bdl.Options(), interpret=True, **bdl.TINY))
+    assert [(r["batch"], r["context"], r["table"]) for r in rows] == [(1, 40, 64), (2, 40, 64)]
+    for r in rows:
+        assert r["mosaic_us"] > 0 and r["triton_us"] > 0 and all(v > 0 for v in r["triton_by_splits"].values()), r
+    assert rows[0]["runs"].startswith("triton") and rows[1]["runs"].startswith("mosaic")
+    assert "failed" not in report
+    errors = [float(e.split(")")[0]) for e in report.split("(err ")[1:]]
+    assert errors and max(errors) < 2e-2, report  # bf16 outputs of N(0, 1) data: a few ulps
