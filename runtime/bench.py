@@ -213,8 +213,10 @@ def bench_batch(model, batch: int, bandwidth: float, matmul_flops: float, mesh=N
                 for _ in range(3):
                     out = engine.prefill(**args)
                 jax.block_until_ready(out)
-            print(f"profile, 3 prefill calls of 1 x {FLAGS.prompt_len} tokens:\n{profile.summarize(log_dir)}",
-                  flush=True)
+            # The host's side too: a prefill call's dispatch (~4-5 ms on the H200 where a decode
+            # call's is ~1 ms) delays the first token; its events say where that goes.
+            print(f"profile, 3 prefill calls of 1 x {FLAGS.prompt_len} tokens:\n{profile.summarize(log_dir)}\n"
+                  f"{profile.host_summary(log_dir)}\n{profile.gap_report(log_dir)}", flush=True)
             profile.keep_flat(log_dir, f"{log_dir}.perfetto.json.gz")
     step_s = sum(d for d, _ in steady)
     tokens = sum(n for _, n in steady)
