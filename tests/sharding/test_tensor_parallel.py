@@ -33,7 +33,10 @@ KV_INT8_LOGPROB_ATOL = 1e-2
 def rows():
     """The check in two processes at once (half the configs each): its compilations are
     mostly single-threaded, so on two cores this halves the wall time."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    # -O0 as in this process (tests/conftest.py): both sides of every comparison compile in
+    # the check's own process, where compiling each layout's programs is most of the time.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()}
     groups = ("llama_gqa,mqa,llama_prefix", "llama_4layers,mistral_window,gemma3,llama_int8")
     procs = [subprocess.Popen([sys.executable, "-m", "tests.sharding.sharded_check", g], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env) for g in groups]
