@@ -17,8 +17,9 @@ Llama-3.1-8B heads (32 query, 8 kv, head_dim 128), bf16, page 16, every sequence
 table width, the work the context); the batch's lengths differ by a few tokens. Device
 time per call (the split combine included) through jax.profiler, in a jitted program
 that calls the kernel once per layer over --layers distinct caches, as a decode step
-does (no cache is reread from L2); every output is checked against the reference first
-(max abs error in the "err" column: one bf16 ulp of outputs near 1 is 0.004).
+does (no cache is reread from L2): pallas_kernels.bench's `measure`. Every variant's
+first output is checked against the reference first ("err": relative error; "!" marks
+one over bench.REL_ERR_BOUND).
 
 `--interpret` runs tiny shapes with the kernels interpreted (a CPU smoke test of the
 script, wall time: not a measurement).
@@ -28,8 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-import tempfile
-import time
 from collections.abc import Sequence
 
 import jax
@@ -37,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from pallas_kernels import bench
 from pallas_kernels.paged_attention import gpu as triton
 from pallas_kernels.paged_attention import gpu_mosaic as mosaic
 from pallas_kernels.paged_attention import reference
@@ -77,38 +77,20 @@ def _case(opts: Options, B: int, ctx: int, key):
     return q, caches, table, (lens - 1)[:, None], lens
 
 
-def _time(fn, case, opts: Options) -> tuple[float, float]:
-    """(us per call, max abs error of the first layer's output against the reference)."""
+def _cell(fn, case, opts: Options) -> tuple[float | None, str]:
+    """(us per call or None, the table cell): pallas_kernels.bench's measurement (device
+    time through jax.profiler; the host clock where there is no device trace), the
+    first layer's output checked against the reference."""
     q, caches, table, pos, lens = case
     scale = opts.head_dim ** -0.5
-    inner = jax.jit(lambda q, k, v, t, p, n: fn(q, k, v, t, p, n, scale=scale))
-    program = jax.jit(lambda caches: [inner(q, k, v, table, pos, lens) for k, v in caches])
-    outs = jax.block_until_ready(program(caches))
     want = reference.paged_attention(q, *caches[0], table, pos, lens, scale=scale)
-    err = float(jnp.abs(outs[0].astype(jnp.float32) - want.astype(jnp.float32)).max())
-    jax.block_until_ready(program(caches))
-    if opts.interpret:
-        start = time.perf_counter()
-        for _ in range(opts.reps):
-            jax.block_until_ready(program(caches))
-        return 1e6 * (time.perf_counter() - start) / (opts.reps * len(caches)), err
-    from runtime import profile
-
-    with tempfile.TemporaryDirectory() as log_dir:
-        with profile.trace(log_dir):
-            for _ in range(opts.reps):
-                jax.block_until_ready(program(caches))
-        busy = profile.device_busy_us(log_dir)
-    return busy / (opts.reps * len(caches)), err
-
-
-def _cell(fn, case, opts: Options) -> tuple[float | None, str]:
-    try:
-        us, err = _time(fn, case, opts)
-        return us, f"{us:.2f} (err {err:.2g})"
-    except Exception as e:  # noqa: BLE001 - one failing variant costs its cell only
-        print(f"  failed: {type(e).__name__}: {str(e)[:300]}", file=sys.stderr, flush=True)
+    cell = bench.measure(lambda q, t, p, n, k, v: fn(q, k, v, t, p, n, scale=scale),
+                         bench.Inputs(shared=(q, table, pos, lens), per_call=list(caches),
+                                      check=lambda out: bench._rel_err(out, want), reps=opts.reps))
+    if cell.ms is None:
         return None, "failed"
+    us = 1e3 * cell.ms
+    return us, f"{us:.2f} (err {cell.rel_err:.2g}){'' if cell.ok else ' !'}"
 
 
 def run(opts: Options) -> tuple[str, list[dict]]:
@@ -136,8 +118,7 @@ def run(opts: Options) -> tuple[str, list[dict]]:
                                                                                      interpret=interpret), case, opts)
                 by_split[n] = us
                 cells.append(cell)
-            picks = "triton" if (not mosaic.supports(q, k) or mosaic.latency_bound(B, table.shape[1] * opts.page_size)) \
-                else "mosaic"
+            picks = "triton" if mosaic.runs_triton(q, k, table) else "mosaic"
             if mosaic_us is not None and triton_us is not None:
                 faster = "triton" if triton_us < mosaic_us else "mosaic"
                 picks += " (faster)" if picks == faster else f" ({faster} is faster)"

@@ -183,6 +183,13 @@ def latency_bound(batch: int, table_tokens: int) -> bool:
     return batch == 1 and table_tokens <= _LATENCY_BOUND_TOKENS
 
 
+def runs_triton(q, k_pages, page_table, window=None, softcap=None, *, latency_rule: bool = True) -> bool:
+    """Whether paged_attention hands this call to the Triton kernel: a call this kernel
+    does not support, or (with `latency_rule`) a `latency_bound` one."""
+    return not supports(q, k_pages, window, softcap) or (
+        latency_rule and latency_bound(q.shape[0], page_table.shape[1] * k_pages.shape[1]))
+
+
 def default_num_splits(batch: int, blocks: int, sms: int | None = None) -> int:
     """Splits per sequence: about one CTA per SM in all, each split >= 4 blocks."""
     sms = sms or num_sms()
@@ -440,9 +447,8 @@ def paged_attention_tuned(
     `latency_rule` is False."""
     B, T, N, H = q.shape
     assert T == 1, f"the GPU paged_attention kernel is for decode (one query per sequence), got T={T}"
-    tuned = block_rows is not None or stages is not None or num_splits is not None or not latency_rule
-    if not supports(q, k_pages, window, softcap) or (
-            not tuned and latency_bound(B, page_table.shape[1] * k_pages.shape[1])):
+    tuned = block_rows is not None or stages is not None or num_splits is not None
+    if runs_triton(q, k_pages, page_table, window, softcap, latency_rule=latency_rule and not tuned):
         return triton_gpu.paged_attention(
             q, k_pages, v_pages, page_table, q_positions, kv_lens, scale=scale, window=window, softcap=softcap,
             interpret=interpret not in (False, None),
