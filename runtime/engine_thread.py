@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -109,6 +110,7 @@ class EngineLoop:
         self._load = load
         self._step_trace = step_trace  # runtime.profile.StepTrace or None
         self._steps = 0
+        self._background = None  # a progressive start's job, until its objects are frozen (_idle)
         self._post = post
         self._on_ready = on_ready
         self._on_fatal = on_fatal
@@ -172,6 +174,7 @@ class EngineLoop:
         self._on_ready(self)
         background = getattr(engine, "background", None)
         if background is not None:  # a progressive start: the other programs, while serving
+            self._background = background
             background.start()
         try:
             self._loop()
@@ -180,10 +183,10 @@ class EngineLoop:
             self._on_fatal(e)
 
     def _loop(self) -> None:
-        stopping, faults = False, 0
+        stopping, faults, idle_work = False, 0, True
         while True:
             events: list = []
-            for cmd in self._take(block=not self.orc.has_work()):
+            for cmd in self._take(block=not self.orc.has_work() and not idle_work):
                 if cmd is _STOP:
                     stopping = True
                     for rid in list(self._progress):
@@ -216,11 +219,33 @@ class EngineLoop:
                         self._post(events)
                         self._on_fatal(RuntimeError(f"{failures} engine calls failed in a row"))
                         return
+            elif not stopping:
+                idle_work = self._idle()
             self._publish_load()  # before the events: a client that saw its last message sees its pages freed
             if events:
                 self._post(events)
             if stopping and not self.orc.has_work():
                 return
+
+    def _idle(self) -> bool:
+        """Orchestrator.idle, then, once a progressive start's programs are all in and
+        warm, startup.freeze_heap again: the background's tracing and lowering left
+        objects alive (jit caches) that every full collection would otherwise walk while
+        serving. Returns whether idle work is left; a failure is logged and costs no
+        request."""
+        try:
+            if self.orc.idle():
+                return True
+        except Exception:  # noqa: BLE001 -- the warm-up of a program that arrived; serving goes on
+            log.exception("idle work (warming an arrived program) failed")
+            return False
+        if self._background is not None and self._background.done.is_set():
+            self._background = None
+            t = time.perf_counter()
+            startup.freeze_heap()
+            print(f"xlserve: programs warm, heap frozen again ({time.perf_counter() - t:.2f} s)", file=sys.stderr,
+                  flush=True)
+        return False
 
     def _take(self, *, block: bool) -> list:
         items = []

@@ -240,6 +240,25 @@ class Orchestrator:
 
     # --- the loop ------------------------------------------------------------------
 
+    def _install_arrivals(self) -> None:
+        install = getattr(self.engine, "install_arrivals", None)
+        arrived = install() if install is not None else 0  # a progressive start's programs, between calls
+        if arrived:
+            total = len(self.engine.program_names())
+            log.info("%d more programs ready (%d of %d)", arrived,
+                     total if self.engine.ready is None else len(self.engine.ready), total)
+
+    def idle(self) -> bool:
+        """Work for the engine's owner while no request runs: installs a progressive
+        start's arrived programs and runs one of them once (Engine.warm_arrivals), so no
+        request waits for a program's first run. Returns whether such work is left
+        (call again before blocking on new requests)."""
+        if self.has_work():
+            return False
+        self._install_arrivals()
+        warm = getattr(self.engine, "warm_arrivals", None)
+        return bool(warm(1)) if warm is not None else False
+
     def step(self) -> list[RequestOutput]:
         """Dispatches this step's prefill and decode calls, then turns the previous
         step's results into outputs while the device works on this one (with
@@ -248,12 +267,7 @@ class Orchestrator:
         t0 = time.perf_counter()
         self._wait_s = 0.0
         self._choice = None  # this step's decode call (_decode_choice)
-        install = getattr(self.engine, "install_arrivals", None)
-        arrived = install() if install is not None else 0  # a progressive start's programs, between calls
-        if arrived:
-            total = len(self.engine.program_names())
-            log.info("%d more programs ready (%d of %d)", arrived,
-                     total if self.engine.ready is None else len(self.engine.ready), total)
+        self._install_arrivals()
         with TraceAnnotation("xlserve.schedule"):  # named host spans for traces (runtime/profile.py gap_report)
             plan = self.scheduler.schedule(can_preempt=self._inflight is None)
         if plan is None:  # pages are short: preempting needs every token known, so drain first

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import numpy as np
 import pytest
 
@@ -116,6 +117,20 @@ def test_core_programs_serve_alone_then_the_others_arrive(reference):
 
     orc.step()  # installs whatever arrived after the last step
     assert engine.ready is None
+
+    # Idle: each arrived program runs once on scratch rows (Engine.warm_arrivals), so no
+    # request waits for a first run; the cache's pages and the slots stay as they were.
+    calls.clear()
+    cache, lengths = [np.asarray(x) for x in jax.tree.leaves(engine.cache)], np.asarray(engine.slots.lengths)
+    idle_calls = 0
+    while orc.idle():
+        idle_calls += 1
+    assert idle_calls > 3 and not engine._unwarmed and not orc.idle()
+    assert (1, "greedy") in calls and "mixed" not in calls  # decode buckets by decode(); mixed by _mixed_call
+    for before, after in zip(cache, jax.tree.leaves(engine.cache)):
+        np.testing.assert_array_equal(np.asarray(after), before)
+    np.testing.assert_array_equal(np.asarray(engine.slots.lengths), lengths)
+    assert orc.num_compiles_since_ready == 0
     calls.clear()
     got = _serve(orc, _requests("b"))
     _same({k[1:]: v for k, v in got.items()}, reference["b"])
@@ -173,8 +188,9 @@ def _serve_progressive(*flags: str):
 
 def test_serve_progressive_answers_at_once_and_compiles_nothing_on_the_serving_path():
     """runtime.serve --startup=progressive: SERVING after the core programs, requests
-    answered while the others compile, the same greedy tokens before and after every
-    program is ready, and the Load message counts no compilation after ready."""
+    answered while the others compile, the arrived programs warmed while idle, the same
+    greedy tokens before and after every program is ready, and the Load message counts
+    no compilation after ready."""
     import time
 
     from runtime.client import Client
@@ -187,9 +203,12 @@ def test_serve_progressive_answers_at_once_and_compiles_nothing_on_the_serving_p
             prompt = list(range(1, 41))  # two budget-split chunks
             first = client.generate_unary(token_ids=prompt, max_tokens=8, temperature=0.0, ignore_eos=True)
             deadline = time.monotonic() + 180
-            while not any("every program ready" in line for line in srv.lines):
+            # Idle, the server runs each arrived program once, then freezes the heap again.
+            while not any("heap frozen again" in line for line in srv.lines):
                 assert time.monotonic() < deadline and srv.proc.poll() is None, "".join(srv.lines)
                 time.sleep(0.5)
+            text = "".join(srv.lines)
+            assert text.index("every program ready") < text.index("programs warm, heap frozen again"), text
             again = client.generate_unary(token_ids=prompt, max_tokens=8, temperature=0.0, ignore_eos=True)
             assert list(again.token_ids) == list(first.token_ids) and len(first.token_ids) == 8
             assert client.model_info().load.num_compiles_since_ready == 0
