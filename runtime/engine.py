@@ -829,41 +829,52 @@ class Engine:
 
     def _warm_entries(self):
         """warmup's entries whose programs are all ready: (the programs an entry runs, its
-        name, a function that runs it once on scratch rows)."""
-        ecfg, ready = self.ecfg, self._is_ready
-        pages, slots = ecfg.max_pages_per_seq, ecfg.max_num_seqs
+        name, a function that runs it once on scratch rows: no slot changes, no page is
+        written)."""
+        ready = self._is_ready
         for b, t, *fresh in self.manifest()["prefill"]:
             key = ("prefill", (b, t, *fresh))
-            if ready(*key):  # b rows per data-parallel group
+            if ready(*key):
                 yield {key}, f"prefill {b}x{t}" + (" fresh" if fresh else ""), functools.partial(
-                    lambda f, b, t: self._prefill_call(f, **scratch_prefill(b * self.data_groups, t, pages, slots)),
-                    bool(fresh), b, t)
+                    self._warm_prefill, bool(fresh), b, t)
         for rows, mode in self.manifest()["decode"]:
             programs = {("decode", (rows, mode)), ("snapshot", (rows,)), ("set_table", ())}
             if all(ready(*p) for p in programs):
-                yield programs, f"decode {rows} {mode}", functools.partial(
-                    lambda rows, mode: self.decode(np.zeros((rows, pages), np.int32), mode=mode), rows, mode)
+                yield programs, f"decode {rows} {mode}", functools.partial(self._warm_decode, rows, mode)
         for rows, b, t, *fresh in self.manifest()["mixed"]:
             programs = {("mixed", (rows, b, t, *fresh)), ("mixed_sample", (rows, "filter")), ("snapshot", (rows,)),
                         ("set_table", ())}
             if all(ready(*p) for p in programs):
                 yield programs, f"mixed {rows}+{b}x{t}" + (" fresh" if fresh else ""), functools.partial(
-                    lambda f, rows, b, t: self._mixed_call(f, np.zeros((rows, pages), np.int32),
-                                                           **scratch_prefill(b, t, pages, slots)),
-                    bool(fresh), rows, b, t)
+                    self._warm_mixed, bool(fresh), rows, b, t)
         samples = [k for k in self._mixed_sample if ready("mixed_sample", k)]
         if samples:
-            def sample_idle_rows():  # idle rows: changes nothing
-                for key in samples:
-                    self.slots, self.io = self._mixed_sample[key](self.slots, self.io, *self._idle_mixed_rows(key[0]))
-            yield {("mixed_sample", k) for k in samples}, "mixed sampling", sample_idle_rows
+            yield {("mixed_sample", k) for k in samples}, "mixed sampling", functools.partial(
+                self._warm_mixed_samples, samples)
+        yield ({("set_table", ()), ("release", ()), ("seed_prompt_mask", ())}, "set_table, release, seed_prompt_mask",
+               self._warm_slot_programs)
 
-        def slot_programs():
-            self.io = self._set_table(self.io, self._table_sent)  # compiled; changes nothing
-            self.release(slots)  # out of range: changes nothing
-            self.seed_prompt_mask(slots, [])  # out of range: changes nothing
-        yield {("set_table", ()), ("release", ()), ("seed_prompt_mask", ())}, "set_table, release, seed_prompt_mask", \
-            slot_programs
+    def _warm_prefill(self, fresh: bool, b: int, t: int) -> None:
+        ecfg = self.ecfg  # b rows per data-parallel group
+        self._prefill_call(fresh, **scratch_prefill(b * self.data_groups, t, ecfg.max_pages_per_seq,
+                                                    ecfg.max_num_seqs))
+
+    def _warm_decode(self, rows: int, mode: str) -> None:
+        self.decode(np.zeros((rows, self.ecfg.max_pages_per_seq), np.int32), mode=mode)
+
+    def _warm_mixed(self, fresh: bool, rows: int, b: int, t: int) -> None:
+        ecfg = self.ecfg
+        self._mixed_call(fresh, np.zeros((rows, ecfg.max_pages_per_seq), np.int32),
+                         **scratch_prefill(b, t, ecfg.max_pages_per_seq, ecfg.max_num_seqs))
+
+    def _warm_mixed_samples(self, keys) -> None:
+        for rows, mode in keys:  # idle rows: changes nothing
+            self.slots, self.io = self._mixed_sample[(rows, mode)](self.slots, self.io, *self._idle_mixed_rows(rows))
+
+    def _warm_slot_programs(self) -> None:
+        self.io = self._set_table(self.io, self._table_sent)  # compiled; changes nothing
+        self.release(self.ecfg.max_num_seqs)  # out of range: changes nothing
+        self.seed_prompt_mask(self.ecfg.max_num_seqs, [])  # out of range: changes nothing
 
     # --- ahead-of-time executables (runtime/aot.py) ------------------------------------
 
