@@ -85,27 +85,3 @@ def _no_persistent_compile_cache_across_tests():
         jax.config.update("jax_compilation_cache_dir", None)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)  # JAX's default
     compilation_cache.reset_cache()
-
-
-# Files of minutes each on a 2-core CPU (the README command's --durations, 2026-12-01),
-# longest first. The README's command gives each of its two processes one file at a time
-# in collection order (--dist loadfile --no-loadscope-reorder), so these go first: one of
-# them started last ran alone for the run's last ~15 minutes (44 min in all).
-_LONG_FILES = (
-    "tests/runtime/test_real_models.py",
-    "tests/sharding/test_tensor_parallel.py",
-    "tests/runtime/test_quality.py",
-    "tests/sharding/test_tpu_compile.py",
-    "tests/runtime/test_engine.py",
-    "tests/runtime/test_warmup_topology.py",
-    "tests/runtime/test_server.py",
-    "tests/runtime/test_aot_dir.py",
-    "tests/runtime/test_fuzz.py",
-    "tests/runtime/test_soak.py",
-    "tests/checkpoints/test_gguf.py",
-)
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {path: i for i, path in enumerate(_LONG_FILES)}
-    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: the rest keep their order
