@@ -9,8 +9,11 @@ batches; 512: a prefill chunk):
 - "xla int8" / "xla fp8": the quantized weight through XLA's fused convert
   (runtime.models.layers.project with QUANTIZED_MATMUL="xla", what --quantization ran
   before the kernel);
-- "kernel int8" / "kernel fp8": pallas_kernels/quantized_matmul/gpu.py at its default
-  tiles and, with --sweep, the fastest of a few tilings (printed).
+- "kernel int8" / "kernel fp8": pallas_kernels/quantized_matmul/gpu.py (Triton) at its
+  default tiles and, with --sweep, the fastest of a few tilings (printed);
+- "mosaic bf16" / "mosaic int8" / "mosaic fp8": pallas_kernels/quantized_matmul/
+  gpu_mosaic.py (Hopper, M <= 64) at its default config and, with --sweep, the fastest
+  of a few (printed). `--kernels` picks the kernel families.
 
 Rates: weight bytes read per second (each call reads its weight once; x and y are
 small at decode sizes) and that as a percentage of the device-to-device copy bandwidth
@@ -36,6 +39,7 @@ from absl import app, flags
 
 from pallas_kernels import bench
 from pallas_kernels.quantized_matmul import gpu as qmm
+from pallas_kernels.quantized_matmul import gpu_mosaic
 from pallas_kernels.quantized_matmul import reference
 
 FLAGS = flags.FLAGS
@@ -44,6 +48,10 @@ FLAGS = flags.FLAGS
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}
 TINY = {"qkv": (128, 192), "down": (256, 128)}
 MODES = {"int8": "int8", "fp8": "float8_e4m3fn"}
+MOSAIC_SWEEP = [
+    {"block_n": 64, "num_splits": 1}, {"block_n": 128, "num_splits": 1}, {"block_n": 64, "num_splits": 2},
+    {"block_n": 128, "num_splits": 2}, {"block_n": 128, "num_splits": 4}, {"block_k": 128},
+]
 SWEEP = [
     {"block_n": 64}, {"block_k": 256}, {"num_stages": 4}, {"num_warps": 8},
     {"block_n": 256, "block_k": 64}, {"num_splits": 1},
@@ -64,7 +72,34 @@ def _sets(weight_bytes: int, memory: int) -> int:
     return max(1, min(need, (256 << 20) // max(weight_bytes, 1), memory // (4 * max(weight_bytes, 1))))
 
 
-def row(name: str, D: int, N: int, M: int, *, reps: int, sweep: bool, interpret: bool, memory: int) -> dict:
+def _mosaic(out: dict, label: str, M: int, D: int, N: int, per_call: list, check, *, reps: int, sweep: bool,
+            interpret: bool) -> None:
+    """The Mosaic GPU kernel's cells: its default config and, with `sweep`, the best of
+    MOSAIC_SWEEP (configs that do not tile the shape or fit shared memory are skipped)."""
+    if M > gpu_mosaic.MAX_ROWS or not (interpret or gpu_mosaic.runs_here()):
+        return
+    wdtype = per_call[0][1].dtype
+    default = gpu_mosaic.default_config(M, D, N, wdtype)
+    cells = []
+    for knobs in [{}] + (MOSAIC_SWEEP if sweep else []):
+        config = dataclasses.replace(default, **knobs)
+        if knobs:
+            config = dataclasses.replace(config, stages=gpu_mosaic._stages_for(
+                M, wdtype, config.block_n, config.block_k, config.num_splits))
+            if config == default:
+                continue
+        if D % config.block_k or N % config.block_n or gpu_mosaic.smem_bytes(M, wdtype, config) > gpu_mosaic._SMEM_LIMIT:
+            continue
+        fn = lambda *a, config=config: gpu_mosaic.matmul_tuned(*a, interpret=interpret, config=config)  # noqa: E731
+        text = f"bn{config.block_n} bk{config.block_k} st{config.stages} splits{config.num_splits}"
+        cells.append(bench.measure(fn, bench.Inputs((), per_call, check, reps), text))
+    out["cells"][f"mosaic {label}"] = dataclasses.asdict(cells[0])
+    if sweep:
+        out["cells"][f"mosaic {label} tuned"] = dataclasses.asdict(bench._best(cells))
+
+
+def row(name: str, D: int, N: int, M: int, *, reps: int, sweep: bool, interpret: bool, memory: int,
+        kernels: Sequence[str] = ("triton", "mosaic")) -> dict:
     out: dict = {"proj": name, "D": D, "N": N, "M": M, "cells": {}}
     n = 2 if interpret else min(16, _sets(D * N, memory))
     keys = iter(jax.random.split(jax.random.key(D * 7 + N * 3 + M), 4 * n))
@@ -73,6 +108,9 @@ def row(name: str, D: int, N: int, M: int, *, reps: int, sweep: bool, interpret:
     ref = jax.block_until_ready(jnp.dot(xs[0], wb[0]))
     cell = bench.measure(jnp.dot, bench.Inputs((), list(zip(xs, wb)), lambda y: bench._rel_err(y, ref), reps))
     out["cells"]["xla bf16"] = dataclasses.asdict(cell)
+    if "mosaic" in kernels:
+        _mosaic(out, "bf16", M, D, N, [(x, w) for x, w in zip(xs, wb)], lambda y: bench._rel_err(y, ref),
+                reps=reps, sweep=sweep, interpret=interpret)
     del wb
     for label, mode in (("int8", "int8"), ("fp8", "fp8")):
         ws = [_quantized(next(keys), D, N, mode) for _ in range(n)]
@@ -84,6 +122,10 @@ def row(name: str, D: int, N: int, M: int, *, reps: int, sweep: bool, interpret:
                                    * s[None, :]).astype(x.dtype)
             cell = bench.measure(xla, bench.Inputs((), per_call, check, reps))
             out["cells"][f"xla {label}"] = dataclasses.asdict(cell)
+        if "mosaic" in kernels:
+            _mosaic(out, label, M, D, N, per_call, check, reps=reps, sweep=sweep, interpret=interpret)
+        if "triton" not in kernels:
+            continue
         variants = [{}] + (SWEEP if sweep else [])
         cells = []
         for knobs in variants:
@@ -112,8 +154,12 @@ def _ms(cells: dict, name: str) -> float | None:
 
 
 def table(rows: Sequence[dict], copy_gbs: float) -> str:
-    cols = ["xla bf16", "xla int8", "kernel int8", "kernel int8 tuned", "xla fp8", "kernel fp8", "kernel fp8 tuned"]
-    head = ["proj", "D x N", "M", *cols, "int8 best GB/s (% copy)", "int8 vs bf16", "fp8 vs bf16"]
+    every = ["xla bf16", "mosaic bf16", "mosaic bf16 tuned", "xla int8", "kernel int8", "kernel int8 tuned",
+             "mosaic int8", "mosaic int8 tuned", "xla fp8", "kernel fp8", "kernel fp8 tuned", "mosaic fp8",
+             "mosaic fp8 tuned"]
+    cols = [c for c in every if any(c in r["cells"] for r in rows)]
+    head = ["proj", "D x N", "M", *cols, "bf16 best GB/s (% copy)", "int8 best GB/s (% copy)", "int8 vs bf16",
+            "fp8 vs bf16"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = r["cells"]
@@ -129,12 +175,16 @@ def table(rows: Sequence[dict], copy_gbs: float) -> str:
                 knobs = f" ({cell['knobs']})" if c.endswith("tuned") else ""
                 texts.append(f"{cell['ms']:.4g}{knobs}" + (" !" if bad else ""))
         bf16 = _ms(cells, "xla bf16")
-        best = {m: min((t for t in (_ms(cells, f"kernel {m}"), _ms(cells, f"kernel {m} tuned")) if t), default=None)
+        best = {m: min((t for t in (_ms(cells, f"{k} {m}{t}") for k in ("kernel", "mosaic") for t in ("", " tuned"))
+                        if t), default=None)
                 for m in ("int8", "fp8")}
-        rate = r["D"] * r["N"] / (best["int8"] * 1e-3) / 1e9 if best["int8"] else None
+        best_bf16 = min((t for t in (_ms(cells, c) for c in ("xla bf16", "mosaic bf16", "mosaic bf16 tuned")) if t),
+                        default=None)
+        rates = [r["D"] * r["N"] * nbytes / (t * 1e-3) / 1e9 if t else None
+                 for nbytes, t in ((2, best_bf16), (1, best["int8"]))]
         lines.append("| " + " | ".join([
             r["proj"], f"{r['D']} x {r['N']}", str(r["M"]), *texts,
-            f"{rate:.0f} ({100 * rate / copy_gbs:.0f}%)" if rate and copy_gbs else "-",
+            *(f"{rate:.0f} ({100 * rate / copy_gbs:.0f}%)" if rate and copy_gbs else "-" for rate in rates),
             *(f"{bf16 / best[m]:.2f}x" if bf16 and best[m] else "-" for m in ("int8", "fp8")),
         ]) + " |")
     return "\n".join(lines)
@@ -152,7 +202,8 @@ def main(argv: Sequence[str]) -> None:
     rows = []
     for name, (D, N) in shapes.items():
         for M in ms:
-            rows.append(row(name, D, N, M, reps=FLAGS.reps, sweep=FLAGS.sweep, interpret=interpret, memory=memory))
+            rows.append(row(name, D, N, M, reps=FLAGS.reps, sweep=FLAGS.sweep, interpret=interpret, memory=memory,
+                            kernels=FLAGS.kernels))
             bench._log(json.dumps({k: v for k, v in rows[-1].items() if k != "cells"}
                                   | {k: v["ms"] for k, v in rows[-1]["cells"].items()}))
     header = (f"device: {device.device_kind}, jax {jax.__version__}; copy {copy_gbs:.0f} GB/s; ms = device time "
@@ -167,6 +218,7 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
     flags.DEFINE_list("rows", ["1", "8", "64", "512"], "Rows of x (M) per projection.")
+    flags.DEFINE_list("kernels", ["triton", "mosaic"], "Kernel families to time beside XLA: triton, mosaic.")
     flags.DEFINE_bool("sweep", False, "Also time a few tilings of the kernel and report the fastest.")
     flags.DEFINE_integer("reps", 10, "Profiled runs of each timed program.")
     flags.DEFINE_bool("interpret", False, "Tiny shapes, kernel interpreted (CPU smoke test).")

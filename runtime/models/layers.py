@@ -303,14 +303,57 @@ def _quantized_matmul(spec: str, x: jax.Array, w: jax.Array, scale: jax.Array) -
     return y.reshape(*x.shape[:nb], *w.shape[nc:])
 
 
+# Dense bf16 projections through pallas_kernels/quantized_matmul/gpu_mosaic.py (Hopper,
+# up to 64 rows): built, measured, off by default. H200, Llama-3.1-8B, 2026-12-01
+# (runtime/BENCHMARKS.md, session 17):
+# - alone (`bench_quantized_matmul --kernels=mosaic`, device time) the kernel beat XLA at
+#   16-64 rows on q/k/v (14.0-14.6 us against 15.3-19.0), and at 64 rows on the output
+#   projection (12.7 against 14.6) and down (32.8 against 37.1); it lost at gate/up and at
+#   1-8 rows;
+# - in the batch-64 decode step it did not pay: with it on q/k/v, output and down the
+#   step took 5.95 ms against 5.80 (XLA's output and down GEMMs add the residual in their
+#   epilogue, so the kernel cost an add and a split-K sum per projection, and XLA's q/k/v
+#   GEMM in the step took 18.0 us, not 19.0), and on q/k/v alone 5.90 against 5.88.
+# "xla" (default): never; "kernel": wherever it takes the shapes, on sm90; "interpret":
+# the kernel interpreted on any platform (CPU tests). runtime.bench --dense_matmul sets it.
+DENSE_MATMUL = "xla"
+DENSE_MATMUL_MODES = ("xla", "kernel", "interpret")
+
+
+def dense_matmul_path(mode: str, hopper: bool) -> str:
+    """How a bf16 projection runs: "xla" or "kernel" (above)."""
+    if mode not in DENSE_MATMUL_MODES:
+        raise ValueError(f"dense matmul mode {mode!r}; choose from {', '.join(DENSE_MATMUL_MODES)}")
+    return "kernel" if mode == "interpret" or (mode == "kernel" and hopper) else "xla"
+
+
+def _dense_matmul(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    """project's bf16 case, by DENSE_MATMUL (above)."""
+    if DENSE_MATMUL == "xla" or dense_matmul_path(DENSE_MATMUL, dispatch.on_hopper()) != "kernel":
+        return jnp.einsum(spec, x, w)
+    view = _matmul_view(spec)
+    if view is None or x.dtype != jnp.bfloat16 or w.dtype != jnp.bfloat16:
+        return jnp.einsum(spec, x, w)
+    from pallas_kernels.quantized_matmul import gpu_mosaic
+
+    nb, nc = view
+    M, D = int(np.prod(x.shape[:nb])), int(np.prod(x.shape[nb:]))
+    x2, w2 = x.reshape(M, D), w.reshape(D, -1)
+    if not gpu_mosaic.supports(x2, w2):
+        return jnp.einsum(spec, x, w)
+    y = gpu_mosaic.matmul(x2, w2, interpret=DENSE_MATMUL == "interpret")
+    return y.reshape(*x.shape[:nb], *w.shape[nc:])
+
+
 def project(spec: str, x: jax.Array, w: jax.Array, scale: jax.Array | None = None) -> jax.Array:
     """jnp.einsum(spec, x, w); with `scale` (runtime.quantization), w is a quantized weight:
     converted to x's dtype inside the matmul, the float32 product scaled per output
     channel (scale: w's output axes, in w's order; the output's trailing axes) and
     rounded once to x's dtype. On GPU decode-sized rows may run the Pallas kernel that
-    reads the weight in its quantized bytes (QUANTIZED_MATMUL)."""
+    reads the weight in its quantized bytes (QUANTIZED_MATMUL); bf16 weights may run the
+    Mosaic GPU kernel (DENSE_MATMUL, off by default)."""
     if scale is None:
-        return jnp.einsum(spec, x, w)
+        return _dense_matmul(spec, x, w)
     return _quantized_matmul(spec, x, w, scale)
 
 
