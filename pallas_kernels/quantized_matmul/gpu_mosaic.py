@@ -30,6 +30,15 @@ Design: one CTA per (column block, split of D), at most one per SM.
   GPU's loads in flight when N alone has too few column blocks): each stores float32
   partials of its M8 rows, and a small jnp pass sums them and rounds once.
 
+Measured (H200, JAX 0.11.2, 2026-12-01, runtime/BENCHMARKS.md session 17): bf16 weights at
+64 rows read at 82-96% of the copy rate at q/k/v, output and down (XLA: 63-86%), but
+inside the batch-64 decode step it did not pay: XLA's output and down GEMMs add the
+residual in their epilogue, and its q/k/v GEMM ran faster there than alone. So the
+engine runs it only when asked (runtime.models.layers.DENSE_MATMUL = "kernel"). Quantized
+tiles read at only 26-44% of the copy rate: the one compute warpgroup converts a tile and
+then waits for its wgmma, so conversion and tensor cores never overlap; not used for
+int8 / e4m3 weights yet (issue 16).
+
 Falls back (`supports` False; callers run XLA or gpu.py): x not bfloat16, M > 64, D or N
 not multiples of the smallest tiles (64), w of another dtype.
 
