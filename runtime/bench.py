@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import statistics
@@ -142,6 +143,7 @@ def bench_batch(model, batch: int, bandwidth: float, matmul_flops: float, mesh=N
         orc.add_request(Request(str(i), prompt, SamplingParams(temperature=0.0), max_tokens=FLAGS.gen_len,
                                 ignore_eos=True))
     first_token, steady, all_decoding_before = {}, [], False
+    generated = {}  # request id -> its tokens (tokens_digest: same weights, same tokens)
     # With --profile_dir, steps 10-19 of the steady window are traced (device and host).
     from runtime import profile
 
@@ -167,6 +169,7 @@ def bench_batch(model, batch: int, bandwidth: float, matmul_flops: float, mesh=N
         for o in outs:
             first_token.setdefault(o.request_id, now - submit)
             produced += len(o.token_ids)
+            generated.setdefault(o.request_id, []).extend(o.token_ids)
         # The steady window: every slot decoding in this step and the one before. The
         # first step with every slot decoding also reads the last prefill call's results,
         # so it waits for that prefill (366 ms at batch 64 x 512 tokens on an H200): it
@@ -256,6 +259,9 @@ def bench_batch(model, batch: int, bandwidth: float, matmul_flops: float, mesh=N
         call_orchestrated_ms=per_step_s * steps * 1e3,
         # The loop's calls one by one: a mean far above the median is stalls, not steady cost.
         loop_call_ms=step_ms,
+        # Greedy tokens of every request: two runs of one model (random weights are seeded)
+        # under different compiler options or kernels must print the same digest.
+        tokens_digest=hashlib.sha256(json.dumps([generated[k] for k in sorted(generated, key=int)]).encode()).hexdigest()[:16],
     )
 
 
@@ -345,7 +351,8 @@ def main(argv):
         if calls:
             p10, p50, p90 = (calls[min(len(calls) - 1, int(p * len(calls)))] for p in (0.1, 0.5, 0.9))
             print(f"batch {r['batch']}: {len(calls)} orchestrated calls, ms p10 {p10:.2f} p50 {p50:.2f} "
-                  f"p90 {p90:.2f} max {calls[-1]:.2f}; slowest: {', '.join(f'{c:.1f}' for c in calls[-5:])}")
+                  f"p90 {p90:.2f} max {calls[-1]:.2f}; slowest: {', '.join(f'{c:.1f}' for c in calls[-5:])}; "
+                  f"tokens digest {r['tokens_digest']}")
     if FLAGS.json_out:
         with open(FLAGS.json_out, "w") as f:
             json.dump(dict(model=FLAGS.model, device=device, bandwidth=bandwidth, matmul_flops=matmul_flops, rows=rows, peer=peer), f, indent=1)

@@ -575,9 +575,36 @@ def build_steps(graphdef, ecfg: EngineConfig, *, cache_shardings, replicated, me
 # trace runs nvjet (cuBLAS) kernels, the batch-1 trace Triton's gemm fusions.
 
 
+# A step's CUDA graph records the address of its temporary buffer, which XLA's allocator
+# may place elsewhere on the next call when anything else was allocated in between (a new
+# page table, a prefill's inputs): XLA then updates the graph on the host (1.7-2.5 ms per
+# update at 8B), and with one call in flight the device waits. With this mode XLA keeps
+# the temporary buffer at one virtual address (remapped onto whatever memory the call
+# gets), so the graph is never updated for it. H200, Llama-3.1-8B shapes, batch 1, prompt
+# 512, one device call (2026-12-02): 4.21 ms per step against 4.30, orchestrated steps p90
+# 4.43 ms against 5.44 and max 4.78 against 7.60, the same greedy tokens
+# (runtime/BENCHMARKS.md). JAX 0.10's XLA names its modes differently: there the option
+# is left out (_stable_temp_option).
+STABLE_TEMP_OPTION = ("xla_gpu_command_buffer_update_mode", "SKIP_TEMP")
+
+
+@functools.cache
+def _stable_temp_option() -> dict:
+    """STABLE_TEMP_OPTION where this process's XLA knows it, else nothing."""
+    name, value = STABLE_TEMP_OPTION
+    try:
+        jax.jit(lambda x: x + 1, compiler_options={name: value}).lower(jnp.zeros(1, jnp.int32)).compile()
+    except Exception as e:  # noqa: BLE001 -- an older XLA rejects the value: run without it
+        log.info("XLA does not take %s=%s (%s); command buffers are updated when buffers move", name, value,
+                 str(e).splitlines()[0][:200])
+        return {}
+    return {name: value}
+
+
 def _compiler_options(ecfg: EngineConfig, step: str, rows: int = 0) -> dict | None:
     """Per-program XLA options on a GPU: out of CUDA graphs (EngineConfig.command_buffers),
-    and cuBLAS matmuls for the large decode buckets (CUBLAS_DECODE_ROWS). None where XLA's
+    a temporary buffer at a stable address for those in graphs (STABLE_TEMP_OPTION), and
+    cuBLAS matmuls for the large decode buckets (CUBLAS_DECODE_ROWS). None where XLA's
     defaults apply, and off a GPU, whose compilers do not know these options."""
     if dispatch.platform() != "gpu":
         return None
@@ -585,6 +612,8 @@ def _compiler_options(ecfg: EngineConfig, step: str, rows: int = 0) -> dict | No
     keep = {"all": ("prefill", "decode"), "decode": ("decode",), "none": ()}[ecfg.command_buffers]
     if step not in keep:
         options["xla_gpu_enable_command_buffer"] = ""
+    else:
+        options.update(_stable_temp_option())
     if step == "decode" and rows >= CUBLAS_DECODE_ROWS:
         options["xla_gpu_enable_triton_gemm"] = False
     return options or None

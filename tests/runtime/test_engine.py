@@ -422,26 +422,48 @@ def test_decode_buckets_config():
 
 
 def test_gpu_compiler_options():
-    """--command_buffers keeps prefill (or every step) out of CUDA graphs on a GPU, and
-    decode buckets of 64+ rows take cuBLAS matmuls; other compilers are asked nothing
-    (libtpu rejects options it does not know)."""
+    """--command_buffers keeps prefill (or every step) out of CUDA graphs on a GPU, the
+    programs in graphs keep their temporary buffer at a stable address where XLA knows how
+    (JAX 0.11: STABLE_TEMP_OPTION; an older XLA gets nothing), and decode buckets of 64+
+    rows take cuBLAS matmuls; other compilers are asked nothing (libtpu rejects options it
+    does not know)."""
     from pallas_kernels import dispatch
-    from runtime.engine import _compiler_options
+    from runtime.engine import STABLE_TEMP_OPTION, _compiler_options, _stable_temp_option
 
     off = {"xla_gpu_enable_command_buffer": ""}
+    stable = _stable_temp_option()
+    assert stable in ({}, dict([STABLE_TEMP_OPTION]))
     with dispatch.target_platform("gpu"):
         got = {c: [_compiler_options(EngineConfig(command_buffers=c), s) for s in ("prefill", "decode")]
                for c in ("all", "decode", "none")}
-        assert got == {"all": [None, None], "decode": [off, None], "none": [off, off]}
+        graph = stable or None
+        assert got == {"all": [graph, graph], "decode": [off, graph], "none": [off, off]}
         cublas = {"xla_gpu_enable_triton_gemm": False}
         assert [_compiler_options(EngineConfig(), "decode", rows) for rows in (1, 8, 63, 64, 512)] == [
-            None, None, None, cublas, cublas]
+            graph, graph, graph, {**stable, **cublas}, {**stable, **cublas}]
         assert _compiler_options(EngineConfig(command_buffers="none"), "decode", 64) == {**off, **cublas}
-        assert _compiler_options(EngineConfig(), "prefill", 64) is None  # prefill keeps Triton
+        assert _compiler_options(EngineConfig(), "prefill", 64) == graph  # prefill keeps Triton
     with dispatch.target_platform("tpu"):
         assert _compiler_options(EngineConfig(command_buffers="none"), "decode", 512) is None
     with pytest.raises(ConfigError, match="command_buffers='some'"):
         EngineConfig(command_buffers="some")
+
+
+def test_stable_temp_option_probe(monkeypatch):
+    """The probe asks this process's XLA: a value it does not know leaves the option out
+    (no program fails to compile over it), one it knows is passed on."""
+    from runtime import engine
+
+    monkeypatch.setattr(engine, "STABLE_TEMP_OPTION", ("xla_gpu_command_buffer_update_mode", "NO_SUCH_MODE"))
+    engine._stable_temp_option.cache_clear()
+    try:
+        assert engine._stable_temp_option() == {}
+        monkeypatch.setattr(engine, "STABLE_TEMP_OPTION", ("xla_gpu_command_buffer_update_mode", "ALWAYS_UPDATE"))
+        engine._stable_temp_option.cache_clear()
+        assert engine._stable_temp_option() == {"xla_gpu_command_buffer_update_mode": "ALWAYS_UPDATE"}
+    finally:
+        engine._stable_temp_option.cache_clear()
+
 
 def test_prefill_arguments_pack_into_two_arrays():
     """pack_prefill / _unpack_prefill round-trip every argument exactly, including a PRNG
