@@ -57,6 +57,12 @@ flags.DEFINE_integer("page_size", 16, "Tokens per KV page.")
 flags.DEFINE_integer("decode_steps_per_call", 1, "Decode steps per dispatch (1, the engine default, streams every token).")
 flags.DEFINE_enum("attention", "auto", ["auto", "reference", "pallas"], "Attention (auto: Pallas on GPU).")
 flags.DEFINE_enum("command_buffers", "all", ["all", "decode", "none"], "GPU: steps run as CUDA graphs (EngineConfig).")
+flags.DEFINE_integer("max_model_len", None, "Context per sequence (default: prompt + gen, rounded up to a page); "
+                     "the server's default is 2048: its page table is that wide.")
+flags.DEFINE_integer("num_pages", None, "KV pages (default: max_num_seqs sequences of max_model_len); the server "
+                     "sizes its cache from the device memory instead.")
+flags.DEFINE_integer("max_num_seqs", None, "Decode slots (default: the batch measured). More slots than the batch "
+                     "add the server's default decode buckets (1, 8, 64, ...) below them.")
 flags.DEFINE_integer("max_prefill_tokens", 16384, "Prompt tokens per prefill call at most (activation memory).")
 flags.DEFINE_integer("tensor_parallel_size", 1, "Devices that split every layer; the roofline is per device.")
 flags.DEFINE_integer("pipeline_parallel_size", 1, "Pipeline stages (contiguous layers per group of devices).")
@@ -96,6 +102,14 @@ def bench_batch(model, batch: int, bandwidth: float, matmul_flops: float, mesh=N
     steps = FLAGS.decode_steps_per_call
     page = FLAGS.page_size
     max_len = -(-(FLAGS.prompt_len + FLAGS.gen_len + steps) // page) * page
+    if FLAGS.max_model_len:
+        if FLAGS.max_model_len < max_len:
+            raise ValueError(f"--max_model_len={FLAGS.max_model_len} holds no prompt of {FLAGS.prompt_len} tokens "
+                             f"plus {FLAGS.gen_len} generated ({max_len} with the page rounding)")
+        max_len = FLAGS.max_model_len
+    slots = max(batch, FLAGS.max_num_seqs or batch)
+    # The server's buckets (runtime.config) where the bench has more slots than the batch.
+    buckets = (batch,) if slots == batch else tuple(sorted({b for b in (1, 8, 64, 512) if b < slots} | {batch, slots}))
     # Prompts per prefill call: all of them where they fit the token budget (so the
     # decode batch fills at once), else as many as fit.
     rows = max(1, min(batch, FLAGS.max_prefill_tokens // FLAGS.prompt_len))
@@ -105,16 +119,17 @@ def bench_batch(model, batch: int, bandwidth: float, matmul_flops: float, mesh=N
     # token budget fits a full prefill call beside every slot decoding: prompts admitted
     # after the first call (batch > rows) fill the batch at full speed, as the window needs.
     ecfg = EngineConfig(
-        max_num_seqs=batch, max_model_len=max_len, page_size=page, prefill_lengths=(FLAGS.prompt_len,),
+        max_num_seqs=slots, max_model_len=max_len, page_size=page, prefill_lengths=(FLAGS.prompt_len,),
         prefill_batch_sizes=prefill_batch_sizes, decode_steps_per_call=steps,
         max_num_batched_tokens=max(prefill_batch_sizes) * FLAGS.prompt_len + batch * steps,
-        decode_batch_sizes=(batch,), attention=FLAGS.attention, command_buffers=FLAGS.command_buffers,
+        decode_batch_sizes=buckets, attention=FLAGS.attention, command_buffers=FLAGS.command_buffers,
         cache_dtype=FLAGS.cache_dtype or FLAGS.dtype, pipeline_microbatches=FLAGS.pipeline_microbatches,
         quantization=FLAGS.quantization,
     )
     from runtime.startup import build_engine
 
-    engine = build_engine(model, dataclasses.replace(ecfg, num_pages=batch * ecfg.max_pages_per_seq), mesh=mesh)
+    engine = build_engine(model, dataclasses.replace(ecfg, num_pages=FLAGS.num_pages or slots * ecfg.max_pages_per_seq),
+                          mesh=mesh)
     t = time.perf_counter()
     engine.warmup()
     compile_s = time.perf_counter() - t
@@ -125,7 +140,7 @@ def bench_batch(model, batch: int, bandwidth: float, matmul_flops: float, mesh=N
         tokens=rng.integers(1, min(1000, cfg.vocab_size), (1, FLAGS.prompt_len)).astype(np.int32), starts=np.zeros(1, np.int32),
         lens=np.full(1, FLAGS.prompt_len, np.int32),
         page_table=np.arange(ecfg.max_pages_per_seq, dtype=np.int32)[None],
-        slot_ids=np.full(1, batch, np.int32), is_last=np.ones(1, bool),
+        slot_ids=np.full(1, slots, np.int32), is_last=np.ones(1, bool),
         sampling=SlotSampling.pack([None], [0]), stop_ids=np.full((1, 16), -1, np.int32),
         remaining=np.zeros(1, np.int32),
     )
@@ -186,7 +201,7 @@ def bench_batch(model, batch: int, bandwidth: float, matmul_flops: float, mesh=N
     # slots and pages are the benchmark's: every slot is made active at the window's
     # mean context before each call (idle slots would skip the kernels' KV reads).
     ctx = FLAGS.prompt_len + FLAGS.gen_len // 2
-    table = np.arange(batch * ecfg.max_pages_per_seq, dtype=np.int32).reshape(batch, -1)
+    table = (np.arange(batch * ecfg.max_pages_per_seq, dtype=np.int32) % engine.num_pages).reshape(batch, -1)
     activate = jax.jit(lambda s: dataclasses.replace(
         s, lengths=jnp.full_like(s.lengths, ctx), remaining=jnp.full_like(s.remaining, 1 << 30),
         stop_ids=jnp.full_like(s.stop_ids, -1)), donate_argnums=0)
