@@ -35,7 +35,7 @@ Usage.cached_tokens). --dataset=multiturn: conversations of --num_turns requests
 turn's prompt and answer) plus a new --dataset=fixed message; conversations start at
 --request_rate, their turns follow one another, and a conversation ends early where the
 next turn would not fit the context. --cache_salt=unique gives every request a salt of
-its own, so a prefix-caching server shares nothing: the uncached baseline of the same
+its own (new in every run), so a prefix-caching server shares nothing: the uncached baseline of the same
 workload on the same server.
 Requests ignore EOS by default, so every request generates its output length.
 
@@ -63,6 +63,7 @@ import json
 import math
 import sys
 import time
+import uuid
 
 import numpy as np
 from absl import app, flags
@@ -447,9 +448,12 @@ async def run_benchmark(target: str, *, num_prompts: int, request_rate: float, b
         num_conn = num_connections(num_prompts, max_concurrency, info["max_streams_per_connection"])
         server.connect(num_conn)
         sent = itertools.count()
+        # Fresh per run as well: two runs with one seed send the same prompts, and with
+        # salts that repeat, the second run's prompts would all be found in the cache.
+        run_id = uuid.uuid4().hex[:12]
 
         async def limited(prompt, n):
-            salt = f"bench-{seed}-{next(sent)}" if cache_salt == UNIQUE_SALT else cache_salt
+            salt = f"bench-{seed}-{run_id}-{next(sent)}" if cache_salt == UNIQUE_SALT else cache_salt
             if limit is None:
                 return await server.one(prompt, n, temperature, ignore_eos, salt)
             async with limit:

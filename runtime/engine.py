@@ -19,6 +19,7 @@ import collections
 import dataclasses
 import functools
 import logging
+import os
 import queue
 import threading
 import time
@@ -325,6 +326,13 @@ def _decode_sample(slots: DecodeSlots, logits, kv_lens, *, num_top_logprobs: int
     return slots, dict(out, tokens=tok, valid=active)
 
 
+# The DecodeSlots fields a decode step changes (_decode_sample). A call over fewer rows
+# than slots writes only these back: writing the prompt masks back too ([slots, V], 8 MB
+# at 64 slots of a 128K vocabulary, which no decode step changes) made XLA copy the
+# whole array, twice, in every call (seen in the compiled program, CPU).
+_DECODE_WRITES = ("tokens", "lengths", "output_counts", "remaining")
+
+
 def _decode(graphdef, params, cache: KVCache, slots: DecodeSlots, io: DecodeIO, *, steps: int, rows: int,
             **static):
     """`steps` decode steps in one dispatch over slots [0, rows) (the others are idle and
@@ -341,7 +349,11 @@ def _decode(graphdef, params, cache: KVCache, slots: DecodeSlots, io: DecodeIO, 
     # A while loop, not unrolled: on an H100 (8B, batch 1) the unrolled form cost ~9.8 ms
     # per step; the loop ~6.0 ms per step plus ~7 ms per call (see the issue notes).
     (cache, part), outs = jax.lax.scan(body, (cache, part), None, length=steps)
-    slots = part if rows == B else jax.tree.map(lambda x, p: x.at[:rows].set(p), slots, part)
+    if rows < B:  # only what a step changes goes back (_DECODE_WRITES)
+        slots = dataclasses.replace(slots, **{k: getattr(slots, k).at[:rows].set(getattr(part, k))
+                                              for k in _DECODE_WRITES})
+    else:
+        slots = part
     out = {k: io.out[k].at[:, :rows].set(outs[k].astype(io.out[k].dtype)) for k in io.out}
     return cache, slots, DecodeIO(page_table=io.page_table, out=out)
 
@@ -584,7 +596,9 @@ def build_steps(graphdef, ecfg: EngineConfig, *, cache_shardings, replicated, me
 # 512, one device call (2026-12-02): 4.21 ms per step against 4.30, orchestrated steps p90
 # 4.43 ms against 5.44 and max 4.78 against 7.60, the same greedy tokens
 # (runtime/BENCHMARKS.md). JAX 0.10's XLA names its modes differently: there the option
-# is left out (_stable_temp_option).
+# is left out (_stable_temp_option). XLSERVE_COMMAND_BUFFER_UPDATE_MODE replaces the mode
+# for measurements (ALWAYS_UPDATE: XLA's default; SKIP_PROFILED: XLA's other remapping
+# mode, which profiles the first calls for the buffers that move; not yet measured here).
 STABLE_TEMP_OPTION = ("xla_gpu_command_buffer_update_mode", "SKIP_TEMP")
 
 
@@ -592,6 +606,7 @@ STABLE_TEMP_OPTION = ("xla_gpu_command_buffer_update_mode", "SKIP_TEMP")
 def _stable_temp_option() -> dict:
     """STABLE_TEMP_OPTION where this process's XLA knows it, else nothing."""
     name, value = STABLE_TEMP_OPTION
+    value = os.environ.get("XLSERVE_COMMAND_BUFFER_UPDATE_MODE", value)
     try:
         jax.jit(lambda x: x + 1, compiler_options={name: value}).lower(jnp.zeros(1, jnp.int32)).compile()
     except Exception as e:  # noqa: BLE001 -- an older XLA rejects the value: run without it
