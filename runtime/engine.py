@@ -594,7 +594,9 @@ def build_steps(graphdef, ecfg: EngineConfig, *, cache_shardings, replicated, me
 # the temporary buffer at one virtual address (remapped onto whatever memory the call
 # gets), so the graph is never updated for it. H200, Llama-3.1-8B shapes, batch 1, prompt
 # 512, one device call (2026-12-02): 4.21 ms per step against 4.30, orchestrated steps p90
-# 4.43 ms against 5.44 and max 4.78 against 7.60, the same greedy tokens
+# 4.43 ms against 5.44 and max 4.78 against 7.60, a call synced on its tokens 6.56 ms
+# against 9.78, the same greedy tokens; batch 64 unchanged (5.87 / 5.90 ms). Two later
+# runs with it measured p90 4.54 and 5.47 ms: the tail has another source as well
 # (runtime/BENCHMARKS.md). JAX 0.10's XLA names its modes differently: there the option
 # is left out (_stable_temp_option). XLSERVE_COMMAND_BUFFER_UPDATE_MODE replaces the mode
 # for measurements (ALWAYS_UPDATE: XLA's default; SKIP_PROFILED: XLA's other remapping
