@@ -1,4 +1,4 @@
-"""python -m pallas_kernels.bench_quantized_matmul [--rows=1,8,64,512] [--sweep] [--reps=10] [--out=PATH]
+"""python -m pallas_kernels.bench_quantized_matmul [--rows=1,8,64,512] [--projections=...] [--sweep] [--reps=10] [--out=PATH]
 
 Weight-only quantized projections on one GPU, in one run, as one markdown table: for
 each of Llama-3.1-8B's fused projections (q/k/v 4096 -> 6144, output 4096 -> 4096,
@@ -13,7 +13,9 @@ batches; 512: a prefill chunk):
   default tiles and, with --sweep, the fastest of a few tilings (printed);
 - "mosaic bf16" / "mosaic int8" / "mosaic fp8": pallas_kernels/quantized_matmul/
   gpu_mosaic.py (Hopper, M <= 64) at its default config and, with --sweep, the fastest
-  of a few (printed). `--kernels` picks the kernel families.
+  of a few (printed). `--kernels` picks the kernel families;
+- gate/up rows also: "xla gated" and "mosaic gated", the MLP's first half (the GEMM and
+  silu(gate) * up) through XLA and through gpu_mosaic.gated_matmul.
 
 Rates: weight bytes read per second (each call reads its weight once; x and y are
 small at decode sizes) and that as a percentage of the device-to-device copy bandwidth
@@ -46,7 +48,7 @@ FLAGS = flags.FLAGS
 
 # Llama-3.1-8B's fused projections (D, N) as the engine runs them (GPU layouts).
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}
-TINY = {"qkv": (128, 192), "down": (256, 128)}
+TINY = {"qkv": (128, 192), "down": (256, 128), "gate_up": (128, 256)}
 MODES = {"int8": "int8", "fp8": "float8_e4m3fn"}
 MOSAIC_SWEEP = [
     {"block_n": 64, "num_splits": 1}, {"block_n": 128, "num_splits": 1}, {"block_n": 64, "num_splits": 2},
@@ -98,6 +100,25 @@ def _mosaic(out: dict, label: str, M: int, D: int, N: int, per_call: list, check
         out["cells"][f"mosaic {label} tuned"] = dataclasses.asdict(bench._best(cells))
 
 
+def _gated(out: dict, M: int, per_call: list, *, reps: int, interpret: bool) -> None:
+    """The MLP's first half, silu(x @ gate) * (x @ up), both ways: "xla gated" (the GEMM
+    and the fusion after it, one program, as a decode step runs them) and "mosaic gated"
+    (gpu_mosaic.gated_matmul, one kernel)."""
+    if M > gpu_mosaic.MAX_ROWS or not (interpret or gpu_mosaic.runs_here()):
+        return
+    ref = jax.block_until_ready(gpu_mosaic.gated_reference(*per_call[0]))
+    check = lambda y: bench._rel_err(y, ref)  # noqa: E731
+
+    def xla(x, w):
+        y = jnp.dot(x, w)
+        F = w.shape[1] // 2
+        return jax.nn.silu(y[:, :F]) * y[:, F:]
+
+    out["cells"]["xla gated"] = dataclasses.asdict(bench.measure(xla, bench.Inputs((), per_call, check, reps)))
+    fn = lambda x, w: gpu_mosaic.gated_matmul(x, w, interpret=interpret)  # noqa: E731
+    out["cells"]["mosaic gated"] = dataclasses.asdict(bench.measure(fn, bench.Inputs((), per_call, check, reps)))
+
+
 def row(name: str, D: int, N: int, M: int, *, reps: int, sweep: bool, interpret: bool, memory: int,
         kernels: Sequence[str] = ("triton", "mosaic")) -> dict:
     out: dict = {"proj": name, "D": D, "N": N, "M": M, "cells": {}}
@@ -111,6 +132,8 @@ def row(name: str, D: int, N: int, M: int, *, reps: int, sweep: bool, interpret:
     if "mosaic" in kernels:
         _mosaic(out, "bf16", M, D, N, [(x, w) for x, w in zip(xs, wb)], lambda y: bench._rel_err(y, ref),
                 reps=reps, sweep=sweep, interpret=interpret)
+        if name == "gate_up":
+            _gated(out, M, [(x, w) for x, w in zip(xs, wb)], reps=reps, interpret=interpret)
     del wb
     for label, mode in (("int8", "int8"), ("fp8", "fp8")):
         ws = [_quantized(next(keys), D, N, mode) for _ in range(n)]
@@ -154,7 +177,7 @@ def _ms(cells: dict, name: str) -> float | None:
 
 
 def table(rows: Sequence[dict], copy_gbs: float) -> str:
-    every = ["xla bf16", "mosaic bf16", "mosaic bf16 tuned", "xla int8", "kernel int8", "kernel int8 tuned",
+    every = ["xla bf16", "mosaic bf16", "mosaic bf16 tuned", "xla gated", "mosaic gated", "xla int8", "kernel int8", "kernel int8 tuned",
              "mosaic int8", "mosaic int8 tuned", "xla fp8", "kernel fp8", "kernel fp8 tuned", "mosaic fp8",
              "mosaic fp8 tuned"]
     cols = [c for c in every if any(c in r["cells"] for r in rows)]
@@ -201,6 +224,8 @@ def main(argv: Sequence[str]) -> None:
     bench._log(f"{device.device_kind}, jax {jax.__version__}, copy {copy_gbs:.0f} GB/s")
     rows = []
     for name, (D, N) in shapes.items():
+        if FLAGS.projections and name not in FLAGS.projections:
+            continue
         for M in ms:
             rows.append(row(name, D, N, M, reps=FLAGS.reps, sweep=FLAGS.sweep, interpret=interpret, memory=memory,
                             kernels=FLAGS.kernels))
@@ -219,6 +244,7 @@ def main(argv: Sequence[str]) -> None:
 if __name__ == "__main__":
     flags.DEFINE_list("rows", ["1", "8", "64", "512"], "Rows of x (M) per projection.")
     flags.DEFINE_list("kernels", ["triton", "mosaic"], "Kernel families to time beside XLA: triton, mosaic.")
+    flags.DEFINE_list("projections", [], "Projections to time (default all): qkv, o, gate_up, down.")
     flags.DEFINE_bool("sweep", False, "Also time a few tilings of the kernel and report the fastest.")
     flags.DEFINE_integer("reps", 10, "Profiled runs of each timed program.")
     flags.DEFINE_bool("interpret", False, "Tiny shapes, kernel interpreted (CPU smoke test).")

@@ -39,6 +39,15 @@ tiles read at only 26-44% of the copy rate: the one compute warpgroup converts a
 then waits for its wgmma, so conversion and tensor cores never overlap; not used for
 int8 / e4m3 weights yet (issue 16).
 
+Gated form (`gated_matmul`, bf16 only): act(x @ gate) * (x @ up) for the MLP's fused
+w [D, 2F] (gate | up, the GPU layout of runtime.models.layers.MLP.w_gate_up viewed 2-D).
+Each CTA's producer copies a gate tile and the up tile F columns further per step; the
+compute warpgroup keeps two accumulators and applies the activation (silu or tanh-gelu,
+float32, from exp2) in the epilogue, so the [M, 2F] GEMM output and the fusion that read
+it back (SiLU x up: ~2.5 us per layer in the batch-64 step, session 17) are gone. Runs
+unsplit (the activation needs whole sums). Off by default like the plain form: the engine
+runs it where DENSE_MATMUL runs the kernel. Not yet measured on a GPU.
+
 Falls back (`supports` False; callers run XLA or gpu.py): x not bfloat16, M > 64, D or N
 not multiples of the smallest tiles (64), w of another dtype.
 
@@ -72,6 +81,10 @@ _IN_FLIGHT = 160 * 1024  # ring bytes per CTA the default config aims at
 _MIN_STEPS = 4  # steps of block_k per split at least
 _MAX_STAGES = 12
 _COL_LAYOUT = plgpu.Layout.WGMMA.reduce(0) if hasattr(plgpu.Layout.WGMMA, "reduce") else None
+# Gated matmuls (`gated_matmul`): act(x @ gate) * (x @ up), the MLP's first half.
+ACTIVATIONS = ("silu", "gelu_tanh")
+_LOG2E = 1.4426950408889634
+_GELU_C = 0.7978845608028654  # sqrt(2 / pi)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,13 +107,13 @@ def _rows8(M: int) -> int:
     return -(-M // 8) * 8
 
 
-def smem_bytes(M: int, wdtype, config: Config) -> int:
-    """Shared memory of one CTA: the x and w rings, the converted tile (quantized w),
-    the output tile, the scales and the barriers."""
+def smem_bytes(M: int, wdtype, config: Config, gated: bool = False) -> int:
+    """Shared memory of one CTA: the x and w rings (gated: two w tiles per step), the
+    converted tile (quantized w), the output tile, the scales and the barriers."""
     wbytes = jnp.dtype(wdtype).itemsize
     quantized = jnp.dtype(wdtype) != jnp.bfloat16
     x_ring = config.stages * _ROWS * config.block_k * 2
-    w_ring = config.stages * config.block_k * config.block_n * wbytes
+    w_ring = config.stages * config.block_k * config.block_n * wbytes * (2 if gated else 1)
     w16 = config.block_k * config.block_n * 2 if quantized else 0
     out = _ROWS * config.block_n * (4 if config.num_splits > 1 else 2)
     scales = config.block_n * 4 if quantized else 0
@@ -113,10 +126,10 @@ def num_sms() -> int:
     return int(getattr(device, "core_count", 0) or _DEFAULT_SMS) if device.platform == "gpu" else _DEFAULT_SMS
 
 
-def _stages_for(M: int, wdtype, block_n: int, block_k: int, num_splits: int) -> int:
-    per_step = _ROWS * block_k * 2 + block_k * block_n * jnp.dtype(wdtype).itemsize
+def _stages_for(M: int, wdtype, block_n: int, block_k: int, num_splits: int, gated: bool = False) -> int:
+    per_step = _ROWS * block_k * 2 + block_k * block_n * jnp.dtype(wdtype).itemsize * (2 if gated else 1)
     stages = max(2, min(_MAX_STAGES, _IN_FLIGHT // per_step))
-    while stages > 2 and smem_bytes(M, wdtype, Config(block_n, block_k, stages, num_splits)) > _SMEM_LIMIT:
+    while stages > 2 and smem_bytes(M, wdtype, Config(block_n, block_k, stages, num_splits), gated) > _SMEM_LIMIT:
         stages -= 1
     return stages
 
@@ -176,15 +189,27 @@ def _transforms(dtype, cols: int):
     return plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle)
 
 
-def _matmul_kernel(x_ref, w_ref, *refs, config: Config, rows: int, quantized: bool, interpret: bool):
+def _activate(g, activation: str):
+    """ACTIVATIONS[activation](g) in float32 from exp2 (what Mosaic GPU lowers)."""
+    if activation == "silu":
+        return g / (1.0 + jnp.exp2(g * -_LOG2E))
+    inner = g * (_GELU_C + _GELU_C * 0.044715 * g * g)
+    return 0.5 * g * (1.0 + flash_mosaic._tanh(inner))
+
+
+def _matmul_kernel(x_ref, w_ref, *refs, config: Config, rows: int, quantized: bool, interpret: bool,
+                   activation: str | None = None):
     """x_ref [M8, D] bf16; w_ref [D, N]; (s_ref [N] f32 if quantized); o_ref [M8, N] bf16
-    (one split) or [splits, M8, N] f32."""
+    (one split) or [splits, M8, N] f32. With `activation` (gated; bf16 w, one split): w_ref
+    [D, 2F] holds gate | up, and o_ref [M8, F] gets act(x @ gate) * (x @ up)."""
     s_ref, o_ref = refs if quantized else (None, refs[0])
     bn, bk, stages, splits = config.block_n, config.block_k, config.stages, config.num_splits
     D = x_ref.shape[1]
     steps = D // bk
     per_split = -(-steps // splits)
     out_dtype = o_ref.dtype
+    gated = activation is not None
+    F = o_ref.shape[-1]  # gated: the up half's first column
 
     def body(x_smem, w_smem, w16_smem, o_smem, s_smem, x_ready, w_ready, x_free, w_free, s_ready):
         n = lax.axis_index("n")
@@ -201,6 +226,22 @@ def _matmul_kernel(x_ref, w_ref, *refs, config: Config, rows: int, quantized: bo
             def step(kb, acc):
                 slot = lax.rem(kb - lo, jnp.int32(stages))
                 plgpu.barrier_wait(w_ready.at[slot])
+                if gated:  # both halves' tiles, one accumulator each
+                    plgpu.barrier_wait(x_ready.at[slot])
+                    if interpret:
+                        x = x_smem.at[slot][...]
+                        acc = tuple(a + lax.dot(x, w_smem.at[slot, h][...], preferred_element_type=jnp.float32)
+                                    for h, a in enumerate(acc))
+                    else:
+
+                        def mma2(acc_refs):
+                            for h, acc_ref in enumerate(acc_refs):
+                                plgpu.wgmma(acc_ref, x_smem.at[slot], w_smem.at[slot, h])
+
+                        acc = pl.run_state(mma2)(tuple(plgpu.ACC.init(a) for a in acc))
+                    plgpu.barrier_arrive(x_free.at[slot])
+                    plgpu.barrier_arrive(w_free.at[slot])
+                    return acc
                 if quantized:
                     if interpret:
                         w16_smem[...] = w_smem.at[slot][...].astype(jnp.bfloat16)
@@ -231,7 +272,10 @@ def _matmul_kernel(x_ref, w_ref, *refs, config: Config, rows: int, quantized: bo
             acc = jnp.zeros((_ROWS, bn), jnp.float32)
             if not interpret:
                 acc = plgpu.layout_cast(acc, plgpu.Layout.WGMMA)
-            acc = lax.fori_loop(lo, hi, step, acc)
+            acc = lax.fori_loop(lo, hi, step, (acc, acc) if gated else acc)
+            if gated:
+                gate, up = acc
+                acc = _activate(gate, activation) * up
             if quantized:
                 plgpu.barrier_wait(s_ready.at[0])
                 if interpret:
@@ -254,7 +298,13 @@ def _matmul_kernel(x_ref, w_ref, *refs, config: Config, rows: int, quantized: bo
                     x_ref.at[:, pl.ds(kb * bk, bk)], x_smem.at[slot, pl.ds(0, rows)], x_ready.at[slot])
 
             def copy_w(kb, slot):
-                plgpu.copy_gmem_to_smem(w_ref.at[pl.ds(kb * bk, bk), pl.ds(n0, bn)], w_smem.at[slot], w_ready.at[slot])
+                if gated:  # gate columns [n0, n0 + bn) and the same up columns, F further
+                    for h in range(2):
+                        plgpu.copy_gmem_to_smem(w_ref.at[pl.ds(kb * bk, bk), pl.ds(h * F + n0, bn)],
+                                                w_smem.at[slot, h], w_ready.at[slot])
+                else:
+                    plgpu.copy_gmem_to_smem(w_ref.at[pl.ds(kb * bk, bk), pl.ds(n0, bn)], w_smem.at[slot],
+                                            w_ready.at[slot])
 
             flash_mosaic.produce_kv_ring(
                 lo, hi, stages, prepare=lambda kb: kb, copy_k=copy_w, copy_v=copy_x, k_free=w_free, v_free=x_free)
@@ -263,13 +313,14 @@ def _matmul_kernel(x_ref, w_ref, *refs, config: Config, rows: int, quantized: bo
     pl.run_scoped(
         body,
         plgpu.SMEM((stages, _ROWS, bk), jnp.bfloat16, transforms=_transforms(jnp.bfloat16, bk)),  # x ring
-        plgpu.SMEM((stages, bk, bn), wdtype, transforms=_transforms(wdtype, bn)),  # w ring
+        plgpu.SMEM((stages, 2, bk, bn) if gated else (stages, bk, bn), wdtype,
+                   transforms=_transforms(wdtype, bn)),  # w ring (gated: gate and up tiles)
         plgpu.SMEM((bk, bn) if quantized else (8, 64), jnp.bfloat16,
                    transforms=_transforms(jnp.bfloat16, bn if quantized else 64)),  # converted w tile
         plgpu.SMEM((_ROWS, bn), out_dtype, transforms=_transforms(out_dtype, bn)),  # output tile
         plgpu.SMEM((bn,), jnp.float32),  # scales
         plgpu.Barrier(num_barriers=stages),  # x slot loaded
-        plgpu.Barrier(num_barriers=stages),  # w slot loaded
+        plgpu.Barrier(num_arrivals=2 if gated else 1, num_barriers=stages),  # w slot loaded
         plgpu.Barrier(num_barriers=stages),  # x slot free
         plgpu.Barrier(num_barriers=stages),  # w slot free
         plgpu.Barrier(num_barriers=1),  # scales loaded
@@ -335,6 +386,84 @@ def matmul_tuned(x: jax.Array, w: jax.Array, scale: jax.Array | None = None, *, 
     if splits > 1:
         out = out.sum(axis=0).astype(jnp.bfloat16)
     return out[:M] if rows != M else out
+
+
+def gated_default_config(M: int, D: int, F: int, sms: int | None = None) -> Config:
+    """default_config's rule for a gated call: column blocks of the F outputs (each CTA
+    reads a gate and an up tile per step), one wave at most, no split (the activation
+    needs whole sums); rings as deep as fit."""
+    sms = sms or num_sms()
+    block_k = 128 if D % 128 == 0 else 64
+    fits = [bn for bn in (64, 128, 256) if F % bn == 0 and F // bn <= sms]
+    block_n = fits[0] if fits else max(bn for bn in (64, 128, 256) if F % bn == 0)
+    for bn in [block_n] + [b for b in (128, 64) if b < block_n and F % b == 0]:
+        config = Config(block_n=bn, block_k=block_k, stages=_stages_for(M, jnp.bfloat16, bn, block_k, 1, True))
+        if smem_bytes(M, jnp.bfloat16, config, True) <= _SMEM_LIMIT:
+            return config
+    return config
+
+
+def gated_supports(x: jax.Array, w: jax.Array, activation: str) -> bool:
+    """Whether `gated_matmul` takes the call: bf16 x and w [D, 2F] (gate | up)."""
+    if activation not in ACTIVATIONS or w.ndim != 2 or w.shape[1] % 2:
+        return False
+    return jnp.dtype(w.dtype) == jnp.bfloat16 and supports(x, w[:, : w.shape[1] // 2])
+
+
+@functools.partial(jax.jit, static_argnames=("activation", "interpret"))
+def gated_matmul(x: jax.Array, w: jax.Array, *, activation: str = "silu", interpret=False) -> jax.Array:
+    """act(x @ w[:, :F]) * (x @ w[:, F:]) in bfloat16 for w [D, 2F] (the fused gate | up
+    weight): the MLP's first half in one kernel, gate and up summed in float32 and the
+    product rounded once (the unfused path rounds gate and up, then their product)."""
+    return gated_matmul_tuned(x, w, activation=activation, interpret=interpret)
+
+
+def gated_matmul_tuned(x: jax.Array, w: jax.Array, *, activation: str = "silu", interpret=False,
+                       config: Config | None = None, **knobs) -> jax.Array:
+    """`gated_matmul` with the config (or some of its fields as knobs) given; one split."""
+    if not gated_supports(x, w, activation):
+        raise ValueError(f"unsupported gated call: x {x.shape} {x.dtype}, w {w.shape} {w.dtype}, {activation!r}")
+    M, D = x.shape
+    F = w.shape[1] // 2
+    config = config or gated_default_config(M, D, F)
+    if knobs:
+        if "stages" not in knobs:
+            knobs["stages"] = _stages_for(M, w.dtype, knobs.get("block_n", config.block_n),
+                                          knobs.get("block_k", config.block_k), 1, True)
+        config = dataclasses.replace(config, **knobs)
+    if config.num_splits != 1:
+        raise ValueError(f"{config}: a gated call runs unsplit (its activation needs whole sums)")
+    if D % config.block_k or F % config.block_n:
+        raise ValueError(f"{config} does not tile D={D}, F={F}")
+    need = smem_bytes(M, w.dtype, config, True)
+    if need > _SMEM_LIMIT:
+        raise ValueError(f"{config} needs {need} bytes of shared memory > {_SMEM_LIMIT}")
+    rows = _rows8(M)
+    xp = jnp.pad(x, ((0, rows - M), (0, 0))) if rows != M else x
+    params = flash_mosaic._interpret_params(interpret)
+    kernel = functools.partial(_matmul_kernel, config=config, rows=rows, quantized=False,
+                               interpret=params is not None, activation=activation)
+    call = plgpu.kernel(
+        kernel,
+        **{flash_mosaic._OUT_ARG: jax.ShapeDtypeStruct((rows, F), jnp.bfloat16)},
+        grid=(1, F // config.block_n),
+        grid_names=("split", "n"),
+        num_threads=2,
+        thread_name="wg",
+        interpret=params,
+    )
+    out = call(xp, w)
+    return out[:M] if rows != M else out
+
+
+def gated_reference(x: jax.Array, w: jax.Array, activation: str = "silu") -> jax.Array:
+    """What gated_matmul computes, in jnp: float32 sums, the activation in float32, one
+    rounding to bfloat16."""
+    y = jnp.dot(x, w.astype(x.dtype), precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+    F = w.shape[1] // 2
+    gate, up = y[:, :F], y[:, F:]
+    act = jax.nn.silu(gate) if activation == "silu" else jax.nn.gelu(gate, approximate=True)
+    return (act * up).astype(jnp.bfloat16)
 
 
 def reference(x: jax.Array, w: jax.Array, scale: jax.Array | None = None) -> jax.Array:

@@ -314,17 +314,22 @@ def _quantized_matmul(spec: str, x: jax.Array, w: jax.Array, scale: jax.Array) -
 #   step took 5.95 ms against 5.80 (XLA's output and down GEMMs add the residual in their
 #   epilogue, so the kernel cost an add and a split-K sum per projection, and XLA's q/k/v
 #   GEMM in the step took 18.0 us, not 19.0), and on q/k/v alone 5.90 against 5.88.
-# "xla" (default): never; "kernel": wherever it takes the shapes, on sm90; "interpret":
-# the kernel interpreted on any platform (CPU tests). runtime.bench --dense_matmul sets it.
+# "xla" (default): never; "kernel": wherever it takes the shapes, on sm90 (projections and
+# the MLP's gated first half); "gated": only the MLP's gated first half (gpu_mosaic.
+# gated_matmul: the gate/up GEMM and silu(gate) * up in one kernel; not yet measured);
+# "interpret": both interpreted on any platform (CPU tests). runtime.bench --dense_matmul
+# sets it.
 DENSE_MATMUL = "xla"
-DENSE_MATMUL_MODES = ("xla", "kernel", "interpret")
+DENSE_MATMUL_MODES = ("xla", "kernel", "gated", "interpret")
 
 
-def dense_matmul_path(mode: str, hopper: bool) -> str:
-    """How a bf16 projection runs: "xla" or "kernel" (above)."""
+def dense_matmul_path(mode: str, hopper: bool, gated: bool = False) -> str:
+    """How a bf16 projection (`gated`: the MLP's gate/up with its activation) runs: "xla"
+    or "kernel" (above)."""
     if mode not in DENSE_MATMUL_MODES:
         raise ValueError(f"dense matmul mode {mode!r}; choose from {', '.join(DENSE_MATMUL_MODES)}")
-    return "kernel" if mode == "interpret" or (mode == "kernel" and hopper) else "xla"
+    on = ("kernel", "gated") if gated else ("kernel",)
+    return "kernel" if mode == "interpret" or (mode in on and hopper) else "xla"
 
 
 def _dense_matmul(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
@@ -343,6 +348,24 @@ def _dense_matmul(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
         return jnp.einsum(spec, x, w)
     y = gpu_mosaic.matmul(x2, w2, interpret=DENSE_MATMUL == "interpret")
     return y.reshape(*x.shape[:nb], *w.shape[nc:])
+
+
+def _gated_dense(x: jax.Array, w_gate_up: jax.Array, activation: str) -> jax.Array | None:
+    """act(x @ gate) * (x @ up) through the Mosaic GPU kernel's gated form where
+    DENSE_MATMUL runs the kernel and it takes the call (x [B, T, D] of at most 64 rows,
+    bf16 w [D, 2, F], the GPU layout); None otherwise (the caller runs XLA)."""
+    if DENSE_MATMUL == "xla" or dense_matmul_path(DENSE_MATMUL, dispatch.on_hopper(), gated=True) != "kernel":
+        return None
+    if w_gate_up.ndim != 3 or w_gate_up.shape[1] != 2 or x.dtype != jnp.bfloat16:
+        return None
+    from pallas_kernels.quantized_matmul import gpu_mosaic
+
+    B, T, D = x.shape
+    x2, w2 = x.reshape(B * T, D), w_gate_up.reshape(D, -1)
+    if not gpu_mosaic.gated_supports(x2, w2, activation):
+        return None
+    h = gpu_mosaic.gated_matmul(x2, w2, activation=activation, interpret=DENSE_MATMUL == "interpret")
+    return h.reshape(B, T, -1)
 
 
 def project(spec: str, x: jax.Array, w: jax.Array, scale: jax.Array | None = None) -> jax.Array:
@@ -669,6 +692,7 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array, local: Local | None = None) -> jax.Array:
         with jax.named_scope("mlp"):
+            gated = None  # act(gate) * up
             if self.w_gate_up is None:
                 scale = lambda s: None if s is None else s[...]  # noqa: E731
                 gate = project("BTD,DF->BTF", x, self.w_gate[...], scale(self.w_gate_scale))
@@ -676,18 +700,23 @@ class MLP(nnx.Module):
                 if self.b_gate is not None:
                     gate, up = gate + self.b_gate[...], up + self.b_up[...]
             else:
-                scale = None if self.w_gate_up_scale is None else self.w_gate_up_scale[...]
-                gate_up = project(GATE_UP_LAYOUTS[self.gate_up_layout][1], x, self.w_gate_up[...], scale)
-                if self.b_gate_up is not None:
-                    gate_up = gate_up + self.b_gate_up[...]
-                gate, up = gate_up[:, :, 0], gate_up[:, :, 1]
-            if self.activation == "silu":
-                act = jax.nn.silu(gate)
-            else:
-                act = jax.nn.gelu(gate, approximate=True)
+                if self.w_gate_up_scale is None and self.b_gate_up is None and self.gate_up_layout == "gpu":
+                    gated = _gated_dense(x, self.w_gate_up[...], self.activation)  # the product, in one kernel
+                if gated is None:
+                    scale = None if self.w_gate_up_scale is None else self.w_gate_up_scale[...]
+                    gate_up = project(GATE_UP_LAYOUTS[self.gate_up_layout][1], x, self.w_gate_up[...], scale)
+                    if self.b_gate_up is not None:
+                        gate_up = gate_up + self.b_gate_up[...]
+                    gate, up = gate_up[:, :, 0], gate_up[:, :, 1]
+            if gated is None:
+                if self.activation == "silu":
+                    act = jax.nn.silu(gate)
+                else:
+                    act = jax.nn.gelu(gate, approximate=True)
+                gated = act * up
             w_down = self.w_down[...]
             scale = None if self.w_down_scale is None else self.w_down_scale[...]
-            out = project("BTF,FD->BTD", act * up, w_down, scale)
+            out = project("BTF,FD->BTD", gated, w_down, scale)
             if local is not None:  # per device: the sum over this device's ffw rows only
                 out = local.join_sums(out, w_down.shape[0], self.ffw_dim)
             if self.b_down is not None:

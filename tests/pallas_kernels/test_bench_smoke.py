@@ -92,8 +92,9 @@ def test_rotation_fits_budget():
 
 def test_quantized_matmul_bench_runs_and_checks_every_cell(tmp_path):
     """python -m pallas_kernels.bench_quantized_matmul --interpret: a row per projection
-    and M with a time in every kernel column, none marked by the reference check. The
-    Mosaic GPU cells run at one M only (interpreted, each costs ~20 s on 2 cores)."""
+    and M with a time in every kernel column, none marked by the reference check (gate/up
+    also its gated cells). The Mosaic GPU cells run at one M only (interpreted, each costs
+    ~20 s on 2 cores)."""
     import json
     import os
     import subprocess
@@ -101,19 +102,23 @@ def test_quantized_matmul_bench_runs_and_checks_every_cell(tmp_path):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
-    runs = {"triton": ("--rows=1,20", ("xla bf16", "kernel int8", "kernel fp8")),
-            "mosaic": ("--rows=20", ("xla bf16", "mosaic bf16", "mosaic int8", "mosaic fp8"))}
-    for kernels, (rows_flag, columns) in runs.items():
+    runs = {"triton": ("--rows=1,20", "qkv,down", ("xla bf16", "kernel int8", "kernel fp8")),
+            "mosaic": ("--rows=20", "gate_up", ("xla bf16", "mosaic bf16", "mosaic int8", "mosaic fp8"))}
+    for kernels, (rows_flag, projections, columns) in runs.items():
         out = tmp_path / f"qmm_{kernels}.json"
         p = subprocess.run([sys.executable, "-m", "pallas_kernels.bench_quantized_matmul", "--interpret", rows_flag,
-                            f"--kernels={kernels}", "--reps=1", f"--out={out}"], cwd=root, capture_output=True,
-                           text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(root)})
+                            f"--projections={projections}", f"--kernels={kernels}", "--reps=1", f"--out={out}"],
+                           cwd=root, capture_output=True, text=True, timeout=600,
+                           env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(root)})
         assert p.returncode == 0, p.stderr[-3000:]
-        lines = [line for line in p.stdout.splitlines() if line.startswith("| qkv") or line.startswith("| down")]
-        assert len(lines) == 2 * len(rows_flag.split(",")) and "!" not in "".join(lines), p.stdout
+        lines = [line for line in p.stdout.splitlines() if line.startswith("| ") and not line.startswith("| proj")]
+        assert len(lines) == len(projections.split(",")) * len(rows_flag.split(",")), p.stdout
+        assert "!" not in "".join(lines), p.stdout
         rows = json.loads(out.read_text())["rows"]
+        assert [r["proj"] for r in rows] == [p for p in projections.split(",") for _ in rows_flag.split(",")]
         for r in rows:
-            for name in columns:
+            gated = ("xla gated", "mosaic gated") if kernels == "mosaic" and r["proj"] == "gate_up" else ()
+            for name in columns + gated:
                 cell = r["cells"][name]
                 assert cell["ms"] > 0 and cell["rel_err"] <= bench.REL_ERR_BOUND, (kernels, r["proj"], r["M"], name, cell)
 
