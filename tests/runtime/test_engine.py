@@ -413,6 +413,36 @@ def test_decode_state_keeps_its_buffers(model, tokenizer):
     assert state() == before
 
 
+def test_decode_over_fewer_rows_changes_only_those_rows(model, tokenizer):
+    """A call over a bucket smaller than the slots (1 of 4 here) changes its rows' tokens,
+    lengths, budgets and output counts, and nothing else: the other slots whole, and every
+    slot's prompt mask, sampling parameters and stop ids (runtime.engine._DECODE_WRITES)."""
+    engine = make_orchestrator(model, tokenizer).engine
+    B, V = engine.slots.prompt_mask.shape
+    rng = np.random.default_rng(0)
+    engine.slots = dataclasses.replace(
+        engine.slots, lengths=jnp.arange(1, B + 1, dtype=jnp.int32) * 3, remaining=jnp.full((B,), 50, jnp.int32),
+        prompt_mask=jnp.asarray(rng.random((B, V)) < 0.3), output_counts=jnp.asarray(rng.integers(0, 3, (B, V)), jnp.int32))
+    before = jax.tree.map(np.asarray, engine.slots)
+    try:
+        out = engine.decode(np.arange(engine.ecfg.max_pages_per_seq, dtype=np.int32)[None], mode="greedy")
+        after = jax.tree.map(np.asarray, engine.slots)
+        tok = int(np.asarray(out["tokens"])[0, 0])
+    finally:
+        for slot in range(B):
+            engine.release(slot)
+    for name in ("prompt_mask", "stop_ids"):
+        np.testing.assert_array_equal(getattr(after, name), getattr(before, name), err_msg=name)
+    jax.tree.map(np.testing.assert_array_equal, after.sampling, before.sampling)
+    for name in ("tokens", "lengths", "remaining", "output_counts"):
+        np.testing.assert_array_equal(getattr(after, name)[1:], getattr(before, name)[1:], err_msg=name)
+    assert after.tokens[0] == tok and after.lengths[0] == before.lengths[0] + 1
+    assert after.remaining[0] == before.remaining[0] - 1
+    counts = before.output_counts[0].copy()
+    counts[tok] += 1
+    np.testing.assert_array_equal(after.output_counts[0], counts)
+
+
 def test_decode_buckets_config():
     assert EngineConfig(max_num_seqs=64).decode_buckets == (1, 8, 64)
     assert EngineConfig(max_num_seqs=300).decode_buckets == (1, 8, 64, 300)
