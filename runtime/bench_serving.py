@@ -224,7 +224,19 @@ def summarize(results: list[Result], duration: float, slos: dict[str, float]) ->
         ttft_ms=ms([r.ttft for r in ok]), tpot_ms=ms(tpots), itl_ms=ms([x for r in ok for x in r.itl]),
         e2el_ms=ms([r.e2el for r in ok]), full_batch_decode_throughput=full_batch_decode_throughput(results),
         cached_token_share=sum(r.cached_tokens for r in ok) / inp if inp else 0.0,
+        # Each request in the order sent (--json_out): which one an outlier in the
+        # percentiles above was (the first after an idle spell, one beside a long prompt).
+        requests=_per_request(results),
     )
+
+
+def _per_request(results: list[Result]) -> list[dict]:
+    first = min((r.sent for r in results), default=0.0)
+    return [dict(sent_s=round(r.sent - first, 4), prompt_len=r.prompt_len, output_len=r.output_len,
+                 ttft_ms=round(r.ttft * 1e3, 3) if r.success else None,
+                 tpot_ms=round(r.tpot * 1e3, 3) if r.success and r.tpot is not None else None,
+                 cached_tokens=r.cached_tokens, error=r.error or None)
+            for r in sorted(results, key=lambda r: r.sent)]
 
 
 def format_report(s: dict) -> str:

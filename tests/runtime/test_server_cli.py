@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import urllib.request
@@ -70,6 +71,11 @@ def test_serve_client_bench_and_sigterm_drain(server):
         summary = json.loads((Path("/tmp") / f"bench-{os.getpid()}.json").read_text())
         assert summary["completed"] == 12 and summary["failed"] == 0
         assert summary["request_goodput"] == pytest.approx(summary["request_throughput"])
+        per = summary["requests"]  # each request, in the order sent
+        assert len(per) == 12 and per[0]["sent_s"] == 0 and all(a["sent_s"] <= b["sent_s"] for a, b in zip(per, per[1:]))
+        assert all(r["ttft_ms"] > 0 and r["output_len"] >= 1 and r["error"] is None for r in per)
+        assert sum(r["output_len"] for r in per) == summary["total_output_tokens"]
+        assert statistics.median(r["ttft_ms"] for r in per) == pytest.approx(summary["ttft_ms"]["median"], abs=0.01)
         p = _run("runtime.bench_serving", f"--target={target}", "--num_prompts=6", "--dataset=sharegpt")
         assert p.returncode == 0 and "Successful requests:                    6" in p.stdout, p.stdout + p.stderr
         # Shared system prompts (--enable_prefix_caching on this server): one at a time,
