@@ -86,6 +86,12 @@ def prefill_flops(cfg, T: int) -> float:
     return cfg.num_layers * (2 * T * linear + attention) + 2 * d * cfg.vocab_size
 
 
+def _least_model_len() -> int:
+    """Prompt + generated tokens (and a call's extra steps), rounded up to a page."""
+    page = FLAGS.page_size
+    return -(-(FLAGS.prompt_len + FLAGS.gen_len + FLAGS.decode_steps_per_call) // page) * page
+
+
 def bench_batch(model, batch: int, bandwidth: float, matmul_flops: float, mesh=None, profile_prefill=False) -> dict:
     import jax
     import jax.numpy as jnp
@@ -93,7 +99,7 @@ def bench_batch(model, batch: int, bandwidth: float, matmul_flops: float, mesh=N
 
     from flax import nnx
 
-    from runtime.config import EngineConfig
+    from runtime.config import DEFAULT_DECODE_BATCH_SIZES, EngineConfig
     from runtime.engine import attention_impl
     from runtime.kv_cache import KVCache
     from runtime.orchestrator import Orchestrator, Request
@@ -102,15 +108,11 @@ def bench_batch(model, batch: int, bandwidth: float, matmul_flops: float, mesh=N
     cfg = model.cfg
     steps = FLAGS.decode_steps_per_call
     page = FLAGS.page_size
-    max_len = -(-(FLAGS.prompt_len + FLAGS.gen_len + steps) // page) * page
-    if FLAGS.max_model_len:
-        if FLAGS.max_model_len < max_len:
-            raise ValueError(f"--max_model_len={FLAGS.max_model_len} holds no prompt of {FLAGS.prompt_len} tokens "
-                             f"plus {FLAGS.gen_len} generated ({max_len} with the page rounding)")
-        max_len = FLAGS.max_model_len
+    max_len = FLAGS.max_model_len or _least_model_len()
     slots = max(batch, FLAGS.max_num_seqs or batch)
-    # The server's buckets (runtime.config) where the bench has more slots than the batch.
-    buckets = (batch,) if slots == batch else tuple(sorted({b for b in (1, 8, 64, 512) if b < slots} | {batch, slots}))
+    # More slots than the batch: the server's buckets (EngineConfig.decode_buckets' default),
+    # and the batch's own, which the calls timed back to back below run.
+    buckets = (batch,) if slots == batch else tuple(sorted(set(DEFAULT_DECODE_BATCH_SIZES) | {batch}))
     # Prompts per prefill call: all of them where they fit the token budget (so the
     # decode batch fills at once), else as many as fit.
     rows = max(1, min(batch, FLAGS.max_prefill_tokens // FLAGS.prompt_len))
@@ -295,6 +297,11 @@ def main(argv):
         batches = [int(b) for b in FLAGS.batch_sizes]
     except ValueError as e:
         xflags.usage_error(str(e))
+    if FLAGS.max_model_len and FLAGS.max_model_len < _least_model_len():
+        xflags.usage_error(f"--max_model_len={FLAGS.max_model_len} holds no prompt of {FLAGS.prompt_len} tokens plus "
+                           f"{FLAGS.gen_len} generated ({_least_model_len()} with the page rounding)")
+    if FLAGS.num_pages is not None and FLAGS.num_pages < 1:
+        xflags.usage_error(f"--num_pages={FLAGS.num_pages} must be positive")
     peer = {}
     if FLAGS.peer == "hf":  # before JAX claims the device memory
         args = dict(hf_config=hf_config, batch_sizes=[int(b) for b in FLAGS.peer_batch_sizes], prompt_len=FLAGS.prompt_len, gen_len=FLAGS.gen_len,
@@ -335,9 +342,18 @@ def main(argv):
     print(f"bandwidth {bandwidth / 1e12:.2f} TB/s, bf16 matmul {matmul_flops / 1e12:.0f} TFLOP/s; random weights in {time.perf_counter() - t:.0f} s", flush=True)
     device = jax.devices()[0].device_kind
     rows = []
+    from runtime.startup import CapacityError
+
     for b in batches:
         # Prefill does not depend on the batch size: profiled once.
-        rows.append(bench_batch(model, b, bandwidth, matmul_flops, mesh, profile_prefill=b == batches[0]))
+        try:
+            rows.append(bench_batch(model, b, bandwidth, matmul_flops, mesh, profile_prefill=b == batches[0]))
+        except CapacityError as e:  # --num_pages (or the batch) beyond the device's memory
+            xflags.usage_error(str(e))
+        except jax.errors.JaxRuntimeError as e:  # the same where no memory limit is known (CPU)
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            xflags.usage_error(f"batch {b}, --num_pages={FLAGS.num_pages}: {str(e).splitlines()[0]}")
         print(json.dumps(rows[-1]), flush=True)
     quant = f", {FLAGS.quantization} weights ({FLAGS.quantized_matmul} matmuls)" if FLAGS.quantization else ""
     quant += f", {FLAGS.cache_dtype} KV cache" if FLAGS.cache_dtype and FLAGS.cache_dtype != FLAGS.dtype else ""
