@@ -50,10 +50,12 @@ flags.DEFINE_enum("quantized_matmul", "auto", ["auto", "xla", "kernel"],
                   "With --quantization (runtime.models.layers.QUANTIZED_MATMUL): auto chooses by rows on GPU "
                   "(XLA's fused convert on rows padded to 8, the Pallas kernel up to 64 rows, XLA beyond); xla "
                   "XLA's fused convert, unpadded; kernel the Pallas kernel for every projection it takes.")
-flags.DEFINE_enum("dense_matmul", "xla", ["xla", "kernel", "gated"],
-                  "bf16 projections (runtime.models.layers.DENSE_MATMUL): xla, or the Mosaic GPU kernel "
-                  "(pallas_kernels/quantized_matmul/gpu_mosaic.py) wherever it takes the shapes on Hopper "
-                  "(kernel), or only its gated form for the MLP's gate/up and activation (gated).")
+flags.DEFINE_enum("dense_matmul", "auto", ["auto", "xla", "kernel", "gated"],
+                  "bf16 projections (runtime.models.layers.DENSE_MATMUL): auto (the engine's default) runs the "
+                  "Mosaic GPU kernel's gated form for the MLP's gate/up and activation in 64-row calls on Hopper, "
+                  "XLA elsewhere; xla never the kernel; kernel the kernel "
+                  "(pallas_kernels/quantized_matmul/gpu_mosaic.py) wherever it takes the shapes on Hopper; "
+                  "gated only its gated form, at any row count.")
 flags.DEFINE_integer("page_size", 16, "Tokens per KV page.")
 flags.DEFINE_integer("decode_steps_per_call", 1, "Decode steps per dispatch (1, the engine default, streams every token).")
 flags.DEFINE_enum("attention", "auto", ["auto", "reference", "pallas"], "Attention (auto: Pallas on GPU).")

@@ -304,7 +304,7 @@ def _quantized_matmul(spec: str, x: jax.Array, w: jax.Array, scale: jax.Array) -
 
 
 # Dense bf16 projections through pallas_kernels/quantized_matmul/gpu_mosaic.py (Hopper,
-# up to 64 rows): built, measured, off by default. H200, Llama-3.1-8B, 2026-12-01
+# up to 64 rows): the plain form built, measured, off by default. H200, Llama-3.1-8B, 2026-12-01
 # (runtime/BENCHMARKS.md, session 17):
 # - alone (`bench_quantized_matmul --kernels=mosaic`, device time) the kernel beat XLA at
 #   16-64 rows on q/k/v (14.0-14.6 us against 15.3-19.0), and at 64 rows on the output
@@ -314,27 +314,37 @@ def _quantized_matmul(spec: str, x: jax.Array, w: jax.Array, scale: jax.Array) -
 #   step took 5.95 ms against 5.80 (XLA's output and down GEMMs add the residual in their
 #   epilogue, so the kernel cost an add and a split-K sum per projection, and XLA's q/k/v
 #   GEMM in the step took 18.0 us, not 19.0), and on q/k/v alone 5.90 against 5.88.
-# "xla" (default): never; "kernel": wherever it takes the shapes, on sm90 (projections and
-# the MLP's gated first half); "gated": only the MLP's gated first half (gpu_mosaic.
-# gated_matmul: the gate/up GEMM and silu(gate) * up in one kernel; not yet measured);
-# "interpret": both interpreted on any platform (CPU tests). runtime.bench --dense_matmul
-# sets it.
-DENSE_MATMUL = "xla"
-DENSE_MATMUL_MODES = ("xla", "kernel", "gated", "interpret")
+# The gated form (gpu_mosaic.gated_matmul: the gate/up GEMM and act(gate) * up in one
+# kernel) paid at 64 rows and not at 8. H200, Llama-3.1-8B shapes, 2026-12-02
+# (runtime/BENCHMARKS.md, session 19), device time per call alone: 56.6 us against XLA's
+# GEMM + activation fusion 59.4 at 64 rows, 55.8 against 56.2 at 8, 57.8 against 55.6 at
+# 1; the batch-64 decode step (prompt 512) in two device calls, two processes each: 5.82
+# and 5.65 ms against 5.91 and 5.76 (80.5 -> 82.8% and 82.7 -> 84.1% of roofline); batch
+# 8: 4.46 against 4.42 (noise), batch 1: 4.29 against 4.22.
+# Modes: "auto" (default): the gated form where a call has at least GATED_MIN_ROWS rows (and
+# at most the kernel's 64) on Hopper, XLA everywhere else; "xla": never the kernel;
+# "kernel": wherever it takes the shapes, on sm90 (projections and the gated half);
+# "gated": the gated half at any row count; "interpret": both interpreted on any platform
+# (CPU tests). runtime.bench --dense_matmul sets it.
+DENSE_MATMUL = "auto"
+DENSE_MATMUL_MODES = ("auto", "xla", "kernel", "gated", "interpret")
+GATED_MIN_ROWS = 64
 
 
-def dense_matmul_path(mode: str, hopper: bool, gated: bool = False) -> str:
-    """How a bf16 projection (`gated`: the MLP's gate/up with its activation) runs: "xla"
-    or "kernel" (above)."""
+def dense_matmul_path(mode: str, hopper: bool, gated: bool = False, rows: int | None = None) -> str:
+    """How a bf16 projection of `rows` rows (`gated`: the MLP's gate/up with its
+    activation) runs: "xla" or "kernel" (above)."""
     if mode not in DENSE_MATMUL_MODES:
         raise ValueError(f"dense matmul mode {mode!r}; choose from {', '.join(DENSE_MATMUL_MODES)}")
+    if mode == "auto":
+        return "kernel" if gated and hopper and rows is not None and rows >= GATED_MIN_ROWS else "xla"
     on = ("kernel", "gated") if gated else ("kernel",)
     return "kernel" if mode == "interpret" or (mode in on and hopper) else "xla"
 
 
 def _dense_matmul(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
     """project's bf16 case, by DENSE_MATMUL (above)."""
-    if DENSE_MATMUL == "xla" or dense_matmul_path(DENSE_MATMUL, dispatch.on_hopper()) != "kernel":
+    if DENSE_MATMUL in ("xla", "auto") or dense_matmul_path(DENSE_MATMUL, dispatch.on_hopper()) != "kernel":
         return jnp.einsum(spec, x, w)
     view = _matmul_view(spec)
     if view is None or x.dtype != jnp.bfloat16 or w.dtype != jnp.bfloat16:
@@ -354,7 +364,8 @@ def _gated_dense(x: jax.Array, w_gate_up: jax.Array, activation: str) -> jax.Arr
     """act(x @ gate) * (x @ up) through the Mosaic GPU kernel's gated form where
     DENSE_MATMUL runs the kernel and it takes the call (x [B, T, D] of at most 64 rows,
     bf16 w [D, 2, F], the GPU layout); None otherwise (the caller runs XLA)."""
-    if DENSE_MATMUL == "xla" or dense_matmul_path(DENSE_MATMUL, dispatch.on_hopper(), gated=True) != "kernel":
+    rows = int(np.prod(x.shape[:-1]))
+    if DENSE_MATMUL == "xla" or dense_matmul_path(DENSE_MATMUL, dispatch.on_hopper(), True, rows) != "kernel":
         return None
     if w_gate_up.ndim != 3 or w_gate_up.shape[1] != 2 or x.dtype != jnp.bfloat16:
         return None
@@ -374,7 +385,7 @@ def project(spec: str, x: jax.Array, w: jax.Array, scale: jax.Array | None = Non
     channel (scale: w's output axes, in w's order; the output's trailing axes) and
     rounded once to x's dtype. On GPU decode-sized rows may run the Pallas kernel that
     reads the weight in its quantized bytes (QUANTIZED_MATMUL); bf16 weights may run the
-    Mosaic GPU kernel (DENSE_MATMUL, off by default)."""
+    Mosaic GPU kernel (DENSE_MATMUL: the plain form is off by default)."""
     if scale is None:
         return _dense_matmul(spec, x, w)
     return _quantized_matmul(spec, x, w, scale)

@@ -160,11 +160,17 @@ def test_model_projections_run_the_kernel(monkeypatch):
 
 
 def test_dense_matmul_modes():
-    """The kernel runs only when asked for: "kernel" on Hopper, "interpret" anywhere;
-    "xla" (the default, runtime/BENCHMARKS.md session 17) never."""
+    """The kernel runs where asked for: "kernel" on Hopper, "interpret" anywhere, "xla"
+    never; "auto" (the default) only the gated form, only on Hopper, only from
+    GATED_MIN_ROWS rows (runtime/BENCHMARKS.md sessions 17 and 19)."""
     from runtime.models import layers
 
-    assert layers.DENSE_MATMUL == "xla"
+    assert layers.DENSE_MATMUL == "auto" and layers.GATED_MIN_ROWS == 64
+    assert layers.dense_matmul_path("auto", True, gated=True, rows=64) == "kernel"
+    assert layers.dense_matmul_path("auto", True, gated=True, rows=63) == "xla"
+    assert layers.dense_matmul_path("auto", True, gated=True) == "xla"  # rows unknown
+    assert layers.dense_matmul_path("auto", False, gated=True, rows=64) == "xla"
+    assert layers.dense_matmul_path("auto", True, rows=64) == "xla"  # plain projections: XLA
     assert layers.dense_matmul_path("xla", True) == "xla"
     assert layers.dense_matmul_path("kernel", True) == "kernel"
     assert layers.dense_matmul_path("kernel", False) == "xla"
@@ -176,7 +182,7 @@ def test_dense_matmul_modes():
     assert layers.dense_matmul_path("xla", True, gated=True) == "xla"
     assert layers.dense_matmul_path("interpret", False) == "kernel"
     with pytest.raises(ValueError, match="dense matmul mode"):
-        layers.dense_matmul_path("auto", True)
+        layers.dense_matmul_path("fast", True)
 
 
 # --- the gated form: act(x @ gate) * (x @ up) for the MLP's fused gate | up weight -----
@@ -261,3 +267,39 @@ def test_model_mlp_runs_the_gated_kernel(monkeypatch, activation):
     got = np.asarray(mlp(x), np.float32)
     assert calls == [(128, 2 * 192)]
     np.testing.assert_allclose(got, want, rtol=2 ** -6, atol=2e-2 * np.abs(want).max())
+
+
+def test_auto_runs_the_gated_kernel_from_64_rows(monkeypatch):
+    """DENSE_MATMUL "auto" (the default) on Hopper: the MLP's gate/up runs the gated kernel
+    in a call of 64 rows (a batch-64 decode step) and XLA in one of 8; on other devices XLA
+    always. On CPU, Hopper is pretended and the kernel interpreted; the result matches XLA's
+    path within the bound of test_model_mlp_runs_the_gated_kernel."""
+    import dataclasses
+
+    from flax import nnx
+
+    from pallas_kernels import dispatch
+    from runtime.models import layers
+    from runtime.presets import preset_config
+
+    cfg = dataclasses.replace(preset_config("tiny-llama"), embed_dim=128, ffw_dim=192)
+    mlp = layers.MLP(cfg, dtype=BF16, rngs=nnx.Rngs(0))
+    mlp.fuse(lambda axes, shape: None, "gpu")
+    calls = []
+    real = gm.gated_matmul
+    monkeypatch.setattr(gm, "gated_matmul", lambda x, w, **k: calls.append(x.shape) or real(
+        x, w, **{**k, "interpret": INTERPRET}))
+    assert layers.DENSE_MATMUL == "auto"
+    rng = np.random.default_rng(2)
+    real_hopper = dispatch.on_hopper()
+    for hopper in (False, True) if real_hopper or not ON_GPU else (False,):
+        monkeypatch.setattr(dispatch, "on_hopper", lambda hopper=hopper: hopper)
+        for batch in (8, 64):
+            calls.clear()
+            x = jnp.asarray(rng.standard_normal((batch, 1, 128)), BF16)
+            got = np.asarray(mlp(x), np.float32)
+            assert calls == ([(batch, 128)] if hopper and batch == 64 else [])
+            monkeypatch.setattr(layers, "DENSE_MATMUL", "xla")
+            want = np.asarray(mlp(x), np.float32)
+            monkeypatch.setattr(layers, "DENSE_MATMUL", "auto")
+            np.testing.assert_allclose(got, want, rtol=2 ** -6, atol=2e-2 * np.abs(want).max())
