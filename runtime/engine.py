@@ -590,17 +590,21 @@ def build_steps(graphdef, ecfg: EngineConfig, *, cache_shardings, replicated, me
 # A step's CUDA graph records the address of its temporary buffer, which XLA's allocator
 # may place elsewhere on the next call when anything else was allocated in between (a new
 # page table, a prefill's inputs): XLA then updates the graph on the host (1.7-2.5 ms per
-# update at 8B), and with one call in flight the device waits. With this mode XLA keeps
+# update at 8B), and with one call in flight the device waits. This mode asks XLA to keep
 # the temporary buffer at one virtual address (remapped onto whatever memory the call
-# gets), so the graph is never updated for it. H200, Llama-3.1-8B shapes, batch 1, prompt
-# 512, one device call (2026-12-02): 4.21 ms per step against 4.30, orchestrated steps p90
-# 4.43 ms against 5.44 and max 4.78 against 7.60, a call synced on its tokens 6.56 ms
-# against 9.78, the same greedy tokens; batch 64 unchanged (5.87 / 5.90 ms). Two later
-# runs with it measured p90 4.54 and 5.47 ms: the tail has another source as well
-# (runtime/BENCHMARKS.md). JAX 0.10's XLA names its modes differently: there the option
-# is left out (_stable_temp_option). XLSERVE_COMMAND_BUFFER_UPDATE_MODE replaces the mode
-# for measurements (ALWAYS_UPDATE: XLA's default; SKIP_PROFILED: XLA's other remapping
-# mode, which profiles the first calls for the buffers that move; not yet measured here).
+# gets), so the graph is never updated for it. XLA does that remapping only when the
+# client's allocator is its VMM allocator (GpuExecutableBufferAllocator::
+# CreateExecutionScope checks for DeviceAddressVmmAllocator), which JAX picks with
+# XLA_PYTHON_CLIENT_ALLOCATOR=vmm; under the default BFC allocator the mode changes
+# nothing. H200, session 19 (runtime/BENCHMARKS.md): with the default allocator XLA's
+# log still shows the decode graph updated twice per page crossing ("updated_allocs=1",
+# then back), 14-15 calls apart. Session 18's one-call gain with it (4.21 ms per step
+# against 4.30, p90 4.43 against 5.44; two later runs p90 4.54 and 5.47) is therefore
+# within the spread between runs. Kept: harmless, and the VMM allocator is the next A/B.
+# JAX 0.10's XLA names its modes differently: there the option is left out
+# (_stable_temp_option). XLSERVE_COMMAND_BUFFER_UPDATE_MODE replaces the mode for
+# measurements (ALWAYS_UPDATE: XLA's default; SKIP_PROFILED: XLA's other remapping mode,
+# which profiles the first calls for the buffers that move; not yet measured here).
 STABLE_TEMP_OPTION = ("xla_gpu_command_buffer_update_mode", "SKIP_TEMP")
 
 
